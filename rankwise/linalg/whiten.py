@@ -1,0 +1,178 @@
+"""Whitened and weighted truncated SVD: low-rank approximation under a data-dependent norm.
+
+* :func:`whitened_svd` minimises ``||(W - W') X||_F`` given ``C = X X^T`` (the SVD-LLM objective,
+  Wang et al. 2024, https://arxiv.org/abs/2403.07378): with ``C = S S^T``, ``W' = [W S]_r S^-1``.
+* :func:`weighted_svd` minimises ``||diag(a) (W - W') diag(b)||_F`` in closed form, covering Fisher-weighted SVD
+  (FWSVD, Hsu et al. 2022, https://arxiv.org/abs/2207.00112: row weights) and activation-aware SVD
+  (ASVD, Yuan et al. 2023, https://arxiv.org/abs/2312.05821: column weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rankwise.linalg._checks import check_matrix, compute_dtype
+from rankwise.linalg.lowrank import LowRank
+from rankwise.linalg.rank import RankSpec
+from rankwise.linalg.svd import SVDSolver, truncated_svd
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """A square root ``S`` of a covariance ``C ~= S S^T`` and its inverse, in float64.
+
+    Attributes:
+        factor: ``(n, n)`` matrix ``S``.
+        inverse: ``(n, n)`` matrix ``S^-1``.
+        method: ``"cholesky"`` when ``C`` (plus damping) was positive definite, else ``"eigh"`` (eigenvalues below
+            ``floor`` were raised to it).
+        damping: the ridge added to the diagonal before factorising.
+        clamped: number of eigenvalues raised to the floor (0 for Cholesky).
+        eig_min: smallest eigenvalue of the symmetrised input, when computed (``eigh`` path), else ``None``.
+    """
+
+    factor: torch.Tensor
+    inverse: torch.Tensor
+    method: str
+    damping: float
+    clamped: int
+    eig_min: float | None
+
+    def describe(self) -> dict[str, object]:
+        """Plain-data summary for reports."""
+        return {"method": self.method, "damping": self.damping, "clamped": self.clamped, "eig_min": self.eig_min}
+
+
+def whiten(C: torch.Tensor, *, damp: float = 0.0, floor: float = 1e-8) -> Whitening:
+    """Factor a covariance ``C = X X^T`` as ``S S^T`` robustly.
+
+    ``C`` is symmetrised and moved to float64; ``damp * mean(diag(C))`` is added to its diagonal. A Cholesky
+    factorisation is tried first. If ``C`` is singular or indefinite (as happens with few calibration tokens or
+    dead input channels) the eigen-decomposition ``C = Q diag(l) Q^T`` is used instead, with eigenvalues below
+    ``floor * max(l)`` raised to that floor, and ``S = Q diag(sqrt(l))``. Never raises on a finite ``C``.
+    """
+    C = check_matrix(C, "C")
+    if C.shape[0] != C.shape[1]:
+        raise ValueError(f"C must be square (n, n), got shape {tuple(C.shape)}")
+    if not (damp >= 0.0):
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    C = C.to(torch.float64)
+    C = 0.5 * (C + C.mT)
+    n = C.shape[0]
+    scale = float(C.diagonal().abs().mean())
+    ridge = damp * scale
+    if ridge > 0:
+        C = C + ridge * torch.eye(n, dtype=C.dtype, device=C.device)
+    L, info = torch.linalg.cholesky_ex(C)
+    # Accept Cholesky only if it is well conditioned enough that S^-1 stays finite and meaningful.
+    if int(info) == 0 and float(L.diagonal().min()) ** 2 > floor * float(C.diagonal().max()):
+        eye = torch.eye(n, dtype=C.dtype, device=C.device)
+        inverse = torch.linalg.solve_triangular(L, eye, upper=False)
+        return Whitening(L, inverse, "cholesky", ridge, 0, None)
+    evals, Q = torch.linalg.eigh(C)
+    top = float(evals.max().clamp_min(0.0))
+    threshold = floor * top if top > 0 else 1.0  # an all-zero C whitens to the identity
+    clamped = int((evals < threshold).sum())
+    evals_c = evals.clamp_min(threshold)
+    root = evals_c.sqrt()
+    return Whitening(Q * root, (Q / root).mT, "eigh", ridge, clamped, float(evals.min()))
+
+
+def whitened_svd(
+    W: torch.Tensor,
+    C: torch.Tensor | Whitening,
+    rank: RankSpec,
+    *,
+    damp: float = 0.0,
+    solver: str | SVDSolver = "exact",
+    generator: torch.Generator | int | None = None,
+) -> LowRank:
+    """Rank-``rank`` ``W'`` minimising ``||(W - W') X||_F`` where ``C = X X^T``.
+
+    Args:
+        W: ``(m, n)`` weight (outputs x inputs).
+        C: ``(n, n)`` input second moment, or a precomputed :class:`Whitening` (shared by layers that read the same
+            input, such as q/k/v projections).
+        rank: see :func:`~rankwise.linalg.rank.resolve_rank`.
+        damp: relative ridge, see :func:`whiten`.
+        solver: SVD solver for ``W S``; ``"exact"`` by default since the whitened spectrum is often flat.
+        generator: seed for randomized solvers.
+
+    Returns:
+        :class:`LowRank` with ``U diag(s) Vh = W'``, where ``s`` are the singular values of ``W S`` (so truncating
+        further stays optimal for the whitened objective); ``info["whitening"]`` says how ``C`` was factored.
+
+    Reference: Wang et al., SVD-LLM (2024), https://arxiv.org/abs/2403.07378.
+    """
+    W = check_matrix(W, "W")
+    wh = C if isinstance(C, Whitening) else None
+    if wh is None:
+        if not isinstance(C, torch.Tensor) or C.ndim != 2 or C.shape != (W.shape[1], W.shape[1]):
+            got = tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__
+            raise ValueError(f"C must have shape (n, n) = {(W.shape[1], W.shape[1])} to match W {tuple(W.shape)}, "
+                             f"got {got}")
+        wh = whiten(C, damp=damp)
+    elif wh.factor.shape[0] != W.shape[1]:
+        raise ValueError(f"whitening is for {wh.factor.shape[0]} inputs but W has {W.shape[1]} columns")
+    A = W.to(device=wh.factor.device, dtype=torch.float64) @ wh.factor  # (m, n)
+    lr = truncated_svd(A, rank, solver=solver, generator=generator)
+    Vh = lr.Vh @ wh.inverse  # (r, n)
+    info = {**lr.info, "whitening": wh.describe()}
+    return LowRank(lr.U.to(W.device, W.dtype), lr.S.to(W.device, W.dtype), Vh.to(W.device, W.dtype), info)
+
+
+def _check_weights(w: torch.Tensor | None, size: int, name: str) -> tuple[torch.Tensor | None, int]:
+    if w is None:
+        return None, 0
+    if not isinstance(w, torch.Tensor) or w.ndim != 1 or w.shape[0] != size:
+        got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"{name} must be a 1-D tensor of length {size}, got {got}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"{name} must be finite and non-negative")
+    w = w.to(torch.float64)
+    top = float(w.max())
+    floor = 1e-8 * top if top > 0 else 1.0
+    return w.clamp_min(floor), int((w < floor).sum())
+
+
+def weighted_svd(
+    W: torch.Tensor,
+    rank: RankSpec,
+    row_weights: torch.Tensor | None = None,
+    col_weights: torch.Tensor | None = None,
+    *,
+    solver: str | SVDSolver = "exact",
+    generator: torch.Generator | int | None = None,
+) -> LowRank:
+    """Rank-``rank`` ``W'`` minimising ``||diag(a) (W - W') diag(b)||_F``.
+
+    The closed form is ``W' = diag(a)^-1 [diag(a) W diag(b)]_r diag(b)^-1``. Zero weights are raised to
+    ``1e-8`` of the largest (counted in ``info``); omitted weights are ones.
+
+    Args:
+        W: ``(m, n)`` matrix.
+        rank: see :func:`~rankwise.linalg.rank.resolve_rank`.
+        row_weights: ``(m,)`` non-negative ``a``; FWSVD passes the square root of the row-summed Fisher.
+        col_weights: ``(n,)`` non-negative ``b``; ASVD passes per-input-channel activation scales.
+
+    References: FWSVD https://arxiv.org/abs/2207.00112; ASVD https://arxiv.org/abs/2312.05821.
+    """
+    W = check_matrix(W, "W")
+    m, n = W.shape
+    a, clamped_rows = _check_weights(row_weights, m, "row_weights")
+    b, clamped_cols = _check_weights(col_weights, n, "col_weights")
+    A = W.to(compute_dtype(W.dtype) if a is None and b is None else torch.float64)
+    if a is not None:
+        A = a.to(A.device)[:, None] * A
+    if b is not None:
+        A = A * b.to(A.device)
+    lr = truncated_svd(A, rank, solver=solver, generator=generator)
+    U, Vh = lr.U, lr.Vh
+    if a is not None:
+        U = U / a.to(U.device)[:, None]
+    if b is not None:
+        Vh = Vh / b.to(Vh.device)
+    info = {**lr.info, "clamped_row_weights": clamped_rows, "clamped_col_weights": clamped_cols}
+    return LowRank(U.to(W.dtype), lr.S.to(W.dtype), Vh.to(W.dtype), info)

@@ -1,0 +1,83 @@
+"""``LowRankLinear``: ``y = B (A x) + bias`` with exact parameter counts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankwise.linalg import LowRank
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``transformers.pytorch_utils.Conv1D`` (weight stored as ``(in, out)``), detected without importing it."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` or GPT-2 ``Conv1D``: the layers rankwise knows how to factorise."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def linear_weight(module: nn.Module, tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight of a linear-like layer (or a weight-shaped ``tensor`` such as its gradient) as ``(out, in)``.
+
+    Returns a view, never a copy.
+    """
+    t = module.weight if tensor is None else tensor
+    if isinstance(module, nn.Linear):
+        return t
+    if _is_conv1d(module):
+        return t.T
+    raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
+
+
+class LowRankLinear(nn.Module):
+    """A rank-``r`` linear map ``x -> up(down(x)) + bias`` storing ``r * (in + out)`` weights (+ ``out`` bias).
+
+    ``down.weight`` is ``(r, in)`` and ``up.weight`` is ``(out, r)``; ``in_features``/``out_features`` mirror
+    ``nn.Linear`` so code that inspects layers keeps working.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        kw = {"device": device, "dtype": dtype}
+        self.down = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.up = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        nn.init.kaiming_uniform_(self.down, a=5**0.5)
+        nn.init.zeros_(self.up)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    @classmethod
+    def from_lowrank(cls, lr: LowRank, bias: torch.Tensor | None = None) -> LowRankLinear:
+        """Build from a :class:`LowRank` of the ``(out, in)`` weight, splitting ``S`` evenly between factors."""
+        out_features, in_features = lr.shape
+        up, down = lr.factors(0.5)  # (out, r), (r, in)
+        layer = cls(in_features, out_features, lr.rank, bias is not None, device=up.device, dtype=up.dtype)
+        with torch.no_grad():
+            layer.up.copy_(up)
+            layer.down.copy_(down)
+            if bias is not None:
+                layer.bias.copy_(bias.to(up.dtype))
+        return layer
+
+    @property
+    def num_params(self) -> int:
+        return self.down.numel() + self.up.numel() + (self.bias.numel() if self.bias is not None else 0)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(out, in)`` product ``up @ down``."""
+        return self.up @ self.down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.down), self.up, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
+               f"bias={self.bias is not None}"
