@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(PY) benchmarks/linalg_svd.py --quick
+	$(VENV)/bin/rankwise compare --methods svd,fwsvd,asvd,svd_llm --ratios 0.2,0.4 --eval-samples 32 --out demo-out --overwrite
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -31,6 +31,7 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/linalg_svd.py
+	$(PY) benchmarks/compress_smollm2.py
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -14,14 +14,15 @@ from rankwise import RankwiseWarning
 from rankwise.linalg import Energy, LowRank, truncated_svd
 from tests.matrices import decaying, optimal_error
 
-SOLVERS = ["exact", "randomized", "block_krylov"]
+SOLVERS = ["exact", "gram", "randomized", "block_krylov"]
 
 
 @pytest.mark.parametrize("shape", [(120, 80), (80, 120)])
-def test_exact_meets_eckart_young(shape):
+@pytest.mark.parametrize("solver", ["exact", "gram"])
+def test_exact_meets_eckart_young(shape, solver):
     W, s = decaying(*shape)
     for rank in (1, 10, 40):
-        lr = truncated_svd(W, rank, solver="exact")
+        lr = truncated_svd(W, rank, solver=solver)
         err = float(torch.linalg.norm(W - lr.to_dense()))
         assert err == pytest.approx(optimal_error(s, rank), rel=1e-9)
         ref = torch.linalg.svd(W, full_matrices=False).S[:rank]
@@ -137,7 +138,7 @@ def test_cuda_matches_cpu(solver):
         (torch.ones(3), 1, {}, "W must be a 2-D matrix"),
         (torch.ones(0, 3), 1, {}, "W must be non-empty"),
         (torch.ones(3, 3, dtype=torch.int64), 1, {}, "W must have dtype"),
-        (torch.ones(3, 3), 1, {"solver": "lanczos"}, "solver must be one of exact, randomized, block_krylov"),
+        (torch.ones(3, 3), 1, {"solver": "lanczos"}, "solver must be one of exact, gram, randomized, block_krylov"),
         (torch.ones(3, 3), 1, {"oversample": -2}, "oversample must be an integer >= 0"),
         (torch.ones(3, 3), Energy(0.9), {"solver": "randomized"}, "use solver='exact'"),
     ],

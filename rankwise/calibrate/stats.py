@@ -101,6 +101,14 @@ def _group_by_input(model: nn.Module, modules: Mapping[str, nn.Module], probe: t
     return leaders
 
 
+def _inside(modules: Mapping[str, nn.Module], model: nn.Module) -> bool:
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return False
+    inner = {id(m) for m in base.modules()}
+    return all(id(m) in inner for m in modules.values())
+
+
 def collect_stats(
     model: nn.Module,
     data: torch.Tensor | Iterable[torch.Tensor],
@@ -150,6 +158,8 @@ def collect_stats(
             p.requires_grad_(False)
         for module in modules.values():
             module.weight.requires_grad_(True)
+    # Input statistics need only the transformer body: skip the LM head's vocabulary-sized logits.
+    body = getattr(model, "base_model", model) if _inside(modules, model) else model
     was_training = model.training
     model.eval()
     try:
@@ -165,7 +175,7 @@ def collect_stats(
                     fisher[name] = sq if name not in fisher else fisher[name].add_(sq)
             else:
                 with torch.no_grad():
-                    model(input_ids=batch)
+                    body(input_ids=batch)
     finally:
         for h in handles:
             h.remove()

@@ -1,6 +1,8 @@
 """Truncated SVD with exact, randomized and block-Krylov solvers.
 
 * ``"exact"``: ``torch.linalg.svd`` then truncation (Eckart-Young optimal).
+* ``"gram"``: float64 eigen-decomposition of the smaller Gram matrix; exact up to rounding for singular values
+  above ``1e-7 * s_max`` (falls back to ``"exact"`` otherwise), about twice as fast on layer-sized matrices.
 * ``"randomized"``: the randomized range finder of Halko, Martinsson and Tropp (2011),
   https://arxiv.org/abs/0909.4061, with oversampling and normalised power (subspace) iterations.
 * ``"block_krylov"``: randomized block Krylov iteration of Musco and Musco (2015), https://arxiv.org/abs/1504.05477.
@@ -28,7 +30,7 @@ class SVDSolver(Protocol):
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
-SOLVERS = ("exact", "randomized", "block_krylov")
+SOLVERS = ("exact", "gram", "randomized", "block_krylov")
 DEFAULT_OVERSAMPLE = 8
 DEFAULT_POWER_ITERS = 2
 
@@ -67,6 +69,27 @@ def _lu_basis(Y: torch.Tensor) -> torch.Tensor:
 
 def _exact(A: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
     return torch.linalg.svd(A, full_matrices=False)
+
+
+def _gram(A: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """SVD through the float64 eigen-decomposition of the Gram matrix of the smaller side.
+
+    About twice as fast as LAPACK's SVD for the moderately sized, moderately conditioned matrices met when
+    compressing layers. Singular values below ``1e-7 * s_max`` are not resolved this way (float64 squares the
+    condition number), so if the kept ones reach that far it falls back to the exact SVD.
+    """
+    m, n = A.shape
+    Ad = A.double()
+    tall = m >= n
+    G = Ad.mT @ Ad if tall else Ad @ Ad.mT  # (k, k), k = min(m, n)
+    evals, vecs = torch.linalg.eigh(G)
+    evals, vecs = evals.flip(0)[:rank], vecs.flip(1)[:, :rank]  # descending
+    S = evals.clamp_min(0.0).sqrt()
+    if rank == 0 or float(S[-1]) <= 1e-7 * float(S[0]):
+        return _exact(A, rank, generator)
+    other = (Ad @ vecs if tall else Ad.mT @ vecs) / S  # (m, r) or (n, r)
+    U, Vh = (other, vecs.mT) if tall else (vecs, other.mT)
+    return U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
 
 
 def _project_svd(A: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,6 +153,8 @@ def _resolve_solver(solver: str | Callable, oversample: int, power_iters: int | 
         return solver
     if solver == "exact":
         return _exact
+    if solver == "gram":
+        return _gram
     if solver == "randomized":
         return make_randomized(oversample, DEFAULT_POWER_ITERS if power_iters is None else power_iters)
     if solver == "block_krylov":
@@ -152,7 +177,7 @@ def truncated_svd(
         W: ``(m, n)`` matrix, float16/bfloat16/float32/float64, on any device.
         rank: an ``int`` (clamped to ``min(m, n)`` with a warning), a float in ``(0, 1)`` (fraction of parameters
             kept) or :class:`~rankwise.linalg.rank.Energy` (exact solver only).
-        solver: ``"exact"``, ``"randomized"`` (default), ``"block_krylov"`` or a callable
+        solver: ``"exact"``, ``"gram"``, ``"randomized"`` (default), ``"block_krylov"`` or a callable
             ``(A, rank, generator) -> (U, S, Vh)``.
         oversample: extra random directions beyond ``rank`` for the randomized solvers.
         power_iters: power (randomized, default 2) or Krylov (block_krylov, default 2) iterations.

@@ -21,11 +21,10 @@ from rankwise.linalg.svd import SVDSolver, truncated_svd
 
 @dataclass(frozen=True)
 class Whitening:
-    """A square root ``S`` of a covariance ``C ~= S S^T`` and its inverse, in float64.
+    """A square root ``S`` of a covariance ``C ~= S S^T``, in float64, applied inversely without forming ``S^-1``.
 
     Attributes:
-        factor: ``(n, n)`` matrix ``S``.
-        inverse: ``(n, n)`` matrix ``S^-1``.
+        factor: ``(n, n)`` matrix ``S`` (lower-triangular for Cholesky, ``Q diag(sqrt(l))`` for eigh).
         method: ``"cholesky"`` when ``C`` (plus damping) was positive definite, else ``"eigh"`` (eigenvalues below
             ``floor`` were raised to it).
         damping: the ridge added to the diagonal before factorising.
@@ -34,11 +33,24 @@ class Whitening:
     """
 
     factor: torch.Tensor
-    inverse: torch.Tensor
     method: str
     damping: float
     clamped: int
     eig_min: float | None
+    _eigvecs: torch.Tensor | None = None  # Q, for the eigh form
+    _roots: torch.Tensor | None = None  # sqrt(l), for the eigh form
+
+    def right_solve(self, M: torch.Tensor) -> torch.Tensor:
+        """``M @ S^-1`` without forming the inverse (a triangular solve, or a scaled rotation)."""
+        M = M.to(self.factor.dtype)
+        if self.method == "cholesky":
+            return torch.linalg.solve_triangular(self.factor, M, upper=False, left=False)
+        return (M / self._roots) @ self._eigvecs.mT
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """``S^-1`` as an explicit ``(n, n)`` matrix (for inspection; the solvers never form it)."""
+        return self.right_solve(torch.eye(self.factor.shape[0], dtype=self.factor.dtype, device=self.factor.device))
 
     def describe(self) -> dict[str, object]:
         """Plain-data summary for reports."""
@@ -68,16 +80,14 @@ def whiten(C: torch.Tensor, *, damp: float = 0.0, floor: float = 1e-8) -> Whiten
     L, info = torch.linalg.cholesky_ex(C)
     # Accept Cholesky only if it is well conditioned enough that S^-1 stays finite and meaningful.
     if int(info) == 0 and float(L.diagonal().min()) ** 2 > floor * float(C.diagonal().max()):
-        eye = torch.eye(n, dtype=C.dtype, device=C.device)
-        inverse = torch.linalg.solve_triangular(L, eye, upper=False)
-        return Whitening(L, inverse, "cholesky", ridge, 0, None)
+        return Whitening(L, "cholesky", ridge, 0, None)
     evals, Q = torch.linalg.eigh(C)
     top = float(evals.max().clamp_min(0.0))
     threshold = floor * top if top > 0 else 1.0  # an all-zero C whitens to the identity
     clamped = int((evals < threshold).sum())
     evals_c = evals.clamp_min(threshold)
     root = evals_c.sqrt()
-    return Whitening(Q * root, (Q / root).mT, "eigh", ridge, clamped, float(evals.min()))
+    return Whitening(Q * root, "eigh", ridge, clamped, float(evals.min()), Q, root)
 
 
 def whitened_svd(
@@ -86,7 +96,7 @@ def whitened_svd(
     rank: RankSpec,
     *,
     damp: float = 0.0,
-    solver: str | SVDSolver = "exact",
+    solver: str | SVDSolver = "gram",
     generator: torch.Generator | int | None = None,
 ) -> LowRank:
     """Rank-``rank`` ``W'`` minimising ``||(W - W') X||_F`` where ``C = X X^T``.
@@ -97,7 +107,8 @@ def whitened_svd(
             input, such as q/k/v projections).
         rank: see :func:`~rankwise.linalg.rank.resolve_rank`.
         damp: relative ridge, see :func:`whiten`.
-        solver: SVD solver for ``W S``; ``"exact"`` by default since the whitened spectrum is often flat.
+        solver: SVD solver for ``W S``; ``"gram"`` by default (exact to rounding, and the whitened spectrum is too
+            flat for randomized solvers to pay off).
         generator: seed for randomized solvers.
 
     Returns:
@@ -116,9 +127,12 @@ def whitened_svd(
         wh = whiten(C, damp=damp)
     elif wh.factor.shape[0] != W.shape[1]:
         raise ValueError(f"whitening is for {wh.factor.shape[0]} inputs but W has {W.shape[1]} columns")
-    A = W.to(device=wh.factor.device, dtype=torch.float64) @ wh.factor  # (m, n)
+    # The covariance is factored in float64; W S and its SVD run in float32 unless W is float64 (errors made
+    # there are measured in the whitened norm, where S^-1 does not amplify them).
+    dtype = compute_dtype(W.dtype)
+    A = W.to(device=wh.factor.device, dtype=dtype) @ wh.factor.to(dtype)  # (m, n)
     lr = truncated_svd(A, rank, solver=solver, generator=generator)
-    Vh = lr.Vh @ wh.inverse  # (r, n)
+    Vh = wh.right_solve(lr.Vh)  # (r, n), float64
     info = {**lr.info, "whitening": wh.describe()}
     return LowRank(lr.U.to(W.device, W.dtype), lr.S.to(W.device, W.dtype), Vh.to(W.device, W.dtype), info)
 

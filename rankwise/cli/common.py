@@ -1,0 +1,89 @@
+"""Options and helpers shared by the commands: model and text loading, comma lists, one-line errors."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import torch
+import typer
+
+from rankwise.calibrate import DEFAULT_TEXT_NAME, load_text, split_windows
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelArg = Annotated[str, typer.Argument(help="'smollm2' (default model), a directory, a .gguf file or a hub id")]
+TextOpt = Annotated[str | None, typer.Option("--text", help="text file for calibration and evaluation")]
+DatasetOpt = Annotated[str | None, typer.Option("--dataset", help="Hugging Face datasets name (needs network)")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="tokens per window")]
+CalibOpt = Annotated[int, typer.Option("--calib-samples", help="calibration windows (from the start of the text)")]
+EvalOpt = Annotated[int, typer.Option("--eval-samples", help="evaluation windows (from the end, disjoint)")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="windows per forward pass")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch")]
+
+
+def one_line_errors(fn: F) -> F:
+    """Turn expected errors into ``error: ...`` on stderr and exit code 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted; nothing was written", file=sys.stderr, flush=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def comma_list(value: str, name: str, cast: Callable[[str], Any] = str) -> list[Any]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ValueError(f"{name} must be a comma-separated list, got {value!r}")
+    try:
+        return [cast(v) for v in items]
+    except ValueError:
+        raise ValueError(f"{name} must be a comma-separated list of numbers, got {value!r}") from None
+
+
+@dataclass
+class Workload:
+    model: Any
+    tokenizer: Any
+    source: str
+    calibration: torch.Tensor
+    evaluation: torch.Tensor
+    text_name: str
+
+
+def prepare(model: str, text: str | None, dataset: str | None, seq_len: int, calib: int, evaluation: int,
+            device: str, threads: int | None) -> Workload:
+    """Load the model and cut the text into disjoint calibration and evaluation windows."""
+    from transformers.utils import logging as hf_logging
+
+    from rankwise.io.models import load_model
+
+    hf_logging.disable_progress_bar()  # rankwise draws its own bars; keep stdout to results
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    loaded = load_model(model, device=device)
+    raw = load_text(text, dataset=dataset)
+    ids = loaded.tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    calibration, evaluation_ids = split_windows(ids, seq_len, calib, evaluation)
+    text_name = text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
+    return Workload(loaded.model, loaded.tokenizer, loaded.source, calibration, evaluation_ids, text_name)
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stdout, flush=True)

@@ -1,0 +1,69 @@
+"""``rankwise compress``: calibrate, factorise, save."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from rankwise.cli.common import (
+    BatchOpt,
+    CalibOpt,
+    DatasetOpt,
+    DeviceOpt,
+    ModelArg,
+    OverwriteOpt,
+    SeqLenOpt,
+    TextOpt,
+    ThreadsOpt,
+    comma_list,
+    one_line_errors,
+    prepare,
+    say,
+)
+
+
+@one_line_errors
+def compress(
+    model: ModelArg = "smollm2",
+    method: Annotated[str, typer.Option("--method", help="compression method (see --help of compare)")] = "svd_llm",
+    ratio: Annotated[float, typer.Option("--ratio", help="fraction of targeted parameters removed, in (0, 1)")] = 0.2,
+    out: Annotated[str, typer.Option("--out", help="output directory")] = "",
+    targets: Annotated[str, typer.Option("--targets", help="comma list of attn, mlp")] = "attn,mlp",
+    export: Annotated[str, typer.Option("--export", help="factored (rankwise format) or dense (plain HF)")
+                      ] = "factored",
+    overwrite: OverwriteOpt = False,
+    show_layers: Annotated[bool, typer.Option("--show-layers", help="print the per-layer table")] = False,
+    text: TextOpt = None,
+    dataset: DatasetOpt = None,
+    seq_len: SeqLenOpt = 256,
+    calib_samples: CalibOpt = 32,
+    batch_size: BatchOpt = 4,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Compress MODEL with METHOD at RATIO and save it to OUT."""
+    from rankwise.compress import compress_
+    from rankwise.io import save
+    from rankwise.io.atomic import check_output_dir
+    from rankwise.methods import config_class
+
+    if not out:
+        raise ValueError("--out is required: the directory to write the compressed model to")
+    if export not in ("factored", "dense"):
+        raise ValueError(f"--export must be 'factored' or 'dense', got {export!r}")
+    config = config_class(method)(ratio=ratio, targets=tuple(comma_list(targets, "--targets")))
+    check_output_dir(out, overwrite)  # fail before the slow part
+    work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads)
+    report = compress_(work.model, config, work.calibration, batch_size=batch_size)
+    save(work.model, out, tokenizer=work.tokenizer, report=report, overwrite=overwrite, export=export)
+    if show_layers:
+        say(report.to_markdown())
+    else:
+        say(report.summary())
+        for note in report.notes:
+            say(f"note: {note}")
+        fallbacks = sum(1 for layer in report.layers if "eigen" in layer.notes)
+        if fallbacks:
+            say(f"note: {fallbacks} layers had a covariance that was not positive definite (eigen fallback used)")
+    say(f"saved {export} model to {out}")

@@ -1,0 +1,126 @@
+"""Compare compression methods across ratios on one model, calibration set and evaluation set."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+
+from rankwise.calibrate import collect_stats
+from rankwise.compress import compress_
+from rankwise.eval.measure import count_params, peak_rss_mb, perplexity, prefill_throughput
+from rankwise.io.atomic import atomic_dir
+from rankwise.methods import CompressConfig, config_class
+from rankwise.progress import progress_bar
+from rankwise.targets import find_targets
+
+
+@dataclass
+class CompareRow:
+    method: str
+    ratio: float
+    perplexity: float
+    params_targeted_kept: int
+    params_targeted_removed: int
+    params_total: int
+    tokens_per_s: float
+    compress_s: float
+    rss_mb: float  # resident memory right after this row's compression (process-wide)
+
+
+@dataclass
+class Comparison:
+    """All rows plus the dense reference and the settings that produced them."""
+
+    dense: CompareRow
+    rows: list[CompareRow] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    calibration_s: float = 0.0
+
+    def to_markdown(self) -> str:
+        s = self.settings
+        head = (f"Model {s.get('model')}; calibration {s.get('calib')} and disjoint evaluation {s.get('eval')} "
+                f"windows of {s.get('seq_len')} tokens ({s.get('text')}); ratio = fraction of targeted parameters "
+                f"removed; shared calibration took {self.calibration_s:.1f} s.\n\n")
+        lines = ["| method | ratio | perplexity | vs dense | targeted kept | targeted removed | total params "
+                 "| prefill tok/s | speed-up | factorise s | RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in [self.dense, *self.rows]:
+            total = r.params_targeted_kept + r.params_targeted_removed
+            lines.append(
+                f"| {r.method} | {r.ratio:g} | {r.perplexity:.2f} | {r.perplexity / self.dense.perplexity:.2f}x | "
+                f"{r.params_targeted_kept:,} ({r.params_targeted_kept / total:.1%}) | "
+                f"{r.params_targeted_removed:,} ({r.params_targeted_removed / total:.1%}) | {r.params_total:,} | "
+                f"{r.tokens_per_s:,.0f} | {r.tokens_per_s / self.dense.tokens_per_s:.2f}x | {r.compress_s:.1f} | "
+                f"{r.rss_mb:,.0f} |")
+        return head + "\n".join(lines)
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method in dict.fromkeys(r.method for r in self.rows):
+            rows = sorted((r for r in self.rows if r.method == method), key=lambda r: r.ratio)
+            ax.plot([r.ratio for r in rows], [r.perplexity for r in rows], marker="o", label=method)
+        ax.axhline(self.dense.perplexity, color="black", linestyle="--", label=f"dense ({self.dense.perplexity:.2f})")
+        ax.set_yscale("log")
+        ax.set_xlabel("ratio (fraction of targeted parameters removed)")
+        ax.set_ylabel("perplexity (held-out, log scale)")
+        ax.set_title(f"{self.settings.get('model')}: perplexity vs compression")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write ``comparison.md``, ``comparison.png`` and ``comparison.json`` atomically into ``out``."""
+        with atomic_dir(out, overwrite) as tmp:
+            (tmp / "comparison.md").write_text(self.to_markdown() + "\n")
+            self.plot(tmp / "comparison.png")
+            data = {"settings": self.settings, "calibration_s": self.calibration_s, "dense": asdict(self.dense),
+                    "rows": [asdict(r) for r in self.rows], "peak_rss_mb": peak_rss_mb()}
+            (tmp / "comparison.json").write_text(json.dumps(data, indent=1))
+        return Path(out)
+
+
+def _row(model: nn.Module, name: str, ratio: float, evaluation: torch.Tensor, dense_targeted: int,
+         seconds: float, batch_size: int) -> CompareRow:
+    rss = psutil.Process().memory_info().rss / 2**20
+    total, targeted = count_params(model)
+    ppl = perplexity(model, evaluation, batch_size=batch_size)
+    tps = prefill_throughput(model, evaluation, batch_size=batch_size)
+    return CompareRow(name, ratio, ppl, targeted, dense_targeted - targeted, total, tps, seconds, rss)
+
+
+def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tensor, methods: list[str],
+            ratios: list[float], *, batch_size: int = 8, progress: bool = True,
+            settings: dict | None = None) -> Comparison:
+    """Compress a copy of ``model`` with every method at every ratio and evaluate each on ``evaluation``.
+
+    Calibration statistics are collected once on the dense model (all kinds any method needs) and shared.
+    """
+    configs: list[CompressConfig] = [config_class(m)(ratio=r) for m in methods for r in ratios]
+    targets = find_targets(model)
+    kinds = set().union(*(c.needs for c in configs)) | {"xxt"}
+    start = time.perf_counter()
+    stats = collect_stats(model, calibration, targets, kinds=kinds, batch_size=batch_size, progress=progress)
+    calibration_s = time.perf_counter() - start
+    _, dense_targeted = count_params(model)
+    dense = _row(model, "dense", 0.0, evaluation, dense_targeted, 0.0, batch_size)
+    result = Comparison(dense, settings=dict(settings or {}), calibration_s=calibration_s)
+    for config in progress_bar(configs, "methods x ratios", enabled=progress):
+        candidate = copy.deepcopy(model)
+        report = compress_(candidate, config, stats=stats, progress=False)
+        result.rows.append(_row(candidate, config.name, config.ratio, evaluation, dense_targeted, report.seconds,
+                                batch_size))
+        del candidate
+    return result

@@ -1,0 +1,106 @@
+"""Perplexity over fixed windows, parameter counts, prefill throughput and peak memory."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankwise.progress import progress_bar
+from rankwise.targets import find_targets
+
+
+@dataclass
+class EvalResult:
+    """What ``rankwise eval`` reports. ``eval_tokens`` counts predicted tokens (``windows * (seq_len - 1)``)."""
+
+    perplexity: float
+    eval_tokens: int
+    windows: int
+    seq_len: int
+    params_total: int
+    params_targeted: int
+    tokens_per_s: float
+    peak_rss_mb: float
+    model_mb: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"perplexity {self.perplexity:.3f} on {self.windows} windows x {self.seq_len} tokens "
+                f"({self.eval_tokens:,} predicted tokens); params {self.params_total:,} total, "
+                f"{self.params_targeted:,} in attention/MLP projections; prefill {self.tokens_per_s:,.0f} tokens/s; "
+                f"model {self.model_mb:.1f} MB, peak RSS {self.peak_rss_mb:.0f} MB")
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False) -> float:
+    """``exp`` of the mean next-token NLL over all windows (each window scored independently, no overlap)."""
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be token ids of shape (n, seq_len >= 2), got {tuple(windows.shape)}")
+    total, count = 0.0, 0
+    device = _device(model)
+    for batch in progress_bar(list(windows.split(batch_size)), "perplexity", enabled=progress):
+        batch = batch.to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()  # (b, L-1, vocab)
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                reduction="sum")
+        total += float(nll)
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def prefill_throughput(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, repeats: int = 3) -> float:
+    """Tokens per second of a full forward pass over ``batch_size`` windows (median of ``repeats`` after warm-up)."""
+    batch = windows[:batch_size].to(_device(model))
+    model(input_ids=batch)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if batch.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(input_ids=batch)
+        if batch.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return batch.numel() / times[len(times) // 2]
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """``(total, targeted)`` parameters; targeted = attention and MLP projections (dense or factorised)."""
+    from rankwise.nn import LowRankLinear
+
+    total = sum(p.numel() for p in model.parameters())
+    targeted = sum(p.numel() for m in find_targets(model).values() for p in m.parameters())
+    targeted += sum(m.num_params for m in model.modules() if isinstance(m, LowRankLinear))
+    return total, targeted
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def evaluate(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False
+             ) -> EvalResult:
+    """Perplexity, parameter counts, prefill throughput and memory of ``model`` on ``windows``."""
+    ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
+    tps = prefill_throughput(model, windows, batch_size=batch_size)
+    total, targeted = count_params(model)
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    n, seq_len = windows.shape
+    return EvalResult(ppl, n * (seq_len - 1), n, seq_len, total, targeted, tps, peak_rss_mb(), model_mb)

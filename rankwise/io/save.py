@@ -1,0 +1,147 @@
+"""Save and reload compressed models: ``model.safetensors`` + HF ``config.json`` + ``rankwise.json``.
+
+``rankwise.json`` lists every factorised module with its rank; nothing is pickled. :func:`load` rebuilds the same
+Hugging Face model class from the config, swaps in :class:`~rankwise.nn.LowRankLinear` layers of the saved ranks and
+loads the tensors, so logits are identical to the in-memory compressed model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rankwise.io.atomic import atomic_dir
+from rankwise.nn import LowRankLinear, linear_weight
+from rankwise.targets import set_submodule
+
+MANIFEST = "rankwise.json"
+FORMAT_VERSION = 1
+
+
+def _lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared (tied) tensor stored once, under its first name (e.g. the input embedding)."""
+    seen: set[tuple[int, torch.Size]] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(), t.shape)
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.detach().contiguous()
+    return out
+
+
+def is_compressed_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, report: Any = None, overwrite: bool = False,
+         export: str = "factored") -> Path:
+    """Write ``model`` to ``out`` atomically.
+
+    Args:
+        model: a Hugging Face model, possibly containing ``LowRankLinear`` layers.
+        out: output directory; refused if it exists unless ``overwrite``.
+        tokenizer: saved alongside when given.
+        report: a :class:`~rankwise.report.CompressionReport` stored in the manifest.
+        export: ``"factored"`` (rankwise format) or ``"dense"`` (a plain HF checkpoint: factors multiplied out,
+            loadable by ``transformers`` alone).
+    """
+    if export not in ("factored", "dense"):
+        raise ValueError(f"export must be 'factored' or 'dense', got {export!r}")
+    with atomic_dir(out, overwrite) as tmp:
+        if export == "dense":
+            dense = _densified(model)
+            dense.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            save_file(_unique_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "model_class": type(model).__name__,
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "modules": {name: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+                                   "bias": m.bias is not None} for name, m in _lowrank_modules(model).items()},
+                "report": report.to_dict() if report is not None else None,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
+def _densified(model: nn.Module) -> nn.Module:
+    """A deep copy with every ``LowRankLinear`` multiplied back into an ``nn.Linear``."""
+    import copy
+
+    dense = copy.deepcopy(model)
+    for name, m in _lowrank_modules(dense).items():
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.up.device,
+                        dtype=m.up.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(m.dense_weight())
+            if m.bias is not None:
+                lin.bias.copy_(m.bias)
+        original = _original_kind(dense, name)
+        set_submodule(dense, name, _as_conv1d(lin) if original == "Conv1D" else lin)
+    return dense
+
+
+def _original_kind(model: nn.Module, name: str) -> str:
+    """GPT-2 checkpoints expect Conv1D (``(in, out)`` weights) where the architecture has them."""
+    return "Conv1D" if getattr(model.config, "model_type", "") == "gpt2" else "Linear"
+
+
+def _as_conv1d(lin: nn.Linear) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(lin.out_features, lin.in_features).to(lin.weight.device, lin.weight.dtype)
+    with torch.no_grad():
+        linear_weight(conv).copy_(lin.weight)
+        if lin.bias is not None:
+            conv.bias.copy_(lin.bias)
+    return conv
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a directory written by :func:`save` (factored format) as the same Hugging Face model class."""
+    import transformers
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"model directory {str(path)!r} does not exist")
+    if not is_compressed_dir(path):
+        raise ValueError(f"{str(path)!r} is not a rankwise directory (no {MANIFEST}); load it with transformers")
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported rankwise format version {manifest.get('format_version')!r}; "
+                         f"this rankwise reads version {FORMAT_VERSION}")
+    config = transformers.AutoConfig.from_pretrained(path)
+    cls = getattr(transformers, manifest["model_class"])
+    dtype = getattr(torch, manifest["dtype"])
+    # Built on the real device (not meta) so non-persistent buffers such as rotary frequencies are computed.
+    with torch.device(device):
+        model = cls(config)
+        for name, spec in manifest["modules"].items():
+            set_submodule(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
+                                                     spec["bias"]))
+    state = load_file(str(path / "model.safetensors"), device=str(device))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()  # tied tensors were stored once; this points their other names at them again
+    params = dict(model.state_dict(keep_vars=True))
+    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
+    missing = [k for k in missing if params[k].data_ptr() not in loaded_ptrs]
+    if unexpected or missing:
+        raise ValueError(f"{path}/model.safetensors does not match its config: unexpected {unexpected[:5]}, "
+                         f"missing {missing[:5]}")
+    return model.to(dtype).eval()

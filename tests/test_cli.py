@@ -1,0 +1,87 @@
+"""The CLI on a tiny model saved to disk: commands work, bad input gives one-line errors and exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from rankwise.cli import app
+from tests.tiny_models import tiny_model, tiny_tokenizer
+
+runner = CliRunner()
+SMALL = ["--seq-len", "16", "--calib-samples", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_compress_then_eval_json(tiny_dir, tmp_path):
+    out = tmp_path / "c"
+    result = run("compress", tiny_dir, "--method", "svd_llm", "--ratio", "0.3", "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "kept" in result.output and "removed" in result.output
+    assert (out / "rankwise.json").exists()
+    result = run("eval", out, "--json", "--seq-len", "16", "--eval-samples", "4")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    for key in ("perplexity", "params_total", "params_targeted", "tokens_per_s", "eval_tokens"):
+        assert key in data
+    assert data["eval_tokens"] == 4 * 15 and data["perplexity"] > 1
+
+
+def test_compare_writes_table_and_plot(tiny_dir, tmp_path):
+    out = tmp_path / "cmp"
+    result = run("compare", tiny_dir, "--methods", "svd,svd_llm", "--ratios", "0.2,0.5", "--out", out,
+                 "--eval-samples", "4", *SMALL)
+    assert result.exit_code == 0, result.output
+    table = (out / "comparison.md").read_text()
+    assert table.count("| svd |") == 2 and table.count("| svd_llm |") == 2 and "| dense |" in table
+    assert (out / "comparison.png").stat().st_size > 1000
+    data = json.loads((out / "comparison.json").read_text())
+    assert len(data["rows"]) == 4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["compress", "{model}", "--method", "nope", "--out", "{tmp}/o"], "unknown method 'nope'; valid methods: asvd"),
+    (["compress", "{model}", "--ratio", "1.5", "--out", "{tmp}/o"], "ratio must be a fraction"),
+    (["compress", "{model}", "--ratio", "0", "--out", "{tmp}/o"], "ratio must be a fraction"),
+    (["compress", "{tmp}/missing", "--out", "{tmp}/o"], "does not exist"),
+    (["compress", "{model}", "--out", "{tmp}/o", "--calib-samples", "100000"], "text too short: it has"),
+    (["compress", "{model}", "--out", "{tmp}"], "exists; pass --overwrite"),
+    (["compress", "{model}"], "--out is required"),
+    (["compare", "{model}", "--methods", "svd,bogus", "--out", "{tmp}/o"], "unknown method 'bogus'"),
+    (["compare", "{model}", "--ratios", "0.2,x", "--out", "{tmp}/o"], "comma-separated list of numbers"),
+    (["eval", "{model}", "--text", "{tmp}/none.txt"], "text file"),
+])
+def test_bad_input_one_line_error(tiny_dir, tmp_path, args, message):
+    result = run(*[a.format(model=tiny_dir, tmp=tmp_path) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_finite_weights_named(tmp_path):
+    import torch
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[1, 1] = float("inf")
+    model.save_pretrained(tmp_path / "bad")
+    tiny_tokenizer().save_pretrained(tmp_path / "bad")
+    result = run("compress", tmp_path / "bad", "--out", tmp_path / "o", *SMALL)
+    assert result.exit_code == 2
+    assert "layer model.layers.0.self_attn.o_proj has non-finite weights" in result.output
+    assert not (tmp_path / "o").exists()
