@@ -18,7 +18,7 @@ import torch
 
 from rankwise.calibrate import load_text, split_windows
 from rankwise.eval import peak_rss_mb
-from rankwise.eval.compare import compare
+from rankwise.eval.compare import compare, recipes
 from rankwise.io.models import load_model
 
 
@@ -39,8 +39,8 @@ def main() -> None:
     calib, evaluation = split_windows(ids, args.seq_len, args.calib_samples, args.eval_samples)
     settings = {"model": loaded.source, "text": "pydoc-topics", "seq_len": args.seq_len,
                 "calib": args.calib_samples, "eval": args.eval_samples}
-    result = compare(loaded.model, calib, evaluation, args.methods.split(","),
-                     [float(r) for r in args.ratios.split(",")], settings=settings)
+    configs = recipes(args.methods.split(","), [float(r) for r in args.ratios.split(",")])
+    result = compare(loaded.model, calib, evaluation, configs, settings=settings)
     print(result.to_markdown())
     print(f"\npeak RSS of the whole run: {peak_rss_mb():,.0f} MB; total {time.perf_counter() - start:.0f} s")
     if args.out:

@@ -85,3 +85,19 @@ def test_non_finite_weights_named(tmp_path):
     assert result.exit_code == 2
     assert "layer model.layers.0.self_attn.o_proj has non-finite weights" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_compress_options_and_compensate(tiny_dir, tmp_path):
+    out = tmp_path / "c"
+    result = run("compress", tiny_dir, "--ratio", "0.4", "--allocation", "loss", "--sequential", "--update-u",
+                 "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    adapter = tmp_path / "adapter"
+    result = run("compensate", out, "--base", tiny_dir, "--rank", "4", "--out", adapter, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    result = run("compensate", out, "--base", tiny_dir, "--rank", "4", "--merge", "--out", tmp_path / "m", *SMALL)
+    assert result.exit_code == 0 and (tmp_path / "m" / "rankwise.json").exists()
+    result = run("compensate", out, "--base", tiny_dir, "--rank", "999", "--out", tmp_path / "x", *SMALL)
+    assert result.exit_code == 2 and "rank 999 is larger than layer" in result.output
+    assert not (tmp_path / "x").exists()

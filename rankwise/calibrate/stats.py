@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from rankwise.linalg import Whitening, whiten
-from rankwise.nn import linear_weight
+from rankwise.nn import input_dim, linear_weight
 from rankwise.progress import progress_bar
 
-KINDS = ("xxt", "abs", "fisher")
+KINDS = ("xxt", "abs", "fisher", "gout")
 
 
 @dataclass
@@ -31,6 +31,9 @@ class LayerStats:
     abs_sum: torch.Tensor | None = None  # (n,) float64, sum over tokens of |x|
     count: int = 0
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> (out, in) sum of grad^2
+    cross: torch.Tensor | None = None  # (n, n) float64, sum of x_original x_compressed^T (sequential mode)
+    grad_out: dict[str, float] = field(default_factory=dict)  # module name -> sum over tokens of ||dL/dy||^2
+    grad_tokens: dict[str, int] = field(default_factory=dict)  # module name -> tokens behind grad_out
     _whitening: dict[float, Whitening] = field(default_factory=dict, repr=False)
 
     @property
@@ -41,16 +44,34 @@ class LayerStats:
         return self.xxt / self.count
 
     @property
+    def cross_covariance(self) -> torch.Tensor | None:
+        """``X Xh^T / tokens`` (original x compressed-model inputs), or ``None`` outside sequential mode."""
+        return None if self.cross is None else self.cross / self.count
+
+    @property
     def abs_mean(self) -> torch.Tensor:
         if self.abs_sum is None or self.count == 0:
             raise ValueError("no activation magnitudes were collected for this layer")
         return self.abs_sum / self.count
+
+    def output_sensitivity(self, name: str) -> float:
+        """``E ||dL/dy||^2 / out_features`` surrogate: mean squared output gradient per token (needs ``"gout"``)."""
+        if name not in self.grad_out or not self.grad_tokens.get(name):
+            raise ValueError(f"no output gradients were collected for {name}; calibrate with kinds=('gout',)")
+        return self.grad_out[name] / self.grad_tokens[name]
 
     def whitening(self, damp: float = 0.0) -> Whitening:
         """The robust square root of the covariance, cached per damping (shared by layers reading this input)."""
         if damp not in self._whitening:
             self._whitening[damp] = whiten(self.covariance, damp=damp)
         return self._whitening[damp]
+
+    def add_cross(self, original: torch.Tensor, compressed: torch.Tensor) -> None:
+        """Accumulate ``X Xh^T`` from paired original / compressed-model inputs of the same tokens."""
+        a = original.detach().reshape(-1, self.n).float()
+        b = compressed.detach().reshape(-1, self.n).float()
+        part = (a.T @ b).double()
+        self.cross = part if self.cross is None else self.cross.add_(part)
 
     def add(self, x: torch.Tensor, kinds: frozenset[str]) -> None:
         x2 = x.detach().reshape(-1, self.n).float()  # (tokens, n)
@@ -101,6 +122,21 @@ def _group_by_input(model: nn.Module, modules: Mapping[str, nn.Module], probe: t
     return leaders
 
 
+def _grad_out_hook(name: str, stats: LayerStats):
+    """Forward hook that registers a gradient hook on the layer's output to accumulate ``sum ||dL/dy||^2``."""
+
+    def on_grad(grad: torch.Tensor) -> None:
+        g = grad.detach().float()
+        stats.grad_out[name] = stats.grad_out.get(name, 0.0) + float(g.pow(2).sum())
+        stats.grad_tokens[name] = stats.grad_tokens.get(name, 0) + g.numel() // g.shape[-1]
+
+    def hook(_module, _args, output):
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(on_grad)
+
+    return hook
+
+
 def _inside(modules: Mapping[str, nn.Module], model: nn.Module) -> bool:
     base = getattr(model, "base_model", None)
     if base is None or base is model:
@@ -141,7 +177,7 @@ def collect_stats(
     for name in modules:
         lead = leaders[name]
         if lead not in stats:
-            stats[lead] = LayerStats(n=linear_weight(modules[lead]).shape[1])
+            stats[lead] = LayerStats(n=input_dim(modules[lead]))
         stats[name] = stats[lead]
 
     input_kinds = kinds & {"xxt", "abs"}
@@ -152,8 +188,12 @@ def collect_stats(
                 handles.append(module.register_forward_pre_hook(
                     lambda _m, args, s=stats[name]: s.add(args[0], input_kinds)))
     want_fisher = "fisher" in kinds
+    want_grad = want_fisher or "gout" in kinds
+    if "gout" in kinds:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(_grad_out_hook(name, stats[name])))
     saved_grad = {p: p.requires_grad for p in model.parameters()}
-    if want_fisher:
+    if want_grad:
         for p in model.parameters():
             p.requires_grad_(False)
         for module in modules.values():
@@ -165,11 +205,11 @@ def collect_stats(
     try:
         for batch in progress_bar(batches, "calibrating", enabled=progress):
             batch = batch.to(device)
-            if want_fisher:
+            if want_grad:
                 model.zero_grad(set_to_none=True)
                 loss = model(input_ids=batch, labels=batch).loss
                 loss.backward()
-                for name, module in modules.items():
+                for name, module in modules.items() if want_fisher else ():
                     sq = linear_weight(module, module.weight.grad).detach().double().pow(2)  # (out, in)
                     fisher = stats[name].fisher
                     fisher[name] = sq if name not in fisher else fisher[name].add_(sq)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -24,12 +25,30 @@ from rankwise.cli.common import (
 )
 
 
+class Toggle(StrEnum):
+    """Whether compare adds rows without an option, with it, or both."""
+
+    off = "off"
+    on = "on"
+    both = "both"
+
+    @property
+    def values(self) -> tuple[bool, ...]:
+        return {"off": (False,), "on": (True,), "both": (False, True)}[self.value]
+
+
 @one_line_errors
 def compare(
     model: ModelArg = "smollm2",
     methods: Annotated[str, typer.Option("--methods", help="comma list of methods")] = "svd,fwsvd,asvd,svd_llm",
     ratios: Annotated[str, typer.Option("--ratios", help="comma list of fractions removed")] = "0.1,0.2,0.3,0.4",
     out: Annotated[str, typer.Option("--out", help="directory for comparison.md/.png/.json")] = "compare-out",
+    allocations: Annotated[str, typer.Option("--allocations", help="comma list of uniform, welore, loss")
+                           ] = "uniform",
+    sequential: Annotated[Toggle, typer.Option("--sequential", help="rows without, with, or both")] = Toggle.off,
+    update_u: Annotated[Toggle, typer.Option("--update-u", help="rows without, with, or both")] = Toggle.off,
+    eora_rank: Annotated[int, typer.Option("--eora-rank", help="also add rows with EoRA of this rank (0: none)")
+                         ] = 0,
     overwrite: OverwriteOpt = False,
     text: TextOpt = None,
     dataset: DatasetOpt = None,
@@ -42,6 +61,7 @@ def compare(
 ) -> None:
     """Compare compression methods across ratios on MODEL; writes a Markdown table and a PNG plot."""
     from rankwise.eval.compare import compare as run
+    from rankwise.eval.compare import recipes
     from rankwise.io.atomic import check_output_dir
     from rankwise.methods import CompressConfig, config_class
 
@@ -49,14 +69,20 @@ def compare(
     ratio_list = comma_list(ratios, "--ratios", float)
     for name in method_list:
         config_class(name)
+    allocation_list = tuple(comma_list(allocations, "--allocations"))
     for r in ratio_list:
-        CompressConfig(ratio=r)
+        for a in allocation_list:
+            CompressConfig(ratio=r, allocation=a)
+    if eora_rank < 0:
+        raise ValueError(f"--eora-rank must be >= 0, got {eora_rank}")
     check_output_dir(out, overwrite)
     work = prepare(model, text, dataset, seq_len, calib_samples, eval_samples, device, threads)
     settings = {"model": work.source, "text": work.text_name, "seq_len": seq_len, "calib": calib_samples,
                 "eval": eval_samples}
-    result = run(work.model, work.calibration, work.evaluation, method_list, ratio_list, batch_size=batch_size,
-                 settings=settings)
+    configs = recipes(method_list, ratio_list, allocations=allocation_list, sequential=sequential.values,
+                      update_u=update_u.values)
+    result = run(work.model, work.calibration, work.evaluation, configs, eora_rank=eora_rank,
+                 batch_size=batch_size, settings=settings)
     result.save(out, overwrite=overwrite)
     say(result.to_markdown())
     say(f"\nwrote {out}/comparison.md, comparison.png, comparison.json")

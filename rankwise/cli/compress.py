@@ -32,6 +32,10 @@ def compress(
     targets: Annotated[str, typer.Option("--targets", help="comma list of attn, mlp")] = "attn,mlp",
     export: Annotated[str, typer.Option("--export", help="factored (rankwise format) or dense (plain HF)")
                       ] = "factored",
+    allocation: Annotated[str, typer.Option("--allocation", help="uniform, welore or loss")] = "uniform",
+    sequential: Annotated[bool, typer.Option("--sequential", help="calibrate each block on compressed activations")
+                          ] = False,
+    update_u: Annotated[bool, typer.Option("--update-u", help="refit the left factor by least squares")] = False,
     overwrite: OverwriteOpt = False,
     show_layers: Annotated[bool, typer.Option("--show-layers", help="print the per-layer table")] = False,
     text: TextOpt = None,
@@ -52,7 +56,8 @@ def compress(
         raise ValueError("--out is required: the directory to write the compressed model to")
     if export not in ("factored", "dense"):
         raise ValueError(f"--export must be 'factored' or 'dense', got {export!r}")
-    config = config_class(method)(ratio=ratio, targets=tuple(comma_list(targets, "--targets")))
+    config = config_class(method)(ratio=ratio, targets=tuple(comma_list(targets, "--targets")),
+                                  allocation=allocation, sequential=sequential, update_u=update_u)
     check_output_dir(out, overwrite)  # fail before the slow part
     work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads)
     report = compress_(work.model, config, work.calibration, batch_size=batch_size)

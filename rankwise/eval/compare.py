@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from rankwise.calibrate import collect_stats
+from rankwise.compensate import compensate, merge_
 from rankwise.compress import compress_
 from rankwise.eval.measure import count_params, peak_rss_mb, perplexity, prefill_throughput
 from rankwise.io.atomic import atomic_dir
@@ -23,7 +24,7 @@ from rankwise.targets import find_targets
 
 @dataclass
 class CompareRow:
-    method: str
+    method: str  # the recipe's label: method name plus its options, e.g. "svd_llm +loss +seq +upd"
     ratio: float
     perplexity: float
     params_targeted_kept: int
@@ -101,26 +102,58 @@ def _row(model: nn.Module, name: str, ratio: float, evaluation: torch.Tensor, de
     return CompareRow(name, ratio, ppl, targeted, dense_targeted - targeted, total, tps, seconds, rss)
 
 
-def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tensor, methods: list[str],
-            ratios: list[float], *, batch_size: int = 8, progress: bool = True,
-            settings: dict | None = None) -> Comparison:
-    """Compress a copy of ``model`` with every method at every ratio and evaluate each on ``evaluation``.
+def label(config: CompressConfig, eora_rank: int = 0) -> str:
+    """Row label: the method and the options that differ from the defaults."""
+    parts = [config.name]
+    if config.allocation != "uniform":
+        parts.append(f"+{config.allocation}")
+    if config.sequential:
+        parts.append("+seq")
+    if config.update_u:
+        parts.append("+upd")
+    if eora_rank:
+        parts.append(f"+eora{eora_rank}")
+    return " ".join(parts)
 
-    Calibration statistics are collected once on the dense model (all kinds any method needs) and shared.
+
+def recipes(methods: list[str], ratios: list[float], *, allocations: tuple[str, ...] = ("uniform",),
+            sequential: tuple[bool, ...] = (False,), update_u: tuple[bool, ...] = (False,)) -> list[CompressConfig]:
+    """The cross product of methods, allocations, sequential and update options, and ratios, as configs."""
+    return [config_class(m)(ratio=r, allocation=a, sequential=s, update_u=u)
+            for m in methods for a in allocations for s in sequential for u in update_u for r in ratios]
+
+
+def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tensor, configs: list[CompressConfig],
+            *, eora_rank: int = 0, batch_size: int = 8, progress: bool = True,
+            settings: dict | None = None) -> Comparison:
+    """Compress a copy of ``model`` with every config and evaluate each on ``evaluation``.
+
+    With ``eora_rank > 0`` every config also gets a row with EoRA compensation of that rank merged in (its extra
+    parameters are counted). Dense-model statistics are collected once (all kinds any method needs) and shared.
     """
-    configs: list[CompressConfig] = [config_class(m)(ratio=r) for m in methods for r in ratios]
     targets = find_targets(model)
     kinds = set().union(*(c.needs for c in configs)) | {"xxt"}
+    if any(c.allocation == "loss" for c in configs):
+        kinds.add("gout")
     start = time.perf_counter()
     stats = collect_stats(model, calibration, targets, kinds=kinds, batch_size=batch_size, progress=progress)
     calibration_s = time.perf_counter() - start
     _, dense_targeted = count_params(model)
     dense = _row(model, "dense", 0.0, evaluation, dense_targeted, 0.0, batch_size)
     result = Comparison(dense, settings=dict(settings or {}), calibration_s=calibration_s)
-    for config in progress_bar(configs, "methods x ratios", enabled=progress):
+    for config in progress_bar(configs, "recipes x ratios", enabled=progress):
         candidate = copy.deepcopy(model)
-        report = compress_(candidate, config, stats=stats, progress=False)
-        result.rows.append(_row(candidate, config.name, config.ratio, evaluation, dense_targeted, report.seconds,
+        needs_data = config.sequential or config.update_u
+        report = compress_(candidate, config, calibration if needs_data else None, stats=stats,
+                           batch_size=batch_size, progress=False)
+        result.rows.append(_row(candidate, label(config), config.ratio, evaluation, dense_targeted, report.seconds,
                                 batch_size))
+        if eora_rank:
+            start = time.perf_counter()
+            merge_(candidate, compensate(model, candidate, calibration, eora_rank, batch_size=batch_size,
+                                         progress=False))
+            seconds = report.seconds + time.perf_counter() - start
+            result.rows.append(_row(candidate, label(config, eora_rank), config.ratio, evaluation, dense_targeted,
+                                    seconds, batch_size))
         del candidate
     return result

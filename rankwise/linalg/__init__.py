@@ -27,7 +27,7 @@ from rankwise.linalg.sketch import (
     sketch_lstsq,
 )
 from rankwise.linalg.svd import SOLVERS, svd_flip, truncated_svd
-from rankwise.linalg.whiten import Whitening, weighted_svd, whiten, whitened_svd
+from rankwise.linalg.whiten import Whitening, refit_left, weighted_svd, whiten, whitened_svd
 
 __all__ = [
     "SKETCHES",
@@ -47,6 +47,7 @@ __all__ = [
     "nystrom",
     "rank_for_energy",
     "rank_for_params_kept",
+    "refit_left",
     "resolve_rank",
     "saves_params",
     "sketch_lstsq",

@@ -110,12 +110,14 @@ def _project_svd(A: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.
 def randomized_range(A: torch.Tensor, size: int, power_iters: int, generator: torch.Generator) -> torch.Tensor:
     """Orthonormal ``(m, size)`` basis approximating the dominant column space of ``A`` (HMT Alg. 4.4).
 
-    Power iterations are normalised with LU in between and with QR at the end.
+    Power iterations are normalised with LU in between on the CPU (cheaper than QR there) and with QR on GPUs
+    (where pivoted LU is slow), and with QR at the end.
     """
     n = A.shape[1]
+    normalise = _lu_basis if A.device.type == "cpu" else _orth
     Y = A @ randn((n, size), generator, A.dtype, A.device)  # (m, size)
     for _ in range(power_iters):
-        Y = A @ _lu_basis(A.mT @ _lu_basis(Y))
+        Y = A @ normalise(A.mT @ normalise(Y))
     return _orth(Y)
 
 

@@ -13,6 +13,7 @@ from rankwise.calibrate import LayerStats
 from rankwise.linalg import LowRank
 
 TARGET_GROUPS = ("attn", "mlp")
+ALLOCATIONS = ("uniform", "welore", "loss")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,11 @@ class CompressConfig:
         ratio: fraction of the targeted parameters to **remove**, in (0, 1) (SVD-LLM's convention).
         targets: which projections to factorise: any of ``"attn"`` and ``"mlp"``. Embeddings and the LM head are
             never targeted by default.
+        allocation: how ranks are spread under the budget: ``"uniform"`` (same fraction per matrix), ``"welore"``
+            (data-free threshold on normalised singular values) or ``"loss"`` (from the whitened truncation loss).
+        sequential: calibrate each block on the activations of the blocks already compressed.
+        update_u: after truncation, refit the left factor by least squares on the calibration activations
+            (towards the original model's outputs when ``sequential``).
     """
 
     name: ClassVar[str] = ""
@@ -30,8 +36,13 @@ class CompressConfig:
 
     ratio: float = 0.2
     targets: tuple[str, ...] = TARGET_GROUPS
+    allocation: str = "uniform"
+    sequential: bool = False
+    update_u: bool = False
 
     def __post_init__(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0.0 < self.ratio < 1.0:
             raise ValueError(f"ratio must be a fraction of parameters removed in (0, 1), got {self.ratio!r}")
         bad = [t for t in self.targets if t not in TARGET_GROUPS]

@@ -32,6 +32,20 @@ def linear_weight(module: nn.Module, tensor: torch.Tensor | None = None) -> torc
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
 
 
+def input_dim(module: nn.Module) -> int:
+    """Input features of a linear-like layer or a :class:`LowRankLinear`."""
+    if isinstance(module, LowRankLinear):
+        return module.in_features
+    return linear_weight(module).shape[1]
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` matrix a linear-like or low-rank layer applies (a product for ``LowRankLinear``)."""
+    if isinstance(module, LowRankLinear):
+        return module.dense_weight()
+    return linear_weight(module)
+
+
 class LowRankLinear(nn.Module):
     """A rank-``r`` linear map ``x -> up(down(x)) + bias`` storing ``r * (in + out)`` weights (+ ``out`` bias).
 
