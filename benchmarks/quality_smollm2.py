@@ -22,20 +22,20 @@ from rankwise.eval.compare import compare
 from rankwise.io.models import load_model
 from rankwise.methods.svd_llm import SVDLLMConfig
 
-RECIPES = [  # (allocation, sequential, update_u); the first is the anchor
+RECIPES = [  # (allocation, sequential, update_u); the first is the anchor, EoRA rows use the third
     ("uniform", False, False),
     ("welore", False, False),
     ("loss", False, False),
-    ("uniform", True, False),
     ("uniform", True, True),
-    ("loss", True, True),
+    ("loss", True, False),
 ]
+EORA_RECIPE = RECIPES[2]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.2,0.4")
-    parser.add_argument("--eora-rank", type=int, default=16, help="EoRA rows on the last recipe (0: none)")
+    parser.add_argument("--eora-rank", type=int, default=16, help="EoRA rows on the loss recipe (0: none)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--eval-samples", type=int, default=64)
     parser.add_argument("--out", default=None)
@@ -50,7 +50,7 @@ def main() -> None:
                 "eval": args.eval_samples}
     result = compare(loaded.model, calib, evaluation, configs, settings=settings)
     if args.eora_rank:
-        a, s, u = RECIPES[-1]
+        a, s, u = EORA_RECIPE
         extra = compare(loaded.model, calib, evaluation,
                         [SVDLLMConfig(ratio=r, allocation=a, sequential=s, update_u=u) for r in ratios],
                         eora_rank=args.eora_rank, settings=settings)

@@ -144,6 +144,8 @@ def compress_(
         bias = targets[name].bias.numel() if targets[name].bias is not None else 0
         report.layers.append(LayerReport(name, (m, n), min(m, n), m * n + bias, layer_params(m, n, min(m, n)) + bias,
                                          0.0, "kept dense"))
+    order = {name: i for i, name in enumerate(targets)}
+    report.layers.sort(key=lambda layer: order[layer.name])
     report.params_total_after = sum(p.numel() for p in model.parameters())
     report.seconds = time.perf_counter() - start
     return report

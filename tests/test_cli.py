@@ -47,7 +47,7 @@ def test_compare_writes_table_and_plot(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     table = (out / "comparison.md").read_text()
     assert table.count("| svd |") == 2 and table.count("| svd_llm |") == 2 and "| dense |" in table
-    assert (out / "comparison.png").stat().st_size > 1000
+    assert (out / "comparison.png").stat().st_size > 1000 and (out / "ranks.png").stat().st_size > 1000
     data = json.loads((out / "comparison.json").read_text())
     assert len(data["rows"]) == 4
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,7 @@ class CompareRow:
     tokens_per_s: float
     compress_s: float
     rss_mb: float  # resident memory right after this row's compression (process-wide)
+    kept: dict[str, float] = field(default_factory=dict)  # layer -> fraction of its parameters kept
 
 
 @dataclass
@@ -82,11 +84,33 @@ class Comparison:
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
+    def plot_ranks(self, path: Path) -> None:
+        """Fraction of parameters kept per layer (model order), one line per row: where each allocation spends."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for row in self.rows:
+            if row.kept:
+                ax.plot(list(row.kept.values()), linewidth=1, label=f"{row.method} @ {row.ratio:g}")
+        ax.set_xlabel("targeted layer (model order)")
+        ax.set_ylabel("fraction of parameters kept")
+        ax.set_title("rank allocation per layer")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
-        """Write ``comparison.md``, ``comparison.png`` and ``comparison.json`` atomically into ``out``."""
+        """Write ``comparison.md``, ``comparison.png`` (perplexity vs ratio), ``ranks.png`` (allocation per layer)
+        and ``comparison.json`` atomically into ``out``."""
         with atomic_dir(out, overwrite) as tmp:
             (tmp / "comparison.md").write_text(self.to_markdown() + "\n")
             self.plot(tmp / "comparison.png")
+            self.plot_ranks(tmp / "ranks.png")
             data = {"settings": self.settings, "calibration_s": self.calibration_s, "dense": asdict(self.dense),
                     "rows": [asdict(r) for r in self.rows], "peak_rss_mb": peak_rss_mb()}
             (tmp / "comparison.json").write_text(json.dumps(data, indent=1))
@@ -111,6 +135,11 @@ def label(config: CompressConfig, eora_rank: int = 0) -> str:
         parts.append("+seq")
     if config.update_u:
         parts.append("+upd")
+    base = {f.name for f in dataclasses.fields(CompressConfig)}
+    for f in dataclasses.fields(config):  # method-specific fields that differ from their defaults
+        value = getattr(config, f.name)
+        if f.name not in base and value != f.default:
+            parts.append(f"+{f.name}={value}")
     if eora_rank:
         parts.append(f"+eora{eora_rank}")
     return " ".join(parts)
@@ -146,8 +175,9 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
         needs_data = config.sequential or config.update_u
         report = compress_(candidate, config, calibration if needs_data else None, stats=stats,
                            batch_size=batch_size, progress=False)
-        result.rows.append(_row(candidate, label(config), config.ratio, evaluation, dense_targeted, report.seconds,
-                                batch_size))
+        row = _row(candidate, label(config), config.ratio, evaluation, dense_targeted, report.seconds, batch_size)
+        row.kept = {layer.name: layer.params_after / layer.params_before for layer in report.layers}
+        result.rows.append(row)
         if eora_rank:
             start = time.perf_counter()
             merge_(candidate, compensate(model, candidate, calibration, eora_rank, batch_size=batch_size,

@@ -192,13 +192,15 @@ def weighted_svd(
     return LowRank(U.to(W.dtype), lr.S.to(W.dtype), Vh.to(W.dtype), info)
 
 
-def refit_left(W: torch.Tensor, Vh: torch.Tensor, C: torch.Tensor, cross: torch.Tensor | None = None) -> torch.Tensor:
+def refit_left(W: torch.Tensor, Vh: torch.Tensor, C: torch.Tensor, cross: torch.Tensor | None = None, *,
+               ridge: float = 1e-10) -> torch.Tensor:
     """Least-squares left factor for a fixed right factor: ``argmin_U ||W X - U Vh Xh||_F``.
 
     Closed form ``U = W (X Xh^T) Vh^T (Vh Xh Xh^T Vh^T)^-1`` from second moments only: ``C = Xh Xh^T`` and
     ``cross = X Xh^T`` (``None`` means ``Xh = X``, i.e. ``cross = C``). With ``Xh`` the activations of an already
     compressed model and ``X`` the original ones, this also corrects errors from earlier layers (the update step of
-    SVD-LLM, Wang et al. 2024, https://arxiv.org/abs/2403.07378). A tiny ridge keeps the ``r x r`` system solvable.
+    SVD-LLM, Wang et al. 2024, https://arxiv.org/abs/2403.07378). ``ridge`` (relative to the mean diagonal of the
+    ``r x r`` system) keeps it solvable and, when larger, keeps the fit out of directions the data barely spans.
 
     Returns:
         ``(m, r)`` in ``W``'s dtype.
@@ -208,7 +210,7 @@ def refit_left(W: torch.Tensor, Vh: torch.Tensor, C: torch.Tensor, cross: torch.
     cross64 = C64 if cross is None else cross.double()
     gram = Vh64 @ C64 @ Vh64.mT  # (r, r)
     rhs = Vh64 @ cross64.mT @ W.double().mT  # (r, m)
-    ridge = 1e-10 * float(gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
+    ridge = ridge * float(gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     L, info = torch.linalg.cholesky_ex(gram + ridge * eye)
     Ut = torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(gram, rhs).solution
