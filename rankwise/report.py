@@ -18,6 +18,7 @@ class LayerReport:
     params_after: int
     rel_error: float | None  # ||(W - W')X||_F / ||W X||_F on calibration data; None without data
     notes: str = ""
+    covariance_fallback: bool = False  # the input covariance was not positive definite (eigen fallback used)
 
 
 @dataclass
@@ -34,6 +35,7 @@ class CompressionReport:
     layers: list[LayerReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    block_seconds: list[float] = field(default_factory=list)  # compression time of each decoder block
 
     @property
     def params_targeted_before(self) -> int:

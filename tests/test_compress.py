@@ -88,7 +88,7 @@ def test_covariance_matches_direct_computation():
     tokens = tiny_tokens(6)
     stats = collect_stats(model, tokens, {"q": q}, batch_size=4)
     handle.remove()
-    X = torch.cat(captured[1:]).double()  # the first capture is the grouping probe
+    X = torch.cat(captured).double()
     ref = X.T @ X  # float32 within a batch: agreement to float32 accuracy
     torch.testing.assert_close(stats["q"].xxt, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     assert stats["q"].count == X.shape[0]
@@ -99,8 +99,10 @@ def test_fisher_collected_for_fwsvd_and_is_nonnegative():
     targets = find_targets(model)
     stats = collect_stats(model, tiny_tokens(4), targets, kinds=("fisher",))
     for name, module in targets.items():
-        f = stats[name].fisher[name]
-        assert f.shape == linear_weight(module).shape and bool((f >= 0).all()) and float(f.sum()) > 0
+        m, n = linear_weight(module).shape
+        rows, cols = stats[name].fisher_out[name], stats[name].fisher_in[name]
+        assert rows.shape == (m,) and cols.shape == (n,) and bool((rows >= 0).all()) and float(rows.sum()) > 0
+        torch.testing.assert_close(rows.sum(), cols.sum())  # both are the total squared gradient
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
 

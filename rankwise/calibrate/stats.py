@@ -1,16 +1,21 @@
-"""Per-layer calibration statistics gathered with forward hooks.
+"""Per-layer calibration statistics gathered with hooks.
 
 For each targeted linear layer (input dimension ``n``): the input second moment ``sum x x^T`` (``n x n``, float64,
-with its token count), optionally ``sum |x|`` per input channel (ASVD) and the diagonal empirical Fisher
-``sum (dL/dW)^2`` of the language-modelling loss (FWSVD). Layers that read the same input tensor (q/k/v, gate/up)
-share one :class:`LayerStats`, so each covariance is computed once. Memory is bounded by the statistics, not the
-number of batches: batches are streamed.
+with its token count), optionally ``sum |x|`` per input channel (ASVD), the row and column sums of the diagonal
+empirical Fisher ``sum (dL/dW)^2`` of the language-modelling loss (FWSVD) and the output-gradient energy
+``sum ||dL/dy||^2`` (loss-aware allocation). Layers that read the same input tensor (q/k/v, gate/up) share one
+:class:`LayerStats`, so each covariance is computed once. Memory is bounded by the statistics, not the number of
+batches: batches are streamed.
+
+:class:`StatsObserver` attaches the hooks to any set of modules (one decoder block, or a whole model);
+:func:`collect_stats` runs a whole in-memory model over calibration batches with it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import TracebackType
 
 import torch
 from torch import nn
@@ -20,17 +25,20 @@ from rankwise.nn import input_dim, linear_weight
 from rankwise.progress import progress_bar
 
 KINDS = ("xxt", "abs", "fisher", "gout")
+INPUT_KINDS = frozenset({"xxt", "abs"})
+GRADIENT_KINDS = frozenset({"fisher", "gout"})
 
 
 @dataclass
 class LayerStats:
-    """Streaming statistics of one layer's inputs (and, optionally, its weight's Fisher)."""
+    """Streaming statistics of one layer's inputs (and, optionally, its weight's Fisher and output gradients)."""
 
     n: int
     xxt: torch.Tensor | None = None  # (n, n) float64, sum over tokens of x x^T
     abs_sum: torch.Tensor | None = None  # (n,) float64, sum over tokens of |x|
     count: int = 0
-    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> (out, in) sum of grad^2
+    fisher_out: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> (out,) sum_j of sum (dL/dW_ij)^2
+    fisher_in: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> (in,) sum_i of sum (dL/dW_ij)^2
     cross: torch.Tensor | None = None  # (n, n) float64, sum of x_original x_compressed^T (sequential mode)
     grad_out: dict[str, float] = field(default_factory=dict)  # module name -> sum over tokens of ||dL/dy||^2
     grad_tokens: dict[str, int] = field(default_factory=dict)  # module name -> tokens behind grad_out
@@ -55,7 +63,7 @@ class LayerStats:
         return self.abs_sum / self.count
 
     def output_sensitivity(self, name: str) -> float:
-        """``E ||dL/dy||^2 / out_features`` surrogate: mean squared output gradient per token (needs ``"gout"``)."""
+        """``E ||dL/dy||^2`` surrogate: mean squared output gradient per token (needs ``"gout"``)."""
         if name not in self.grad_out or not self.grad_tokens.get(name):
             raise ValueError(f"no output gradients were collected for {name}; calibrate with kinds=('gout',)")
         return self.grad_out[name] / self.grad_tokens[name]
@@ -83,8 +91,20 @@ class LayerStats:
             self.abs_sum = part if self.abs_sum is None else self.abs_sum.add_(part)
         self.count += x2.shape[0]
 
+    def add_fisher(self, name: str, module: nn.Module) -> None:
+        """Add the squared gradient of ``module``'s weight (one batch's loss), reduced along each axis."""
+        sq = linear_weight(module, module.weight.grad).detach().double().pow(2)  # (out, in)
+        for sums, part in ((self.fisher_out, sq.sum(1)), (self.fisher_in, sq.sum(0))):
+            sums[name] = part if name not in sums else sums[name].add_(part)
 
-def _batches(data: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    def add_grad_out(self, name: str, grad: torch.Tensor) -> None:
+        g = grad.detach().float()
+        self.grad_out[name] = self.grad_out.get(name, 0.0) + float(g.pow(2).sum())
+        self.grad_tokens[name] = self.grad_tokens.get(name, 0) + g.numel() // g.shape[-1]
+
+
+def iter_batches(data: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Calibration token batches from ``(samples, seq_len)`` ids (split by ``batch_size``) or an iterable."""
     if isinstance(data, torch.Tensor):
         if data.ndim != 2 or data.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"calibration data must be integer token ids of shape (samples, seq_len), "
@@ -94,55 +114,86 @@ def _batches(data: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> It
         yield from data
 
 
-def _group_by_input(model: nn.Module, modules: Mapping[str, nn.Module], probe: torch.Tensor) -> dict[str, str]:
-    """Map each module to the first module that receives an identical input on a short probe."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def fn(_mod, args):
-            seen[name] = args[0].detach().clone()
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for h in handles:
-            h.remove()
-    leaders: dict[str, str] = {}
-    reps: list[str] = []
-    for name in modules:
-        x = seen.get(name)
-        match = next((r for r in reps if x is not None and seen[r].shape == x.shape and torch.equal(seen[r], x)), None)
-        if match is None:
-            reps.append(name)
-            match = name
-        leaders[name] = match
-    return leaders
+def check_kinds(kinds: Iterable[str]) -> frozenset[str]:
+    kinds = frozenset(kinds)
+    unknown = kinds - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; allowed: {', '.join(KINDS)}")
+    return kinds
 
 
-def _grad_out_hook(name: str, stats: LayerStats):
-    """Forward hook that registers a gradient hook on the layer's output to accumulate ``sum ||dL/dy||^2``."""
+class StatsObserver:
+    """Hooks that accumulate :class:`LayerStats` for ``modules`` while they run (a context manager).
 
-    def on_grad(grad: torch.Tensor) -> None:
-        g = grad.detach().float()
-        stats.grad_out[name] = stats.grad_out.get(name, 0.0) + float(g.pow(2).sum())
-        stats.grad_tokens[name] = stats.grad_tokens.get(name, 0) + g.numel() // g.shape[-1]
+    Modules that receive the very same input tensor in a forward pass (q/k/v, gate/up) share one ``LayerStats``:
+    the first of them (in call order) is the group's leader and its hook does the accumulation. Groups are fixed
+    on the first forward pass. ``"gout"`` registers gradient hooks on the outputs (run a backward pass);
+    ``"fisher"`` is added per backward pass by :meth:`add_fisher`. With ``record=True`` each leader's latest input
+    is kept in :attr:`last_inputs` (for paired original / compressed statistics).
+    """
 
-    def hook(_module, _args, output):
-        if isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(on_grad)
+    def __init__(self, modules: Mapping[str, nn.Module], kinds: Iterable[str], *, record: bool = False) -> None:
+        self.modules = dict(modules)
+        self.kinds = check_kinds(kinds)
+        self.record = record
+        self.stats: dict[str, LayerStats] = {}
+        self.leader: dict[str, str] = {}
+        self.last_inputs: dict[str, torch.Tensor] = {}
+        self.paused = False  # while True the hooks do nothing (another stream runs through the same modules)
+        self._first_call: list[tuple[torch.Tensor, str]] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    return hook
+    def __enter__(self) -> StatsObserver:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+            if "gout" in self.kinds:
+                self._handles.append(module.register_forward_hook(self._output_hook(name)))
+        return self
 
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._first_call.clear()
 
-def _inside(modules: Mapping[str, nn.Module], model: nn.Module) -> bool:
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        return False
-    inner = {id(m) for m in base.modules()}
-    return all(id(m) in inner for m in modules.values())
+    def _input_hook(self, name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if self.paused:
+                return
+            if name not in self.leader:
+                lead = next((lead for seen, lead in self._first_call if seen is x), name)
+                self.leader[name] = lead
+                if lead == name:
+                    self._first_call.append((x, name))
+                    self.stats[name] = LayerStats(n=input_dim(self.modules[name]))
+                self.stats[name] = self.stats[lead]
+                if len(self.leader) == len(self.modules):
+                    self._first_call.clear()  # every group is known: hold no references to activations
+            if self.leader[name] != name:
+                return
+            if self.kinds & INPUT_KINDS:
+                self.stats[name].add(x, self.kinds)
+            if self.record:
+                self.last_inputs[name] = x.detach()
+        return hook
+
+    def _output_hook(self, name: str):
+        def hook(_module: nn.Module, _args: tuple, output: object) -> None:
+            if not self.paused and isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(lambda grad: self.stats[name].add_grad_out(name, grad))
+        return hook
+
+    def add_fisher(self) -> None:
+        """Accumulate the weight gradients of the last backward pass into the Fisher sums."""
+        for name, module in self.modules.items():
+            if name in self.stats and module.weight.grad is not None:
+                self.stats[name].add_fisher(name, module)
+
+    def leads(self) -> Iterator[tuple[str, LayerStats]]:
+        """``(leader name, shared stats)`` for each input group."""
+        return ((name, s) for name, s in self.stats.items() if self.leader.get(name) == name)
 
 
 def collect_stats(
@@ -154,44 +205,23 @@ def collect_stats(
     batch_size: int = 4,
     progress: bool = False,
 ) -> dict[str, LayerStats]:
-    """Stream calibration batches through ``model`` and return statistics per module name.
+    """Stream calibration batches through a whole in-memory ``model`` and return statistics per module name.
 
     Args:
-        model: a causal LM taking ``input_ids`` (and ``labels`` when Fisher is requested).
+        model: a causal LM taking ``input_ids`` (and ``labels`` when gradient statistics are requested).
         data: token ids ``(samples, seq_len)`` or an iterable of such batches.
         modules: name -> linear-like module to observe.
-        kinds: any of ``"xxt"`` (input second moment), ``"abs"`` (mean |x|), ``"fisher"`` (diagonal Fisher).
+        kinds: any of ``"xxt"`` (input second moment), ``"abs"`` (mean |x|), ``"fisher"`` (diagonal Fisher row
+            and column sums), ``"gout"`` (output-gradient energy).
         batch_size: windows per forward pass when ``data`` is a tensor.
         progress: show a progress bar.
     """
-    kinds = frozenset(kinds)
-    unknown = kinds - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown statistics {sorted(unknown)}; allowed: {', '.join(KINDS)}")
-    batches = list(_batches(data, batch_size))
+    kinds = check_kinds(kinds)
+    batches = list(iter_batches(data, batch_size))
     if not batches:
         raise ValueError("calibration data is empty: need at least one window of tokens")
     device = next(model.parameters()).device
-    leaders = _group_by_input(model, modules, batches[0][:1, : min(16, batches[0].shape[1])].to(device))
-    stats: dict[str, LayerStats] = {}
-    for name in modules:
-        lead = leaders[name]
-        if lead not in stats:
-            stats[lead] = LayerStats(n=input_dim(modules[lead]))
-        stats[name] = stats[lead]
-
-    input_kinds = kinds & {"xxt", "abs"}
-    handles = []
-    if input_kinds:
-        for name, module in modules.items():
-            if leaders[name] == name:
-                handles.append(module.register_forward_pre_hook(
-                    lambda _m, args, s=stats[name]: s.add(args[0], input_kinds)))
-    want_fisher = "fisher" in kinds
-    want_grad = want_fisher or "gout" in kinds
-    if "gout" in kinds:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(_grad_out_hook(name, stats[name])))
+    want_grad = bool(kinds & GRADIENT_KINDS)
     saved_grad = {p: p.requires_grad for p in model.parameters()}
     if want_grad:
         for p in model.parameters():
@@ -203,24 +233,31 @@ def collect_stats(
     was_training = model.training
     model.eval()
     try:
-        for batch in progress_bar(batches, "calibrating", enabled=progress):
-            batch = batch.to(device)
-            if want_grad:
-                model.zero_grad(set_to_none=True)
-                loss = model(input_ids=batch, labels=batch).loss
-                loss.backward()
-                for name, module in modules.items() if want_fisher else ():
-                    sq = linear_weight(module, module.weight.grad).detach().double().pow(2)  # (out, in)
-                    fisher = stats[name].fisher
-                    fisher[name] = sq if name not in fisher else fisher[name].add_(sq)
-            else:
-                with torch.no_grad():
-                    body(input_ids=batch)
+        with StatsObserver(modules, kinds) as observer:
+            for batch in progress_bar(batches, "calibrating", enabled=progress):
+                batch = batch.to(device)
+                if want_grad:
+                    model.zero_grad(set_to_none=True)
+                    model(input_ids=batch, labels=batch).loss.backward()
+                    if "fisher" in kinds:
+                        observer.add_fisher()
+                else:
+                    with torch.no_grad():
+                        body(input_ids=batch)
     finally:
-        for h in handles:
-            h.remove()
         for p, flag in saved_grad.items():
             p.requires_grad_(flag)
             p.grad = None
         model.train(was_training)
-    return stats
+    missing = [name for name in modules if name not in observer.stats]
+    if missing:
+        raise ValueError(f"layer {missing[0]} never ran during calibration; it cannot be calibrated")
+    return observer.stats
+
+
+def _inside(modules: Mapping[str, nn.Module], model: nn.Module) -> bool:
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return False
+    inner = {id(m) for m in base.modules()}
+    return all(id(m) in inner for m in modules.values())

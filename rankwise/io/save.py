@@ -27,7 +27,7 @@ def _lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each shared (tied) tensor stored once, under its first name (e.g. the input embedding)."""
     seen: set[tuple[int, torch.Size]] = set()
     out = {}
@@ -65,19 +65,37 @@ def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, report: An
             model.config.save_pretrained(tmp)
             if getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(tmp)
-            save_file(_unique_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "model_class": type(model).__name__,
-                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                "modules": {name: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
-                                   "bias": m.bias is not None} for name, m in _lowrank_modules(model).items()},
-                "report": report.to_dict() if report is not None else None,
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            save_file(unique_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            write_factored_metadata(model, tmp, next(model.parameters()).dtype, report)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
+
+
+def write_factored_metadata(model: nn.Module, out: Path, dtype: torch.dtype, report: Any = None) -> None:
+    """Write ``rankwise.json``: the model class, dtype, every factorised module with its rank, and the report."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model_class": type(model).__name__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "modules": {name: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+                           "bias": m.bias is not None} for name, m in _lowrank_modules(model).items()},
+        "report": report.to_dict() if report is not None else None,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def dense_state(module: nn.Module, model_type: str = "") -> dict[str, torch.Tensor]:
+    """``module``'s state dict with every ``LowRankLinear`` multiplied out into the dense ``weight`` a plain
+    checkpoint expects (``(in, out)`` for GPT-2's ``Conv1D``)."""
+    state = unique_state(module)
+    for name, m in _lowrank_modules(module).items():
+        prefix = f"{name}." if name else ""
+        for key in ("up", "down"):
+            state.pop(prefix + key)
+        weight = m.dense_weight().detach()  # (out, in)
+        state[prefix + "weight"] = (weight.T if model_type == "gpt2" else weight).contiguous()
+    return state
 
 
 def _densified(model: nn.Module) -> nn.Module:
@@ -135,13 +153,28 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
         for name, spec in manifest["modules"].items():
             set_submodule(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
                                                      spec["bias"]))
-    state = load_file(str(path / "model.safetensors"), device=str(device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.to(dtype)
+    loaded: set[str] = set()
+    for file in _weight_files(path):
+        state = load_file(str(path / file), device=str(device))
+        _, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"{path / file} does not match its config: unexpected tensors {unexpected[:5]}")
+        loaded |= set(state)
+        del state
     model.tie_weights()  # tied tensors were stored once; this points their other names at them again
     params = dict(model.state_dict(keep_vars=True))
-    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
-    missing = [k for k in missing if params[k].data_ptr() not in loaded_ptrs]
-    if unexpected or missing:
-        raise ValueError(f"{path}/model.safetensors does not match its config: unexpected {unexpected[:5]}, "
-                         f"missing {missing[:5]}")
-    return model.to(dtype).eval()
+    loaded_ptrs = {params[k].data_ptr() for k in loaded if k in params}
+    missing = [k for k in params if k not in loaded and params[k].data_ptr() not in loaded_ptrs
+               and k in dict(model.named_parameters(remove_duplicate=False))]
+    if missing:
+        raise ValueError(f"{path} does not match its config: missing tensors {missing[:5]}")
+    return model.eval()
+
+
+def _weight_files(path: Path) -> list[str]:
+    """``model.safetensors``, or the shards named by ``model.safetensors.index.json``."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return ["model.safetensors"]

@@ -9,11 +9,11 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from rankwise.allocate import AllocationPolicy, allocation_policy
 from rankwise.calibrate import LayerStats
 from rankwise.linalg import LowRank
 
 TARGET_GROUPS = ("attn", "mlp")
-ALLOCATIONS = ("uniform", "welore", "loss")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class CompressConfig:
         targets: which projections to factorise: any of ``"attn"`` and ``"mlp"``. Embeddings and the LM head are
             never targeted by default.
         allocation: how ranks are spread under the budget: ``"uniform"`` (same fraction per matrix), ``"welore"``
-            (data-free threshold on normalised singular values) or ``"loss"`` (from the whitened truncation loss).
+            (data-free threshold on normalised singular values), ``"loss"`` (from the whitened truncation loss), a
+            ``(shapes, ratio) -> ranks`` callable or an :class:`~rankwise.allocate.AllocationPolicy`.
         sequential: calibrate each block on the activations of the blocks already compressed.
         update_u: after truncation, refit the left factor by least squares on the calibration activations
             (towards the original model's outputs when ``sequential``).
@@ -34,15 +35,19 @@ class CompressConfig:
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()  # calibration statistics: "xxt", "abs", "fisher"
 
+    @property
+    def policy(self) -> AllocationPolicy:
+        """The allocation policy this config names."""
+        return allocation_policy(self.allocation)
+
     ratio: float = 0.2
     targets: tuple[str, ...] = TARGET_GROUPS
-    allocation: str = "uniform"
+    allocation: str | Callable | AllocationPolicy = "uniform"
     sequential: bool = False
     update_u: bool = False
 
     def __post_init__(self) -> None:
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        allocation_policy(self.allocation)  # validates: a known name, a callable or a policy
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0.0 < self.ratio < 1.0:
             raise ValueError(f"ratio must be a fraction of parameters removed in (0, 1), got {self.ratio!r}")
         bad = [t for t in self.targets if t not in TARGET_GROUPS]

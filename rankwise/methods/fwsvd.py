@@ -38,9 +38,8 @@ class FWSVDConfig(CompressConfig):
 
 @register_method(FWSVDConfig)
 def fwsvd(weight: torch.Tensor, stats: LayerStats | None, rank: int, config: FWSVDConfig, name: str) -> LowRank:
-    if stats is None or name not in stats.fisher:
+    if stats is None or name not in stats.fisher_out:
         raise ValueError(f"fwsvd needs Fisher statistics for {name}; calibrate with kinds=('fisher',)")
-    fisher = stats.fisher[name]  # (out, in)
     if config.axis == "out":
-        return weighted_svd(weight, rank, row_weights=fisher.sum(1).sqrt())
-    return weighted_svd(weight, rank, col_weights=fisher.sum(0).sqrt())
+        return weighted_svd(weight, rank, row_weights=stats.fisher_out[name].sqrt())  # (out,)
+    return weighted_svd(weight, rank, col_weights=stats.fisher_in[name].sqrt())  # (in,)

@@ -1,0 +1,95 @@
+"""Allocation policies by name or callable: what statistics each needs, and how scores become ranks.
+
+A policy scores every targeted matrix (from its weight and, where needed, its calibration statistics) and turns
+the scores into ranks under the budget ``(1 - ratio)`` of the targeted parameters. The compression pipeline asks a
+policy what it needs (:attr:`AllocationPolicy.kinds`), streams the model once to score each block's matrices if
+anything is needed, and calls :meth:`AllocationPolicy.ranks` once with every score.
+
+A user policy is any callable ``(shapes, ratio) -> ranks`` (data-free), or an :class:`AllocationPolicy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from rankwise.allocate.budget import loss_scores, threshold_ranks, welore_scores
+from rankwise.allocate.uniform import uniform_ranks
+from rankwise.calibrate import LayerStats
+from rankwise.linalg import break_even_rank
+
+Shapes = Mapping[str, tuple[int, int]]
+RankFn = Callable[[Shapes, float], Mapping[str, int]]
+
+
+@dataclass(frozen=True)
+class AllocationPolicy:
+    """How many ranks each matrix keeps.
+
+    Attributes:
+        name: shown in reports.
+        score: ``(name, weight, stats) -> 1-D non-increasing scores``, or ``None`` for a policy that needs no
+            scores (then ``rank_fn`` gives the ranks from the shapes alone).
+        kinds: calibration statistics ``score`` needs (subset of ``xxt``, ``gout``); empty for data-free scores.
+        rank_fn: ranks from the shapes and ratio, for policies without scores.
+    """
+
+    name: str
+    score: Callable[[str, torch.Tensor, LayerStats | None], torch.Tensor] | None = None
+    kinds: frozenset[str] = frozenset()
+    rank_fn: RankFn | None = None
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.score is not None
+
+    def ranks(self, shapes: Shapes, ratio: float, scores: Mapping[str, torch.Tensor] | None = None
+              ) -> dict[str, int]:
+        """Rank per matrix; a matrix missing from the result stays dense."""
+        if self.score is None:
+            assert self.rank_fn is not None
+            ranks = dict(self.rank_fn(shapes, ratio))
+            bad = [n for n, r in ranks.items() if n not in shapes or not isinstance(r, int) or r < 1]
+            if bad:
+                raise ValueError(f"allocation {self.name!r} returned an invalid rank for {bad[0]!r}: ranks must be "
+                                 "ints >= 1 keyed by targeted layer names")
+            return {n: r for n, r in ranks.items() if r < min(shapes[n])}
+        if scores is None or set(scores) != set(shapes):
+            raise ValueError(f"allocation {self.name!r} needs a score for every targeted matrix")
+        budget = int((1.0 - ratio) * sum(m * n for m, n in shapes.values()))
+        ranks = threshold_ranks(scores, shapes, budget)
+        return {n: r for n, r in ranks.items() if r < break_even_rank(*shapes[n]) and r < min(shapes[n])}
+
+
+def _welore(_name: str, weight: torch.Tensor, _stats: LayerStats | None) -> torch.Tensor:
+    return welore_scores(weight)
+
+
+def _loss(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+    if stats is None:
+        raise ValueError("allocation 'loss' needs calibration data (the input covariances)")
+    sensitivity = stats.output_sensitivity(name) if stats.grad_out else None
+    return loss_scores(weight, stats.whitening().factor, sensitivity)
+
+
+ALLOCATIONS: dict[str, AllocationPolicy] = {
+    "uniform": AllocationPolicy("uniform", rank_fn=uniform_ranks),
+    "welore": AllocationPolicy("welore", score=_welore),
+    "loss": AllocationPolicy("loss", score=_loss, kinds=frozenset({"xxt", "gout"})),
+}
+
+
+def allocation_policy(spec: str | RankFn | AllocationPolicy) -> AllocationPolicy:
+    """The policy for a registered name, a ``(shapes, ratio) -> ranks`` callable, or a policy; the error lists
+    the valid names."""
+    if isinstance(spec, AllocationPolicy):
+        return spec
+    if isinstance(spec, str):
+        if spec not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)} or a callable, got {spec!r}")
+        return ALLOCATIONS[spec]
+    if callable(spec):
+        return AllocationPolicy(getattr(spec, "__name__", "custom"), rank_fn=spec)
+    raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)} or a callable, got {spec!r}")

@@ -1,0 +1,117 @@
+"""``compress_`` (a model in memory, in place) and ``compress_checkpoint`` (a checkpoint on disk, block by block):
+one pipeline (:mod:`rankwise.compress.pipeline`) behind both."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankwise.calibrate import LayerStats
+from rankwise.compress.layer import relative_output_error
+from rankwise.compress.pipeline import run
+from rankwise.io.atomic import atomic_dir
+from rankwise.methods import CompressConfig
+from rankwise.report import CompressionReport
+from rankwise.stream import ActivationStore, CheckpointSource, InPlaceSink, ModelSource, ShardSink, check_offload_dir
+from rankwise.targets import FilterFn
+
+DEFAULT_ACTIVATION_MB = 1024
+
+__all__ = ["DEFAULT_ACTIVATION_MB", "compress_", "compress_checkpoint", "relative_output_error"]
+
+
+def compress_(
+    model: nn.Module,
+    config: CompressConfig,
+    calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    *,
+    stats: Mapping[str, LayerStats] | None = None,
+    filter_fn: FilterFn | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    activation_mb: float = DEFAULT_ACTIVATION_MB,
+    offload_dir: str | Path | None = None,
+) -> CompressionReport:
+    """Replace the targeted linear layers of ``model`` by :class:`~rankwise.nn.LowRankLinear` in place, block by
+    block.
+
+    Args:
+        model: a Hugging Face causal LM (or any module whose blocks sit in one ``nn.ModuleList`` and whose
+            projections are ``nn.Linear``/``Conv1D``).
+        config: a registered method config, e.g. ``SVDLLMConfig(ratio=0.2)``; its type selects the method and its
+            fields the rank allocation, sequential calibration and left-factor update.
+        calibration: token ids ``(samples, seq_len)`` or batches; required by data-aware methods, by
+            ``allocation="loss"``, ``sequential`` and ``update_u``, and used for the report's output errors.
+        stats: precomputed statistics of the dense model (from :func:`~rankwise.calibrate.collect_stats`), which
+            replace the calibration passes outside sequential mode.
+        filter_fn: ``(name, module) -> bool`` to narrow the targets further.
+        batch_size: windows per calibration forward pass.
+        progress: show progress bars.
+        device: run each block there (e.g. ``"cuda"``) and move it back after; default: where the model is.
+        activation_mb: block-boundary activations kept in memory before spilling to ``offload_dir``.
+        offload_dir: where activations spill (default: the system temporary directory).
+
+    Returns:
+        A :class:`~rankwise.report.CompressionReport` with each layer's rank, parameters and output error.
+    """
+    with ActivationStore(int(activation_mb * 2**20), offload_dir) as store:
+        return run(ModelSource(model, device), InPlaceSink(), config, calibration, stats=stats, filter_fn=filter_fn,
+                   batch_size=batch_size, progress=progress, store=store)
+
+
+def compress_checkpoint(
+    path: str | Path,
+    config: CompressConfig,
+    calibration: torch.Tensor | Iterable[torch.Tensor] | None,
+    out: str | Path,
+    *,
+    tokenizer: Any = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    export: str = "factored",
+    overwrite: bool = False,
+    filter_fn: FilterFn | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    activation_mb: float = DEFAULT_ACTIVATION_MB,
+    offload_dir: str | Path | None = None,
+) -> CompressionReport:
+    """Compress a safetensors checkpoint directory into ``out`` without ever holding the whole model in memory.
+
+    The model skeleton is built on the ``meta`` device; each decoder block is read from the shards, calibrated,
+    factorised and written as its own output shard, then freed. The output is a rankwise directory (sharded
+    ``model-*.safetensors`` + index, ``config.json``, ``rankwise.json``) that :func:`rankwise.load` reads, or with
+    ``export="dense"`` a plain Hugging Face checkpoint. It is written atomically: nothing appears at ``out`` unless
+    the whole run succeeds.
+
+    Args:
+        path: a Hugging Face checkpoint directory with safetensors weights.
+        config: the method config, as for :func:`compress_`.
+        calibration: token ids ``(samples, seq_len)`` or batches.
+        out: the output directory; refused if it exists unless ``overwrite``.
+        tokenizer: saved alongside when given.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for weights and activations (default: the
+            checkpoint's); covariances and decompositions stay in float64/float32.
+        device: where each block runs (``"cuda"`` streams blocks through the GPU).
+        export: ``"factored"`` or ``"dense"``.
+        activation_mb: block-boundary activations kept in memory before spilling to ``offload_dir``.
+        offload_dir: where activations spill; default a temporary directory beside ``out``.
+    """
+    if export not in ("factored", "dense"):
+        raise ValueError(f"export must be 'factored' or 'dense', got {export!r}")
+    source = CheckpointSource(path, device=device, dtype=dtype)
+    out = Path(out)
+    offload = check_offload_dir(offload_dir if offload_dir is not None else out.absolute().parent)
+    with atomic_dir(out, overwrite) as tmp, ActivationStore(int(activation_mb * 2**20), offload) as store:
+        sink = ShardSink(tmp, source.blocks_name, len(source.blocks), export=export,
+                         model_type=getattr(source.config, "model_type", ""))
+        report = run(source, sink, config, calibration, filter_fn=filter_fn, batch_size=batch_size,
+                     progress=progress, store=store)
+        sink.write_rest(source.rest_tensors())
+        sink.finish(source.model, source.dtype, report if export == "factored" else None, tokenizer)
+    return report

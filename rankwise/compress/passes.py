@@ -1,0 +1,154 @@
+"""The streamed passes over a model's blocks: capture the calibration inputs, and the gradient (scoring) pass.
+
+The gradient pass is what global choices need (``allocation="loss"`` scores every matrix from its whitened spectrum
+and output sensitivity, FWSVD needs the Fisher of the LM loss): a forward pass block by block stores every block's
+input, the model's own loss gives the gradient at the last block's output, then blocks are recomputed one at a time
+from last to first, backpropagating the gradient that arrives from the block above. Only one block's weights and
+statistics are in memory at any time; the block-boundary activations live in the :class:`ActivationStore`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankwise.allocate import AllocationPolicy
+from rankwise.calibrate import LayerStats
+from rankwise.calibrate.stats import GRADIENT_KINDS, StatsObserver
+from rankwise.nn import linear_weight
+from rankwise.progress import progress_bar
+from rankwise.stream import ActivationStore, BlockCall, capture_calls, loss_and_grad, run_block
+
+
+@dataclass
+class Streams:
+    """Calibration batches, every block's call per batch, and the block-boundary activations in ``store``.
+
+    ``store[(stream, b)]`` holds batch ``b`` of a stream (``"dense"``, ``"compressed"``, ``"original"`` or
+    ``"scoring"``) at the input of the block being worked on.
+    """
+
+    batches: list[torch.Tensor]
+    calls: list[list[BlockCall]]  # [batch][block]
+    store: ActivationStore
+    as_tuple: bool = False  # whether the blocks return tuples (set when a real block first runs)
+
+    def call(self, b: int, i: int, device: torch.device) -> BlockCall:
+        return self.calls[b][i].to(device)
+
+
+def capture(source, batches: list[torch.Tensor], store: ActivationStore, streams: tuple[str, ...]) -> Streams:
+    """Run the embeddings once per batch; put the first block's inputs into each named stream."""
+    source.load_rest()
+    calls = []
+    for b, batch in enumerate(batches):
+        hidden, block_calls = capture_calls(source.model, source.blocks, batch.to(source.input_device))
+        for stream in streams:
+            store.put((stream, b), hidden)
+        calls.append(block_calls)
+    return Streams(batches, calls, store)
+
+
+def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, kinds: frozenset[str],
+                  policy: AllocationPolicy, *, progress: bool = True
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, LayerStats]]:
+    """Score every target for ``policy`` and collect gradient statistics, one block in memory at a time.
+
+    Args:
+        source: the block source (its embeddings and head must be loaded).
+        targets: block index -> names of that block's targets.
+        streams: the captured calibration inputs (stream ``"scoring"`` at block 0).
+        kinds: statistics to collect (``xxt``, ``gout``, ``fisher``).
+        policy: the allocation policy whose scores are wanted (``None`` scores are skipped).
+
+    Returns:
+        ``(scores, stats)``: per target, the policy's scores (empty if it has none) and the gradient statistics
+        (Fisher sums, output-gradient energy; input covariances are dropped once scored).
+    """
+    blocks, store, device = source.blocks, streams.store, source.device
+    n, nb = len(blocks), len(streams.batches)
+    for i in progress_bar(range(n), "gradient pass: forward", enabled=progress):
+        block = source.load(i)
+        with torch.no_grad():
+            for b in range(nb):
+                h = store.get(("scoring", b)).to(device)
+                store.put(("boundary", i, b), h)
+                out = block(h, *streams.call(b, i, device).args, **streams.call(b, i, device).kwargs)
+                streams.as_tuple = isinstance(out, tuple | list)
+                store.put(("scoring", b), out[0] if streams.as_tuple else out)
+        source.release(i)
+    for b, batch in enumerate(streams.batches):
+        _, grad = loss_and_grad(source.model, blocks, batch.to(source.input_device),
+                                store.get(("scoring", b)).to(source.input_device), streams.as_tuple)
+        store.put(("grad", b), grad)
+        store.drop(("scoring", b))
+    scores: dict[str, torch.Tensor] = {}
+    kept: dict[str, LayerStats] = {}
+    for i in progress_bar(range(n - 1, -1, -1), "gradient pass: backward", enabled=progress):
+        block = source.load(i)
+        mine = {name: source.model.get_submodule(name) for name in targets.get(i, [])}
+        flags = {p: p.requires_grad for p in block.parameters()}
+        for p in block.parameters():
+            p.requires_grad_(False)
+        for module in mine.values():
+            module.weight.requires_grad_("fisher" in kinds)
+        try:
+            with StatsObserver(mine, kinds) as observer:
+                for b in range(nb):
+                    h = store.get(("boundary", i, b)).to(device).requires_grad_(True)
+                    with torch.enable_grad():
+                        out = run_block(block, streams.call(b, i, device), h)
+                        out.backward(store.get(("grad", b)).to(device))
+                    if "fisher" in kinds:
+                        observer.add_fisher()
+                    for module in mine.values():
+                        module.weight.grad = None
+                    store.put(("grad", b), h.grad)
+                    store.drop(("boundary", i, b))
+        finally:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+        for name, module in mine.items():
+            stats = observer.stats.get(name)
+            if policy.score is not None:
+                scores[name] = policy.score(name, linear_weight(module).detach(), stats).cpu()
+            if stats is not None:
+                kept[name] = _gradient_part(name, stats)
+        source.release(i)
+    for b in range(nb):
+        store.drop(("grad", b))
+    return scores, kept
+
+
+def weight_scores(source, targets: Mapping[int, list[str]], policy: AllocationPolicy,
+                  stats: Mapping[str, LayerStats] | None, *, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Scores from the weights alone (data-free policies) or from precomputed statistics, block by block."""
+    scores = {}
+    for i in progress_bar(sorted(targets), "scoring", enabled=progress):
+        source.load(i)
+        for name in targets[i]:
+            weight = linear_weight(source.model.get_submodule(name)).detach()
+            scores[name] = policy.score(name, weight, stats.get(name) if stats is not None else None).cpu()
+        source.release(i)
+    return scores
+
+
+def _gradient_part(name: str, stats: LayerStats) -> LayerStats:
+    """Only this layer's gradient statistics (small), without the shared input covariance."""
+    part = LayerStats(n=stats.n)
+    for attr in ("fisher_out", "fisher_in", "grad_out", "grad_tokens"):
+        source = getattr(stats, attr)
+        if name in source:
+            getattr(part, attr)[name] = source[name]
+    return part
+
+
+def needs_gradients(kinds: frozenset[str]) -> bool:
+    return bool(kinds & GRADIENT_KINDS)
+
+
+def block_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    return {name: model.get_submodule(name) for name in names}

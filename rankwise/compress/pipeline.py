@@ -1,0 +1,196 @@
+"""The compression pipeline: plan, score (when allocation or the method needs global information), then block by
+block calibrate, allocate, factorise and write; then report.
+
+One spine for every method and option, whether the model is in memory (:func:`compress_`) or a checkpoint on disk
+far larger than memory (:func:`compress_checkpoint`): a *source* materialises one decoder block at a time and a
+*sink* takes it once compressed. Calibration activations flow between blocks through an
+:class:`~rankwise.stream.ActivationStore` (in memory under a budget, spilled to disk above it):
+
+* non-sequential: each block is calibrated on the dense model's activations (the dense block's outputs feed the next
+  block);
+* ``sequential``: each block is calibrated on the activations of the blocks already compressed; with ``update_u`` an
+  original (dense) stream runs alongside for the paired statistics ``X Xh^T``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankwise.calibrate import LayerStats
+from rankwise.calibrate.stats import INPUT_KINDS, StatsObserver, iter_batches
+from rankwise.compress.layer import check_finite, dense_row, factorise
+from rankwise.compress.passes import Streams, capture, gradient_pass, needs_gradients, weight_scores
+from rankwise.methods import CompressConfig, method_for
+from rankwise.nn import linear_weight
+from rankwise.progress import progress_bar
+from rankwise.report import CompressionReport
+from rankwise.stream import ActivationStore, block_of, run_block
+from rankwise.targets import FilterFn, find_targets, set_submodule
+
+
+@dataclass
+class Plan:
+    """What will be compressed: targets grouped by block, their shapes, and which passes are needed."""
+
+    config: CompressConfig
+    by_block: dict[int, list[str]]
+    outside: list[str]  # targets outside the decoder blocks (kept dense)
+    shapes: dict[str, tuple[int, int]]
+    biases: dict[str, int]
+    gradient_kinds: frozenset[str]  # statistics of the gradient pass (empty: no such pass)
+    block_kinds: frozenset[str]  # input statistics collected per block
+
+    @property
+    def names(self) -> list[str]:
+        return [n for i in sorted(self.by_block) for n in self.by_block[i]]
+
+
+def make_plan(source, config: CompressConfig, filter_fn: FilterFn | None, *, has_data: bool,
+              stats: Mapping[str, LayerStats] | None) -> Plan:
+    targets = find_targets(source.model, config.targets, filter_fn)
+    if not targets:
+        raise ValueError("no layer matched the targets; check targets/filter_fn")
+    if (config.sequential or config.update_u) and not has_data:
+        raise ValueError("sequential and update_u need calibration data")
+    policy = config.policy
+    if not has_data and stats is None and (config.needs or policy.kinds):
+        what = f"method {config.name!r}" if config.needs else f"allocation {policy.name!r}"
+        raise ValueError(f"{what} needs calibration data ({', '.join(sorted(config.needs | policy.kinds))})")
+    by_block: dict[int, list[str]] = {}
+    outside = []
+    for name in targets:
+        i = block_of(name, source.blocks_name)
+        if i is None:
+            outside.append(name)
+        else:
+            by_block.setdefault(i, []).append(name)
+    gradient_kinds = frozenset()
+    if stats is None:
+        gradient_kinds = (policy.kinds | (config.needs & {"fisher"}))
+        if not needs_gradients(gradient_kinds):
+            gradient_kinds = frozenset()
+    block_kinds = frozenset((config.needs & INPUT_KINDS) | {"xxt"}) if has_data else frozenset()
+    return Plan(config, by_block, outside, {n: tuple(linear_weight(m).shape) for n, m in targets.items()},
+                {n: (m.bias.numel() if m.bias is not None else 0) for n, m in targets.items()},
+                gradient_kinds, block_kinds)
+
+
+def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterable[torch.Tensor] | None, *,
+        stats: Mapping[str, LayerStats] | None = None, filter_fn: FilterFn | None = None, batch_size: int = 4,
+        progress: bool = True, store: ActivationStore | None = None) -> CompressionReport:
+    """Compress ``source``'s blocks into ``sink`` (the spine shared by :func:`compress_` and
+    :func:`compress_checkpoint`)."""
+    start = time.perf_counter()
+    method = method_for(config)
+    batches = list(iter_batches(calibration, batch_size)) if calibration is not None else []
+    if calibration is not None and not batches:
+        raise ValueError("calibration data is empty: need at least one window of tokens")
+    plan = make_plan(source, config, filter_fn, has_data=bool(batches), stats=stats)
+    policy = config.policy
+    report = CompressionReport(config.name, config.ratio, sum(p.numel() for p in source.model.parameters()))
+    report.notes.append(f"allocation {policy.name}" + (", sequential" if config.sequential else "")
+                        + (", left factor refit" if config.update_u else ""))
+    store = store if store is not None else ActivationStore(2**62)
+    # Streams the per-block pass reads: precomputed statistics replace the dense stream outside sequential mode.
+    main = ("compressed",) if config.sequential else (() if stats is not None else ("dense",))
+    wanted = main + (("original",) if config.sequential and config.update_u else ())
+    wanted += ("scoring",) if plan.gradient_kinds else ()
+    streams = capture(source, batches, store, wanted) if batches and wanted else None
+
+    gradient_stats: dict[str, LayerStats] = {}
+    scores = None
+    if plan.gradient_kinds:
+        assert streams is not None
+        scores, gradient_stats = gradient_pass(source, plan.by_block, streams, plan.gradient_kinds, policy,
+                                               progress=progress)
+    elif policy.needs_scores:
+        scores = weight_scores(source, plan.by_block, policy, stats, progress=progress)
+    source.release_rest()
+    inside = {n: plan.shapes[n] for n in plan.names}
+    ranks = policy.ranks(inside, config.ratio, scores)
+    dense = [name for name in plan.names if name not in ranks]
+    if dense:
+        report.notes.append(f"kept dense ({len(dense)}): {', '.join(dense)}")
+    if plan.outside:
+        report.notes.append(f"outside the decoder blocks, kept dense ({len(plan.outside)}): {', '.join(plan.outside)}")
+
+    for i in progress_bar(range(len(source.blocks)), f"{config.name} blocks", enabled=progress):
+        block_start = time.perf_counter()
+        block = source.load(i)
+        chosen = [n for n in plan.by_block.get(i, []) if n in ranks]
+        rows = compress_block(source, block, i, chosen, ranks, plan, method, streams, stats, gradient_stats)
+        report.layers.extend(rows)
+        sink.write_block(i, block)
+        source.release(i)
+        report.block_seconds.append(time.perf_counter() - block_start)
+    for name in dense + plan.outside:
+        report.layers.append(dense_row(name, plan.shapes[name], plan.biases[name]))
+    order = {name: k for k, name in enumerate(plan.names + plan.outside)}
+    report.layers.sort(key=lambda layer: order[layer.name])
+    report.params_total_after = sum(p.numel() for p in source.model.parameters())
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: Mapping[str, int], plan: Plan,
+                   method, streams: Streams | None, stats: Mapping[str, LayerStats] | None,
+                   gradient_stats: Mapping[str, LayerStats]) -> list:
+    """Calibrate block ``i`` on its stream, factorise its chosen targets in place, advance the streams."""
+    config, device = plan.config, source.device
+    modules = {name: source.model.get_submodule(name) for name in chosen}
+    for name, module in modules.items():
+        check_finite(name, module)
+    block_stats: Mapping[str, LayerStats] | None = stats
+    main = "compressed" if config.sequential else "dense"
+    if streams is not None and (main, 0) in streams.store:
+        block_stats = _observe(block, i, modules, plan, streams, main, device)
+    rows = []
+    for name, module in modules.items():
+        layer_stats = block_stats.get(name) if block_stats is not None else None
+        if layer_stats is not None and name in gradient_stats:
+            layer_stats.fisher_out.update(gradient_stats[name].fisher_out)  # the Fisher comes from the dense model
+            layer_stats.fisher_in.update(gradient_stats[name].fisher_in)
+        new, row = factorise(name, module, layer_stats, ranks[name], config, method)
+        set_submodule(source.model, name, new)
+        rows.append(row)
+    if config.sequential and streams is not None:
+        with torch.no_grad():
+            for b in range(len(streams.batches)):
+                h = streams.store.get((main, b)).to(device)
+                streams.store.put((main, b), run_block(block, streams.call(b, i, device), h))
+    return rows
+
+
+def _observe(block: nn.Module, i: int, modules: Mapping[str, nn.Module], plan: Plan, streams: Streams, main: str,
+             device: torch.device) -> dict[str, LayerStats]:
+    """Run the (still dense) block on the main stream collecting statistics; the dense stream advances here, and the
+    original stream (paired mode) alongside, adding ``X Xh^T`` to each input group."""
+    store, paired = streams.store, ("original", 0) in streams.store
+    with torch.no_grad(), StatsObserver(modules, plan.block_kinds, record=paired) as observer:
+        for b in range(len(streams.batches)):
+            call = streams.call(b, i, device)
+            out = run_block(block, call, store.get((main, b)).to(device))
+            if main == "dense":
+                store.put((main, b), out)
+            if paired:
+                store.put(("original", b), _run_paired(block, call, store.get(("original", b)).to(device), observer))
+    return observer.stats
+
+
+def _run_paired(block: nn.Module, call, hidden: torch.Tensor, observer: StatsObserver) -> torch.Tensor:
+    def cross(lead: str):
+        return lambda _m, args: observer.stats[lead].add_cross(args[0], observer.last_inputs[lead])
+
+    handles = [observer.modules[lead].register_forward_pre_hook(cross(lead)) for lead, _ in observer.leads()]
+    observer.paused = True
+    try:
+        return run_block(block, call, hidden)
+    finally:
+        observer.paused = False
+        for h in handles:
+            h.remove()
