@@ -25,6 +25,11 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="windows per forward
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 for weights and "
+                                              "activations (default: the checkpoint's)")]
+OffloadOpt = Annotated[str | None, typer.Option("--offload-dir", help="where block-boundary activations spill above "
+                                                "--activation-mb (default: beside the output)")]
+ActivationOpt = Annotated[float, typer.Option("--activation-mb", help="activations kept in memory before spilling")]
 
 
 def one_line_errors(fn: F) -> F:
@@ -68,21 +73,32 @@ class Workload:
 def prepare(model: str, text: str | None, dataset: str | None, seq_len: int, calib: int, evaluation: int,
             device: str, threads: int | None) -> Workload:
     """Load the model and cut the text into disjoint calibration and evaluation windows."""
-    from transformers.utils import logging as hf_logging
-
     from rankwise.io.models import load_model
+
+    setup(device, threads)
+    loaded = load_model(model, device=device)
+    calibration, evaluation_ids, text_name = windows(loaded.tokenizer, text, dataset, seq_len, calib, evaluation)
+    return Workload(loaded.model, loaded.tokenizer, loaded.source, calibration, evaluation_ids, text_name)
+
+
+def setup(device: str, threads: int | None) -> None:
+    """Quiet third-party progress bars, set the thread count, check the device."""
+    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # rankwise draws its own bars; keep stdout to results
     if threads is not None:
         torch.set_num_threads(threads)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} requested but CUDA is not available; use --device cpu")
-    loaded = load_model(model, device=device)
+
+
+def windows(tokenizer: Any, text: str | None, dataset: str | None, seq_len: int, calib: int, evaluation: int
+            ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Disjoint calibration and evaluation windows of the text, and the text's display name."""
     raw = load_text(text, dataset=dataset)
-    ids = loaded.tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
     calibration, evaluation_ids = split_windows(ids, seq_len, calib, evaluation)
-    text_name = text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
-    return Workload(loaded.model, loaded.tokenizer, loaded.source, calibration, evaluation_ids, text_name)
+    return calibration, evaluation_ids, text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
 
 
 def say(message: str) -> None:

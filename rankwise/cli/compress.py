@@ -7,11 +7,14 @@ from typing import Annotated
 import typer
 
 from rankwise.cli.common import (
+    ActivationOpt,
     BatchOpt,
     CalibOpt,
     DatasetOpt,
     DeviceOpt,
+    DtypeOpt,
     ModelArg,
+    OffloadOpt,
     OverwriteOpt,
     SeqLenOpt,
     TextOpt,
@@ -20,6 +23,8 @@ from rankwise.cli.common import (
     one_line_errors,
     prepare,
     say,
+    setup,
+    windows,
 )
 
 
@@ -45,12 +50,26 @@ def compress(
     batch_size: BatchOpt = 4,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
+    dtype: DtypeOpt = None,
+    offload_dir: OffloadOpt = None,
+    activation_mb: ActivationOpt = 1024,
+    json_report: Annotated[str | None, typer.Option("--json-report", help="also write the report as JSON here")
+                           ] = None,
 ) -> None:
-    """Compress MODEL with METHOD at RATIO and save it to OUT."""
-    from rankwise.compress import compress_
+    """Compress MODEL with METHOD at RATIO and save it to OUT.
+
+    A safetensors checkpoint (the default model, a local directory, a hub id) is streamed block by block, so models
+    larger than memory compress; other models are loaded whole.
+    """
+    import json
+    from pathlib import Path
+
+    from rankwise.compress import compress_, compress_checkpoint
     from rankwise.io import save
     from rankwise.io.atomic import check_output_dir
+    from rankwise.io.models import checkpoint_dir, load_tokenizer
     from rankwise.methods import config_class
+    from rankwise.stream import parse_dtype
 
     if not out:
         raise ValueError("--out is required: the directory to write the compressed model to")
@@ -58,17 +77,34 @@ def compress(
         raise ValueError(f"--export must be 'factored' or 'dense', got {export!r}")
     config = config_class(method)(ratio=ratio, targets=tuple(comma_list(targets, "--targets")),
                                   allocation=allocation, sequential=sequential, update_u=update_u)
+    parse_dtype(dtype)
+    if activation_mb < 0:
+        raise ValueError(f"--activation-mb must be >= 0, got {activation_mb}")
     check_output_dir(out, overwrite)  # fail before the slow part
-    work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads)
-    report = compress_(work.model, config, work.calibration, batch_size=batch_size)
-    save(work.model, out, tokenizer=work.tokenizer, report=report, overwrite=overwrite, export=export)
+    setup(device, threads)
+    path, _ = checkpoint_dir(model)
+    if path is not None:
+        tokenizer = load_tokenizer(path)
+        calibration, _, _ = windows(tokenizer, text, dataset, seq_len, calib_samples, 0)
+        report = compress_checkpoint(path, config, calibration, out, tokenizer=tokenizer, dtype=dtype, device=device,
+                                     export=export, overwrite=overwrite, batch_size=batch_size,
+                                     activation_mb=activation_mb, offload_dir=offload_dir)
+    else:
+        work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads)
+        if dtype is not None:
+            work.model.to(parse_dtype(dtype))
+        report = compress_(work.model, config, work.calibration, batch_size=batch_size, activation_mb=activation_mb,
+                           offload_dir=offload_dir)
+        save(work.model, out, tokenizer=work.tokenizer, report=report, overwrite=overwrite, export=export)
+    if json_report:
+        Path(json_report).write_text(json.dumps(report.to_dict(), indent=1))
     if show_layers:
         say(report.to_markdown())
     else:
         say(report.summary())
         for note in report.notes:
             say(f"note: {note}")
-        fallbacks = sum(1 for layer in report.layers if "eigen" in layer.notes)
+        fallbacks = sum(1 for layer in report.layers if layer.covariance_fallback)
         if fallbacks:
             say(f"note: {fallbacks} layers had a covariance that was not positive definite (eigen fallback used)")
     say(f"saved {export} model to {out}")

@@ -66,6 +66,55 @@ def _gguf_cache(gguf: Path, dtype: torch.dtype) -> Path:
     return out
 
 
+def resolve(spec: str | Path | None, dtype: torch.dtype = torch.float32) -> tuple[Path | str, str]:
+    """``(where to load from, a display name)`` for a model spec; a ``.gguf`` is converted (once) to a directory.
+
+    The first element is a local directory, or the hub id itself when ``spec`` names a hub model.
+    """
+    if spec is None or str(spec) == DEFAULT_MODEL:
+        return _gguf_cache(default_gguf(), dtype), f"{DEFAULT_MODEL} ({default_gguf().name})"
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"model file {str(path)!r} does not exist")
+        return _gguf_cache(path, dtype), str(spec)
+    if not path.exists():
+        looks_like_hub_id = str(spec).count("/") == 1 and not str(spec).startswith((".", "/"))
+        if not looks_like_hub_id:
+            raise ValueError(f"model path {str(spec)!r} does not exist (give a directory, a .gguf file, "
+                             f"a hub id like org/name, or '{DEFAULT_MODEL}')")
+        return str(spec), str(spec)
+    return path, str(spec)
+
+
+def checkpoint_dir(spec: str | Path | None) -> tuple[Path | None, str]:
+    """A local safetensors checkpoint directory for ``spec`` that can be streamed block by block (a hub id is
+    fetched into the local hub cache first, weights and tokenizer only), or ``None`` where it cannot (no
+    safetensors weights, or already a rankwise directory)."""
+    path, source = resolve(spec)
+    if isinstance(path, str):
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                                "*.txt", "*.tiktoken"]))
+        except Exception as err:  # network, authentication or not-found errors of the hub client
+            raise ValueError(f"could not fetch model {str(spec)!r}: {str(err).splitlines()[0]}") from None
+    if not path.is_dir() or is_compressed_dir(path):
+        return None, source
+    has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return (path if has_weights else None), source
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load a tokenizer from {str(path)!r}: {str(err).splitlines()[0]}") from None
+
+
 def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> LoadedModel:
     """Load ``(model, tokenizer)``.
@@ -76,28 +125,14 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.flo
             network or a local hub cache).
         dtype: parameter dtype for dense models.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    if spec is None or str(spec) == DEFAULT_MODEL:
-        path, source = _gguf_cache(default_gguf(), dtype), f"{DEFAULT_MODEL} ({default_gguf().name})"
-    else:
-        path, source = Path(spec), str(spec)
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise ValueError(f"model file {str(path)!r} does not exist")
-            path = _gguf_cache(path, dtype)
-        elif not path.exists():
-            looks_like_hub_id = str(spec).count("/") == 1 and not str(spec).startswith((".", "/"))
-            if not looks_like_hub_id:
-                raise ValueError(f"model path {str(spec)!r} does not exist (give a directory, a .gguf file, "
-                                 f"a hub id like org/name, or '{DEFAULT_MODEL}')")
-            path = spec
+    path, source = resolve(spec, dtype)
     if isinstance(path, Path) and path.is_dir() and is_compressed_dir(path):
         model = load(path, device=device)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False).to(device).eval()
         except OSError as err:
             raise ValueError(f"could not load model {str(spec)!r}: {str(err).splitlines()[0]}") from err
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model, tokenizer, source)
+    return LoadedModel(model, load_tokenizer(path), source)

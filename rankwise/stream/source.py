@@ -92,6 +92,7 @@ class CheckpointSource:
         self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(self.config, trust_remote_code=False)
+        self.model.tie_weights()
         self.model.eval()
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype) or _checkpoint_dtype(self.path, self.weight_map)
@@ -146,9 +147,10 @@ class CheckpointSource:
         self.model.tie_weights()
 
     def release_rest(self) -> None:
+        memo: dict[int, nn.Parameter] = {}
         for name, module in self.model.named_modules():
             if block_of(name, self.blocks_name) is None:
-                _to_meta(module, recurse=False)
+                _to_meta(module, recurse=False, memo=memo)
 
     def rest_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The tensors outside the blocks as stored in the checkpoint, one at a time (for writing the output)."""
@@ -156,11 +158,15 @@ class CheckpointSource:
             yield from self._read([name])
 
 
-def _to_meta(module: nn.Module, recurse: bool = True) -> None:
+def _to_meta(module: nn.Module, recurse: bool = True, memo: dict[int, nn.Parameter] | None = None) -> None:
+    """Free ``module``'s parameters (shapes kept on ``meta``); parameters shared between modules stay shared."""
+    memo = {} if memo is None else memo
     for mod in module.modules() if recurse else [module]:
         for leaf, p in list(mod._parameters.items()):
             if p is not None and p.device.type != "meta":
-                mod._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                if id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                mod._parameters[leaf] = memo[id(p)]
 
 
 def _tied_names(model: nn.Module) -> set[str]:

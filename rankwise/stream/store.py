@@ -49,9 +49,8 @@ class ActivationStore:
             return
         path = self._spill_dir() / f"{self._count}.bin"
         self._count += 1
-        raw = tensor.to("cpu").contiguous().view(torch.uint8).numpy()
         try:
-            raw.tofile(path)
+            write_raw(path, tensor)
         except OSError as err:
             path.unlink(missing_ok=True)
             reason = "the disk is full" if err.errno == errno.ENOSPC else err.strerror
@@ -92,6 +91,11 @@ class ActivationStore:
             except OSError as err:
                 raise ValueError(f"offload directory {str(parent)!r} is not writable: {err.strerror}") from None
         return self._dir
+
+
+def write_raw(path: Path, tensor: torch.Tensor) -> None:
+    """The tensor's bytes, as they are in memory, into ``path``."""
+    tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tofile(path)
 
 
 def check_offload_dir(path: str | Path) -> Path:

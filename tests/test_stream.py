@@ -1,0 +1,194 @@
+"""Block streaming: a checkpoint compressed block by block from disk equals the in-memory result, for every method
+and option; spilling activations changes nothing; bf16 stays bf16; broken checkpoints fail cleanly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rankwise
+from rankwise.calibrate import collect_stats
+from rankwise.compress import compress_, compress_checkpoint
+from rankwise.methods import config_class, method_names
+from rankwise.methods.fwsvd import FWSVDConfig
+from rankwise.methods.svd_llm import SVDLLMConfig
+from rankwise.nn import LowRankLinear, linear_weight
+from rankwise.targets import find_targets
+from tests.tiny_models import tiny_model, tiny_tokenizer, tiny_tokens
+
+OPTIONS = [  # (allocation, sequential, update_u)
+    ("uniform", False, False), ("loss", False, False), ("welore", True, False), ("loss", True, True),
+]
+
+
+def _checkpoint(path, arch="llama", dtype=torch.float32, shard=None):
+    model = tiny_model(arch).to(dtype)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _logits(model, dtype=torch.float32):
+    with torch.no_grad():
+        return model(tiny_tokens(2, seed=5)).logits.to(dtype)
+
+
+@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("allocation,sequential,update_u", OPTIONS)
+def test_streamed_checkpoint_equals_in_memory(tmp_path, method, allocation, sequential, update_u):
+    config = config_class(method)(ratio=0.3, allocation=allocation, sequential=sequential, update_u=update_u)
+    tokens = tiny_tokens(8)
+    memory = tiny_model("llama")
+    ref_report = compress_(memory, config, tokens, progress=False)
+    src = _checkpoint(tmp_path / "src", shard="60KB")  # several input shards: the index path
+    assert (src / "model.safetensors.index.json").exists()
+    report = compress_checkpoint(src, config, tokens, tmp_path / "out", progress=False)
+    assert [layer.rank for layer in report.layers] == [layer.rank for layer in ref_report.layers]
+    assert report.params_total_after == ref_report.params_total_after
+    loaded = rankwise.load(tmp_path / "out")
+    torch.testing.assert_close(_logits(loaded), _logits(memory), rtol=1e-4, atol=1e-4)
+
+
+def test_spilling_every_activation_to_disk_changes_nothing(tmp_path):
+    config = SVDLLMConfig(ratio=0.4, allocation="loss", sequential=True, update_u=True)
+    outs = []
+    for mb in (1024, 0):  # 0: every block-boundary activation goes through the disk
+        model = tiny_model("gpt2")
+        compress_(model, config, tiny_tokens(8), progress=False, activation_mb=mb, offload_dir=tmp_path / "spill")
+        outs.append(_logits(model))
+    assert torch.equal(outs[0], outs[1])
+    assert not any((tmp_path / "spill").iterdir())  # the spill files are removed
+
+
+def test_streamed_gradient_pass_equals_full_model_backward():
+    """Loss scores and Fisher from the block-by-block backward equal those of one full-model backward."""
+    tokens = tiny_tokens(8)
+    dense = tiny_model("opt")
+    stats = collect_stats(dense, tokens, find_targets(dense), kinds=("xxt", "gout", "fisher"))
+    for config in (SVDLLMConfig(ratio=0.4, allocation="loss"), FWSVDConfig(ratio=0.4)):
+        streamed, reference = tiny_model("opt"), tiny_model("opt")
+        compress_(streamed, config, tokens, progress=False)
+        compress_(reference, config, tokens, stats=stats, progress=False)  # statistics of the full backward
+        torch.testing.assert_close(_logits(streamed), _logits(reference), rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
+    src = _checkpoint(tmp_path / "src", dtype=torch.bfloat16)
+    report = compress_checkpoint(src, SVDLLMConfig(ratio=0.3), tiny_tokens(8), tmp_path / "out", progress=False)
+    shards = [load_file(p) for p in sorted((tmp_path / "out").glob("model-*.safetensors"))]
+    assert {t.dtype for s in shards for t in s.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "out" / "rankwise.json").read_text())["dtype"] == "bfloat16"
+    loaded = rankwise.load(tmp_path / "out")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    memory = tiny_model("llama").to(torch.bfloat16)
+    ref = compress_(memory, SVDLLMConfig(ratio=0.3), tiny_tokens(8), progress=False)
+    assert [layer.rank for layer in report.layers] == [layer.rank for layer in ref.layers]
+    torch.testing.assert_close(_logits(loaded), _logits(memory), rtol=0.05, atol=0.05)
+
+
+def test_dtype_option_converts_a_float32_checkpoint(tmp_path):
+    src = _checkpoint(tmp_path / "src")
+    compress_checkpoint(src, SVDLLMConfig(ratio=0.3), tiny_tokens(4), tmp_path / "out", dtype="bfloat16",
+                        progress=False)
+    assert {p.dtype for p in rankwise.load(tmp_path / "out").parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, got 'int8'"):
+        compress_checkpoint(src, SVDLLMConfig(ratio=0.3), tiny_tokens(4), tmp_path / "o2", dtype="int8")
+
+
+def test_streamed_dense_export_is_a_plain_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = _checkpoint(tmp_path / "src", arch="gpt2")
+    compress_checkpoint(src, SVDLLMConfig(ratio=0.3), tiny_tokens(4), tmp_path / "f", progress=False)
+    compress_checkpoint(src, SVDLLMConfig(ratio=0.3), tiny_tokens(4), tmp_path / "d", export="dense",
+                        progress=False)
+    assert not (tmp_path / "d" / "rankwise.json").exists()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
+    torch.testing.assert_close(_logits(plain), _logits(rankwise.load(tmp_path / "f")), rtol=1e-4, atol=1e-5)
+
+
+def test_streaming_holds_one_block_at_a_time(tmp_path, monkeypatch):
+    """While a block is worked on, every other block's parameters are on the meta device (not in memory)."""
+    from rankwise.stream import source as source_module
+
+    seen = []
+    original = source_module.CheckpointSource.load
+
+    def spy(self, i):
+        block = original(self, i)
+        real = [j for j, b in enumerate(self.blocks) if any(p.device.type != "meta" for p in b.parameters())]
+        seen.append(real)
+        return block
+
+    monkeypatch.setattr(source_module.CheckpointSource, "load", spy)
+    compress_checkpoint(_checkpoint(tmp_path / "src"), SVDLLMConfig(ratio=0.3, allocation="loss"), tiny_tokens(4),
+                        tmp_path / "out", progress=False)
+    assert seen and all(len(real) == 1 for real in seen)
+
+
+def _break(path, how):
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    if how == "missing":
+        (path / shard).unlink()
+    elif how == "truncated":
+        data = (path / shard).read_bytes()
+        (path / shard).write_bytes(data[: len(data) // 2])
+    elif how == "index":
+        index["weight_map"][next(iter(index["weight_map"]))] = "nowhere.safetensors"
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+        shard = "nowhere.safetensors"
+    elif how == "garbage":
+        (path / shard).write_bytes(b"\x00" * 7)
+    return shard
+
+
+@pytest.mark.parametrize("how,message", [
+    ("missing", "is missing"), ("truncated", "is truncated"), ("index", "nowhere.safetensors is missing"),
+    ("garbage", "truncated or not a safetensors file"),
+])
+def test_broken_checkpoint_is_a_one_line_error_and_writes_nothing(tmp_path, how, message):
+    src = _checkpoint(tmp_path / "src", shard="60KB")
+    shard = _break(src, how)
+    with pytest.raises(ValueError, match=message) as info:
+        compress_checkpoint(src, SVDLLMConfig(ratio=0.3), tiny_tokens(4), tmp_path / "out", progress=False)
+    assert shard in str(info.value) and "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_unwritable_offload_dir(tmp_path):
+    (tmp_path / "file").write_text("not a directory")  # unwritable as a directory, even for root
+    with pytest.raises(ValueError, match=r"offload directory .* is not writable"):
+        compress_checkpoint(_checkpoint(tmp_path / "src"), SVDLLMConfig(ratio=0.3), tiny_tokens(4), tmp_path / "o",
+                            offload_dir=tmp_path / "file" / "x", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_full_disk_while_spilling_is_a_clean_error(tmp_path, monkeypatch):
+    import errno
+
+    from rankwise.stream import store
+
+    def full(path, _tensor):
+        path.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "write_raw", full)
+    with pytest.raises(ValueError, match=r"cannot spill activations to .*: the disk is full"):
+        compress_checkpoint(_checkpoint(tmp_path / "src"), SVDLLMConfig(ratio=0.3, sequential=True), tiny_tokens(4),
+                            tmp_path / "out", activation_mb=0, offload_dir=tmp_path / "spill", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_lowrank_layers_in_streamed_output_match_manifest(tmp_path):
+    compress_checkpoint(_checkpoint(tmp_path / "src"), SVDLLMConfig(ratio=0.3), tiny_tokens(4), tmp_path / "out",
+                        progress=False)
+    manifest = json.loads((tmp_path / "out" / "rankwise.json").read_text())
+    loaded = rankwise.load(tmp_path / "out")
+    lowrank = {n: m.rank for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)}
+    assert lowrank == {n: spec["rank"] for n, spec in manifest["modules"].items()} and len(lowrank) == 14
+    assert all(linear_weight(m).shape for m in find_targets(loaded).values())
