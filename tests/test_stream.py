@@ -192,3 +192,36 @@ def test_lowrank_layers_in_streamed_output_match_manifest(tmp_path):
     lowrank = {n: m.rank for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)}
     assert lowrank == {n: spec["rank"] for n, spec in manifest["modules"].items()} and len(lowrank) == 14
     assert all(linear_weight(m).shape for m in find_targets(loaded).values())
+
+
+@pytest.mark.parametrize("export", ["factored", "dense"])
+def test_streamed_perplexity_equals_in_memory(tmp_path, export):
+    from rankwise.eval import perplexity
+    from rankwise.eval.stream import streamed_perplexity
+
+    src = _checkpoint(tmp_path / "src", arch="opt")
+    compress_checkpoint(src, SVDLLMConfig(ratio=0.3), tiny_tokens(4), tmp_path / "out", export=export,
+                        progress=False)
+    windows = tiny_tokens(6, seed=3)
+    loaded = rankwise.load_model(tmp_path / "out").model
+    ppl, source = streamed_perplexity(tmp_path / "out", windows, batch_size=4, activation_mb=0)
+    assert ppl == pytest.approx(perplexity(loaded, windows, batch_size=4), rel=1e-5)
+    assert sum(p.numel() for p in source.model.parameters()) == sum(p.numel() for p in loaded.parameters())
+
+
+def test_cli_eval_stream_matches_plain_eval(tmp_path):
+    from typer.testing import CliRunner
+
+    from rankwise.cli import app
+
+    compress_checkpoint(_checkpoint(tmp_path / "src"), SVDLLMConfig(ratio=0.3), tiny_tokens(4), tmp_path / "out",
+                        tokenizer=tiny_tokenizer(), progress=False)
+    results = {}
+    for flag in ("--stream", "--no-stream"):
+        res = CliRunner().invoke(app, ["eval", str(tmp_path / "out"), "--json", "--seq-len", "16", "--eval-samples",
+                                       "4", flag])
+        assert res.exit_code == 0, res.output
+        results[flag] = json.loads(res.output.strip().splitlines()[-1])
+    assert results["--stream"]["perplexity"] == pytest.approx(results["--no-stream"]["perplexity"], rel=1e-5)
+    assert results["--stream"]["params_total"] == results["--no-stream"]["params_total"]
+    assert results["--stream"]["tokens_per_s"] is None

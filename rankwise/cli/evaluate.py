@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
+import psutil
 import typer
 
 from rankwise.cli.common import (
+    ActivationOpt,
     BatchOpt,
     DatasetOpt,
     DeviceOpt,
+    DtypeOpt,
     EvalOpt,
     ModelArg,
+    OffloadOpt,
     SeqLenOpt,
     TextOpt,
     ThreadsOpt,
     one_line_errors,
     prepare,
     say,
+    setup,
+    windows,
 )
 
 
@@ -33,13 +40,35 @@ def evaluate(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
+    stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="run one block at a time (for models "
+                                                "larger than memory); default: when the weights exceed half the "
+                                                "available memory")] = None,
+    dtype: DtypeOpt = None,
+    offload_dir: OffloadOpt = None,
+    activation_mb: ActivationOpt = 1024,
 ) -> None:
     """Evaluate MODEL (dense or a rankwise directory) on held-out windows from the end of the text."""
     from rankwise.eval import evaluate as run
+    from rankwise.eval.measure import result_for
+    from rankwise.eval.stream import streamed_perplexity
+    from rankwise.io.models import load_tokenizer, resolve, weights_bytes
 
-    work = prepare(model, text, dataset, seq_len, 0, eval_samples, device, threads)
-    result = run(work.model, work.evaluation, batch_size=batch_size, progress=not as_json)
-    if as_json:
-        say(json.dumps({**result.to_dict(), "model": work.source, "text": work.text_name}))
+    path, source = resolve(model)
+    if stream is None:
+        stream = isinstance(path, Path) and weights_bytes(path) > 0.5 * psutil.virtual_memory().available
+    if stream:
+        if not (isinstance(path, Path) and weights_bytes(path) > 0):
+            raise ValueError(f"--stream needs a local directory with safetensors weights, got {model!r}")
+        setup(device, threads)
+        _, evaluation, text_name = windows(load_tokenizer(path), text, dataset, seq_len, 0, eval_samples)
+        ppl, src = streamed_perplexity(path, evaluation, batch_size=batch_size, device=device, dtype=dtype,
+                                       activation_mb=activation_mb, offload_dir=offload_dir, progress=not as_json)
+        result = result_for(src.model, evaluation, ppl, None)
     else:
-        say(f"{work.source} on {work.text_name}: {result.describe()}")
+        work = prepare(model, text, dataset, seq_len, 0, eval_samples, device, threads)
+        source, text_name = work.source, work.text_name
+        result = run(work.model, work.evaluation, batch_size=batch_size, progress=not as_json)
+    if as_json:
+        say(json.dumps({**result.to_dict(), "model": source, "text": text_name}))
+    else:
+        say(f"{source} on {text_name}: {result.describe()}")

@@ -26,7 +26,7 @@ class EvalResult:
     seq_len: int
     params_total: int
     params_targeted: int
-    tokens_per_s: float
+    tokens_per_s: float | None  # None when evaluated block by block (no whole-model forward to time)
     peak_rss_mb: float
     model_mb: float
 
@@ -34,9 +34,10 @@ class EvalResult:
         return asdict(self)
 
     def describe(self) -> str:
+        speed = "streamed block by block" if self.tokens_per_s is None else f"{self.tokens_per_s:,.0f} tokens/s"
         return (f"perplexity {self.perplexity:.3f} on {self.windows} windows x {self.seq_len} tokens "
                 f"({self.eval_tokens:,} predicted tokens); params {self.params_total:,} total, "
-                f"{self.params_targeted:,} in attention/MLP projections; prefill {self.tokens_per_s:,.0f} tokens/s; "
+                f"{self.params_targeted:,} in attention/MLP projections; prefill {speed}; "
                 f"model {self.model_mb:.1f} MB, peak RSS {self.peak_rss_mb:.0f} MB")
 
 
@@ -100,7 +101,12 @@ def evaluate(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, pr
     """Perplexity, parameter counts, prefill throughput and memory of ``model`` on ``windows``."""
     ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
     tps = prefill_throughput(model, windows, batch_size=batch_size)
+    return result_for(model, windows, ppl, tps)
+
+
+def result_for(model: nn.Module, windows: torch.Tensor, ppl: float, tokens_per_s: float | None) -> EvalResult:
+    """An :class:`EvalResult` for ``model`` (which may sit on the ``meta`` device: only shapes are read)."""
     total, targeted = count_params(model)
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     n, seq_len = windows.shape
-    return EvalResult(ppl, n * (seq_len - 1), n, seq_len, total, targeted, tps, peak_rss_mb(), model_mb)
+    return EvalResult(ppl, n * (seq_len - 1), n, seq_len, total, targeted, tokens_per_s, peak_rss_mb(), model_mb)

@@ -140,19 +140,14 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
         raise ValueError(f"model directory {str(path)!r} does not exist")
     if not is_compressed_dir(path):
         raise ValueError(f"{str(path)!r} is not a rankwise directory (no {MANIFEST}); load it with transformers")
-    manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported rankwise format version {manifest.get('format_version')!r}; "
-                         f"this rankwise reads version {FORMAT_VERSION}")
-    config = transformers.AutoConfig.from_pretrained(path)
+    manifest = read_manifest(path)
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     cls = getattr(transformers, manifest["model_class"])
     dtype = getattr(torch, manifest["dtype"])
     # Built on the real device (not meta) so non-persistent buffers such as rotary frequencies are computed.
     with torch.device(device):
         model = cls(config)
-        for name, spec in manifest["modules"].items():
-            set_submodule(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
-                                                     spec["bias"]))
+        install_lowrank(model, manifest)
     model.to(dtype)
     loaded: set[str] = set()
     for file in _weight_files(path):
@@ -170,6 +165,22 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
     if missing:
         raise ValueError(f"{path} does not match its config: missing tensors {missing[:5]}")
     return model.eval()
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The parsed ``rankwise.json`` of a compressed directory, checked for a supported format version."""
+    manifest = json.loads((Path(path) / MANIFEST).read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported rankwise format version {manifest.get('format_version')!r}; "
+                         f"this rankwise reads version {FORMAT_VERSION}")
+    return manifest
+
+
+def install_lowrank(model: nn.Module, manifest: dict[str, Any]) -> None:
+    """Replace the modules the manifest lists by ``LowRankLinear`` of the saved ranks (on the current device)."""
+    for name, spec in manifest["modules"].items():
+        set_submodule(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
+                                                 spec["bias"]))
 
 
 def _weight_files(path: Path) -> list[str]:

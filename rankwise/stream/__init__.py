@@ -1,10 +1,19 @@
 """Block streaming: models run one decoder block at a time, from memory or lazily from a checkpoint on disk."""
 
-from rankwise.stream.blocks import BlockCall, block_of, capture_calls, decoder_blocks, loss_and_grad, run_block
+from rankwise.stream.blocks import (
+    BlockCall,
+    block_of,
+    capture_calls,
+    decoder_blocks,
+    first,
+    head_loss,
+    loss_and_grad,
+    run_block,
+)
 from rankwise.stream.sink import InPlaceSink, ShardSink
 from rankwise.stream.source import DTYPES, CheckpointSource, ModelSource, parse_dtype
 from rankwise.stream.store import ActivationStore, check_offload_dir
 
 __all__ = ["DTYPES", "ActivationStore", "BlockCall", "CheckpointSource", "InPlaceSink", "ModelSource", "ShardSink",
-           "block_of", "capture_calls", "check_offload_dir", "decoder_blocks", "loss_and_grad", "parse_dtype",
-           "run_block"]
+           "block_of", "capture_calls", "check_offload_dir", "decoder_blocks", "first", "head_loss", "loss_and_grad",
+           "parse_dtype", "run_block"]

@@ -118,19 +118,26 @@ def capture_calls(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor
     return sink[0][0], [sink[i][1] for i in range(n)]
 
 
-def loss_and_grad(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, hidden: torch.Tensor,
-                  as_tuple: bool) -> tuple[float, torch.Tensor]:
-    """The model's own LM loss on ``batch`` given the last block's output ``hidden``, and ``dloss/dhidden``.
+def head_loss(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, hidden: torch.Tensor,
+              as_tuple: bool) -> torch.Tensor:
+    """The model's own LM loss (mean over ``batch``'s predicted tokens) given the last block's output ``hidden``.
 
     The blocks are replaced by pass-throughs and the first one injects ``hidden``, so the model's final norm, head
-    and loss run exactly as in a full forward pass (and nothing else of weight).
+    and loss run exactly as in a full forward pass (and nothing else of weight). Differentiable in ``hidden``.
     """
-    leaf = hidden.detach().requires_grad_(True)
     sink: dict[int, tuple[torch.Tensor, BlockCall]] = {}
-    stand_ins = [_PassThrough(i, sink, stop=False, inject=leaf if i == 0 else None) for i in range(len(blocks))]
+    stand_ins = [_PassThrough(i, sink, stop=False, inject=hidden if i == 0 else None) for i in range(len(blocks))]
     for module in stand_ins:
         module.as_tuple = as_tuple
-    with _blocks_replaced(blocks, stand_ins), torch.enable_grad():
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+    with _blocks_replaced(blocks, stand_ins):
+        return model(input_ids=batch, labels=batch, use_cache=False).loss
+
+
+def loss_and_grad(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, hidden: torch.Tensor,
+                  as_tuple: bool) -> tuple[float, torch.Tensor]:
+    """:func:`head_loss` and its gradient ``dloss/dhidden``."""
+    leaf = hidden.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = head_loss(model, blocks, batch, leaf, as_tuple)
         (grad,) = torch.autograd.grad(loss, leaf)
     return float(loss.detach()), grad

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from rankwise.io.save import install_lowrank, is_compressed_dir, read_manifest
 from rankwise.stream.blocks import block_of, decoder_blocks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,6 +93,9 @@ class CheckpointSource:
         self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(self.config, trust_remote_code=False)
+            if is_compressed_dir(self.path):  # a rankwise directory: its factorised layers, on meta too
+                with torch.device("meta"):
+                    install_lowrank(self.model, read_manifest(self.path))
         self.model.tie_weights()
         self.model.eval()
         self.device = torch.device(device)
