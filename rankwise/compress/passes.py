@@ -81,9 +81,7 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
                 store.put(("scoring", b), out[0] if streams.as_tuple else out)
         source.release(i)
     for b, batch in enumerate(streams.batches):
-        _, grad = loss_and_grad(source.model, blocks, batch.to(source.input_device),
-                                store.get(("scoring", b)).to(source.input_device), streams.as_tuple)
-        store.put(("grad", b), grad)
+        store.put(("grad", b), _batch_loss_grad(source, batch, store.get(("scoring", b)), streams.as_tuple))
         store.drop(("scoring", b))
     scores: dict[str, torch.Tensor] = {}
     kept: dict[str, LayerStats] = {}
@@ -134,6 +132,17 @@ def weight_scores(source, targets: Mapping[int, list[str]], policy: AllocationPo
             scores[name] = policy.score(name, weight, stats.get(name) if stats is not None else None).cpu()
         source.release(i)
     return scores
+
+
+def _batch_loss_grad(source, batch: torch.Tensor, hidden: torch.Tensor, as_tuple: bool) -> torch.Tensor:
+    """Gradient of the batch's mean LM loss at the last block's output, one window at a time: the batch loss is the
+    token-weighted mean of the window losses, so each window's gradient is scaled by its share of the tokens. Only
+    one window's vocabulary-sized logits exist at a time."""
+    device = source.input_device
+    weights = batch[:, 1:].shape[1] / batch[:, 1:].numel()  # equal-length windows: each holds 1/B of the tokens
+    grads = [loss_and_grad(source.model, source.blocks, batch[j:j + 1].to(device), hidden[j:j + 1].to(device),
+                           as_tuple)[1] * weights for j in range(batch.shape[0])]
+    return torch.cat(grads)
 
 
 def _gradient_part(name: str, stats: LayerStats) -> LayerStats:

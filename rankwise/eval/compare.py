@@ -6,6 +6,8 @@ import copy
 import dataclasses
 import json
 import time
+from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,10 +15,11 @@ import psutil
 import torch
 from torch import nn
 
-from rankwise.calibrate import collect_stats
+from rankwise.calibrate import LayerStats, collect_stats
 from rankwise.compensate import compensate, merge_
 from rankwise.compress import compress_
 from rankwise.eval.measure import count_params, peak_rss_mb, perplexity, prefill_throughput
+from rankwise.eval.ray_compare import map_on_ray, ray_session
 from rankwise.io.atomic import atomic_dir
 from rankwise.methods import CompressConfig, config_class
 from rankwise.progress import progress_bar
@@ -152,38 +155,60 @@ def recipes(methods: list[str], ratios: list[float], *, allocations: tuple[str, 
             for m in methods for a in allocations for s in sequential for u in update_u for r in ratios]
 
 
+def candidate_rows(config: CompressConfig, *, model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tensor,
+                   stats: Mapping[str, LayerStats], dense_targeted: int, eora_rank: int = 0,
+                   batch_size: int = 8) -> list[CompareRow]:
+    """Compress a copy of ``model`` with ``config`` and evaluate it: one row, two with ``eora_rank > 0``.
+
+    ``model`` is left untouched; ``stats`` are the dense model's statistics, shared by every config.
+    """
+    candidate = copy.deepcopy(model)
+    needs_data = config.sequential or config.update_u
+    report = compress_(candidate, config, calibration if needs_data else None, stats=stats, batch_size=batch_size,
+                       progress=False)
+    row = _row(candidate, label(config), config.ratio, evaluation, dense_targeted, report.seconds, batch_size)
+    row.kept = {layer.name: layer.params_after / layer.params_before for layer in report.layers}
+    if not eora_rank:
+        return [row]
+    start = time.perf_counter()
+    merge_(candidate, compensate(model, candidate, calibration, eora_rank, batch_size=batch_size, progress=False))
+    seconds = report.seconds + time.perf_counter() - start
+    return [row, _row(candidate, label(config, eora_rank), config.ratio, evaluation, dense_targeted, seconds,
+                      batch_size)]
+
+
 def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tensor, configs: list[CompressConfig],
-            *, eora_rank: int = 0, batch_size: int = 8, progress: bool = True,
-            settings: dict | None = None) -> Comparison:
+            *, eora_rank: int = 0, batch_size: int = 8, progress: bool = True, settings: dict | None = None,
+            ray_address: str | None = None) -> Comparison:
     """Compress a copy of ``model`` with every config and evaluate each on ``evaluation``.
 
     With ``eora_rank > 0`` every config also gets a row with EoRA compensation of that rank merged in (its extra
     parameters are counted). Dense-model statistics are collected once (all kinds any method needs) and shared.
+
+    Args:
+        ray_address: run every config as a task on Ray (the optional ``rankwise[ray]`` extra) instead of one after
+            another in this process: ``"local"`` starts a local instance, ``"auto"`` or ``"host:port"`` joins a
+            running cluster (see :func:`~rankwise.eval.ray_compare.ray_session`). The rows are the same, in the same
+            order; their timings and memory are the workers'.
     """
-    targets = find_targets(model)
-    kinds = set().union(*(c.needs for c in configs)) | {"xxt"}
-    if any(c.allocation == "loss" for c in configs):
-        kinds.add("gout")
-    start = time.perf_counter()
-    stats = collect_stats(model, calibration, targets, kinds=kinds, batch_size=batch_size, progress=progress)
-    calibration_s = time.perf_counter() - start
-    _, dense_targeted = count_params(model)
-    dense = _row(model, "dense", 0.0, evaluation, dense_targeted, 0.0, batch_size)
-    result = Comparison(dense, settings=dict(settings or {}), calibration_s=calibration_s)
-    for config in progress_bar(configs, "recipes x ratios", enabled=progress):
-        candidate = copy.deepcopy(model)
-        needs_data = config.sequential or config.update_u
-        report = compress_(candidate, config, calibration if needs_data else None, stats=stats,
-                           batch_size=batch_size, progress=False)
-        row = _row(candidate, label(config), config.ratio, evaluation, dense_targeted, report.seconds, batch_size)
-        row.kept = {layer.name: layer.params_after / layer.params_before for layer in report.layers}
-        result.rows.append(row)
-        if eora_rank:
-            start = time.perf_counter()
-            merge_(candidate, compensate(model, candidate, calibration, eora_rank, batch_size=batch_size,
-                                         progress=False))
-            seconds = report.seconds + time.perf_counter() - start
-            result.rows.append(_row(candidate, label(config, eora_rank), config.ratio, evaluation, dense_targeted,
-                                    seconds, batch_size))
-        del candidate
-    return result
+    if ray_address is not None and next(model.parameters()).device.type != "cpu":
+        raise ValueError("--ray runs every candidate on a CPU worker: load the model with --device cpu")
+    session = nullcontext() if ray_address is None else ray_session(ray_address)
+    with session:  # connect before the calibration pass, so a bad address fails at once
+        targets = find_targets(model)
+        kinds = set().union(*(c.needs for c in configs)) | {"xxt"}
+        if any(c.allocation == "loss" for c in configs):
+            kinds.add("gout")
+        start = time.perf_counter()
+        stats = collect_stats(model, calibration, targets, kinds=kinds, batch_size=batch_size, progress=progress)
+        calibration_s = time.perf_counter() - start
+        _, dense_targeted = count_params(model)
+        dense = _row(model, "dense", 0.0, evaluation, dense_targeted, 0.0, batch_size)
+        shared = {"model": model, "calibration": calibration, "evaluation": evaluation, "stats": stats,
+                  "dense_targeted": dense_targeted, "eora_rank": eora_rank, "batch_size": batch_size}
+        if ray_address is None:
+            groups = [candidate_rows(c, **shared) for c in progress_bar(configs, "recipes x ratios", enabled=progress)]
+        else:
+            groups = map_on_ray(candidate_rows, configs, shared, description="recipes x ratios", progress=progress)
+    rows = [row for group in groups for row in group]
+    return Comparison(dense, rows, settings=dict(settings or {}), calibration_s=calibration_s)
