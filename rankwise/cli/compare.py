@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from enum import StrEnum
 from typing import Annotated
 
@@ -58,10 +59,14 @@ def compare(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", metavar="ADDRESS", help="run every method x ratio as a Ray task: 'local' starts a local Ray, 'auto' "
+        "or HOST:PORT joins a running cluster (needs pip install 'rankwise\\[ray]')")] = None,
 ) -> None:
     """Compare compression methods across ratios on MODEL; writes a Markdown table and a PNG plot."""
     from rankwise.eval.compare import compare as run
     from rankwise.eval.compare import recipes
+    from rankwise.eval.ray_compare import ray_session
     from rankwise.io.atomic import check_output_dir
     from rankwise.methods import CompressConfig, config_class
 
@@ -76,13 +81,14 @@ def compare(
     if eora_rank < 0:
         raise ValueError(f"--eora-rank must be >= 0, got {eora_rank}")
     check_output_dir(out, overwrite)
-    work = prepare(model, text, dataset, seq_len, calib_samples, eval_samples, device, threads)
-    settings = {"model": work.source, "text": work.text_name, "seq_len": seq_len, "calib": calib_samples,
-                "eval": eval_samples}
     configs = recipes(method_list, ratio_list, allocations=allocation_list, sequential=sequential.values,
                       update_u=update_u.values)
-    result = run(work.model, work.calibration, work.evaluation, configs, eora_rank=eora_rank,
-                 batch_size=batch_size, settings=settings)
+    with nullcontext() if ray is None else ray_session(ray):  # a bad address fails before the model loads
+        work = prepare(model, text, dataset, seq_len, calib_samples, eval_samples, device, threads)
+        settings = {"model": work.source, "text": work.text_name, "seq_len": seq_len, "calib": calib_samples,
+                    "eval": eval_samples}
+        result = run(work.model, work.calibration, work.evaluation, configs, eora_rank=eora_rank,
+                     batch_size=batch_size, settings=settings, ray_address=ray)
     result.save(out, overwrite=overwrite)
     say(result.to_markdown())
     say(f"\nwrote {out}/comparison.md, comparison.png, comparison.json")

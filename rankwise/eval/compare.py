@@ -155,13 +155,16 @@ def recipes(methods: list[str], ratios: list[float], *, allocations: tuple[str, 
             for m in methods for a in allocations for s in sequential for u in update_u for r in ratios]
 
 
-def candidate_rows(config: CompressConfig, *, model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tensor,
-                   stats: Mapping[str, LayerStats], dense_targeted: int, eora_rank: int = 0,
+def candidate_rows(config: CompressConfig | None, *, model: nn.Module, calibration: torch.Tensor,
+                   evaluation: torch.Tensor, stats: Mapping[str, LayerStats], dense_targeted: int, eora_rank: int = 0,
                    batch_size: int = 8) -> list[CompareRow]:
     """Compress a copy of ``model`` with ``config`` and evaluate it: one row, two with ``eora_rank > 0``.
 
-    ``model`` is left untouched; ``stats`` are the dense model's statistics, shared by every config.
+    ``model`` is left untouched; ``stats`` are the dense model's statistics, shared by every config. ``config=None``
+    evaluates the dense model itself (one row).
     """
+    if config is None:
+        return [_row(model, "dense", 0.0, evaluation, dense_targeted, 0.0, batch_size)]
     candidate = copy.deepcopy(model)
     needs_data = config.sequential or config.update_u
     report = compress_(candidate, config, calibration if needs_data else None, stats=stats, batch_size=batch_size,
@@ -189,7 +192,8 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
         ray_address: run every config as a task on Ray (the optional ``rankwise[ray]`` extra) instead of one after
             another in this process: ``"local"`` starts a local instance, ``"auto"`` or ``"host:port"`` joins a
             running cluster (see :func:`~rankwise.eval.ray_compare.ray_session`). The rows are the same, in the same
-            order; their timings and memory are the workers'.
+            order; their timings and memory are the workers' (the dense row's too, so speed-ups compare like with
+            like).
     """
     if ray_address is not None and next(model.parameters()).device.type != "cpu":
         raise ValueError("--ray runs every candidate on a CPU worker: load the model with --device cpu")
@@ -203,12 +207,15 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
         stats = collect_stats(model, calibration, targets, kinds=kinds, batch_size=batch_size, progress=progress)
         calibration_s = time.perf_counter() - start
         _, dense_targeted = count_params(model)
-        dense = _row(model, "dense", 0.0, evaluation, dense_targeted, 0.0, batch_size)
         shared = {"model": model, "calibration": calibration, "evaluation": evaluation, "stats": stats,
                   "dense_targeted": dense_targeted, "eora_rank": eora_rank, "batch_size": batch_size}
+        items = [None, *configs]  # None: the dense model
         if ray_address is None:
-            groups = [candidate_rows(c, **shared) for c in progress_bar(configs, "recipes x ratios", enabled=progress)]
+            groups = [candidate_rows(c, **shared) for c in progress_bar(items, "dense, recipes x ratios",
+                                                                          enabled=progress)]
         else:
-            groups = map_on_ray(candidate_rows, configs, shared, description="recipes x ratios", progress=progress)
-    rows = [row for group in groups for row in group]
+            groups = map_on_ray(candidate_rows, items, shared, description="dense, recipes x ratios",
+                                progress=progress)
+    (dense,), *candidates = groups
+    rows = [row for group in candidates for row in group]
     return Comparison(dense, rows, settings=dict(settings or {}), calibration_s=calibration_s)
