@@ -78,17 +78,17 @@ def welore_scores(weight: torch.Tensor) -> torch.Tensor:
     return s / s[0].clamp_min(torch.finfo(s.dtype).tiny)
 
 
-def loss_scores(weight: torch.Tensor, whitening_factor: torch.Tensor, sensitivity: float | None = None
-                ) -> torch.Tensor:
+def loss_scores(whitened: torch.Tensor, sensitivity: float | None = None) -> torch.Tensor:
     """Estimated loss each whitened component prevents, per parameter it costs.
 
-    ``s_i^2`` (singular values of ``W S`` with ``S S^T`` the per-token input covariance) is the output error per
-    token that dropping component ``i`` adds. With ``sensitivity`` ``h = E||dL/dy||^2 / out_features`` (an isotropic
-    Gauss-Newton estimate of the loss curvature at the layer's output), ``h s_i^2 / 2`` estimates the loss
-    increase; without it, ``s_i^2`` is taken relative to the layer's output energy ``sum s^2``.
+    ``whitened`` is ``W S`` (``m x n``, with ``S S^T`` the per-token input covariance); its squared singular values
+    ``s_i^2`` are the output error per token that dropping component ``i`` adds. With ``sensitivity``
+    ``h = E||dL/dy||^2 / out_features`` (an isotropic Gauss-Newton estimate of the loss curvature at the layer's
+    output), ``h s_i^2 / 2`` estimates the loss increase; without it, ``s_i^2`` is taken relative to the layer's
+    output energy ``sum s^2``.
     """
-    m, n = weight.shape
-    s2 = torch.linalg.svdvals(weight.detach().float() @ whitening_factor.float()).double().pow(2)
+    m, n = whitened.shape
+    s2 = torch.linalg.svdvals(whitened.detach().float()).double().pow(2)
     if sensitivity is None:
         return s2 / s2.sum().clamp_min(torch.finfo(s2.dtype).tiny) / (m + n)
     return 0.5 * sensitivity / m * s2 / (m + n)

@@ -71,7 +71,7 @@ def _loss(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Te
     if stats is None:
         raise ValueError("allocation 'loss' needs calibration data (the input covariances)")
     sensitivity = stats.output_sensitivity(name) if stats.grad_out else None
-    return loss_scores(weight, stats.whitening().factor, sensitivity)
+    return loss_scores(stats.whitening().right_multiply(weight.detach().float()), sensitivity)
 
 
 ALLOCATIONS: dict[str, AllocationPolicy] = {

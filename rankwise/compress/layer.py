@@ -19,9 +19,9 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, stats: Lay
     """``||(W - W') X||_F / ||W X||_F`` from the input covariance, or ``None`` without one."""
     if stats is None or stats.xxt is None:
         return None
-    C = stats.covariance.float()  # float32 is plenty for a reported error
-    W = weight.float()
-    D = W - approx.float().to(W.device)
+    C = stats.xxt  # the token count cancels in the ratio; no copy of an n x n matrix
+    W = weight.to(C.device, C.dtype)
+    D = W - approx.to(C.device, C.dtype)
     num = float(((D @ C) * D).sum())
     den = float(((W @ C) * W).sum())
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else None

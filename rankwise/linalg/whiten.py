@@ -21,36 +21,52 @@ from rankwise.linalg.svd import SVDSolver, truncated_svd
 
 @dataclass(frozen=True)
 class Whitening:
-    """A square root ``S`` of a covariance ``C ~= S S^T``, in float64, applied inversely without forming ``S^-1``.
+    """A square root ``S`` of a covariance ``C ~= S S^T``, in float64, applied without forming ``S^-1``.
 
     Attributes:
-        factor: ``(n, n)`` matrix ``S`` (lower-triangular for Cholesky, ``Q diag(sqrt(l))`` for eigh).
         method: ``"cholesky"`` when ``C`` (plus damping) was positive definite, else ``"eigh"`` (eigenvalues below
             ``floor`` were raised to it).
         damping: the ridge added to the diagonal before factorising.
         clamped: number of eigenvalues raised to the floor (0 for Cholesky).
         eig_min: smallest eigenvalue of the symmetrised input, when computed (``eigh`` path), else ``None``.
+        basis: ``(n, n)``: the lower-triangular Cholesky factor ``L``, or the eigenvectors ``Q`` (then
+            ``S = Q diag(roots)``, never stored: one ``n x n`` matrix is held, not two).
+        roots: ``sqrt(l)`` for the eigh form, else ``None``.
     """
 
-    factor: torch.Tensor
     method: str
     damping: float
     clamped: int
     eig_min: float | None
-    _eigvecs: torch.Tensor | None = None  # Q, for the eigh form
-    _roots: torch.Tensor | None = None  # sqrt(l), for the eigh form
+    basis: torch.Tensor
+    roots: torch.Tensor | None = None
+
+    @property
+    def factor(self) -> torch.Tensor:
+        """``S`` as an explicit ``(n, n)`` matrix (formed on demand for the eigh form)."""
+        return self.basis if self.roots is None else self.basis * self.roots
+
+    @property
+    def size(self) -> int:
+        return self.basis.shape[0]
+
+    def right_multiply(self, M: torch.Tensor) -> torch.Tensor:
+        """``M @ S`` in ``M``'s dtype (float32 or float64), without forming ``S`` for the eigh form."""
+        if self.roots is None:
+            return M @ self.basis.to(M.dtype)
+        return (M @ self.basis.to(M.dtype)) * self.roots.to(M.dtype)
 
     def right_solve(self, M: torch.Tensor) -> torch.Tensor:
         """``M @ S^-1`` without forming the inverse (a triangular solve, or a scaled rotation)."""
-        M = M.to(self.factor.dtype)
+        M = M.to(self.basis.dtype)
         if self.method == "cholesky":
-            return torch.linalg.solve_triangular(self.factor, M, upper=False, left=False)
-        return (M / self._roots) @ self._eigvecs.mT
+            return torch.linalg.solve_triangular(self.basis, M, upper=False, left=False)
+        return (M / self.roots) @ self.basis.mT
 
     @property
     def inverse(self) -> torch.Tensor:
         """``S^-1`` as an explicit ``(n, n)`` matrix (for inspection; the solvers never form it)."""
-        return self.right_solve(torch.eye(self.factor.shape[0], dtype=self.factor.dtype, device=self.factor.device))
+        return self.right_solve(torch.eye(self.size, dtype=self.basis.dtype, device=self.basis.device))
 
     def describe(self) -> dict[str, object]:
         """Plain-data summary for reports."""
@@ -71,23 +87,24 @@ def whiten(C: torch.Tensor, *, damp: float = 0.0, floor: float = 1e-8) -> Whiten
     if not (damp >= 0.0):
         raise ValueError(f"damp must be >= 0, got {damp}")
     C = C.to(torch.float64)
-    C = 0.5 * (C + C.mT)
-    n = C.shape[0]
+    C = (C + C.mT).mul_(0.5)  # one n x n temporary: these matrices reach 8192 x 8192 (0.5 GB) in 7B models
     scale = float(C.diagonal().abs().mean())
     ridge = damp * scale
     if ridge > 0:
-        C = C + ridge * torch.eye(n, dtype=C.dtype, device=C.device)
+        C.diagonal().add_(ridge)
     L, info = torch.linalg.cholesky_ex(C)
     # Accept Cholesky only if it is well conditioned enough that S^-1 stays finite and meaningful.
     if int(info) == 0 and float(L.diagonal().min()) ** 2 > floor * float(C.diagonal().max()):
-        return Whitening(L, "cholesky", ridge, 0, None)
+        return Whitening("cholesky", ridge, 0, None, L)
+    del L
     evals, Q = torch.linalg.eigh(C)
+    del C
     top = float(evals.max().clamp_min(0.0))
     threshold = floor * top if top > 0 else 1.0  # an all-zero C whitens to the identity
     clamped = int((evals < threshold).sum())
     evals_c = evals.clamp_min(threshold)
     root = evals_c.sqrt()
-    return Whitening(Q * root, "eigh", ridge, clamped, float(evals.min()), Q, root)
+    return Whitening("eigh", ridge, clamped, float(evals.min()), Q, root)
 
 
 def whitened_svd(
@@ -125,12 +142,12 @@ def whitened_svd(
             raise ValueError(f"C must have shape (n, n) = {(W.shape[1], W.shape[1])} to match W {tuple(W.shape)}, "
                              f"got {got}")
         wh = whiten(C, damp=damp)
-    elif wh.factor.shape[0] != W.shape[1]:
-        raise ValueError(f"whitening is for {wh.factor.shape[0]} inputs but W has {W.shape[1]} columns")
+    elif wh.size != W.shape[1]:
+        raise ValueError(f"whitening is for {wh.size} inputs but W has {W.shape[1]} columns")
     # The covariance is factored in float64; W S and its SVD run in float32 unless W is float64 (errors made
     # there are measured in the whitened norm, where S^-1 does not amplify them).
     dtype = compute_dtype(W.dtype)
-    A = W.to(device=wh.factor.device, dtype=dtype) @ wh.factor.to(dtype)  # (m, n)
+    A = wh.right_multiply(W.to(device=wh.basis.device, dtype=dtype))  # (m, n) = W S
     lr = truncated_svd(A, rank, solver=solver, generator=generator)
     Vh = wh.right_solve(lr.Vh)  # (r, n), float64
     info = {**lr.info, "whitening": wh.describe()}
