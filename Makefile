@@ -32,6 +32,8 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/linalg_svd.py
 	$(PY) benchmarks/compress_smollm2.py
+	$(PY) benchmarks/stream_vs_memory.py
+	$(PY) benchmarks/scale.py --out-md scale.md --plot scale.png
 
 clean:
 	rm -rf $(VENV) demo-out

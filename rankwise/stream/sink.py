@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ class ShardSink:
         file = f"model-{index + 1:05d}-of-{self.total:05d}.safetensors"
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(tensors, str(self.out / file), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        (self.out / file).chmod(0o666 & ~umask)  # safetensors writes 0600; outputs follow the umask like the rest
         self.weight_map.update(dict.fromkeys(tensors, file))
         self.total_size += sum(t.numel() * t.element_size() for t in tensors.values())
 
