@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from rankwise.allocate import AllocationPolicy
 from rankwise.calibrate import LayerStats
@@ -76,7 +75,8 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
             for b in range(nb):
                 h = store.get(("scoring", b)).to(device)
                 store.put(("boundary", i, b), h)
-                out = block(h, *streams.call(b, i, device).args, **streams.call(b, i, device).kwargs)
+                call = streams.call(b, i, device)
+                out = block(h, *call.args, **call.kwargs)
                 streams.as_tuple = isinstance(out, tuple | list)
                 store.put(("scoring", b), out[0] if streams.as_tuple else out)
         source.release(i)
@@ -158,6 +158,3 @@ def _gradient_part(name: str, stats: LayerStats) -> LayerStats:
 def needs_gradients(kinds: frozenset[str]) -> bool:
     return bool(kinds & GRADIENT_KINDS)
 
-
-def block_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
-    return {name: model.get_submodule(name) for name in names}
