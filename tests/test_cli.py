@@ -101,3 +101,16 @@ def test_compress_options_and_compensate(tiny_dir, tmp_path):
     result = run("compensate", out, "--base", tiny_dir, "--rank", "999", "--out", tmp_path / "x", *SMALL)
     assert result.exit_code == 2 and "rank 999 is larger than layer" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_compress_streams_with_dtype_and_json_report(tiny_dir, tmp_path):
+    out, report = tmp_path / "c", tmp_path / "report.json"
+    result = run("compress", tiny_dir, "--ratio", "0.3", "--out", out, "--dtype", "bfloat16", "--json-report", report,
+                 "--activation-mb", "0", "--offload-dir", tmp_path / "spill", *SMALL)
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors.index.json").exists()  # written block by block
+    data = json.loads(report.read_text())
+    assert len(data["block_seconds"]) == 2 and 0.3 <= data["removed_fraction"] < 0.33
+    assert json.loads((out / "rankwise.json").read_text())["dtype"] == "bfloat16"
+    result = run("compress", tiny_dir, "--out", tmp_path / "o2", "--dtype", "int4", *SMALL)
+    assert result.exit_code == 2 and "dtype must be one of float32, bfloat16, float16" in result.output
