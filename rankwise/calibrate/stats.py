@@ -71,7 +71,10 @@ class LayerStats:
     def whitening(self, damp: float = 0.0) -> Whitening:
         """The robust square root of the covariance, cached per damping (shared by layers reading this input)."""
         if damp not in self._whitening:
-            self._whitening[damp] = whiten(self.covariance, damp=damp)
+            if self.xxt is None or self.count == 0:
+                raise ValueError("no input covariance was collected for this layer")
+            # The sum X X^T scaled inside whiten: no extra n x n copy (0.5 GB at n = 8192).
+            self._whitening[damp] = whiten(self.xxt, damp=damp, scale=1.0 / self.count)
         return self._whitening[damp]
 
     def add_cross(self, original: torch.Tensor, compressed: torch.Tensor) -> None:

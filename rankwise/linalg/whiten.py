@@ -73,13 +73,14 @@ class Whitening:
         return {"method": self.method, "damping": self.damping, "clamped": self.clamped, "eig_min": self.eig_min}
 
 
-def whiten(C: torch.Tensor, *, damp: float = 0.0, floor: float = 1e-8) -> Whitening:
+def whiten(C: torch.Tensor, *, damp: float = 0.0, floor: float = 1e-8, scale: float = 1.0) -> Whitening:
     """Factor a covariance ``C = X X^T`` as ``S S^T`` robustly.
 
     ``C`` is symmetrised and moved to float64; ``damp * mean(diag(C))`` is added to its diagonal. A Cholesky
     factorisation is tried first. If ``C`` is singular or indefinite (as happens with few calibration tokens or
     dead input channels) the eigen-decomposition ``C = Q diag(l) Q^T`` is used instead, with eigenvalues below
     ``floor * max(l)`` raised to that floor, and ``S = Q diag(sqrt(l))``. Never raises on a finite ``C``.
+    ``scale`` multiplies ``C`` first (e.g. ``1 / tokens`` for a sum ``X X^T``), without a copy of ``C``.
     """
     C = check_matrix(C, "C")
     if C.shape[0] != C.shape[1]:
@@ -87,7 +88,7 @@ def whiten(C: torch.Tensor, *, damp: float = 0.0, floor: float = 1e-8) -> Whiten
     if not (damp >= 0.0):
         raise ValueError(f"damp must be >= 0, got {damp}")
     C = C.to(torch.float64)
-    C = (C + C.mT).mul_(0.5)  # one n x n temporary: these matrices reach 8192 x 8192 (0.5 GB) in 7B models
+    C = (C + C.mT).mul_(0.5 * scale)  # one n x n temporary: these matrices reach 8192 x 8192 (0.5 GB) in 7B models
     scale = float(C.diagonal().abs().mean())
     ridge = damp * scale
     if ridge > 0:
