@@ -87,11 +87,11 @@ class LayerStats:
     def add(self, x: torch.Tensor, kinds: frozenset[str]) -> None:
         x2 = x.detach().reshape(-1, self.n).float()  # (tokens, n)
         if "xxt" in kinds:
-            part = (x2.T @ x2).double()  # float32 within a batch, float64 across batches
-            self.xxt = part if self.xxt is None else self.xxt.add_(part)
+            part = x2.T @ x2  # float32 within a batch, float64 across batches (added in place: no float64 copy)
+            self.xxt = part.double() if self.xxt is None else self.xxt.add_(part)
         if "abs" in kinds:
-            part = x2.abs().sum(0).double()
-            self.abs_sum = part if self.abs_sum is None else self.abs_sum.add_(part)
+            part = x2.abs().sum(0)
+            self.abs_sum = part.double() if self.abs_sum is None else self.abs_sum.add_(part)
         self.count += x2.shape[0]
 
     def add_fisher(self, name: str, module: nn.Module) -> None:

@@ -147,11 +147,14 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
         check_finite(name, module)
     block_stats: Mapping[str, LayerStats] | None = stats
     main = "compressed" if config.sequential else "dense"
-    if streams is not None and (main, 0) in streams.store:
+    own = streams is not None and (main, 0) in streams.store
+    if own:
         block_stats = _observe(block, i, modules, plan, streams, main, device)
     rows = []
     for name, module in modules.items():
         layer_stats = block_stats.get(name) if block_stats is not None else None
+        if own:  # this block's own statistics: free each input group's covariance once its last layer is done
+            block_stats.pop(name)
         if layer_stats is not None and name in gradient_stats:
             layer_stats.fisher_out.update(gradient_stats[name].fisher_out)  # the Fisher comes from the dense model
             layer_stats.fisher_in.update(gradient_stats[name].fisher_in)
