@@ -20,10 +20,12 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, stats: Lay
     if stats is None or stats.xxt is None:
         return None
     C = stats.xxt  # the token count cancels in the ratio; no copy of an n x n matrix
-    W = weight.to(C.device, C.dtype)
-    D = W - approx.to(C.device, C.dtype)
-    num = float(((D @ C) * D).sum())
-    den = float(((W @ C) * W).sum())
+    num = den = 0.0
+    for start in range(0, weight.shape[0], 256):  # row chunks: float64 temporaries of 256 x n, not m x n
+        W = weight[start:start + 256].to(C.device, C.dtype)
+        D = W - approx[start:start + 256].to(C.device, C.dtype)
+        num += float(((D @ C) * D).sum())
+        den += float(((W @ C) * W).sum())
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else None
 
 
