@@ -103,8 +103,7 @@ def check_offload_dir(path: str | Path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
+        tempfile.NamedTemporaryFile(dir=path).close()  # creating a file is the real test of writability
     except OSError as err:
         raise ValueError(f"offload directory {str(path)!r} is not writable: {err.strerror}") from None
     return path
