@@ -82,7 +82,7 @@ def test_session_shuts_down_only_what_it_started(monkeypatch):
     assert calls == [("init", "local"), ("shutdown",)]
     running = True
     with ray_compare.ray_session("local"):
-        pass
+        assert calls == [("init", "local"), ("shutdown",)]  # already connected: no second init
     assert calls == [("init", "local"), ("shutdown",)]
 
 

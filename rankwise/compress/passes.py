@@ -19,7 +19,7 @@ from rankwise.calibrate import LayerStats
 from rankwise.calibrate.stats import GRADIENT_KINDS, StatsObserver
 from rankwise.nn import linear_weight
 from rankwise.progress import progress_bar
-from rankwise.stream import ActivationStore, BlockCall, capture_calls, loss_and_grad, run_block
+from rankwise.stream import ActivationStore, BlockCall, capture_calls, first, loss_and_grad, run_block
 
 
 @dataclass
@@ -78,7 +78,7 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
                 call = streams.call(b, i, device)
                 out = block(h, *call.args, **call.kwargs)
                 streams.as_tuple = isinstance(out, tuple | list)
-                store.put(("scoring", b), out[0] if streams.as_tuple else out)
+                store.put(("scoring", b), first(out))
         source.release(i)
     for b, batch in enumerate(streams.batches):
         store.put(("grad", b), _batch_loss_grad(source, batch, store.get(("scoring", b)), streams.as_tuple))

@@ -81,8 +81,8 @@ def make_plan(source, config: CompressConfig, filter_fn: FilterFn | None, *, has
 
 
 def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterable[torch.Tensor] | None, *,
-        stats: Mapping[str, LayerStats] | None = None, filter_fn: FilterFn | None = None, batch_size: int = 4,
-        progress: bool = True, store: ActivationStore | None = None) -> CompressionReport:
+        store: ActivationStore, stats: Mapping[str, LayerStats] | None = None, filter_fn: FilterFn | None = None,
+        batch_size: int = 4, progress: bool = True) -> CompressionReport:
     """Compress ``source``'s blocks into ``sink`` (the spine shared by :func:`compress_` and
     :func:`compress_checkpoint`)."""
     start = time.perf_counter()
@@ -95,7 +95,6 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
     report = CompressionReport(config.name, config.ratio, sum(p.numel() for p in source.model.parameters()))
     report.notes.append(f"allocation {policy.name}" + (", sequential" if config.sequential else "")
                         + (", left factor refit" if config.update_u else ""))
-    store = store if store is not None else ActivationStore(2**62)
     # Streams the per-block pass reads: precomputed statistics replace the dense stream outside sequential mode.
     main = ("compressed",) if config.sequential else (() if stats is not None else ("dense",))
     wanted = main + (("original",) if config.sequential and config.update_u else ())
