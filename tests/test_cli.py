@@ -63,6 +63,15 @@ def test_compare_writes_table_and_plot(tiny_dir, tmp_path):
     (["compare", "{model}", "--methods", "svd,bogus", "--out", "{tmp}/o"], "unknown method 'bogus'"),
     (["compare", "{model}", "--ratios", "0.2,x", "--out", "{tmp}/o"], "comma-separated list of numbers"),
     (["eval", "{model}", "--text", "{tmp}/none.txt"], "text file"),
+    (["compress", "{model}", "--out", "{tmp}/o", "--calib-samples", "0"], "'--calib-samples': Input should be greater than or equal to 1"),
+    (["eval", "{model}", "--eval-samples", "0"], "'--eval-samples': Input should be greater than or equal to 1"),
+    (["compress", "{model}", "--out", "{tmp}/o", "--batch-size", "0"], "'--batch-size': Input should be greater than or equal to 1"),
+    (["eval", "{model}", "--threads", "0"], "'--threads': Input should be greater than or equal to 1"),
+    (["compare", "{model}", "--out", "{tmp}/o", "--seq-len", "1"], "'--seq-len': Input should be greater than or equal to 2"),
+    (["compress", "{model}", "--out", "{tmp}/o", "--batch-size", "two"], "Invalid value for '--batch-size'"),
+    (["compress", "{model}", "--out", "{tmp}/o", "--bogus"], "No such option: --bogus"),
+    (["eval", "{model}/config.json"], "is a file; give its directory"),
+    (["compress", "{model}", "--out", "{model}", "--overwrite"], "is the input model"),
 ])
 def test_bad_input_one_line_error(tiny_dir, tmp_path, args, message):
     result = run(*[a.format(model=tiny_dir, tmp=tmp_path) for a in args])
@@ -114,3 +123,58 @@ def test_compress_streams_with_dtype_and_json_report(tiny_dir, tmp_path):
     assert json.loads((out / "rankwise.json").read_text())["dtype"] == "bfloat16"
     result = run("compress", tiny_dir, "--out", tmp_path / "o2", "--dtype", "int4", *SMALL)
     assert result.exit_code == 2 and "dtype must be one of float32, bfloat16, float16" in result.output
+
+
+def test_deleted_manifest_is_an_error_not_a_perplexity(tiny_dir, tmp_path):
+    out = tmp_path / "c"
+    assert run("compress", tiny_dir, "--method", "svd_llm", "--out", out, *SMALL).exit_code == 0
+    (out / "rankwise.json").unlink()
+    for stream in ("--stream", "--no-stream"):
+        result = run("eval", out, "--json", stream, "--seq-len", "16", "--eval-samples", "4")
+        assert result.exit_code == 2, result.output
+        assert "holds factorised tensors" in result.output and "perplexity" not in result.output
+
+
+def test_remote_code_is_refused_without_prompting(tiny_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "remote"
+    shutil.copytree(tiny_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    for args in (["eval", model, "--seq-len", "16", "--eval-samples", "4"],
+                 ["compress", model, "--out", tmp_path / "o", *SMALL]):
+        result = runner.invoke(app, [str(a) for a in args], input="y\n")
+        assert result.exit_code == 2, result.output
+        assert "--trust-remote-code" in result.output and "[y/N]" not in result.output
+        assert "remote code ran" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_gguf_garbage_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANKWISE_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    result = run("eval", bad, "--seq-len", "16", "--eval-samples", "4")
+    assert result.exit_code == 2 and "is not a readable GGUF model" in result.output, result.output
+    bad.write_bytes(b"PK\x03\x04 not gguf at all")
+    result = run("eval", bad, "--seq-len", "16", "--eval-samples", "4")
+    assert result.exit_code == 2 and "is not a GGUF file" in result.output, result.output
+
+
+def test_text_is_checked_before_the_model(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    result = run("eval", broken, "--text", tmp_path / "missing.txt")
+    assert result.exit_code == 2 and "text file" in result.output, result.output
+
+
+def test_non_utf8_text_warns(tiny_dir, tmp_path):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes(("café naïve déjà vu " * 400).encode("latin-1"))
+    result = run("eval", tiny_dir, "--text", text, "--seq-len", "16", "--eval-samples", "4")
+    assert result.exit_code == 0, result.output
+    assert "warning: text file" in result.output and "is not valid UTF-8" in result.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -130,3 +132,19 @@ def test_weighted_svd_zero_weights_clamped_and_bad_weights():
         weighted_svd(W, 3, row_weights=torch.ones(9))
     with pytest.raises(ValueError, match="col_weights must be finite and non-negative"):
         weighted_svd(W, 3, col_weights=-torch.ones(8))
+
+
+def test_large_singular_covariance_takes_ridge_then_matches_eigh_quality(monkeypatch):
+    wmod = importlib.import_module("rankwise.linalg.whiten")  # the module (the package exports the function)
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(64, 40, generator=g, dtype=torch.float64)  # 40 tokens, 64 inputs: singular
+    C = X @ X.T
+    W = torch.randn(20, 64, generator=g, dtype=torch.float64)
+    eig = whitened_svd(W, C, 8)
+    assert eig.info["whitening"]["method"] == "eigh"
+    monkeypatch.setattr(wmod, "EIGH_MAX_N", 32)  # treat 64 inputs as "large"
+    ridge = whitened_svd(W, C, 8)
+    assert ridge.info["whitening"]["method"] == "ridge" and ridge.info["whitening"]["damping"] > 0
+    err = [float(torch.linalg.matrix_norm((W - lr.to_dense()) @ X)) for lr in (eig, ridge)]
+    assert abs(err[0] - err[1]) <= 1e-3 * err[0]  # same objective to 0.1 %

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
+
+from rankwise._errors import RankwiseWarning
 
 DEFAULT_TEXT_NAME = "pydoc-topics"
 
@@ -39,11 +42,21 @@ def load_text(path: str | Path | None = None, *, dataset: str | None = None, dat
         if not p.is_file():
             raise ValueError(f"text file {str(p)!r} does not exist")
         text = p.read_text(encoding="utf-8", errors="replace")
+        _warn_if_garbled(text, p)
     else:
         text = default_text()
     if not text.strip():
         raise ValueError("the text is empty")
     return text
+
+
+def _warn_if_garbled(text: str, path: Path) -> None:
+    """Warn when more than 1 % of the characters could not be decoded as UTF-8 (another encoding, or binary)."""
+    bad = text.count("\ufffd")
+    if text and bad > 0.01 * len(text):
+        warnings.warn(f"text file {str(path)!r} is not valid UTF-8: {bad:,} of {len(text):,} characters "
+                      f"({100 * bad / len(text):.1f} %) could not be decoded and were replaced; convert it to UTF-8 "
+                      "(it may be Latin-1/UTF-16 or not text at all)", RankwiseWarning, stacklevel=3)
 
 
 def split_windows(token_ids: torch.Tensor, seq_len: int, calib_samples: int, eval_samples: int

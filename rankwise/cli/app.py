@@ -1,15 +1,53 @@
-"""Typer application wiring the commands together."""
+"""Typer application wiring the commands together, with one-line errors for every kind of bad input."""
 
 from __future__ import annotations
 
+import signal
+import sys
+import warnings
+from typing import Any
+
 import typer
+from typer.core import TyperGroup
 
 from rankwise.cli import compare as compare_cmd
 from rankwise.cli import compensate as compensate_cmd
 from rankwise.cli import compress as compress_cmd
 from rankwise.cli import evaluate as evaluate_cmd
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class OneLineGroup(TyperGroup):
+    """Click's own usage errors (a bad option value, an unknown option) as ``error: ...`` and exit 2, like
+    rankwise's; warnings as ``warning: ...`` lines."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                rv = super().main(*args, standalone_mode=False, **kwargs)
+            except typer.TyperException as err:  # typer's click exceptions (usage errors, bad option values)
+                if not standalone_mode:
+                    raise
+                if type(err).__name__ == "NoArgsIsHelpError":  # plain `rankwise`: the help text
+                    err.show()
+                else:
+                    print(f"error: {err.format_message()}", file=sys.stderr, flush=True)
+                sys.exit(err.exit_code)
+            except typer.Abort:
+                if not standalone_mode:
+                    raise
+                print("aborted", file=sys.stderr, flush=True)
+                sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=OneLineGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Low-rank compression of language models: compress, evaluate, compare, compensate.")
 app.command("compress")(compress_cmd.compress)
 app.command("eval")(evaluate_cmd.evaluate)
@@ -17,5 +55,15 @@ app.command("compare")(compare_cmd.compare)
 app.command("compensate")(compensate_cmd.compensate)
 
 
+def _terminate(signum: int, _frame: Any) -> None:
+    """SIGTERM (sent by ``timeout``, ``docker stop`` and batch schedulers) is handled like Ctrl-C: the run stops,
+    its temporary output is removed, nothing is left half-written."""
+    raise KeyboardInterrupt(signum)
+
+
 def main() -> None:
+    from rankwise._memory import pin_mmap_threshold
+
+    signal.signal(signal.SIGTERM, _terminate)
+    pin_mmap_threshold()  # large temporaries are unmapped when freed: peak memory does not creep block by block
     app()

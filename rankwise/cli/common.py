@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,18 +19,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 ModelArg = Annotated[str, typer.Argument(help="'smollm2' (default model), a directory, a .gguf file or a hub id")]
 TextOpt = Annotated[str | None, typer.Option("--text", help="text file for calibration and evaluation")]
 DatasetOpt = Annotated[str | None, typer.Option("--dataset", help="Hugging Face datasets name (needs network)")]
-SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="tokens per window")]
-CalibOpt = Annotated[int, typer.Option("--calib-samples", help="calibration windows (from the start of the text)")]
-EvalOpt = Annotated[int, typer.Option("--eval-samples", help="evaluation windows (from the end, disjoint)")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="windows per forward pass")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="tokens per window")]
+CalibOpt = Annotated[int, typer.Option("--calib-samples", min=1,
+                                       help="calibration windows (from the start of the text)")]
+EvalOpt = Annotated[int, typer.Option("--eval-samples", min=1, help="evaluation windows (from the end, disjoint)")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="windows per forward pass")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow a model that ships its own Python code "
+                                        "(auto_map in config.json) to run it; read that code first")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 for weights and "
                                               "activations (default: the checkpoint's)")]
 OffloadOpt = Annotated[str | None, typer.Option("--offload-dir", help="where block-boundary activations spill above "
                                                 "--activation-mb (default: beside the output)")]
-ActivationOpt = Annotated[float, typer.Option("--activation-mb", help="activations kept in memory before spilling")]
+ActivationOpt = Annotated[float, typer.Option("--activation-mb", min=0,
+                                              help="activations kept in memory before spilling")]
 
 
 def one_line_errors(fn: F) -> F:
@@ -43,9 +48,10 @@ def one_line_errors(fn: F) -> F:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             print(f"error: {message}", file=sys.stderr, flush=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM turned into one by the CLI's handler
             print("interrupted; nothing was written", file=sys.stderr, flush=True)
-            raise typer.Exit(130) from None
+            signum = err.args[0] if err.args and isinstance(err.args[0], int) else signal.SIGINT
+            raise typer.Exit(128 + signum) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -71,13 +77,17 @@ class Workload:
 
 
 def prepare(model: str, text: str | None, dataset: str | None, seq_len: int, calib: int, evaluation: int,
-            device: str, threads: int | None) -> Workload:
-    """Load the model and cut the text into disjoint calibration and evaluation windows."""
-    from rankwise.io.models import load_model
+            device: str, threads: int | None, trust_remote_code: bool = False, raw: str | None = None) -> Workload:
+    """Cut the text (``raw`` if already read) into disjoint calibration and evaluation windows, then load the
+    model: the text and the tokenizer are checked first, so their errors never wait for a model load."""
+    from rankwise.io.models import load_model, load_tokenizer, resolve
 
     setup(device, threads)
-    loaded = load_model(model, device=device)
-    calibration, evaluation_ids, text_name = windows(loaded.tokenizer, text, dataset, seq_len, calib, evaluation)
+    raw = load_text(text, dataset=dataset) if raw is None else raw
+    path, _ = resolve(model)
+    calibration, evaluation_ids, text_name = windows(load_tokenizer(path, trust_remote_code), raw, text, dataset,
+                                                     seq_len, calib, evaluation)
+    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
     return Workload(loaded.model, loaded.tokenizer, loaded.source, calibration, evaluation_ids, text_name)
 
 
@@ -92,10 +102,9 @@ def setup(device: str, threads: int | None) -> None:
         raise ValueError(f"--device {device} requested but CUDA is not available; use --device cpu")
 
 
-def windows(tokenizer: Any, text: str | None, dataset: str | None, seq_len: int, calib: int, evaluation: int
-            ) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Disjoint calibration and evaluation windows of the text, and the text's display name."""
-    raw = load_text(text, dataset=dataset)
+def windows(tokenizer: Any, raw: str, text: str | None, dataset: str | None, seq_len: int, calib: int,
+            evaluation: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Disjoint calibration and evaluation windows of the text ``raw``, and the text's display name."""
     ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
     calibration, evaluation_ids = split_windows(ids, seq_len, calib, evaluation)
     return calibration, evaluation_ids, text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)

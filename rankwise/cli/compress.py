@@ -19,6 +19,7 @@ from rankwise.cli.common import (
     SeqLenOpt,
     TextOpt,
     ThreadsOpt,
+    TrustOpt,
     comma_list,
     one_line_errors,
     prepare,
@@ -55,6 +56,7 @@ def compress(
     activation_mb: ActivationOpt = 1024,
     json_report: Annotated[str | None, typer.Option("--json-report", help="also write the report as JSON here")
                            ] = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Compress MODEL with METHOD at RATIO and save it to OUT.
 
@@ -64,10 +66,11 @@ def compress(
     import json
     from pathlib import Path
 
+    from rankwise.calibrate import load_text
     from rankwise.compress import compress_, compress_checkpoint
     from rankwise.io import save
-    from rankwise.io.atomic import check_output_dir
-    from rankwise.io.models import checkpoint_dir, load_tokenizer
+    from rankwise.io.atomic import check_output_dir, claim, refuse_overlap
+    from rankwise.io.models import checkpoint_dir, load_tokenizer, resolve
     from rankwise.methods import config_class
     from rankwise.stream import parse_dtype
 
@@ -78,26 +81,32 @@ def compress(
     config = config_class(method)(ratio=ratio, targets=tuple(comma_list(targets, "--targets")),
                                   allocation=allocation, sequential=sequential, update_u=update_u)
     parse_dtype(dtype)
-    if activation_mb < 0:
-        raise ValueError(f"--activation-mb must be >= 0, got {activation_mb}")
     check_output_dir(out, overwrite)  # fail before the slow part
     setup(device, threads)
+    raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
     path, _ = checkpoint_dir(model)
-    if path is not None:
-        tokenizer = load_tokenizer(path)
-        calibration, _, _ = windows(tokenizer, text, dataset, seq_len, calib_samples, 0)
-        report = compress_checkpoint(path, config, calibration, out, tokenizer=tokenizer, dtype=dtype, device=device,
-                                     export=export, overwrite=overwrite, batch_size=batch_size,
-                                     activation_mb=activation_mb, offload_dir=offload_dir)
-    else:
-        work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads)
-        if dtype is not None:
-            work.model.to(parse_dtype(dtype))
-        report = compress_(work.model, config, work.calibration, batch_size=batch_size, activation_mb=activation_mb,
-                           offload_dir=offload_dir)
-        save(work.model, out, tokenizer=work.tokenizer, report=report, overwrite=overwrite, export=export)
+    source = path if path is not None else resolve(model)[0]
+    if isinstance(source, Path):
+        refuse_overlap(out, source)
+    with claim(out):  # no other run writes OUT until this one is done
+        if path is not None:
+            tokenizer = load_tokenizer(path, trust_remote_code)
+            calibration, _, _ = windows(tokenizer, raw, text, dataset, seq_len, calib_samples, 0)
+            report = compress_checkpoint(path, config, calibration, out, tokenizer=tokenizer, dtype=dtype,
+                                         device=device, export=export, overwrite=overwrite, batch_size=batch_size,
+                                         activation_mb=activation_mb, offload_dir=offload_dir,
+                                         trust_remote_code=trust_remote_code)
+        else:
+            work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code, raw)
+            if dtype is not None:
+                work.model.to(parse_dtype(dtype))
+            report = compress_(work.model, config, work.calibration, batch_size=batch_size,
+                               activation_mb=activation_mb, offload_dir=offload_dir)
+            save(work.model, out, tokenizer=work.tokenizer, report=report, overwrite=overwrite, export=export)
     if json_report:
-        Path(json_report).write_text(json.dumps(report.to_dict(), indent=1))
+        from rankwise.io.atomic import write_text_atomic
+
+        write_text_atomic(Path(json_report), json.dumps(report.to_dict(), indent=1))
     if show_layers:
         say(report.to_markdown())
     else:
@@ -106,5 +115,6 @@ def compress(
             say(f"note: {note}")
         fallbacks = sum(1 for layer in report.layers if layer.covariance_fallback)
         if fallbacks:
-            say(f"note: {fallbacks} layers had a covariance that was not positive definite (eigen fallback used)")
+            say(f"note: {fallbacks} layers had a covariance that was not positive definite (ridge or eigen "
+                "fallback used)")
     say(f"saved {export} model to {out}")

@@ -21,6 +21,7 @@ from rankwise.cli.common import (
     SeqLenOpt,
     TextOpt,
     ThreadsOpt,
+    TrustOpt,
     one_line_errors,
     prepare,
     say,
@@ -46,26 +47,31 @@ def evaluate(
     dtype: DtypeOpt = None,
     offload_dir: OffloadOpt = None,
     activation_mb: ActivationOpt = 1024,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Evaluate MODEL (dense or a rankwise directory) on held-out windows from the end of the text."""
+    from rankwise.calibrate import load_text
     from rankwise.eval import evaluate as run
     from rankwise.eval.measure import result_for
     from rankwise.eval.stream import streamed_perplexity
     from rankwise.io.models import load_tokenizer, resolve, weights_bytes
 
+    setup(device, threads)
+    raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
     path, source = resolve(model)
     if stream is None:
         stream = isinstance(path, Path) and weights_bytes(path) > 0.5 * psutil.virtual_memory().available
     if stream:
         if not (isinstance(path, Path) and weights_bytes(path) > 0):
             raise ValueError(f"--stream needs a local directory with safetensors weights, got {model!r}")
-        setup(device, threads)
-        _, evaluation, text_name = windows(load_tokenizer(path), text, dataset, seq_len, 0, eval_samples)
+        _, evaluation, text_name = windows(load_tokenizer(path, trust_remote_code), raw, text, dataset, seq_len, 0,
+                                           eval_samples)
         ppl, src = streamed_perplexity(path, evaluation, batch_size=batch_size, device=device, dtype=dtype,
-                                       activation_mb=activation_mb, offload_dir=offload_dir, progress=not as_json)
+                                       activation_mb=activation_mb, offload_dir=offload_dir, progress=not as_json,
+                                       trust_remote_code=trust_remote_code)
         result = result_for(src.model, evaluation, ppl, None)
     else:
-        work = prepare(model, text, dataset, seq_len, 0, eval_samples, device, threads)
+        work = prepare(model, text, dataset, seq_len, 0, eval_samples, device, threads, trust_remote_code, raw)
         source, text_name = work.source, work.text_name
         result = run(work.model, work.evaluation, batch_size=batch_size, progress=not as_json)
     if as_json:

@@ -13,7 +13,7 @@ from torch import nn
 from rankwise.calibrate import LayerStats
 from rankwise.compress.layer import relative_output_error
 from rankwise.compress.pipeline import run
-from rankwise.io.atomic import atomic_dir
+from rankwise.io.atomic import atomic_dir, refuse_overlap
 from rankwise.methods import CompressConfig
 from rankwise.report import CompressionReport
 from rankwise.stream import ActivationStore, CheckpointSource, InPlaceSink, ModelSource, ShardSink, check_offload_dir
@@ -80,6 +80,7 @@ def compress_checkpoint(
     progress: bool = True,
     activation_mb: float = DEFAULT_ACTIVATION_MB,
     offload_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> CompressionReport:
     """Compress a safetensors checkpoint directory into ``out`` without ever holding the whole model in memory.
 
@@ -101,10 +102,16 @@ def compress_checkpoint(
         export: ``"factored"`` or ``"dense"``.
         activation_mb: block-boundary activations kept in memory before spilling to ``offload_dir``.
         offload_dir: where activations spill; default a temporary directory beside ``out``.
+        trust_remote_code: allow a checkpoint that ships its own model code (refused by default).
+
+    Raises:
+        ValueError: one line, for a damaged checkpoint (see :class:`~rankwise.stream.CheckpointSource`), an
+            ``out`` that is, is inside or contains ``path``, or an ``out`` another run is writing.
     """
     if export not in ("factored", "dense"):
         raise ValueError(f"export must be 'factored' or 'dense', got {export!r}")
-    source = CheckpointSource(path, device=device, dtype=dtype)
+    refuse_overlap(out, path)
+    source = CheckpointSource(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     out = Path(out)
     offload = check_offload_dir(offload_dir if offload_dir is not None else out.absolute().parent)
     with atomic_dir(out, overwrite) as tmp, ActivationStore(int(activation_mb * 2**20), offload) as store:

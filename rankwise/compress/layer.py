@@ -48,7 +48,7 @@ def factorise(name: str, module: nn.Module, stats: LayerStats | None, rank: int,
     err = relative_output_error(weight, new.dense_weight().detach(), stats)
     before = weight.numel() + (bias.numel() if bias is not None else 0)
     wh = lr.info.get("whitening")
-    fallback = isinstance(wh, Mapping) and wh.get("method") == "eigh"
+    fallback = isinstance(wh, Mapping) and wh.get("method") in ("eigh", "ridge")
     row = LayerReport(name, tuple(weight.shape), lr.rank, before, new.num_params, err, describe(lr.info), fallback)
     return new, row
 
@@ -62,5 +62,7 @@ def describe(info: Mapping[str, object]) -> str:
     wh = info.get("whitening")
     if isinstance(wh, Mapping) and wh.get("method") == "eigh":
         return f"covariance not positive definite: eigen-decomposition, {wh['clamped']} eigenvalues clamped"
+    if isinstance(wh, Mapping) and wh.get("method") == "ridge":
+        return f"covariance not positive definite: Cholesky after a ridge of {wh['damping']:.3g}"
     clamped = int(info.get("clamped_row_weights", 0) or 0) + int(info.get("clamped_col_weights", 0) or 0)
     return f"{clamped} zero weights clamped" if clamped else ""

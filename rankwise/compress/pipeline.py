@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rankwise._memory import trim
 from rankwise.calibrate import LayerStats
 from rankwise.calibrate.stats import INPUT_KINDS, StatsObserver, iter_batches
 from rankwise.compress.layer import check_finite, dense_row, factorise
@@ -126,6 +127,7 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
         report.layers.extend(rows)
         sink.write_block(i, block)
         source.release(i)
+        trim()  # this block's covariances and factors are freed: hand the memory back before the next block
         report.block_seconds.append(time.perf_counter() - block_start)
     for name in dense + plan.outside:
         report.layers.append(dense_row(name, plan.shapes[name], plan.biases[name]))

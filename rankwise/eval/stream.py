@@ -15,7 +15,7 @@ from rankwise.stream import ActivationStore, CheckpointSource, capture_calls, fi
 def streamed_perplexity(path: str | Path, windows: torch.Tensor, *, batch_size: int = 8,
                         device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                         activation_mb: float = 1024, offload_dir: str | Path | None = None,
-                        progress: bool = False) -> tuple[float, CheckpointSource]:
+                        progress: bool = False, trust_remote_code: bool = False) -> tuple[float, CheckpointSource]:
     """``exp`` of the mean next-token NLL over ``windows``, holding one decoder block in memory at a time.
 
     Equal (up to float rounding) to :func:`~rankwise.eval.perplexity` of the loaded model. Works on dense Hugging
@@ -26,7 +26,7 @@ def streamed_perplexity(path: str | Path, windows: torch.Tensor, *, batch_size: 
     """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be token ids of shape (n, seq_len >= 2), got {tuple(windows.shape)}")
-    source = CheckpointSource(path, device=device, dtype=dtype)
+    source = CheckpointSource(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     batches = list(windows.split(batch_size))
     with ActivationStore(int(activation_mb * 2**20), offload_dir) as store:
         source.load_rest()

@@ -1,13 +1,98 @@
-"""Write a directory atomically: build it under a temporary name beside the target, then rename."""
+"""Write a directory so that it cannot be half-written, clobbered or left behind.
+
+* :func:`claim` takes an exclusive lock (``flock`` on ``.<out>.lock`` beside the output) for as long as a run writes
+  ``out``; a second run on the same ``out`` fails at once, naming the first one's pid. The lock dies with its
+  process, so a killed run never blocks the next one.
+* :func:`atomic_dir` builds the output under ``.<out>.tmp-<pid>-<host>-<random>`` (with a marker file inside, so
+  loaders refuse it), and renames it into place only when the work finished; an output that appeared meanwhile is
+  refused unless ``overwrite``.
+* Temporary and superseded directories whose owner process is gone (same host, pid no longer alive) are removed by
+  the next run on the same output, with a warning naming them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import hashlib
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+
+from rankwise._errors import RankwiseWarning
+
+WRITING = ".rankwise-writing"  # marker inside an output that is still being written
+_SCRATCH = re.compile(r"^(?P<stem>.+)(?P<kind>\.tmp-|\.old-|-activations-)(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-\w+$")
+_held: dict[str, int] = {}  # locks this process holds: path -> depth (claim is re-entrant)
+
+
+def _host() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def scratch_name(stem: str, kind: str) -> str:
+    """``<stem><kind><pid>-<host>-<random>``: a name that says which process on which host owns it."""
+    return f"{stem}{kind}{os.getpid()}-{_host()}-{secrets.token_hex(4)}"
+
+
+def make_scratch_dir(parent: Path, stem: str, kind: str, *, private: bool = False) -> Path:
+    """Create a fresh owned scratch directory under ``parent`` (permissions follow the umask, or 0700)."""
+    path = parent / scratch_name(stem, kind)
+    path.mkdir(mode=0o700 if private else 0o777 & ~_umask())
+    return path
+
+
+def is_unfinished(path: str | Path) -> bool:
+    """Whether ``path`` is a temporary or superseded rankwise output (being written, or left by a killed run)."""
+    path = Path(path)
+    match = _SCRATCH.match(path.name)
+    return (path / WRITING).exists() or bool(match and match["kind"] in (".tmp-", ".old-"))
+
+
+def remove_dead_scratch(parent: Path, stem: str) -> list[Path]:
+    """Remove scratch directories named after ``stem`` in ``parent`` whose owner process on this host is gone.
+
+    Returns what was removed (a warning names each one)."""
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _SCRATCH.match(entry.name)
+        if not match or match["stem"] != stem or match["host"] != _host() or _alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(entry)
+                warnings.warn(f"removed {entry}, left by a rankwise run that died (pid {match['pid']})",
+                              RankwiseWarning, stacklevel=2)
+    return removed
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
@@ -20,24 +105,105 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+def refuse_overlap(out: str | Path, source: str | Path) -> None:
+    """Refuse an output that is, is inside, or contains the input model (writing it would destroy the input)."""
+    o, s = Path(out).resolve(), Path(source).resolve()
+    if o == s or s in o.parents or o in s.parents:
+        where = "is" if o == s else ("is inside" if s in o.parents else "contains")
+        raise ValueError(f"--out {str(out)!r} {where} the input model {str(source)!r}; choose a directory outside it")
+
+
+@contextlib.contextmanager
+def claim(out: str | Path) -> Iterator[Path]:
+    """Hold the exclusive write lock of ``out`` for the block (re-entrant within one process).
+
+    Raises:
+        ValueError: another live process holds it (its pid is named).
+    """
+    out = Path(out)
+    key = str(out.absolute())
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield out
+        finally:
+            _held[key] -= 1
+        return
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the parent directory of {str(out)!r} ({err.strerror})") from None
+    lock = out.absolute().parent / f".{out.name}.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise ValueError(f"cannot create the lock file {lock} ({err.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ValueError(f"another rankwise run (pid {owner}) is writing {str(out)!r}; wait for it to "
+                                 "finish or choose another --out") from None
+            raise ValueError(f"cannot lock {lock} ({err.strerror})") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the lock file was removed by its previous holder meanwhile: lock the new one
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _held[key] = 1
+    try:
+        yield out
+    finally:
+        del _held[key]
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out`` only if the block finishes without error."""
+    """Yield a temporary directory that replaces ``out`` only if the block finishes without error.
+
+    The output is locked for the duration (:func:`claim`), leftovers of dead runs on it are removed first, and an
+    output that appeared while the block ran is refused unless ``overwrite``.
+    """
     out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory
+    with claim(out):
+        parent = out.absolute().parent
+        remove_dead_scratch(parent, f".{out.name}")
+        tmp = make_scratch_dir(parent, f".{out.name}", ".tmp-")
+        try:
+            (tmp / WRITING).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+            yield tmp
+            if out.exists() and not overwrite:
+                raise ValueError(f"output directory {str(out)!r} appeared while this run was writing it; "
+                                 "pass --overwrite to replace it")
+            (tmp / WRITING).unlink()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = None
+        if out.exists():
+            old = parent / scratch_name(f".{out.name}", ".old-")
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file via a temporary file in the same directory and a rename (never half-written)."""
+    tmp = path.parent / scratch_name(f".{path.name}", ".tmp-")
     try:
-        yield tmp
+        tmp.write_text(text)
+        tmp.replace(path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
         raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

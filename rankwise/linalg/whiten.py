@@ -24,9 +24,10 @@ class Whitening:
     """A square root ``S`` of a covariance ``C ~= S S^T``, in float64, applied without forming ``S^-1``.
 
     Attributes:
-        method: ``"cholesky"`` when ``C`` (plus damping) was positive definite, else ``"eigh"`` (eigenvalues below
-            ``floor`` were raised to it).
-        damping: the ridge added to the diagonal before factorising.
+        method: ``"cholesky"`` when ``C`` (plus damping) was positive definite; ``"ridge"`` when a Cholesky factor
+            was found after adding a small ridge (large ``n`` only, see :func:`whiten`); else ``"eigh"`` (eigenvalues
+            below ``floor`` were raised to it).
+        damping: the ridge added to the diagonal before factorising (absolute).
         clamped: number of eigenvalues raised to the floor (0 for Cholesky).
         eig_min: smallest eigenvalue of the symmetrised input, when computed (``eigh`` path), else ``None``.
         basis: ``(n, n)``: the lower-triangular Cholesky factor ``L``, or the eigenvectors ``Q`` (then
@@ -50,16 +51,23 @@ class Whitening:
     def size(self) -> int:
         return self.basis.shape[0]
 
-    def right_multiply(self, M: torch.Tensor) -> torch.Tensor:
-        """``M @ S`` in ``M``'s dtype (float32 or float64), without forming ``S`` for the eigh form."""
-        if self.roots is None:
-            return M @ self.basis.to(M.dtype)
-        return (M @ self.basis.to(M.dtype)) * self.roots.to(M.dtype)
+    def right_multiply(self, M: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        """``M @ S`` in ``M``'s dtype (float32 or float64), without forming ``S`` for the eigh form.
+
+        ``S`` is converted to ``M``'s dtype ``chunk`` columns at a time, so no full-size copy of it is made.
+        """
+        out = M.new_empty(M.shape[0], self.size)
+        for start in range(0, self.size, chunk):
+            cols = slice(start, start + chunk)
+            torch.matmul(M, self.basis[:, cols].to(M.dtype), out=out[:, cols])
+            if self.roots is not None:
+                out[:, cols] *= self.roots[cols].to(M.dtype)
+        return out
 
     def right_solve(self, M: torch.Tensor) -> torch.Tensor:
         """``M @ S^-1`` without forming the inverse (a triangular solve, or a scaled rotation)."""
         M = M.to(self.basis.dtype)
-        if self.method == "cholesky":
+        if self.roots is None:
             return torch.linalg.solve_triangular(self.basis, M, upper=False, left=False)
         return (M / self.roots) @ self.basis.mT
 
@@ -73,14 +81,37 @@ class Whitening:
         return {"method": self.method, "damping": self.damping, "clamped": self.clamped, "eig_min": self.eig_min}
 
 
+EIGH_MAX_N = 4096
+"""Above this many inputs a singular covariance is first retried with a ridge before the eigen fallback: LAPACK's
+symmetric eigensolver needs about ``2 n^2`` doubles of workspace (1 GB at ``n = 8192``) and ten times the time of a
+Cholesky factorisation."""
+
+RIDGES = (1e-6, 1e-5, 1e-4)
+"""Relative ridges (times the mean diagonal) tried in turn for large singular covariances (SVD-LLM's own remedy)."""
+
+
+def _cholesky(C: torch.Tensor, floor: float) -> torch.Tensor | None:
+    L, info = torch.linalg.cholesky_ex(C)
+    # Accept Cholesky only if it is well conditioned enough that S^-1 stays finite and meaningful.
+    if int(info) == 0 and float(L.diagonal().min()) ** 2 > floor * float(C.diagonal().max()):
+        return L
+    return None
+
+
 def whiten(C: torch.Tensor, *, damp: float = 0.0, floor: float = 1e-8, scale: float = 1.0) -> Whitening:
     """Factor a covariance ``C = X X^T`` as ``S S^T`` robustly.
 
     ``C`` is symmetrised and moved to float64; ``damp * mean(diag(C))`` is added to its diagonal. A Cholesky
     factorisation is tried first. If ``C`` is singular or indefinite (as happens with few calibration tokens or
-    dead input channels) the eigen-decomposition ``C = Q diag(l) Q^T`` is used instead, with eigenvalues below
-    ``floor * max(l)`` raised to that floor, and ``S = Q diag(sqrt(l))``. Never raises on a finite ``C``.
-    ``scale`` multiplies ``C`` first (e.g. ``1 / tokens`` for a sum ``X X^T``), without a copy of ``C``.
+    dead input channels):
+
+    * for ``n > EIGH_MAX_N`` inputs, Cholesky is retried with ridges of :data:`RIDGES` times the mean diagonal
+      (method ``"ridge"``), which needs no workspace beyond the factor;
+    * otherwise, or if those fail, the eigen-decomposition ``C = Q diag(l) Q^T`` is used, with eigenvalues below
+      ``floor * max(l)`` raised to that floor, and ``S = Q diag(sqrt(l))``.
+
+    Never raises on a finite ``C``. ``scale`` multiplies ``C`` first (e.g. ``1 / tokens`` for a sum ``X X^T``),
+    without a copy of ``C``.
     """
     C = check_matrix(C, "C")
     if C.shape[0] != C.shape[1]:
@@ -93,11 +124,17 @@ def whiten(C: torch.Tensor, *, damp: float = 0.0, floor: float = 1e-8, scale: fl
     ridge = damp * scale
     if ridge > 0:
         C.diagonal().add_(ridge)
-    L, info = torch.linalg.cholesky_ex(C)
-    # Accept Cholesky only if it is well conditioned enough that S^-1 stays finite and meaningful.
-    if int(info) == 0 and float(L.diagonal().min()) ** 2 > floor * float(C.diagonal().max()):
+    L = _cholesky(C, floor)
+    if L is not None:
         return Whitening("cholesky", ridge, 0, None, L)
-    del L
+    if C.shape[0] > EIGH_MAX_N:
+        for relative in RIDGES:
+            extra = relative * scale
+            C.diagonal().add_(extra)
+            ridge += extra
+            L = _cholesky(C, floor)
+            if L is not None:
+                return Whitening("ridge", ridge, 0, None, L)
     evals, Q = torch.linalg.eigh(C)
     del C
     top = float(evals.max().clamp_min(0.0))

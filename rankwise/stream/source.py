@@ -7,19 +7,29 @@ computed for real, and each block's parameters are read from the safetensors sha
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from rankwise.io.save import install_lowrank, is_compressed_dir, read_manifest
+from rankwise.io.checkpoint import (
+    INDEX,
+    SAFETENSORS_DTYPES,
+    SafeOpen,
+    check_model_dir,
+    checkpoint_dtype,
+    load_config,
+    refuse_factored_without_manifest,
+    weight_map,
+)
+from rankwise.io.manifest import read_manifest
+from rankwise.io.save import install_lowrank, is_compressed_dir
 from rankwise.stream.blocks import block_of, decoder_blocks
 
+__all__ = ["DTYPES", "INDEX", "CheckpointSource", "ModelSource", "parse_dtype"]
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-INDEX = "model.safetensors.index.json"
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -76,30 +86,41 @@ class CheckpointSource:
         device: where blocks are materialised and run.
         dtype: parameter dtype (default: the checkpoint's own).
 
+        trust_remote_code: allow a checkpoint that ships its own model code (``auto_map``); refused otherwise.
+
     Raises:
-        ValueError: one line naming the file, for a missing config, a missing, truncated or unreadable shard, an index
-            naming a missing file or tensor, or a checkpoint lacking tensors the architecture needs.
+        ValueError: one line naming the file, for a missing or invalid config or manifest, a missing, truncated or
+            unreadable shard, an index naming a missing file or tensor, or a checkpoint whose tensors do not match
+            the architecture (missing, unexpected, or of another shape).
     """
 
     def __init__(self, path: str | Path, *, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None) -> None:
+                 dtype: str | torch.dtype | None = None, trust_remote_code: bool = False) -> None:
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         self.path = Path(path)
+        check_model_dir(self.path)
         if not (self.path / "config.json").is_file():
             raise ValueError(f"{self.path}/config.json is missing: not a Hugging Face checkpoint directory")
-        self.weight_map = _weight_map(self.path)
-        self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
+        self.config = load_config(self.path, trust_remote_code)
+        manifest = read_manifest(self.path) if is_compressed_dir(self.path) else None
+        self.weight_map = weight_map(self.path)
+        if manifest is None:
+            refuse_factored_without_manifest(self.path, self.weight_map)
         with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(self.config, trust_remote_code=False)
-            if is_compressed_dir(self.path):  # a rankwise directory: its factorised layers, on meta too
+            self.model = AutoModelForCausalLM.from_config(self.config, trust_remote_code=trust_remote_code)
+            if manifest is not None:  # a rankwise directory: its factorised layers, on meta too
                 with torch.device("meta"):
-                    install_lowrank(self.model, read_manifest(self.path))
+                    install_lowrank(self.model, manifest)
         self.model.tie_weights()
         self.model.eval()
         self.device = torch.device(device)
-        self.dtype = parse_dtype(dtype) or _checkpoint_dtype(self.path, self.weight_map)
+        self.dtype = parse_dtype(dtype) or (manifest.dtype if manifest is not None
+                                            else checkpoint_dtype(self.path, self.weight_map))
+        # A rankwise directory's tensors must be stored in its manifest's dtype (a retyped tensor is damage, not a
+        # conversion request); plain checkpoints are converted to ``dtype`` as asked.
+        self.stored_dtype = manifest.dtype if manifest is not None else None
         self.blocks_name, self.blocks = decoder_blocks(self.model)
         self.keys = self._match_keys()
 
@@ -107,21 +128,36 @@ class CheckpointSource:
     def input_device(self) -> torch.device:
         return self.device
 
+    def _stored_name(self, name: str, prefix: str) -> str | None:
+        if name in self.weight_map:
+            return name
+        if name.startswith(prefix) and name[len(prefix):] in self.weight_map:
+            return name[len(prefix):]
+        return None
+
     def _match_keys(self) -> dict[str, str]:
-        """Model parameter name -> checkpoint tensor name; tied parameters may be absent."""
+        """Model parameter name -> checkpoint tensor name. Parameters that share one tensor (tied embeddings) need
+        only one of their names stored; every other parameter must be there."""
         prefix = f"{getattr(self.model, 'base_model_prefix', '')}."
-        tied = _tied_names(self.model)
+        groups: dict[int, list[str]] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
         keys, missing = {}, []
-        for name, _ in self.model.named_parameters(remove_duplicate=False):
-            if name in self.weight_map:
-                keys[name] = name
-            elif name.startswith(prefix) and name[len(prefix):] in self.weight_map:
-                keys[name] = name[len(prefix):]
-            elif name not in tied:
-                missing.append(name)
+        for names in groups.values():
+            stored = [self._stored_name(n, prefix) for n in names]
+            found = next((k for k in stored if k is not None), None)
+            if found is None:
+                missing.append(names[0])
+                continue
+            for name, key in zip(names, stored, strict=True):
+                keys[name] = key if key is not None else found
         if missing:
             raise ValueError(f"{self.path} lacks {len(missing)} tensors the {type(self.model).__name__} architecture "
                              f"needs, e.g. {missing[0]!r}")
+        unexpected = [n for n in sorted(set(self.weight_map) - set(keys.values())) if not _ignorable(self.model, n)]
+        if unexpected:
+            raise ValueError(f"{self.path} holds {len(unexpected)} tensors the {type(self.model).__name__} "
+                             f"architecture does not have, e.g. {unexpected[0]!r} in {self.weight_map[unexpected[0]]}")
         return keys
 
     def _names(self, i: int | None) -> list[str]:
@@ -132,9 +168,19 @@ class CheckpointSource:
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.weight_map[self.keys[name]], []).append(name)
+        params = dict(self.model.named_parameters(remove_duplicate=False))
         for file, group in by_file.items():
-            with _SafeOpen(self.path / file, self.device) as f:
+            with SafeOpen(self.path / file, self.device) as f:
                 for name in group:
+                    info = f.get_slice(self.keys[name])
+                    shape = tuple(info.get_shape())
+                    if shape != tuple(params[name].shape):
+                        raise ValueError(f"tensor {self.keys[name]!r} in {self.path / file} has shape {shape}, the "
+                                         f"architecture needs {tuple(params[name].shape)}")
+                    stored = SAFETENSORS_DTYPES.get(info.get_dtype())
+                    if self.stored_dtype is not None and stored != self.stored_dtype:
+                        raise ValueError(f"tensor {self.keys[name]!r} in {self.path / file} is {info.get_dtype()}, "
+                                         f"its rankwise.json says {self.stored_dtype}")
                     yield name, f.get_tensor(self.keys[name]).to(self.dtype)
 
     def load(self, i: int) -> nn.Module:
@@ -173,85 +219,13 @@ def _to_meta(module: nn.Module, recurse: bool = True, memo: dict[int, nn.Paramet
                 mod._parameters[leaf] = memo[id(p)]
 
 
-def _tied_names(model: nn.Module) -> set[str]:
-    """Names of parameters that share storage with an earlier one (only the first is stored)."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.add(name)
-        seen.setdefault(id(p), name)
-    if getattr(model.config, "tie_word_embeddings", False):
-        out = model.get_output_embeddings()
-        if out is not None:
-            tied |= {n for n, p in model.named_parameters(remove_duplicate=False) if p is out.weight}
-    return tied
+def _ignorable(model: nn.Module, name: str) -> bool:
+    """A checkpoint tensor the model has no parameter for, but may carry: a buffer, or a name the architecture
+    declares ignorable (``_keys_to_ignore_on_load_unexpected``, e.g. stale rotary frequencies)."""
+    import re
 
-
-class _SafeOpen:
-    """``safe_open`` whose failures become one-line errors naming the file."""
-
-    def __init__(self, path: Path, device: torch.device) -> None:
-        self.path, self.device = path, device
-
-    def __enter__(self):
-        if not self.path.is_file():
-            raise ValueError(f"checkpoint file {self.path} is missing")
-        try:
-            self._f = safe_open(str(self.path), framework="pt", device=str(self.device))
-            return self._f.__enter__()
-        except Exception as err:  # safetensors raises its own error types for bad headers
-            raise ValueError(f"checkpoint file {self.path} is truncated or not a safetensors file "
-                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-
-    def __exit__(self, *exc: object) -> None:
-        self._f.__exit__(*exc)
-
-
-def _weight_map(path: Path) -> dict[str, str]:
-    """Tensor name -> shard file, checking that every named file exists and holds what the index says."""
-    index = path / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{index} is not a valid safetensors index ({err})") from None
-    elif (path / "model.safetensors").is_file():
-        weight_map = None
-    else:
-        raise ValueError(f"{path} has no model.safetensors or {INDEX}; rankwise streams safetensors checkpoints")
-    files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-    found: dict[str, str] = {}
-    for file in files:
-        fpath = path / file
-        if not fpath.is_file():
-            raise ValueError(f"checkpoint file {fpath} is missing" + (f" (named in {INDEX})" if weight_map else ""))
-        with _SafeOpen(fpath, torch.device("cpu")) as f:
-            names = list(f.keys())
-        _check_length(fpath)
-        found.update(dict.fromkeys(names, file))
-    if weight_map:
-        absent = [k for k, file in weight_map.items() if found.get(k) != file]
-        if absent:
-            raise ValueError(f"{index} names tensor {absent[0]!r} in {weight_map[absent[0]]}, which does not hold it")
-        return weight_map
-    return found
-
-
-def _check_length(path: Path) -> None:
-    """A safetensors file must be exactly as long as its header says (catches truncated downloads and copies)."""
-    with path.open("rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if path.stat().st_size < 8 + header_len + end:
-        raise ValueError(f"checkpoint file {path} is truncated: {path.stat().st_size:,} bytes, its header needs "
-                         f"{8 + header_len + end:,}")
-
-
-def _checkpoint_dtype(path: Path, weight_map: dict[str, str]) -> torch.dtype:
-    """The floating dtype most of the checkpoint's tensors are stored in."""
-    name, file = next(iter(weight_map.items()))
-    with _SafeOpen(path / file, torch.device("cpu")) as f:
-        dtype = f.get_slice(name).get_dtype()
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    buffers = {n for n, _ in model.named_buffers()}
+    if name in buffers or prefix + name in buffers:
+        return True
+    return any(re.search(p, name) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])

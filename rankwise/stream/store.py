@@ -11,12 +11,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rankwise.io.atomic import make_scratch_dir, remove_dead_scratch
+
+SPILL_STEM = "rankwise"  # spill directories are rankwise-activations-<pid>-<host>-<random>
+
 
 class ActivationStore:
     """A keyed store of tensors that keeps at most ``budget_bytes`` in memory and writes the rest to disk.
 
     Spilled tensors are raw files in a private temporary directory inside ``offload_dir`` (created lazily, removed
-    by :meth:`close`); they are read back through a memory map. A full disk or an unwritable directory raises a
+    by :meth:`close`); they are read back through a memory map. Spill directories left there by killed runs (their
+    pid gone) are removed when a new one is made. A full disk or an unwritable directory raises a
     one-line ``ValueError``.
     """
 
@@ -83,11 +88,11 @@ class ActivationStore:
 
     def _spill_dir(self) -> Path:
         if self._dir is None:
-            parent = self.offload_dir
+            parent = self.offload_dir if self.offload_dir is not None else Path(tempfile.gettempdir())
             try:
-                if parent is not None:
-                    parent.mkdir(parents=True, exist_ok=True)
-                self._dir = Path(tempfile.mkdtemp(prefix="rankwise-activations-", dir=parent))
+                parent.mkdir(parents=True, exist_ok=True)
+                remove_dead_scratch(parent, SPILL_STEM)
+                self._dir = make_scratch_dir(parent, SPILL_STEM, "-activations-", private=True)
             except OSError as err:
                 raise ValueError(f"offload directory {str(parent)!r} is not writable: {err.strerror}") from None
         return self._dir

@@ -1,0 +1,26 @@
+"""``rankwise`` CLI with every shard write slowed down by ``RANKWISE_TEST_SHARD_DELAY`` seconds, so that tests can
+kill it or race it while it saves. Run as ``python tests/slow_cli.py compress ...``; not a test module."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import rankwise.stream.sink as sink
+from rankwise.cli.app import main
+
+_save_file = sink.save_file
+
+
+def _slow_save_file(*args, **kwargs):
+    _save_file(*args, **kwargs)
+    print("shard written", file=sys.stderr, flush=True)
+    time.sleep(float(os.environ.get("RANKWISE_TEST_SHARD_DELAY", "1")))
+
+
+sink.save_file = _slow_save_file
+
+if __name__ == "__main__":
+    sys.argv = ["rankwise", *sys.argv[1:]]
+    main()
