@@ -228,6 +228,24 @@ def test_manifest_errors_name_file_and_field(original, tmp_path, edit, message):
     assert message in str(info.value) and str(work / MANIFEST) in str(info.value)
 
 
+def test_unmutated_copy_loads_identically(original, tmp_path):
+    """The control for the property tests: an intact copy must load to the same output through both loaders."""
+    shutil.copytree(original[0], tmp_path / "m")
+    assert _outcome(tmp_path / "m", *original[1:], "control") == "identical"
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c.update(hidden_size=63), lambda c: c.update(num_hidden_layers=-1), lambda c: c.update(vocab_size="x"),
+    lambda c: c.update(model_type="gpt2"), lambda c: c.pop("hidden_size"),
+])
+def test_tampered_config_is_refused_in_one_line(original, tmp_path, edit):
+    shutil.copytree(original[0], tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    edit(config)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert _outcome(tmp_path / "m", *original[1:], "config") in ("error", "identical")
+
+
 def test_factorised_tensors_without_manifest_are_refused(original, tmp_path):
     from rankwise.io.models import load_model
 

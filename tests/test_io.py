@@ -114,3 +114,18 @@ def test_load_text_errors(tmp_path):
         load_text(tmp_path / "empty.txt")
     with pytest.raises(ValueError, match="either a text file or a dataset"):
         load_text(tmp_path / "empty.txt", dataset="wikitext")
+
+
+def test_load_with_disk_offload_gives_identical_logits(tmp_path):
+    model, _ = _compressed("llama")
+    save(model, tmp_path / "m")
+    x = tiny_tokens(2, 16, seed=3)
+    with torch.no_grad():
+        expected = model(x).logits
+    # A memory budget below the model's size: accelerate puts the decoder blocks on disk and streams them.
+    big = load(tmp_path / "m", device_map="auto", max_memory={"cpu": 250_000}, offload_dir=tmp_path / "off")
+    assert "disk" in big.hf_device_map.values() and any((tmp_path / "off").iterdir())
+    with torch.no_grad():
+        assert torch.equal(big(x).logits, expected)
+    with pytest.raises(ValueError, match="could not place"):
+        load(tmp_path / "m", device_map="auto", max_memory={"cpu": 250_000})  # no offload_dir for what does not fit

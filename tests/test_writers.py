@@ -60,6 +60,15 @@ def test_lock_is_exclusive_reentrant_and_released(tmp_path):
     assert _debris(tmp_path, "out") == []  # the lock file is gone too
 
 
+def test_planted_lock_symlink_is_refused(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / ".out.lock").symlink_to(victim)
+    with pytest.raises(ValueError, match="a symlink is refused"), claim(tmp_path / "out"):
+        pass
+    assert victim.read_text() == "precious"
+
+
 def test_leftovers_of_dead_runs_are_removed_and_never_loaded(tmp_path):
     out = tmp_path / "out"
     dead = tmp_path / scratch_name(".out", ".tmp-").replace(f"-{os.getpid()}-", f"-{_dead_pid()}-")
@@ -111,7 +120,7 @@ def test_terminated_during_save_leaves_nothing(tiny_dir, tmp_path, sig):
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err
-    assert "interrupted; nothing was written" in err and "Traceback" not in err
+    assert "interrupted; nothing half-written was left" in err and "Traceback" not in err
     assert not out.exists() and _debris(tmp_path, "out") == []
 
 

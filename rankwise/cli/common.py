@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -44,16 +45,37 @@ def one_line_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        except (ValueError, NotImplementedError, OSError) as err:
+            if isinstance(err, OSError) and err.strerror:  # permission denied, a directory, disk full ...
+                message = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+            else:
+                message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             print(f"error: {message}", file=sys.stderr, flush=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM turned into one by the CLI's handler
-            print("interrupted; nothing was written", file=sys.stderr, flush=True)
+            print("interrupted; nothing half-written was left", file=sys.stderr, flush=True)
             signum = err.args[0] if err.args and isinstance(err.args[0], int) else signal.SIGINT
             raise typer.Exit(128 + signum) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def claimed_out(out: str, overwrite: bool, *models: str) -> Iterator[None]:
+    """Refuse an existing OUT unless ``--overwrite`` and an OUT that is, is inside or contains a local input; then
+    hold OUT's write lock for the block, so no other run writes it meanwhile."""
+    from pathlib import Path
+
+    from rankwise.io.atomic import check_output_dir, claim, refuse_overlap
+
+    check_output_dir(out, overwrite)
+    if not out:
+        raise ValueError("--out must not be empty")
+    for model in models:
+        if Path(model).exists():
+            refuse_overlap(out, model)
+    with claim(out):
+        yield
 
 
 def comma_list(value: str, name: str, cast: Callable[[str], Any] = str) -> list[Any]:
@@ -98,8 +120,17 @@ def setup(device: str, threads: int | None) -> None:
     hf_logging.disable_progress_bar()  # rankwise draws its own bars; keep stdout to results
     if threads is not None:
         torch.set_num_threads(threads)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} requested but CUDA is not available; use --device cpu")
+        if where.index is not None and where.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    elif where.type != "cpu":
+        raise ValueError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
 
 
 def windows(tokenizer: Any, raw: str, text: str | None, dataset: str | None, seq_len: int, calib: int,

@@ -19,6 +19,8 @@ from rankwise.cli.common import (
     SeqLenOpt,
     TextOpt,
     ThreadsOpt,
+    TrustOpt,
+    claimed_out,
     comma_list,
     one_line_errors,
     prepare,
@@ -62,12 +64,12 @@ def compare(
     ray: Annotated[str | None, typer.Option(
         "--ray", metavar="ADDRESS", help="run every method x ratio as a Ray task: 'local' starts a local Ray, 'auto' "
         "or HOST:PORT joins a running cluster (needs pip install 'rankwise\\[ray]')")] = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Compare compression methods across ratios on MODEL; writes a Markdown table and a PNG plot."""
     from rankwise.eval.compare import compare as run
     from rankwise.eval.compare import recipes
     from rankwise.eval.ray_compare import ray_session
-    from rankwise.io.atomic import check_output_dir
     from rankwise.methods import CompressConfig, config_class
 
     method_list = comma_list(methods, "--methods")
@@ -80,15 +82,16 @@ def compare(
             CompressConfig(ratio=r, allocation=a)
     if eora_rank < 0:
         raise ValueError(f"--eora-rank must be >= 0, got {eora_rank}")
-    check_output_dir(out, overwrite)
     configs = recipes(method_list, ratio_list, allocations=allocation_list, sequential=sequential.values,
                       update_u=update_u.values)
-    with nullcontext() if ray is None else ray_session(ray):  # a bad address fails before the model loads
-        work = prepare(model, text, dataset, seq_len, calib_samples, eval_samples, device, threads)
-        settings = {"model": work.source, "text": work.text_name, "seq_len": seq_len, "calib": calib_samples,
-                    "eval": eval_samples}
-        result = run(work.model, work.calibration, work.evaluation, configs, eora_rank=eora_rank,
-                     batch_size=batch_size, settings=settings, ray_address=ray)
-    result.save(out, overwrite=overwrite)
+    with claimed_out(out, overwrite, model):
+        with nullcontext() if ray is None else ray_session(ray):  # a bad address fails before the model loads
+            work = prepare(model, text, dataset, seq_len, calib_samples, eval_samples, device, threads,
+                           trust_remote_code)
+            settings = {"model": work.source, "text": work.text_name, "seq_len": seq_len, "calib": calib_samples,
+                        "eval": eval_samples}
+            result = run(work.model, work.calibration, work.evaluation, configs, eora_rank=eora_rank,
+                         batch_size=batch_size, settings=settings, ray_address=ray)
+        result.save(out, overwrite=overwrite)
     say(result.to_markdown())
     say(f"\nwrote {out}/comparison.md, comparison.png, comparison.json")

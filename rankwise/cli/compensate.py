@@ -15,6 +15,8 @@ from rankwise.cli.common import (
     SeqLenOpt,
     TextOpt,
     ThreadsOpt,
+    TrustOpt,
+    claimed_out,
     one_line_errors,
     prepare,
     say,
@@ -25,7 +27,7 @@ from rankwise.cli.common import (
 def compensate(
     compressed: Annotated[str, typer.Argument(help="directory of a compressed (or quantised) model")],
     base: Annotated[str, typer.Option("--base", help="the original model it was made from")] = "smollm2",
-    rank: Annotated[int, typer.Option("--rank", help="adapter rank per layer")] = 16,
+    rank: Annotated[int, typer.Option("--rank", min=1, help="adapter rank per layer")] = 16,
     out: Annotated[str, typer.Option("--out", help="output directory")] = "",
     merge: Annotated[bool, typer.Option("--merge", help="fold the adapters in and save a model, not an adapter")
                      ] = False,
@@ -37,28 +39,26 @@ def compensate(
     batch_size: BatchOpt = 4,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Compute EoRA compensation for COMPRESSED against --base; write a PEFT LoRA adapter (or a merged model)."""
     from rankwise.compensate import check_compatible, export_peft, merge_
     from rankwise.compensate import compensate as run
     from rankwise.io import save
-    from rankwise.io.atomic import check_output_dir
     from rankwise.io.models import load_model
 
     if not out:
         raise ValueError("--out is required: the directory to write the adapter (or merged model) to")
-    if rank < 1:
-        raise ValueError(f"--rank must be >= 1, got {rank}")
-    check_output_dir(out, overwrite)
-    work = prepare(compressed, text, dataset, seq_len, calib_samples, 0, device, threads)
-    original = load_model(base, device=device).model
-    check_compatible(original, work.model)
-    result = run(original, work.model, work.calibration, rank, batch_size=batch_size)
-    say(result.summary())
-    if merge:
-        merge_(work.model, result)
-        save(work.model, out, tokenizer=work.tokenizer, overwrite=overwrite)
-        say(f"saved merged model to {out}")
-    else:
-        export_peft(result, out, base_model_name=compressed, overwrite=overwrite)
-        say(f"saved PEFT LoRA adapter to {out} (peft.PeftModel.from_pretrained(model, {out!r}))")
+    with claimed_out(out, overwrite, compressed, base):
+        work = prepare(compressed, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code)
+        original = load_model(base, device=device, trust_remote_code=trust_remote_code).model
+        check_compatible(original, work.model)
+        result = run(original, work.model, work.calibration, rank, batch_size=batch_size)
+        say(result.summary())
+        if merge:
+            merge_(work.model, result)
+            save(work.model, out, tokenizer=work.tokenizer, overwrite=overwrite)
+            say(f"saved merged model to {out}")
+        else:
+            export_peft(result, out, base_model_name=compressed, overwrite=overwrite)
+            say(f"saved PEFT LoRA adapter to {out} (peft.PeftModel.from_pretrained(model, {out!r}))")

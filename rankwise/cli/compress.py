@@ -64,6 +64,7 @@ def compress(
     larger than memory compress; other models are loaded whole.
     """
     import json
+    import math
     from pathlib import Path
 
     from rankwise.calibrate import load_text
@@ -81,13 +82,17 @@ def compress(
     config = config_class(method)(ratio=ratio, targets=tuple(comma_list(targets, "--targets")),
                                   allocation=allocation, sequential=sequential, update_u=update_u)
     parse_dtype(dtype)
+    if not math.isfinite(activation_mb):
+        raise ValueError(f"--activation-mb must be a finite number of MB, got {activation_mb}")
     check_output_dir(out, overwrite)  # fail before the slow part
     setup(device, threads)
     raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
     path, _ = checkpoint_dir(model)
     source = path if path is not None else resolve(model)[0]
-    if isinstance(source, Path):
-        refuse_overlap(out, source)
+    for where in {str(p) for p in (source, model) if isinstance(p, Path) or Path(p).exists()}:
+        refuse_overlap(out, where)  # the cached conversion and, for a .gguf input, the file itself
+        if json_report:
+            refuse_overlap(json_report, where, option="--json-report")
     with claim(out):  # no other run writes OUT until this one is done
         if path is not None:
             tokenizer = load_tokenizer(path, trust_remote_code)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -55,7 +56,11 @@ def evaluate(
     from rankwise.eval.measure import result_for
     from rankwise.eval.stream import streamed_perplexity
     from rankwise.io.models import load_tokenizer, resolve, weights_bytes
+    from rankwise.stream import parse_dtype
 
+    parse_dtype(dtype)
+    if not math.isfinite(activation_mb):
+        raise ValueError(f"--activation-mb must be a finite number of MB, got {activation_mb}")
     setup(device, threads)
     raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
     path, source = resolve(model)
@@ -73,6 +78,8 @@ def evaluate(
     else:
         work = prepare(model, text, dataset, seq_len, 0, eval_samples, device, threads, trust_remote_code, raw)
         source, text_name = work.source, work.text_name
+        if dtype is not None:
+            work.model.to(parse_dtype(dtype))
         result = run(work.model, work.evaluation, batch_size=batch_size, progress=not as_json)
     if as_json:
         say(json.dumps({**result.to_dict(), "model": source, "text": text_name}))

@@ -20,7 +20,9 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +45,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by someone else
+    except (PermissionError, OverflowError):  # exists but owned by someone else; or no pid at all: leave it alone
         return True
     return True
 
@@ -105,12 +107,12 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def refuse_overlap(out: str | Path, source: str | Path) -> None:
+def refuse_overlap(out: str | Path, source: str | Path, option: str = "--out") -> None:
     """Refuse an output that is, is inside, or contains the input model (writing it would destroy the input)."""
     o, s = Path(out).resolve(), Path(source).resolve()
     if o == s or s in o.parents or o in s.parents:
         where = "is" if o == s else ("is inside" if s in o.parents else "contains")
-        raise ValueError(f"--out {str(out)!r} {where} the input model {str(source)!r}; choose a directory outside it")
+        raise ValueError(f"{option} {str(out)!r} {where} the input model {str(source)!r}; choose a path outside it")
 
 
 @contextlib.contextmanager
@@ -136,9 +138,12 @@ def claim(out: str | Path) -> Iterator[Path]:
     lock = out.absolute().parent / f".{out.name}.lock"
     while True:
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         except OSError as err:
-            raise ValueError(f"cannot create the lock file {lock} ({err.strerror})") from None
+            raise ValueError(f"cannot create the lock file {lock} ({err.strerror}; a symlink is refused)") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ValueError(f"the lock file {lock} is not a regular file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -189,13 +194,31 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        old = None
+        _swap_into_place(tmp, out, parent)
+
+
+def _swap_into_place(tmp: Path, out: Path, parent: Path) -> None:
+    """Rename ``tmp`` to ``out`` (moving an existing ``out`` aside first) with SIGINT/SIGTERM held back, so a
+    signal cannot fall between the two renames; if the second fails, the old output is put back."""
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    old = None
+    try:
         if out.exists():
             old = parent / scratch_name(f".{out.name}", ".old-")
             out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            tmp.rename(out)
+        except OSError as err:
+            if old is not None:
+                old.rename(out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ValueError(f"could not move the finished output into {str(out)!r} ({err.strerror}); "
+                             "something else wrote there meanwhile") from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

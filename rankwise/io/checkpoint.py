@@ -11,12 +11,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from rankwise._errors import first_line
 from rankwise.io.atomic import is_unfinished
 
 INDEX = "model.safetensors.index.json"
 FACTOR_LEAVES = ("up", "down")
-SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                      "F64": torch.float64}  # the parameters of a LowRankLinear (rankwise.nn)
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}  # the parameters of a LowRankLinear (rankwise.nn)
 
 
 def read_json(file: Path, what: str) -> Any:
@@ -60,13 +62,8 @@ def load_config(path: Path, trust_remote_code: bool = False) -> Any:
     refuse_remote_code(path, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError, TypeError) as err:
-        raise ValueError(f"{path / 'config.json'} is not a usable model config ({_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    except Exception as err:  # transformers and huggingface_hub raise many types for a bad config
+        raise ValueError(f"{path / 'config.json'} is not a usable model config ({first_line(err)})") from None
 
 
 class SafeOpen:
@@ -83,7 +80,7 @@ class SafeOpen:
             return self._f.__enter__()
         except Exception as err:  # safetensors raises its own error types for bad headers
             raise ValueError(f"checkpoint file {self.path} is truncated or not a safetensors file "
-                             f"({_first_line(err)})") from None
+                             f"({first_line(err)})") from None
 
     def __exit__(self, *exc: object) -> None:
         self._f.__exit__(*exc)
@@ -157,4 +154,5 @@ def checkpoint_dtype(path: Path, wmap: dict[str, str]) -> torch.dtype:
     name, file = next(iter(wmap.items()))
     with SafeOpen(path / file) as f:
         dtype = f.get_slice(name).get_dtype()
-    return SAFETENSORS_DTYPES.get(dtype, torch.float32)
+    found = SAFETENSORS_DTYPES.get(dtype)
+    return found if found is not None and found.is_floating_point else torch.float32

@@ -61,14 +61,15 @@ def _gguf_cache(gguf: Path, dtype: torch.dtype) -> Path:
         if fh.read(4) != GGUF_MAGIC:
             raise ValueError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype,
-                                                     trust_remote_code=False)
+        model, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype,
+                                                           trust_remote_code=False, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     except ImportError as err:
         raise ValueError(f"reading {gguf} needs the gguf package: pip install gguf ({err})") from None
     except Exception as err:  # the GGUF reader raises many types on damaged files (struct, KeyError, ValueError)
         raise ValueError(f"{gguf} is not a readable GGUF model ({type(err).__name__}: "
                          f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'})") from None
+    refuse_incomplete(info, str(gguf))  # never cache randomly initialised tensors as if they were the model's
     # The weights are plain floats after dequantisation; drop the GGUF marker so they save as a normal checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -156,13 +157,19 @@ def _load_dense(path: Path | str, spec: Any, dtype: torch.dtype, trust_remote_co
         text = str(err).strip()
         raise ValueError(f"could not load model {str(spec)!r}: {text.splitlines()[0] if text else type(err).__name__}"
                          ) from None
+    refuse_incomplete(info, str(spec))
+    return model
+
+
+def refuse_incomplete(info: dict[str, Any], what: str) -> None:
+    """Refuse a ``from_pretrained`` result whose loading info lists missing, unexpected or mismatched tensors
+    (transformers initialises missing ones randomly and only warns)."""
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in info.get(kind) or [])
         if keys:
-            what = kind.replace("_keys", "")
-            raise ValueError(f"{spec}: {len(keys)} {what} tensors (e.g. {keys[0]!r}); refusing a model with "
-                             f"{'randomly initialised' if what == 'missing' else what} weights")
-    return model
+            which = kind.replace("_keys", "")
+            raise ValueError(f"{what}: {len(keys)} {which} tensors (e.g. {keys[0]!r}); refusing a model with "
+                             f"{'randomly initialised' if which == 'missing' else which} weights")
 
 
 def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.float32,

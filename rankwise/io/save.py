@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from rankwise._errors import first_line
 from rankwise.io.atomic import atomic_dir
-from rankwise.io.checkpoint import SafeOpen, check_model_dir, load_config, weight_map
+from rankwise.io.checkpoint import SAFETENSORS_DTYPES, SafeOpen, check_model_dir, load_config, weight_map
 from rankwise.io.manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -137,51 +138,87 @@ def _as_conv1d(lin: nn.Linear) -> nn.Module:
     return conv
 
 
-def load(path: str | Path, *, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> nn.Module:
+def load(path: str | Path, *, device: str | torch.device = "cpu", trust_remote_code: bool = False,
+         device_map: str | dict[str, Any] | None = None, max_memory: dict[Any, Any] | None = None,
+         offload_dir: str | Path | None = None) -> nn.Module:
     """Load a directory written by :func:`save` (factored format) as the same Hugging Face model class.
 
     Everything is checked before it is used: the manifest against its schema and the architecture, and the
-    weights against the manifest (no tensor missing, none unexpected, each of the right shape and dtype), so a
-    damaged directory raises a one-line ``ValueError`` naming the file and never yields randomly initialised layers.
-    ``trust_remote_code`` allows a model that ships its own code (refused by default).
+    weights against the manifest (no tensor missing, none unexpected, each of the right shape and dtype, read from
+    the safetensors headers), so a damaged directory raises a one-line ``ValueError`` naming the file and never
+    yields randomly initialised layers.
+
+    Args:
+        path: the directory.
+        device: where the whole model is loaded (when ``device_map`` is ``None``).
+        trust_remote_code: allow a model that ships its own code (refused by default).
+        device_map: for models larger than memory, accelerate's placement (``"auto"`` or a module -> device dict);
+            blocks that fit nowhere go to ``offload_dir`` on disk and are read back as they run.
+        max_memory: accelerate's per-device limits for ``device_map="auto"``, e.g. ``{"cpu": "2GiB"}``.
+        offload_dir: folder for disk-offloaded weights (required when anything is offloaded).
     """
+    from accelerate import init_empty_weights
+
     path = Path(path)
     check_model_dir(path)
     if not is_compressed_dir(path):
         raise ValueError(f"{str(path)!r} is not a rankwise directory (no {MANIFEST}); load it with transformers")
     manifest = read_manifest(path)
     config = load_config(path, trust_remote_code)
-    files = sorted(set(weight_map(path).values()))
-    # Built on the real device (not meta) so non-persistent buffers such as rotary frequencies are computed.
-    with torch.device(device):
+    wmap = weight_map(path)
+    # Non-persistent buffers such as rotary frequencies are computed for real in both cases (never on meta).
+    with init_empty_weights(include_buffers=False) if device_map is not None else torch.device(device):
         model = _build(manifest, config, trust_remote_code)
         install_lowrank(model, manifest)
     model.to(manifest.dtype)
-    expected = model.state_dict()
-    loaded: set[str] = set()
-    for file in files:
+    model.tie_weights()
+    _check_tensors(path, wmap, model)
+    if device_map is not None:
+        from accelerate import load_checkpoint_and_dispatch
+
+        try:
+            return load_checkpoint_and_dispatch(
+                model, str(path), device_map=device_map, max_memory=max_memory, offload_folder=offload_dir,
+                no_split_module_classes=list(getattr(model, "_no_split_modules", None) or []), dtype=manifest.dtype,
+            ).eval()
+        except (ValueError, RuntimeError, OSError) as err:  # accelerate's placement errors, and safetensors' own
+            text = str(err).strip()
+            raise ValueError(f"could not place {path} with device_map={device_map!r}, max_memory={max_memory!r} "
+                             f"({text.splitlines()[0] if text else type(err).__name__}); give more memory, or an "
+                             "offload_dir for what does not fit") from None
+    for file in sorted(set(wmap.values())):
         with SafeOpen(path / file, device) as f:
             state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
-        for name, tensor in state.items():
-            if name not in expected:
-                raise ValueError(f"{path / file} holds tensor {name!r}, which {manifest.model_class} with the "
-                                 f"manifest's factorised layers does not have")
-            want = expected[name]
-            if tensor.shape != want.shape or tensor.dtype != want.dtype:
-                raise ValueError(f"tensor {name!r} in {path / file} is {tuple(tensor.shape)} "
-                                 f"{str(tensor.dtype).removeprefix('torch.')}, the model needs {tuple(want.shape)} "
-                                 f"{str(want.dtype).removeprefix('torch.')}")
         model.load_state_dict(state, strict=False)
-        loaded |= set(state)
         del state
     model.tie_weights()  # tied tensors were stored once; this points their other names at them again
-    params = dict(model.state_dict(keep_vars=True))
-    loaded_ptrs = {params[k].data_ptr() for k in loaded if k in params}
-    missing = [k for k in params if k not in loaded and params[k].data_ptr() not in loaded_ptrs
-               and k in dict(model.named_parameters(remove_duplicate=False))]
+    return model.eval()
+
+
+def _check_tensors(path: Path, wmap: dict[str, str], model: nn.Module) -> None:
+    """Compare the checkpoint's tensor names, shapes and dtypes (headers only) with the model's state; of the
+    parameters sharing one tensor (tied embeddings), one name must be stored."""
+    expected = model.state_dict(keep_vars=True)
+    by_file: dict[str, list[str]] = {}
+    for name, file in wmap.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with SafeOpen(path / file) as f:
+            for name in names:
+                if name not in expected:
+                    raise ValueError(f"{path / file} holds tensor {name!r}, which {type(model).__name__} with the "
+                                     f"manifest's factorised layers does not have")
+                info, want = f.get_slice(name), expected[name]
+                shape, dtype = tuple(info.get_shape()), SAFETENSORS_DTYPES.get(info.get_dtype())
+                if shape != tuple(want.shape) or dtype != want.dtype:
+                    raise ValueError(f"tensor {name!r} in {path / file} is {shape} {info.get_dtype()}, the model "
+                                     f"needs {tuple(want.shape)} {str(want.dtype).removeprefix('torch.')}")
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    missing = [names[0] for names in groups.values() if not any(n in wmap for n in names)]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} tensors its model needs, e.g. {missing[0]!r}")
-    return model.eval()
 
 
 def _build(manifest: Manifest, config: Any, trust_remote_code: bool) -> nn.Module:
@@ -195,7 +232,11 @@ def _build(manifest: Manifest, config: Any, trust_remote_code: bool) -> nn.Modul
         if config_class is not None and not isinstance(config, config_class):
             raise ValueError(f"{manifest.file}: model_class {manifest.model_class} needs a {config_class.__name__}, "
                              f"but config.json describes a {type(config).__name__}")
-        model = cls(config)
+        try:
+            model = cls(config)
+        except (ValueError, TypeError, RuntimeError, KeyError, AttributeError) as err:
+            raise ValueError(f"config.json beside {manifest.file} does not build a {manifest.model_class} "
+                             f"({type(err).__name__}: {first_line(err)})") from None
     elif trust_remote_code:
         model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
     else:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rankwise._errors import first_line
 from rankwise.io.checkpoint import (
     INDEX,
     SAFETENSORS_DTYPES,
@@ -109,7 +110,11 @@ class CheckpointSource:
         if manifest is None:
             refuse_factored_without_manifest(self.path, self.weight_map)
         with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(self.config, trust_remote_code=trust_remote_code)
+            try:
+                self.model = AutoModelForCausalLM.from_config(self.config, trust_remote_code=trust_remote_code)
+            except (ValueError, TypeError, RuntimeError, KeyError, AttributeError) as err:
+                raise ValueError(f"{self.path / 'config.json'} does not describe a buildable causal LM "
+                                 f"({type(err).__name__}: {first_line(err)})") from None
             if manifest is not None:  # a rankwise directory: its factorised layers, on meta too
                 with torch.device("meta"):
                     install_lowrank(self.model, manifest)
@@ -178,6 +183,9 @@ class CheckpointSource:
                         raise ValueError(f"tensor {self.keys[name]!r} in {self.path / file} has shape {shape}, the "
                                          f"architecture needs {tuple(params[name].shape)}")
                     stored = SAFETENSORS_DTYPES.get(info.get_dtype())
+                    if stored is None or (params[name].is_floating_point() and not stored.is_floating_point):
+                        raise ValueError(f"tensor {self.keys[name]!r} in {self.path / file} is stored as "
+                                         f"{info.get_dtype()}, not a floating-point type")
                     if self.stored_dtype is not None and stored != self.stored_dtype:
                         raise ValueError(f"tensor {self.keys[name]!r} in {self.path / file} is {info.get_dtype()}, "
                                          f"its rankwise.json says {self.stored_dtype}")
