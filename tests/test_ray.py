@@ -116,3 +116,28 @@ def test_cli_compare_on_ray(local_ray, tmp_path):
     assert result.exit_code == 0, result.output
     table = (out / "comparison.md").read_text()
     assert table.count("| svd |") == 1 and table.count("| svd_llm |") == 1 and "| dense |" in table
+
+
+@pytest.mark.parametrize("name,options", [("svd_llm", {}), ("fwsvd", {}), ("svd_llm", {"sequential": True,
+                                                                                      "update_u": True})])
+def test_block_factorisations_on_ray_equal_the_serial_ones(local_ray, one_thread, name, options):
+    from rankwise.compress import compress_
+
+    calib, x = tiny_tokens(8, 32, seed=1), tiny_tokens(2, 16, seed=3)
+    serial, fanned = tiny_model("llama"), tiny_model("llama")
+    config = config_class(name)(ratio=0.3, **options)
+    a = compress_(serial, config, calib, progress=False)
+    b = compress_(fanned, config, calib, progress=False, ray="local")
+    assert [(r.name, r.rank, r.params_after) for r in a.layers] == [(r.name, r.rank, r.params_after) for r in b.layers]
+    with torch.no_grad():
+        assert torch.equal(serial(x).logits, fanned(x).logits)  # same code, same thread count: bit for bit
+
+
+def test_cli_compress_checkpoint_on_ray(local_ray, tmp_path):
+    model = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    result = CliRunner().invoke(app, ["compress", str(model), "--method", "svd_llm", "--out", str(tmp_path / "c"),
+                                      "--seq-len", "16", "--calib-samples", "4", "--ray", "local"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "c" / "rankwise.json").exists()

@@ -57,6 +57,9 @@ def compress(
     json_report: Annotated[str | None, typer.Option("--json-report", help="also write the report as JSON here")
                            ] = None,
     trust_remote_code: TrustOpt = False,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", metavar="ADDRESS", help="fan each block's factorisations out to Ray workers: 'local', 'auto' or "
+        "HOST:PORT (needs pip install 'rankwise\\[ray]')")] = None,
 ) -> None:
     """Compress MODEL with METHOD at RATIO and save it to OUT.
 
@@ -100,13 +103,13 @@ def compress(
             report = compress_checkpoint(path, config, calibration, out, tokenizer=tokenizer, dtype=dtype,
                                          device=device, export=export, overwrite=overwrite, batch_size=batch_size,
                                          activation_mb=activation_mb, offload_dir=offload_dir,
-                                         trust_remote_code=trust_remote_code)
+                                         trust_remote_code=trust_remote_code, ray=ray)
         else:
             work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code, raw)
             if dtype is not None:
                 work.model.to(parse_dtype(dtype))
             report = compress_(work.model, config, work.calibration, batch_size=batch_size,
-                               activation_mb=activation_mb, offload_dir=offload_dir)
+                               activation_mb=activation_mb, offload_dir=offload_dir, ray=ray)
             save(work.model, out, tokenizer=work.tokenizer, report=report, overwrite=overwrite, export=export)
     if json_report:
         from rankwise.io.atomic import write_text_atomic

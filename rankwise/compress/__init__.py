@@ -3,7 +3,9 @@ one pipeline (:mod:`rankwise.compress.pipeline`) behind both."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+import functools
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from torch import nn
 
 from rankwise.calibrate import LayerStats
 from rankwise.compress.layer import relative_output_error
-from rankwise.compress.pipeline import run
+from rankwise.compress.pipeline import Mapper, run
 from rankwise.io.atomic import atomic_dir, refuse_overlap
 from rankwise.methods import CompressConfig
 from rankwise.report import CompressionReport
@@ -22,6 +24,18 @@ from rankwise.targets import FilterFn
 DEFAULT_ACTIVATION_MB = 1024
 
 __all__ = ["DEFAULT_ACTIVATION_MB", "compress_", "compress_checkpoint", "relative_output_error"]
+
+
+@contextlib.contextmanager
+def _fan_out(address: str | None) -> Iterator[Mapper | None]:
+    """``None`` (factorise in this process), or a mapper onto Ray tasks for the duration of the block."""
+    if address is None:
+        yield None
+        return
+    from rankwise.eval.ray_compare import map_on_ray, ray_session
+
+    with ray_session(address):
+        yield functools.partial(map_on_ray, description="factorisations", progress=False)
 
 
 def compress_(
@@ -36,6 +50,7 @@ def compress_(
     device: str | torch.device | None = None,
     activation_mb: float = DEFAULT_ACTIVATION_MB,
     offload_dir: str | Path | None = None,
+    ray: str | None = None,
 ) -> CompressionReport:
     """Replace the targeted linear layers of ``model`` by :class:`~rankwise.nn.LowRankLinear` in place, block by
     block.
@@ -55,13 +70,15 @@ def compress_(
         device: run each block there (e.g. ``"cuda"``) and move it back after; default: where the model is.
         activation_mb: block-boundary activations kept in memory before spilling to ``offload_dir``.
         offload_dir: where activations spill (default: the system temporary directory).
+        ray: fan each block's factorisations out to Ray workers (one task per input group): ``"local"``,
+            ``"auto"`` or ``HOST:PORT`` (needs ``pip install 'rankwise[ray]'``); the result equals the serial one.
 
     Returns:
         A :class:`~rankwise.report.CompressionReport` with each layer's rank, parameters and output error.
     """
-    with ActivationStore(int(activation_mb * 2**20), offload_dir) as store:
+    with ActivationStore(int(activation_mb * 2**20), offload_dir) as store, _fan_out(ray) as mapper:
         return run(ModelSource(model, device), InPlaceSink(), config, calibration, stats=stats, filter_fn=filter_fn,
-                   batch_size=batch_size, progress=progress, store=store)
+                   batch_size=batch_size, progress=progress, store=store, mapper=mapper)
 
 
 def compress_checkpoint(
@@ -81,6 +98,7 @@ def compress_checkpoint(
     activation_mb: float = DEFAULT_ACTIVATION_MB,
     offload_dir: str | Path | None = None,
     trust_remote_code: bool = False,
+    ray: str | None = None,
 ) -> CompressionReport:
     """Compress a safetensors checkpoint directory into ``out`` without ever holding the whole model in memory.
 
@@ -103,6 +121,7 @@ def compress_checkpoint(
         activation_mb: block-boundary activations kept in memory before spilling to ``offload_dir``.
         offload_dir: where activations spill; default a temporary directory beside ``out``.
         trust_remote_code: allow a checkpoint that ships its own model code (refused by default).
+        ray: fan each block's factorisations out to Ray workers, as for :func:`compress_`.
 
     Raises:
         ValueError: one line, for a damaged checkpoint (see :class:`~rankwise.stream.CheckpointSource`), an
@@ -114,11 +133,12 @@ def compress_checkpoint(
     source = CheckpointSource(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     out = Path(out)
     offload = check_offload_dir(offload_dir if offload_dir is not None else out.absolute().parent)
-    with atomic_dir(out, overwrite) as tmp, ActivationStore(int(activation_mb * 2**20), offload) as store:
+    with (atomic_dir(out, overwrite) as tmp, ActivationStore(int(activation_mb * 2**20), offload) as store,
+          _fan_out(ray) as mapper):
         sink = ShardSink(tmp, source.blocks_name, len(source.blocks), export=export,
                          model_type=getattr(source.config, "model_type", ""))
         report = run(source, sink, config, calibration, filter_fn=filter_fn, batch_size=batch_size,
-                     progress=progress, store=store)
+                     progress=progress, store=store, mapper=mapper)
         sink.write_rest(source.rest_tensors())
         sink.finish(source.model, source.dtype, report if export == "factored" else None, tokenizer)
     return report

@@ -15,7 +15,7 @@ far larger than memory (:func:`compress_checkpoint`): a *source* materialises on
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -81,11 +81,15 @@ def make_plan(source, config: CompressConfig, filter_fn: FilterFn | None, *, has
                 gradient_kinds, block_kinds)
 
 
+Mapper = Callable[..., list]  # (fn, items, shared) -> [fn(item, **shared) for item in items], e.g. on Ray workers
+
+
 def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterable[torch.Tensor] | None, *,
         store: ActivationStore, stats: Mapping[str, LayerStats] | None = None, filter_fn: FilterFn | None = None,
-        batch_size: int = 4, progress: bool = True) -> CompressionReport:
+        batch_size: int = 4, progress: bool = True, mapper: Mapper | None = None) -> CompressionReport:
     """Compress ``source``'s blocks into ``sink`` (the spine shared by :func:`compress_` and
-    :func:`compress_checkpoint`)."""
+    :func:`compress_checkpoint`). ``mapper`` fans a block's factorisations out (one task per input group, such as
+    q/k/v, so the shared whitening is computed once); without it they run here, one after another."""
     start = time.perf_counter()
     method = method_for(config)
     batches = list(iter_batches(calibration, batch_size)) if calibration is not None else []
@@ -123,7 +127,7 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
         block_start = time.perf_counter()
         block = source.load(i)
         chosen = [n for n in plan.by_block.get(i, []) if n in ranks]
-        rows = compress_block(source, block, i, chosen, ranks, plan, method, streams, stats, gradient_stats)
+        rows = compress_block(source, block, i, chosen, ranks, plan, method, streams, stats, gradient_stats, mapper)
         report.layers.extend(rows)
         sink.write_block(i, block)
         source.release(i)
@@ -140,7 +144,7 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
 
 def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: Mapping[str, int], plan: Plan,
                    method, streams: Streams | None, stats: Mapping[str, LayerStats] | None,
-                   gradient_stats: Mapping[str, LayerStats]) -> list:
+                   gradient_stats: Mapping[str, LayerStats], mapper: Mapper | None = None) -> list:
     """Calibrate block ``i`` on its stream, factorise its chosen targets in place, advance the streams."""
     config, device = plan.config, source.device
     modules = {name: source.model.get_submodule(name) for name in chosen}
@@ -151,7 +155,7 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
     own = streams is not None and (main, 0) in streams.store
     if own:
         block_stats = _observe(block, i, modules, plan, streams, main, device)
-    rows = []
+    groups: dict[int, list[tuple[str, nn.Module, LayerStats | None, int]]] = {}
     for name, module in modules.items():
         layer_stats = block_stats.get(name) if block_stats is not None else None
         if own:  # this block's own statistics: free each input group's covariance once its last layer is done
@@ -159,15 +163,35 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
         if layer_stats is not None and name in gradient_stats:
             layer_stats.fisher_out.update(gradient_stats[name].fisher_out)  # the Fisher comes from the dense model
             layer_stats.fisher_in.update(gradient_stats[name].fisher_in)
-        new, row = factorise(name, module, layer_stats, ranks[name], config, method)
+        groups.setdefault(id(layer_stats) if layer_stats is not None else id(module), []).append(
+            (name, module, layer_stats, ranks[name]))
+    if mapper is None:
+        done = []
+        for group in groups.values():  # one group at a time, so each covariance is freed after its last layer
+            done += factorise_group(group, config=config, method=method)
+            group.clear()
+    else:
+        done = [item for result in mapper(factorise_group, list(groups.values()), {"config": config, "method": method})
+                for item in result]
+    rows = []
+    for name, new, row in done:
         set_submodule(source.model, name, new)
         rows.append(row)
+    order = {name: k for k, name in enumerate(modules)}
+    rows.sort(key=lambda row: order[row.name])
     if config.sequential and streams is not None:
         with torch.no_grad():
             for b in range(len(streams.batches)):
                 h = streams.store.get((main, b)).to(device)
                 streams.store.put((main, b), run_block(block, streams.call(b, i, device), h))
     return rows
+
+
+def factorise_group(group: list[tuple[str, nn.Module, LayerStats | None, int]], *, config: CompressConfig,
+                    method) -> list[tuple[str, nn.Module, object]]:
+    """Factorise the layers that read one input (they share its statistics and whitening): ``(name, new, row)``."""
+    return [(name, *factorise(name, module, layer_stats, rank, config, method))
+            for name, module, layer_stats, rank in group]
 
 
 def _observe(block: nn.Module, i: int, modules: Mapping[str, nn.Module], plan: Plan, streams: Streams, main: str,
