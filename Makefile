@@ -33,7 +33,9 @@ bench: setup
 	$(PY) benchmarks/linalg_svd.py
 	$(PY) benchmarks/compress_smollm2.py
 	$(PY) benchmarks/stream_vs_memory.py
-	$(PY) benchmarks/scale.py --out-md scale.md --plot scale.png
+	$(PY) benchmarks/scale.py --out-md benchmarks/scale.md --plot benchmarks/scale.png
+	$(PY) benchmarks/project_flops.py --report /tmp/rankwise-scale/report-3b.json
+	$(PY) benchmarks/ridge_vs_eigh.py
 
 clean:
 	rm -rf $(VENV) demo-out

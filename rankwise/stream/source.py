@@ -115,6 +115,9 @@ class CheckpointSource:
             except (ValueError, TypeError, RuntimeError, KeyError, AttributeError) as err:
                 raise ValueError(f"{self.path / 'config.json'} does not describe a buildable causal LM "
                                  f"({type(err).__name__}: {first_line(err)})") from None
+            if manifest is not None and type(self.model).__name__ != manifest.model_class:
+                raise ValueError(f"{manifest.file}: model_class is {manifest.model_class!r} but config.json "
+                                 f"describes a {type(self.model).__name__}")
             if manifest is not None:  # a rankwise directory: its factorised layers, on meta too
                 with torch.device("meta"):
                     install_lowrank(self.model, manifest)
