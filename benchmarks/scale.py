@@ -258,6 +258,8 @@ def plot(measurements: list[Measurement], path: Path) -> None:
         ax.annotate(f"{m.size.key} {m.size.dtype}", (x, m.peak_rss_bytes / GB), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
+    ax.set_xticks(xs, [f"{x:.2g}" for x in xs])  # label the measured sizes only (no crowded minor ticks)
+    ax.minorticks_off()
     ax.set_xlabel("parameters (billions)")
     ax.set_ylabel("GB")
     ax.set_title("rankwise compress svd_llm, ratio 0.2")
