@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from rankwise.cli import app
@@ -185,3 +186,49 @@ def test_non_utf8_text_warns(tiny_dir, tmp_path):
     result = run("eval", tiny_dir, "--text", text, "--seq-len", "16", "--eval-samples", "4")
     assert result.exit_code == 0, result.output
     assert "warning: text file" in result.output and "is not valid UTF-8" in result.output
+
+
+def test_generate_is_greedy_and_deterministic(tiny_dir, tmp_path):
+    out = tmp_path / "c"
+    assert run("compress", tiny_dir, "--method", "svd_llm", "--out", out, *SMALL).exit_code == 0
+    for model in (tiny_dir, out):
+        first = run("generate", model, "--prompt", "abc", "--prompt", "hello", "--max-new-tokens", "5")
+        assert first.exit_code == 0, first.output
+        assert first.output.count("### ") == 2 and "### abc" in first.output and "### hello" in first.output
+        assert run("generate", model, "--prompt", "abc", "--prompt", "hello", "--max-new-tokens", "5").output == \
+            first.output
+
+
+def test_generate_matches_the_model_and_bad_input(tiny_dir, tmp_path):
+    from rankwise.eval import complete
+    from rankwise.io.models import load_model
+
+    loaded = load_model(str(tiny_dir))
+    ids = loaded.tokenizer("abc", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = loaded.model(ids).logits[0, -1]
+    first = complete(loaded.model, loaded.tokenizer, ["abc"], max_new_tokens=1)[0]
+    assert first == loaded.tokenizer.decode([int(logits.argmax())], skip_special_tokens=True)  # greedy
+    for args, message in ((["--prompt", "x", "--chat"], "needs a tokenizer with a chat template"),
+                          ([], "give at least one --prompt"), (["--prompt", " "], "must not be empty"),
+                          (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens")):
+        result = run("generate", tiny_dir, *args)
+        assert result.exit_code == 2 and message in result.output, result.output
+    result = run("generate", tmp_path, "--prompt", "x")
+    assert result.exit_code == 2 and result.output.startswith("error:"), result.output
+
+
+def test_info_shows_method_ranks_and_provenance(tiny_dir, tmp_path):
+    out = tmp_path / "c"
+    assert run("compress", tiny_dir, "--method", "svd_llm", "--ratio", "0.3", "--out", out, *SMALL).exit_code == 0
+    data = json.loads(run("info", out, "--json").output)
+    assert data["method"] == "svd_llm" and data["ratio"] == 0.3 and data["factorised_layers"] == 14
+    assert data["params_targeted_kept"] + data["params_targeted_removed"] > data["params_targeted_kept"] > 0
+    assert sum(data["rank_histogram"].values()) == 14
+    origin = data["provenance"]
+    assert origin["source"] == str(tiny_dir) and len(origin["source_fingerprint"]) == 64
+    assert origin["calibration_windows"] == [4, 16] and origin["options"]["ratio"] == 0.3
+    text = run("info", out).output
+    assert "method svd_llm at ratio 0.3" in text and "removed" in text and "source_fingerprint:" in text
+    result = run("info", tiny_dir)
+    assert result.exit_code == 2 and "not a rankwise directory" in result.output

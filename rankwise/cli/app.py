@@ -14,6 +14,8 @@ from rankwise.cli import compare as compare_cmd
 from rankwise.cli import compensate as compensate_cmd
 from rankwise.cli import compress as compress_cmd
 from rankwise.cli import evaluate as evaluate_cmd
+from rankwise.cli import generate as generate_cmd
+from rankwise.cli import info as info_cmd
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
@@ -48,11 +50,14 @@ class OneLineGroup(TyperGroup):
 
 
 app = typer.Typer(cls=OneLineGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Low-rank compression of language models: compress, evaluate, compare, compensate.")
+                  help="Low-rank compression of language models: compress, evaluate, compare, compensate, generate, "
+                  "info.")
 app.command("compress")(compress_cmd.compress)
 app.command("eval")(evaluate_cmd.evaluate)
 app.command("compare")(compare_cmd.compare)
 app.command("compensate")(compensate_cmd.compensate)
+app.command("generate")(generate_cmd.generate)
+app.command("info")(info_cmd.info)
 
 
 def _terminate(signum: int, _frame: Any) -> None:

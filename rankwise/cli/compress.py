@@ -75,6 +75,7 @@ def compress(
     from rankwise.io import save
     from rankwise.io.atomic import check_output_dir, claim, refuse_overlap
     from rankwise.io.models import checkpoint_dir, load_tokenizer, resolve
+    from rankwise.io.provenance import provenance
     from rankwise.methods import config_class
     from rankwise.stream import parse_dtype
 
@@ -99,18 +100,21 @@ def compress(
     with claim(out):  # no other run writes OUT until this one is done
         if path is not None:
             tokenizer = load_tokenizer(path, trust_remote_code)
-            calibration, _, _ = windows(tokenizer, raw, text, dataset, seq_len, calib_samples, 0)
+            calibration, _, text_name = windows(tokenizer, raw, text, dataset, seq_len, calib_samples, 0)
+            origin = provenance(model, source, config, text_name, tuple(calibration.shape))
             report = compress_checkpoint(path, config, calibration, out, tokenizer=tokenizer, dtype=dtype,
                                          device=device, export=export, overwrite=overwrite, batch_size=batch_size,
                                          activation_mb=activation_mb, offload_dir=offload_dir,
-                                         trust_remote_code=trust_remote_code, ray=ray)
+                                         trust_remote_code=trust_remote_code, ray=ray, provenance=origin)
         else:
             work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code, raw)
             if dtype is not None:
                 work.model.to(parse_dtype(dtype))
             report = compress_(work.model, config, work.calibration, batch_size=batch_size,
                                activation_mb=activation_mb, offload_dir=offload_dir, ray=ray)
-            save(work.model, out, tokenizer=work.tokenizer, report=report, overwrite=overwrite, export=export)
+            origin = provenance(model, source, config, work.text_name, tuple(work.calibration.shape))
+            save(work.model, out, tokenizer=work.tokenizer, report=report, overwrite=overwrite, export=export,
+                 provenance=origin)
     if json_report:
         from rankwise.io.atomic import write_text_atomic
 

@@ -99,6 +99,7 @@ def compress_checkpoint(
     offload_dir: str | Path | None = None,
     trust_remote_code: bool = False,
     ray: str | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> CompressionReport:
     """Compress a safetensors checkpoint directory into ``out`` without ever holding the whole model in memory.
 
@@ -122,6 +123,7 @@ def compress_checkpoint(
         offload_dir: where activations spill; default a temporary directory beside ``out``.
         trust_remote_code: allow a checkpoint that ships its own model code (refused by default).
         ray: fan each block's factorisations out to Ray workers, as for :func:`compress_`.
+        provenance: where the model came from, kept in ``rankwise.json`` (see :mod:`rankwise.io.provenance`).
 
     Raises:
         ValueError: one line, for a damaged checkpoint (see :class:`~rankwise.stream.CheckpointSource`), an
@@ -140,5 +142,5 @@ def compress_checkpoint(
         report = run(source, sink, config, calibration, filter_fn=filter_fn, batch_size=batch_size,
                      progress=progress, store=store, mapper=mapper)
         sink.write_rest(source.rest_tensors())
-        sink.finish(source.model, source.dtype, report if export == "factored" else None, tokenizer)
+        sink.finish(source.model, source.dtype, report if export == "factored" else None, tokenizer, provenance)
     return report

@@ -1,5 +1,6 @@
 """Measure models: perplexity on held-out text, parameters, prefill throughput, memory; compare methods."""
 
+from rankwise.eval.generate import complete
 from rankwise.eval.measure import (
     EvalResult,
     count_params,
@@ -9,4 +10,4 @@ from rankwise.eval.measure import (
     prefill_throughput,
 )
 
-__all__ = ["EvalResult", "count_params", "evaluate", "peak_rss_mb", "perplexity", "prefill_throughput"]
+__all__ = ["EvalResult", "complete", "count_params", "evaluate", "peak_rss_mb", "perplexity", "prefill_throughput"]

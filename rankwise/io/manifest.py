@@ -24,7 +24,7 @@ from rankwise.nn import is_linear_like, linear_weight
 MANIFEST = "rankwise.json"
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-_FIELDS = ("format_version", "model_class", "dtype", "modules", "report")
+_FIELDS = ("format_version", "model_class", "dtype", "modules", "report", "provenance")
 _MODULE_FIELDS = {"in_features": int, "out_features": int, "rank": int, "bias": bool}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 _MAX_FEATURES = 2**24  # no linear layer in any released model has 16 M inputs or outputs; bounds allocations
@@ -49,6 +49,7 @@ class Manifest:
     modules: dict[str, ModuleSpec]
     report: dict[str, Any] | None
     file: Path
+    provenance: dict[str, Any] | None = None
 
     @property
     def dtype_name(self) -> str:
@@ -113,10 +114,10 @@ def parse_manifest(raw: Any, file: Path) -> Manifest:
     if not isinstance(modules, dict):
         raise bad("modules", f"must be an object of module name -> spec, got {type(modules).__name__}")
     specs = {name: _module_spec(name, spec, bad) for name, spec in modules.items()}
-    report = raw.get("report")
-    if report is not None and not isinstance(report, dict):
-        raise bad("report", f"must be an object or null, got {type(report).__name__}")
-    return Manifest(model_class, DTYPES[dtype], specs, report, file)
+    for optional in ("report", "provenance"):
+        if raw.get(optional) is not None and not isinstance(raw[optional], dict):
+            raise bad(optional, f"must be an object or null, got {type(raw[optional]).__name__}")
+    return Manifest(model_class, DTYPES[dtype], specs, raw.get("report"), file, raw.get("provenance"))
 
 
 def _module_spec(name: Any, spec: Any, bad) -> ModuleSpec:

@@ -51,7 +51,7 @@ def is_compressed_dir(path: str | Path) -> bool:
 
 
 def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, report: Any = None, overwrite: bool = False,
-         export: str = "factored") -> Path:
+         export: str = "factored", provenance: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``out`` atomically.
 
     Args:
@@ -61,6 +61,7 @@ def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, report: An
         report: a :class:`~rankwise.report.CompressionReport` stored in the manifest.
         export: ``"factored"`` (rankwise format) or ``"dense"`` (a plain HF checkpoint: factors multiplied out,
             loadable by ``transformers`` alone).
+        provenance: where the model came from (:func:`rankwise.io.provenance.provenance`), kept in the manifest.
     """
     if export not in ("factored", "dense"):
         raise ValueError(f"export must be 'factored' or 'dense', got {export!r}")
@@ -73,14 +74,16 @@ def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, report: An
             if getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(tmp)
             save_file(unique_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            write_factored_metadata(model, tmp, next(model.parameters()).dtype, report)
+            write_factored_metadata(model, tmp, next(model.parameters()).dtype, report, provenance)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
 
 
-def write_factored_metadata(model: nn.Module, out: Path, dtype: torch.dtype, report: Any = None) -> None:
-    """Write ``rankwise.json``: the model class, dtype, every factorised module with its rank, and the report."""
+def write_factored_metadata(model: nn.Module, out: Path, dtype: torch.dtype, report: Any = None,
+                            provenance: dict[str, Any] | None = None) -> None:
+    """Write ``rankwise.json``: the model class, dtype, every factorised module with its rank, the report and the
+    provenance."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
@@ -88,6 +91,7 @@ def write_factored_metadata(model: nn.Module, out: Path, dtype: torch.dtype, rep
         "modules": {name: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
                            "bias": m.bias is not None} for name, m in _lowrank_modules(model).items()},
         "report": report.to_dict() if report is not None else None,
+        "provenance": provenance,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
 

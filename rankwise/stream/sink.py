@@ -58,7 +58,8 @@ class ShardSink:
     def write_rest(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self._shard(self.total - 1, dict(tensors))
 
-    def finish(self, model: nn.Module, dtype: torch.dtype, report: Any = None, tokenizer: Any = None) -> None:
+    def finish(self, model: nn.Module, dtype: torch.dtype, report: Any = None, tokenizer: Any = None,
+               provenance: dict[str, Any] | None = None) -> None:
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.out / INDEX).write_text(json.dumps(index, indent=1))
         model.config.dtype = dtype
@@ -66,6 +67,6 @@ class ShardSink:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(self.out)
         if self.export == "factored":
-            write_factored_metadata(model, self.out, dtype, report)
+            write_factored_metadata(model, self.out, dtype, report, provenance)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.out)

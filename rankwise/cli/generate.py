@@ -1,0 +1,34 @@
+"""``rankwise generate``: greedy completions of prompts by a dense, compressed or healed model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from rankwise.cli.common import DeviceOpt, ModelArg, ThreadsOpt, TrustOpt, one_line_errors, say, setup
+
+
+@one_line_errors
+def generate(
+    model: ModelArg = "smollm2",
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="text to complete (repeat for several)")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens generated per prompt")] = 48,
+    chat: Annotated[bool, typer.Option("--chat", help="wrap each prompt in the tokenizer's chat template")] = False,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Complete each --prompt with MODEL greedily (deterministic) and print prompt and completion."""
+    from rankwise.eval.generate import complete
+    from rankwise.io.models import load_model
+
+    if not prompt:
+        raise ValueError("give at least one --prompt TEXT")
+    if any(not p.strip() for p in prompt):
+        raise ValueError("--prompt must not be empty")
+    setup(device, threads)
+    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    for text, completion in zip(prompt, complete(loaded.model, loaded.tokenizer, prompt,
+                                                  max_new_tokens=max_new_tokens, chat=chat), strict=True):
+        say(f"### {text}\n{completion.strip()}\n")

@@ -1,0 +1,77 @@
+"""``rankwise info``: what a compressed directory holds, and where it came from."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rankwise.cli.common import one_line_errors, say
+
+
+def describe(manifest: Any) -> dict[str, Any]:
+    """Plain data about a validated manifest: method, ratio, options, parameters, rank histogram, provenance."""
+    report = manifest.report or {}
+    layers = report.get("layers") or []
+    ranks = [spec.rank for spec in manifest.modules.values()]
+    before, after = report.get("params_targeted_before"), report.get("params_targeted_after")
+    return {
+        "model_class": manifest.model_class,
+        "dtype": manifest.dtype_name,
+        "method": report.get("method"),
+        "ratio": report.get("ratio"),
+        "notes": report.get("notes") or [],
+        "factorised_layers": len(manifest.modules),
+        "layers_in_report": len(layers),
+        "params_total_before": report.get("params_total_before"),
+        "params_total_after": report.get("params_total_after"),
+        "params_targeted_kept": after,
+        "params_targeted_removed": (before - after) if before is not None and after is not None else None,
+        "rank_histogram": {f"{low}-{2 * low - 1}": n for low, n in sorted(Counter(map(_bucket, ranks)).items())},
+        "provenance": manifest.provenance,
+    }
+
+
+def _bucket(rank: int) -> int:
+    """The power-of-two bucket's lower end: buckets 1-1, 2-3, 4-7, 8-15, ..."""
+    return 1 << (rank.bit_length() - 1)
+
+
+@one_line_errors
+def info(
+    path: Annotated[str, typer.Argument(help="a directory written by rankwise compress")],
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON object instead of text")] = False,
+) -> None:
+    """Show what the compressed directory PATH holds: method, ratio, options, parameters kept and removed, the rank
+    histogram and provenance (source model and its fingerprint, text and windows, versions, command line)."""
+    from rankwise.io.checkpoint import check_model_dir
+    from rankwise.io.manifest import MANIFEST, read_manifest
+
+    where = Path(path)
+    check_model_dir(where)
+    if not (where / MANIFEST).is_file():
+        raise ValueError(f"{path!r} is not a rankwise directory (no {MANIFEST})")
+    data = describe(read_manifest(where))
+    if as_json:
+        say(json.dumps(data, indent=1))
+        return
+    say(f"{path}: {data['model_class']} ({data['dtype']}), {data['factorised_layers']} factorised layers")
+    if data["method"] is not None:
+        say(f"method {data['method']} at ratio {data['ratio']:g} (fraction of targeted parameters removed)")
+    if data["params_targeted_kept"] is not None:
+        say(f"targeted parameters: kept {data['params_targeted_kept']:,}, removed {data['params_targeted_removed']:,}; "
+            f"total {data['params_total_after']:,} (was {data['params_total_before']:,})")
+    for note in data["notes"]:
+        say(f"note: {note}")
+    say("ranks: " + ", ".join(f"{bucket}: {count}" for bucket, count in data["rank_histogram"].items()))
+    origin = data["provenance"]
+    if not origin:
+        say("provenance: not recorded (written by rankwise.save without it, or by an older rankwise)")
+        return
+    for key in ("source", "source_fingerprint", "method", "options", "text", "calibration_windows", "command",
+                "rankwise_version", "torch_version", "transformers_version", "created_utc"):
+        if origin.get(key) is not None:
+            say(f"{key}: {json.dumps(origin[key]) if isinstance(origin[key], dict | list) else origin[key]}")
