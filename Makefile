@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/rankwise compare --methods svd,fwsvd,asvd,svd_llm --ratios 0.2,0.4 --eval-samples 32 --out demo-out --overwrite
+	$(VENV)/bin/rankwise compare --recipes svd_llm,svd_llm+loss+seq --ratios 0.2 --calib-samples 16 \
+		--eval-samples 16 --max-new-tokens 24 --out demo-out --overwrite \
+		--prompt "The difference between a list and a tuple in Python is" \
+		--prompt "To read a file line by line, you can"
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider

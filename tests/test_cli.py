@@ -232,3 +232,18 @@ def test_info_shows_method_ranks_and_provenance(tiny_dir, tmp_path):
     assert "method svd_llm at ratio 0.3" in text and "removed" in text and "source_fingerprint:" in text
     result = run("info", tiny_dir)
     assert result.exit_code == 2 and "not a rankwise directory" in result.output
+
+
+def test_compare_recipes_with_side_by_side_completions(tiny_dir, tmp_path):
+    out = tmp_path / "cmp"
+    result = run("compare", tiny_dir, "--recipes", "svd_llm,svd_llm+loss+seq", "--ratios", "0.3", "--out", out,
+                 "--eval-samples", "4", "--prompt", "abc", "--prompt", "xyz", "--max-new-tokens", "4", *SMALL)
+    assert result.exit_code == 0, result.output
+    table = (out / "comparison.md").read_text()
+    assert "| svd_llm |" in table and "| svd_llm +loss +seq |" in table
+    assert "**abc** ..." in table and "**xyz** ..." in table
+    assert table.count("| svd_llm +loss +seq @ 0.3 |") == 2 and table.count("| dense |") == 3
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert [len(r["completions"]) for r in rows] == [2, 2]
+    bad = run("compare", tiny_dir, "--recipes", "svd_llm+fast", "--out", tmp_path / "o")
+    assert bad.exit_code == 2 and "unknown option 'fast'" in bad.output

@@ -65,10 +65,16 @@ def compare(
         "--ray", metavar="ADDRESS", help="run every method x ratio as a Ray task: 'local' starts a local Ray, 'auto' "
         "or HOST:PORT joins a running cluster (needs pip install 'rankwise\\[ray]')")] = None,
     trust_remote_code: TrustOpt = False,
+    recipe_list: Annotated[str | None, typer.Option(
+        "--recipes", help="comma list of recipes written like row labels, e.g. svd_llm,svd_llm+loss+seq (options: "
+        "uniform, welore, loss, seq, upd); replaces --methods, --allocations, --sequential, --update-u")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(
+        "--prompt", help="also complete this text with every model, side by side (repeat for several)")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens per completion")] = 32,
 ) -> None:
     """Compare compression methods across ratios on MODEL; writes a Markdown table and a PNG plot."""
     from rankwise.eval.compare import compare as run
-    from rankwise.eval.compare import recipes
+    from rankwise.eval.compare import parse_recipe, recipes
     from rankwise.eval.ray_compare import ray_session
     from rankwise.methods import CompressConfig, config_class
 
@@ -82,16 +88,23 @@ def compare(
             CompressConfig(ratio=r, allocation=a)
     if eora_rank < 0:
         raise ValueError(f"--eora-rank must be >= 0, got {eora_rank}")
-    configs = recipes(method_list, ratio_list, allocations=allocation_list, sequential=sequential.values,
-                      update_u=update_u.values)
+    if recipe_list is not None:
+        configs = [parse_recipe(r, ratio) for r in comma_list(recipe_list, "--recipes") for ratio in ratio_list]
+    else:
+        configs = recipes(method_list, ratio_list, allocations=allocation_list, sequential=sequential.values,
+                          update_u=update_u.values)
+    prompts = list(prompt or [])
+    if any(not p.strip() for p in prompts):
+        raise ValueError("--prompt must not be empty")
     with claimed_out(out, overwrite, model):
         with nullcontext() if ray is None else ray_session(ray):  # a bad address fails before the model loads
             work = prepare(model, text, dataset, seq_len, calib_samples, eval_samples, device, threads,
                            trust_remote_code)
             settings = {"model": work.source, "text": work.text_name, "seq_len": seq_len, "calib": calib_samples,
-                        "eval": eval_samples}
+                        "eval": eval_samples, "prompts": prompts}
             result = run(work.model, work.calibration, work.evaluation, configs, eora_rank=eora_rank,
-                         batch_size=batch_size, settings=settings, ray_address=ray)
+                         batch_size=batch_size, settings=settings, ray_address=ray, prompts=prompts,
+                         tokenizer=work.tokenizer, max_new_tokens=max_new_tokens)
         result.save(out, overwrite=overwrite)
     say(result.to_markdown())
     say(f"\nwrote {out}/comparison.md, comparison.png, comparison.json")

@@ -6,10 +6,11 @@ import copy
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from rankwise.calibrate import LayerStats, collect_stats
 from rankwise.compensate import compensate, merge_
 from rankwise.compress import compress_
+from rankwise.eval.generate import complete
 from rankwise.eval.measure import count_params, peak_rss_mb, perplexity, prefill_throughput
 from rankwise.eval.ray_compare import map_on_ray, ray_session
 from rankwise.io.atomic import atomic_dir
@@ -38,6 +40,7 @@ class CompareRow:
     compress_s: float
     rss_mb: float  # resident memory right after this row's compression (process-wide)
     kept: dict[str, float] = field(default_factory=dict)  # layer -> fraction of its parameters kept
+    completions: list[str] = field(default_factory=list)  # greedy completions of the comparison's prompts
 
 
 @dataclass
@@ -64,7 +67,20 @@ class Comparison:
                 f"{r.params_targeted_removed:,} ({r.params_targeted_removed / total:.1%}) | {r.params_total:,} | "
                 f"{r.tokens_per_s:,.0f} | {r.tokens_per_s / self.dense.tokens_per_s:.2f}x | {r.compress_s:.1f} | "
                 f"{r.rss_mb:,.0f} |")
-        return head + "\n".join(lines)
+        side = self._side_by_side()
+        return head + "\n".join(lines) + (f"\n{side}" if side else "")
+
+    def _side_by_side(self) -> str:
+        """Each prompt's completion by every model, one table per prompt (empty without prompts)."""
+        prompts = self.settings.get("prompts") or []
+        out = []
+        for k, prompt in enumerate(prompts):
+            out += ["", f"**{prompt}** ...", "", "| model | greedy completion |", "|---|---|"]
+            for r in [self.dense, *self.rows]:
+                if k < len(r.completions):
+                    text = " ".join(r.completions[k].split()).replace("|", "\\|")
+                    out.append(f"| {r.method}{f' @ {r.ratio:g}' if r.ratio else ''} | {text} |")
+        return "\n".join(out)
 
     def plot(self, path: Path) -> None:
         import matplotlib
@@ -121,12 +137,15 @@ class Comparison:
 
 
 def _row(model: nn.Module, name: str, ratio: float, evaluation: torch.Tensor, dense_targeted: int,
-         seconds: float, batch_size: int) -> CompareRow:
+         seconds: float, batch_size: int, prompts: Sequence[str] = (), tokenizer: Any = None,
+         max_new_tokens: int = 32) -> CompareRow:
     rss = psutil.Process().memory_info().rss / 2**20
     total, targeted = count_params(model)
     ppl = perplexity(model, evaluation, batch_size=batch_size)
     tps = prefill_throughput(model, evaluation, batch_size=batch_size)
-    return CompareRow(name, ratio, ppl, targeted, dense_targeted - targeted, total, tps, seconds, rss)
+    texts = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens) if prompts else []
+    return CompareRow(name, ratio, ppl, targeted, dense_targeted - targeted, total, tps, seconds, rss,
+                      completions=texts)
 
 
 def label(config: CompressConfig, eora_rank: int = 0) -> str:
@@ -148,6 +167,22 @@ def label(config: CompressConfig, eora_rank: int = 0) -> str:
     return " ".join(parts)
 
 
+RECIPE_OPTIONS = {"uniform": ("allocation", "uniform"), "welore": ("allocation", "welore"),
+                  "loss": ("allocation", "loss"), "seq": ("sequential", True), "upd": ("update_u", True)}
+
+
+def parse_recipe(text: str, ratio: float) -> CompressConfig:
+    """A recipe written like a row label, e.g. ``svd_llm+loss+seq`` (options: uniform, welore, loss, seq, upd)."""
+    method, *options = [part.strip() for part in text.split("+")]
+    fields: dict[str, Any] = {}
+    for option in options:
+        if option not in RECIPE_OPTIONS:
+            raise ValueError(f"recipe {text!r}: unknown option {option!r}; allowed: {', '.join(RECIPE_OPTIONS)}")
+        key, value = RECIPE_OPTIONS[option]
+        fields[key] = value
+    return config_class(method)(ratio=ratio, **fields)
+
+
 def recipes(methods: list[str], ratios: list[float], *, allocations: tuple[str, ...] = ("uniform",),
             sequential: tuple[bool, ...] = (False,), update_u: tuple[bool, ...] = (False,)) -> list[CompressConfig]:
     """The cross product of methods, allocations, sequential and update options, and ratios, as configs."""
@@ -157,19 +192,22 @@ def recipes(methods: list[str], ratios: list[float], *, allocations: tuple[str, 
 
 def candidate_rows(config: CompressConfig | None, *, model: nn.Module, calibration: torch.Tensor,
                    evaluation: torch.Tensor, stats: Mapping[str, LayerStats], dense_targeted: int, eora_rank: int = 0,
-                   batch_size: int = 8) -> list[CompareRow]:
+                   batch_size: int = 8, prompts: Sequence[str] = (), tokenizer: Any = None,
+                   max_new_tokens: int = 32) -> list[CompareRow]:
     """Compress a copy of ``model`` with ``config`` and evaluate it: one row, two with ``eora_rank > 0``.
 
     ``model`` is left untouched; ``stats`` are the dense model's statistics, shared by every config. ``config=None``
     evaluates the dense model itself (one row).
     """
+    text = {"prompts": prompts, "tokenizer": tokenizer, "max_new_tokens": max_new_tokens}
     if config is None:
-        return [_row(model, "dense", 0.0, evaluation, dense_targeted, 0.0, batch_size)]
+        return [_row(model, "dense", 0.0, evaluation, dense_targeted, 0.0, batch_size, **text)]
     candidate = copy.deepcopy(model)
     needs_data = config.sequential or config.update_u
     report = compress_(candidate, config, calibration if needs_data else None, stats=stats, batch_size=batch_size,
                        progress=False)
-    row = _row(candidate, label(config), config.ratio, evaluation, dense_targeted, report.seconds, batch_size)
+    row = _row(candidate, label(config), config.ratio, evaluation, dense_targeted, report.seconds, batch_size,
+               **text)
     row.kept = {layer.name: layer.params_after / layer.params_before for layer in report.layers}
     if not eora_rank:
         return [row]
@@ -177,16 +215,19 @@ def candidate_rows(config: CompressConfig | None, *, model: nn.Module, calibrati
     merge_(candidate, compensate(model, candidate, calibration, eora_rank, batch_size=batch_size, progress=False))
     seconds = report.seconds + time.perf_counter() - start
     return [row, _row(candidate, label(config, eora_rank), config.ratio, evaluation, dense_targeted, seconds,
-                      batch_size)]
+                      batch_size, **text)]
 
 
 def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tensor, configs: list[CompressConfig],
             *, eora_rank: int = 0, batch_size: int = 8, progress: bool = True, settings: dict | None = None,
-            ray_address: str | None = None) -> Comparison:
+            ray_address: str | None = None, prompts: Sequence[str] = (), tokenizer: Any = None,
+            max_new_tokens: int = 32) -> Comparison:
     """Compress a copy of ``model`` with every config and evaluate each on ``evaluation``.
 
-    With ``eora_rank > 0`` every config also gets a row with EoRA compensation of that rank merged in (its extra
-    parameters are counted). Dense-model statistics are collected once (all kinds any method needs) and shared.
+    With ``prompts`` (and the ``tokenizer``) every row also holds each prompt's greedy completion, shown side by
+    side in the Markdown. With ``eora_rank > 0`` every config also gets a row with EoRA compensation of that rank
+    merged in (its extra parameters are counted). Dense-model statistics are collected once (all kinds any method
+    needs) and shared.
 
     Args:
         ray_address: run every config as a task on Ray (the optional ``rankwise[ray]`` extra) instead of one after
@@ -208,7 +249,8 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
         calibration_s = time.perf_counter() - start
         _, dense_targeted = count_params(model)
         shared = {"model": model, "calibration": calibration, "evaluation": evaluation, "stats": stats,
-                  "dense_targeted": dense_targeted, "eora_rank": eora_rank, "batch_size": batch_size}
+                  "dense_targeted": dense_targeted, "eora_rank": eora_rank, "batch_size": batch_size,
+                  "prompts": list(prompts), "tokenizer": tokenizer, "max_new_tokens": max_new_tokens}
         items = [None, *configs]  # None: the dense model
         if ray_address is None:
             groups = [candidate_rows(c, **shared) for c in progress_bar(items, "dense, recipes x ratios",
