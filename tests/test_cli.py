@@ -15,14 +15,6 @@ runner = CliRunner()
 SMALL = ["--seq-len", "16", "--calib-samples", "4"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def run(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 

@@ -17,18 +17,9 @@ from typer.testing import CliRunner
 from rankwise.cli import app
 from rankwise.io import load
 from rankwise.io.atomic import WRITING, atomic_dir, claim, is_unfinished, scratch_name
-from tests.tiny_models import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--seq-len", "16", "--calib-samples", "4", "--method", "svd", "--ratio", "0.3"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def _debris(parent: Path, name: str) -> list[str]:
@@ -65,7 +56,7 @@ def test_planted_lock_symlink_is_refused(tmp_path):
     victim.write_text("precious")
     (tmp_path / ".out.lock").symlink_to(victim)
     with pytest.raises(ValueError, match="a symlink is refused"), claim(tmp_path / "out"):
-        pass
+        raise AssertionError("the lock was taken through the symlink")
     assert victim.read_text() == "precious"
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 import torch
 import typer
 
+from rankwise._errors import first_line
 from rankwise.calibrate import DEFAULT_TEXT_NAME, load_text, split_windows
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,7 +50,7 @@ def one_line_errors(fn: F) -> F:
             if isinstance(err, OSError) and err.strerror:  # permission denied, a directory, disk full ...
                 message = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
             else:
-                message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                message = first_line(err, limit=1000)
             print(f"error: {message}", file=sys.stderr, flush=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM turned into one by the CLI's handler

@@ -141,6 +141,15 @@ def weight_map(path: Path) -> dict[str, str]:
     return found
 
 
+def parameter_groups(model: Any) -> list[list[str]]:
+    """The model's parameter names grouped by tensor: tied parameters (e.g. embeddings shared with the output head)
+    form one group, of which a checkpoint stores one name."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return list(groups.values())
+
+
 def refuse_factored_without_manifest(path: Path, names: list[str] | dict[str, str]) -> None:
     """Factorised tensors (``*.up`` / ``*.down``) need ``rankwise.json`` to be loaded; refuse them without it."""
     factored = sorted(n for n in names if n.rpartition(".")[2] in FACTOR_LEAVES)

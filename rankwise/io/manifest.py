@@ -10,7 +10,6 @@ shape.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,18 +67,10 @@ def causal_lm_classes() -> frozenset[str]:
 
 def read_manifest(path: str | Path) -> Manifest:
     """Read and validate ``path/rankwise.json``; a one-line ``ValueError`` naming the file and field otherwise."""
+    from rankwise.io.checkpoint import read_json
+
     file = Path(path) / MANIFEST
-    try:
-        raw = json.loads(file.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{file} is missing") from None
-    except OSError as err:
-        raise ValueError(f"{file} cannot be read ({err.strerror})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{file} is not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON ({err.msg}, line {err.lineno})") from None
-    return parse_manifest(raw, file)
+    return parse_manifest(read_json(file, MANIFEST), file)
 
 
 def _int(value: Any) -> bool:

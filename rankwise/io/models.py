@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from rankwise._errors import first_line
 from rankwise.io.atomic import atomic_dir
 from rankwise.io.checkpoint import check_model_dir, refuse_factored_without_manifest, refuse_remote_code, weight_map
 from rankwise.io.save import is_compressed_dir, load
@@ -67,8 +68,7 @@ def _gguf_cache(gguf: Path, dtype: torch.dtype) -> Path:
     except ImportError as err:
         raise ValueError(f"reading {gguf} needs the gguf package: pip install gguf ({err})") from None
     except Exception as err:  # the GGUF reader raises many types on damaged files (struct, KeyError, ValueError)
-        raise ValueError(f"{gguf} is not a readable GGUF model ({type(err).__name__}: "
-                         f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'})") from None
+        raise ValueError(f"{gguf} is not a readable GGUF model ({type(err).__name__}: {first_line(err)})") from None
     refuse_incomplete(info, str(gguf))  # never cache randomly initialised tensors as if they were the model's
     # The weights are plain floats after dequantisation; drop the GGUF marker so they save as a normal checkpoint.
     model.hf_quantizer = None
@@ -137,7 +137,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"could not load a tokenizer from {str(path)!r}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"could not load a tokenizer from {str(path)!r}: {first_line(err)}") from None
 
 
 def _load_dense(path: Path | str, spec: Any, dtype: torch.dtype, trust_remote_code: bool) -> Any:
@@ -154,9 +154,7 @@ def _load_dense(path: Path | str, spec: Any, dtype: torch.dtype, trust_remote_co
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                            output_loading_info=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        text = str(err).strip()
-        raise ValueError(f"could not load model {str(spec)!r}: {text.splitlines()[0] if text else type(err).__name__}"
-                         ) from None
+        raise ValueError(f"could not load model {str(spec)!r}: {first_line(err)}") from None
     refuse_incomplete(info, str(spec))
     return model
 

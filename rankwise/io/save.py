@@ -17,7 +17,14 @@ from torch import nn
 
 from rankwise._errors import first_line
 from rankwise.io.atomic import atomic_dir
-from rankwise.io.checkpoint import SAFETENSORS_DTYPES, SafeOpen, check_model_dir, load_config, weight_map
+from rankwise.io.checkpoint import (
+    SAFETENSORS_DTYPES,
+    SafeOpen,
+    check_model_dir,
+    load_config,
+    parameter_groups,
+    weight_map,
+)
 from rankwise.io.manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -186,10 +193,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", trust_remote_c
                 no_split_module_classes=list(getattr(model, "_no_split_modules", None) or []), dtype=manifest.dtype,
             ).eval()
         except (ValueError, RuntimeError, OSError) as err:  # accelerate's placement errors, and safetensors' own
-            text = str(err).strip()
             raise ValueError(f"could not place {path} with device_map={device_map!r}, max_memory={max_memory!r} "
-                             f"({text.splitlines()[0] if text else type(err).__name__}); give more memory, or an "
-                             "offload_dir for what does not fit") from None
+                             f"({first_line(err)}); give more memory, or an offload_dir for what does not fit"
+                             ) from None
     for file in sorted(set(wmap.values())):
         with SafeOpen(path / file, device) as f:
             state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
@@ -217,10 +223,7 @@ def _check_tensors(path: Path, wmap: dict[str, str], model: nn.Module) -> None:
                 if shape != tuple(want.shape) or dtype != want.dtype:
                     raise ValueError(f"tensor {name!r} in {path / file} is {shape} {info.get_dtype()}, the model "
                                      f"needs {tuple(want.shape)} {str(want.dtype).removeprefix('torch.')}")
-    groups: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
-    missing = [names[0] for names in groups.values() if not any(n in wmap for n in names)]
+    missing = [names[0] for names in parameter_groups(model) if not any(n in wmap for n in names)]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} tensors its model needs, e.g. {missing[0]!r}")
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from rankwise.io.checkpoint import INDEX
 from rankwise.io.save import dense_state, unique_state, write_factored_metadata
-from rankwise.stream.source import INDEX
 
 
 class InPlaceSink:

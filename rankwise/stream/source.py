@@ -15,12 +15,12 @@ from torch import nn
 
 from rankwise._errors import first_line
 from rankwise.io.checkpoint import (
-    INDEX,
     SAFETENSORS_DTYPES,
     SafeOpen,
     check_model_dir,
     checkpoint_dtype,
     load_config,
+    parameter_groups,
     refuse_factored_without_manifest,
     weight_map,
 )
@@ -28,7 +28,7 @@ from rankwise.io.manifest import read_manifest
 from rankwise.io.save import install_lowrank, is_compressed_dir
 from rankwise.stream.blocks import block_of, decoder_blocks
 
-__all__ = ["DTYPES", "INDEX", "CheckpointSource", "ModelSource", "parse_dtype"]
+__all__ = ["DTYPES", "CheckpointSource", "ModelSource", "parse_dtype"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -147,11 +147,8 @@ class CheckpointSource:
         """Model parameter name -> checkpoint tensor name. Parameters that share one tensor (tied embeddings) need
         only one of their names stored; every other parameter must be there."""
         prefix = f"{getattr(self.model, 'base_model_prefix', '')}."
-        groups: dict[int, list[str]] = {}
-        for name, p in self.model.named_parameters(remove_duplicate=False):
-            groups.setdefault(id(p), []).append(name)
         keys, missing = {}, []
-        for names in groups.values():
+        for names in parameter_groups(self.model):
             stored = [self._stored_name(n, prefix) for n in names]
             found = next((k for k in stored if k is not None), None)
             if found is None:
