@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Sized
 from typing import TypeVar
 
@@ -23,3 +24,25 @@ def progress_bar(items: Iterable[T], description: str, *, enabled: bool = True) 
         for item in items:
             yield item
             bar.advance(task)
+
+
+class _StepBar:
+    def __init__(self, bar: Progress | None, task: int | None) -> None:
+        self.bar, self.task = bar, task
+
+    def update(self, step: int, **metrics: float) -> None:
+        if self.bar is not None and self.task is not None:
+            shown = "  ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in metrics.items())
+            self.bar.update(self.task, completed=step, metrics=shown)
+
+
+@contextlib.contextmanager
+def step_bar(description: str, total: int, *, start: int = 0, enabled: bool = True) -> Iterator[_StepBar]:
+    """A bar for a loop of ``total`` steps that shows the latest metrics (loss, tokens/s ...) beside it."""
+    if not enabled:
+        yield _StepBar(None, None)
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[metrics]}"))
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
+        yield _StepBar(bar, bar.add_task(description, total=total, completed=start, metrics=""))

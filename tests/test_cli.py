@@ -239,3 +239,31 @@ def test_compare_recipes_with_side_by_side_completions(tiny_dir, tmp_path):
     assert [len(r["completions"]) for r in rows] == [2, 2]
     bad = run("compare", tiny_dir, "--recipes", "svd_llm+fast", "--out", tmp_path / "o")
     assert bad.exit_code == 2 and "unknown option 'fast'" in bad.output
+
+
+def test_heal_saves_a_compressed_model_of_the_same_size(tiny_dir, tmp_path):
+    import rankwise
+    from rankwise.eval.measure import count_params
+    from rankwise.io.manifest import read_manifest
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 37} and {i % 11}" for i in range(3000)))
+    out, healed = tmp_path / "c", tmp_path / "h"
+    assert run("compress", tiny_dir, "--ratio", "0.4", "--out", out, "--text", text, *SMALL).exit_code == 0
+    result = run("heal", out, "--base", tiny_dir, "--steps", "4", "--out", healed, "--text", text, "--seq-len", "16",
+                 "--eval-samples", "4", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    assert "held-out perplexity" in result.output and "->" in result.output
+    assert count_params(rankwise.load(healed)) == count_params(rankwise.load(out))
+    assert read_manifest(healed).modules == read_manifest(out).modules
+    assert read_manifest(healed).provenance["heal"]["steps"] == 4
+    assert not (tmp_path / "h.checkpoint").exists()
+    assert run("eval", healed, "--text", text, "--seq-len", "16", "--eval-samples", "4").exit_code == 0
+    for args, message in (
+        (("heal", tiny_dir, "--out", tmp_path / "x"), "not a compressed rankwise directory"),
+        (("heal", out, "--out", tmp_path / "y", "--steps", "0"), "--steps"),
+        (("heal", out, "--out", tmp_path / "z", "--base", tiny_dir, "--text", text, "--seq-len", "16",
+          "--eval-samples", "4", "--resume"), "no checkpoint"),
+    ):
+        result = run(*args)
+        assert result.exit_code == 2 and message in result.output, result.output

@@ -65,7 +65,7 @@ def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, report: An
         model: a Hugging Face model, possibly containing ``LowRankLinear`` layers.
         out: output directory; refused if it exists unless ``overwrite``.
         tokenizer: saved alongside when given.
-        report: a :class:`~rankwise.report.CompressionReport` stored in the manifest.
+        report: a :class:`~rankwise.report.CompressionReport` (or its dict) stored in the manifest.
         export: ``"factored"`` (rankwise format) or ``"dense"`` (a plain HF checkpoint: factors multiplied out,
             loadable by ``transformers`` alone).
         provenance: where the model came from (:func:`rankwise.io.provenance.provenance`), kept in the manifest.
@@ -97,7 +97,7 @@ def write_factored_metadata(model: nn.Module, out: Path, dtype: torch.dtype, rep
         "dtype": str(dtype).removeprefix("torch."),
         "modules": {name: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
                            "bias": m.bias is not None} for name, m in _lowrank_modules(model).items()},
-        "report": report.to_dict() if report is not None else None,
+        "report": report.to_dict() if hasattr(report, "to_dict") else report,
         "provenance": provenance,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -1,0 +1,284 @@
+"""A small, deterministic fine-tuning loop shared by ``rankwise adapt`` and ``rankwise heal``.
+
+Why not ``transformers.Trainer``: the data here are fixed windows of token ids, one healing loss needs the dense
+teacher's logits at every step, and the guarantees asked of this loop (the same seed gives the same loss curve
+byte for byte, a NaN loss stops training and keeps the last good checkpoint, a checkpoint from another model is
+refused when resuming) would each need a callback or a subclass around Trainer's own data loader and seeding. The
+loop is AdamW, linear warm-up then cosine decay (transformers' schedule), gradient clipping and accumulation, a
+progress bar with loss and tokens/s, and evaluation every ``eval_every`` steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rankwise.eval.measure import _device
+
+CHECKPOINT = "trainer_state.pt"
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train; every field is checked in ``__post_init__``."""
+
+    steps: int = 100  # optimizer steps
+    lr: float = 2e-4  # peak learning rate of AdamW
+    batch_size: int = 4  # windows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup: float = 0.05  # fraction of the steps spent warming the learning rate up linearly from 0
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    max_grad_norm: float = 1.0  # gradients are clipped to this global norm (0 disables clipping)
+    eval_every: int = 0  # evaluate every this many steps (0: only before and after training)
+    save_every: int = 0  # write a resumable checkpoint every this many steps (0: only at the end)
+    seed: int = 0  # order of the training windows
+    bf16: bool = False  # mixed precision: matmuls in bfloat16 under autocast, weights and optimizer in float32
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("eval_every", 0),
+                              ("save_every", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}")
+
+    @property
+    def windows_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+
+class TrainingDivergedError(ValueError):
+    """The loss became NaN or infinite; training stopped before applying that step."""
+
+
+@dataclass
+class TrainResult:
+    """What happened: the loss per optimizer step, evaluations, timing."""
+
+    losses: list[float] = field(default_factory=list)  # mean training loss of each optimizer step
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, mean evaluation loss)
+    seconds: float = 0.0  # wall time of this run's training steps (without evaluation)
+    tokens: int = 0  # tokens trained on in this run
+    trainable: int = 0  # trainable parameters
+    resumed_from: int = 0  # the step the run resumed at (0: from scratch)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(1, len(self.losses) - self.resumed_from)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def causal_lm_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the tokens where ``mask`` (same shape as ``ids``) is true (all if None)."""
+    logits = model(input_ids=ids).logits[:, :-1].float()  # (b, L-1, vocab)
+    targets = ids[:, 1:]
+    if mask is not None:
+        targets = targets.masked_fill(~mask[:, 1:].bool(), -100)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None, *, batch_size: int = 8,
+                  loss_fn: LossFn = causal_lm_loss) -> float:
+    """Mean ``loss_fn`` over ``ids`` in batches, weighted by the number of scored tokens."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = _device(model)
+    for start in range(0, ids.shape[0], batch_size):
+        batch = ids[start:start + batch_size].to(device)
+        bmask = None if mask is None else mask[start:start + batch_size].to(device)
+        scored = batch[:, 1:].numel() if bmask is None else int(bmask[:, 1:].bool().sum())
+        total += float(loss_fn(model, batch, bmask)) * scored
+        count += scored
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Names, shapes and dtypes of the trainable parameters: what a checkpoint must match to be resumed."""
+    spec = [(name, list(p.shape), str(p.dtype)) for name, p in trainable_parameters(model).items()]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+
+def _order(n: int, steps: int, per_step: int, seed: int) -> torch.Tensor:
+    """Window indices for all steps: seeded permutations of ``range(n)``, one after another (epochs)."""
+    gen = torch.Generator().manual_seed(seed)
+    need = steps * per_step
+    epochs = -(-need // n)
+    return torch.cat([torch.randperm(n, generator=gen) for _ in range(epochs)])[:need]
+
+
+def train(model: nn.Module, ids: torch.Tensor, config: TrainConfig, *, mask: torch.Tensor | None = None,
+          eval_ids: torch.Tensor | None = None, eval_mask: torch.Tensor | None = None,
+          loss_fn: LossFn = causal_lm_loss, eval_loss_fn: LossFn = causal_lm_loss,
+          checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+          on_eval: Callable[[int, float], None] | None = None, eval_first: bool = True) -> TrainResult:
+    """Train the parameters of ``model`` that require grad on the windows ``ids`` ``(n, seq_len)``.
+
+    Args:
+        model: the model; only parameters with ``requires_grad`` are trained.
+        ids: training windows of token ids; ``mask`` (same shape) marks the tokens that are scored, if not all.
+        config: steps, learning rate, batch, schedule, clipping, evaluation and checkpoint cadence, seed.
+        eval_ids, eval_mask: held-out windows evaluated before training (if ``eval_first``), every ``eval_every``
+            steps and at the end.
+        loss_fn: ``(model, ids, mask) -> scalar`` to minimise (default: next-token cross-entropy).
+        eval_loss_fn: the loss reported on ``eval_ids`` (default: next-token cross-entropy).
+        checkpoint_dir: where the resumable state is written (atomically) every ``save_every`` steps and at the end.
+        resume: continue from ``checkpoint_dir``'s state; it must come from a model with the same trainable
+            parameters (names, shapes, dtypes) and the same config.
+
+    Raises:
+        ValueError: no trainable parameter, too few windows for one micro-batch, or a checkpoint that does not
+            match this model or config.
+        TrainingDivergedError: the loss became NaN/inf; the last good checkpoint (if any) is kept.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    from rankwise.progress import step_bar
+
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameter: nothing to train")
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise ValueError(f"training windows must be token ids of shape (n, seq_len >= 2), got {tuple(ids.shape)}")
+    if ids.shape[0] < config.batch_size:
+        raise ValueError(f"the training data has {ids.shape[0]} windows of {ids.shape[1]} tokens, fewer than one batch "
+                         f"of {config.batch_size}; give more text or a smaller --batch-size")
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, round(config.warmup * config.steps), config.steps)
+    result = TrainResult(trainable=sum(p.numel() for p in params.values()))
+    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    step = 0
+    if resume:
+        if ckpt is None or not ckpt.is_file():
+            raise ValueError(f"--resume: no checkpoint at {ckpt}")
+        step = _restore(ckpt, model, optimizer, schedule, config, result)
+    order = _order(ids.shape[0], config.steps, config.windows_per_step, config.seed)
+    device = _device(model)
+    model.train()
+    if eval_ids is not None and step == 0 and eval_first:
+        _evaluate(model, eval_ids, eval_mask, eval_loss_fn, config, 0, result, on_eval)
+    last_good = step
+    with step_bar("train", config.steps, start=step, enabled=progress) as bar:
+        while step < config.steps:
+            began = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            picked = order[step * config.windows_per_step:(step + 1) * config.windows_per_step]
+            total, tokens = 0.0, 0
+            for micro in picked.split(config.batch_size):
+                batch = ids[micro].to(device)
+                bmask = None if mask is None else mask[micro].to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    loss = loss_fn(model, batch, bmask)
+                if not torch.isfinite(loss):
+                    where = f"; the last good checkpoint (step {last_good}) is in {ckpt.parent}" if ckpt and \
+                        ckpt.is_file() else ""
+                    raise TrainingDivergedError(f"the training loss became {float(loss.detach())} at step "
+                                                f"{step + 1}; training stopped without applying it (lower --lr){where}")
+                (loss / config.grad_accum).backward()
+                total += float(loss.detach()) / config.grad_accum
+                tokens += batch.numel()
+            if config.max_grad_norm > 0:
+                norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+                if not torch.isfinite(norm):
+                    raise TrainingDivergedError(f"the gradient norm became {float(norm)} at step {step + 1}; training "
+                                           "stopped without applying it (lower --lr?)")
+            optimizer.step()
+            schedule.step()
+            step += 1
+            elapsed = time.perf_counter() - began
+            result.losses.append(total)
+            result.seconds += elapsed
+            result.tokens += tokens
+            bar.update(step, loss=total, tokens_per_s=tokens / elapsed)
+            if eval_ids is not None and config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                _evaluate(model, eval_ids, eval_mask, eval_loss_fn, config, step, result, on_eval)
+            if ckpt is not None and (step == config.steps or (config.save_every and step % config.save_every == 0)):
+                _save(ckpt, model, optimizer, schedule, config, step, result)
+                last_good = step
+    if eval_ids is not None:
+        _evaluate(model, eval_ids, eval_mask, eval_loss_fn, config, step, result, on_eval)
+    model.eval()
+    return result
+
+
+def _evaluate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, loss_fn: LossFn, config: TrainConfig,
+              step: int, result: TrainResult, on_eval: Callable[[int, float], None] | None) -> None:
+    if result.evals and result.evals[-1][0] == step:
+        return
+    value = evaluate_loss(model, ids, mask, batch_size=max(config.batch_size, 8), loss_fn=loss_fn)
+    result.evals.append((step, value))
+    if on_eval is not None:
+        on_eval(step, value)
+
+
+def _identity(config: TrainConfig) -> dict:
+    """The config fields that must match to resume (eval and save cadence may change)."""
+    return {k: v for k, v in asdict(config).items() if k not in ("eval_every", "save_every")}
+
+
+def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: object, config: TrainConfig,
+          step: int, result: TrainResult) -> None:
+    from rankwise.io.atomic import write_bytes_atomic
+
+    state = {
+        "format": 1, "step": step, "fingerprint": fingerprint(model), "config": _identity(config),
+        "params": {name: p.detach().cpu() for name, p in trainable_parameters(model).items()},
+        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),  # type: ignore[attr-defined]
+        "losses": list(result.losses), "evals": [list(e) for e in result.evals],
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: object, config: TrainConfig,
+             result: TrainResult) -> int:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # whatever made it unreadable, the answer is the same
+        raise ValueError(f"--resume: {path} is not a readable rankwise training checkpoint ({type(err).__name__})"
+                         ) from None
+    if not isinstance(state, dict) or state.get("format") != 1:
+        raise ValueError(f"--resume: {path} is not a rankwise training checkpoint")
+    if state["fingerprint"] != fingerprint(model):
+        raise ValueError(f"--resume: {path} was written for another model or adapter (its trainable parameters "
+                         "differ in names, shapes or dtypes); start a new run or pick the matching checkpoint")
+    if state["config"] != _identity(config):
+        changed = sorted(k for k, v in _identity(config).items() if state["config"].get(k) != v)
+        raise ValueError(f"--resume: the checkpoint was trained with different settings ({', '.join(changed)}); "
+                         "resume with the same ones")
+    params = trainable_parameters(model)
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])  # type: ignore[attr-defined]
+    result.losses = list(state["losses"])
+    result.evals = [(int(s), float(v)) for s, v in state["evals"]]
+    result.resumed_from = int(state["step"])
+    return int(state["step"])

@@ -1,0 +1,123 @@
+"""``rankwise heal``: fine-tune a compressed model's factors, distilling the dense model, and save it compressed."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from rankwise.cli.common import (
+    BatchOpt,
+    DatasetOpt,
+    DeviceOpt,
+    OverwriteOpt,
+    SeqLenOpt,
+    TextOpt,
+    ThreadsOpt,
+    TrustOpt,
+    claimed_out,
+    one_line_errors,
+    say,
+    setup,
+)
+
+
+@one_line_errors
+def heal(
+    compressed: Annotated[str, typer.Argument(help="a compressed directory written by rankwise compress")],
+    base: Annotated[str, typer.Option("--base", help="the dense model it was compressed from (the teacher): "
+                                      "'smollm2', a directory, a .gguf file or a hub id")] = "smollm2",
+    out: Annotated[str, typer.Option("--out", help="output directory for the healed compressed model")] = "",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="optimizer steps")] = 40,
+    lr: Annotated[float, typer.Option("--lr", help="peak learning rate (AdamW, warm-up then cosine)")] = 1e-3,
+    distill: Annotated[float, typer.Option("--distill", min=0.0, max=1.0, help="weight of the KL to the dense "
+                                           "model's logits; 0 trains on next-token loss alone (no --base needed)")
+                       ] = 1.0,
+    temperature: Annotated[float, typer.Option("--temperature", help="distillation temperature")] = 1.0,
+    trainable: Annotated[str, typer.Option("--trainable", help="factors (low-rank layers only) or linear (every "
+                                           "linear layer in the blocks)")] = "factors",
+    text: TextOpt = None,
+    dataset: DatasetOpt = None,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchOpt = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="micro-batches per step")] = 1,
+    eval_samples: Annotated[int, typer.Option("--eval-samples", min=1, help="held-out windows from the end of the "
+                                              "text, never trained on; perplexity before and after")] = 32,
+    eval_every: Annotated[int, typer.Option("--eval-every", min=0, help="also evaluate every K steps")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="order of the training windows")] = 0,
+    bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bfloat16 autocast (float32 weights and optimizer)")
+                    ] = True,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT.checkpoint (same model and settings)")
+                      ] = False,
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Heal COMPRESSED: fine-tune its factors on the text (minus the held-out windows), distilling --base, and
+    save a compressed model with the same ranks and parameter count to OUT.
+
+    Training windows come from the start of the text and the evaluation windows from its end, so the perplexity
+    printed before and after is on text never trained on. A resumable state is kept in OUT.checkpoint while it runs.
+    """
+    import math
+    import shutil
+    from pathlib import Path
+
+    from rankwise.adapt.heal import HealConfig, heal_
+    from rankwise.adapt.train import TrainConfig
+    from rankwise.calibrate import DEFAULT_TEXT_NAME, load_text, split_windows
+    from rankwise.eval.measure import perplexity
+    from rankwise.io import save
+    from rankwise.io.manifest import read_manifest
+    from rankwise.io.models import load_model, load_tokenizer
+    from rankwise.io.save import is_compressed_dir
+
+    if not out:
+        raise ValueError("--out is required: the directory to write the healed model to")
+    if not is_compressed_dir(compressed):
+        raise ValueError(f"{compressed!r} is not a compressed rankwise directory (no rankwise.json); heal what "
+                         "rankwise compress wrote")
+    config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every,
+                         seed=seed, bf16=bf16, save_every=max(1, steps // 4))
+    options = HealConfig(distill=distill, temperature=temperature, trainable=trainable)
+    checkpoint = Path(f"{out.rstrip('/')}.checkpoint")
+    if resume and not checkpoint.is_dir():
+        raise ValueError(f"--resume: no checkpoint at {checkpoint}; run without --resume first")
+    setup(device, threads)
+    raw = load_text(text, dataset=dataset)
+    tokenizer = load_tokenizer(compressed, trust_remote_code)
+    ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n_train = ids.numel() // seq_len - eval_samples
+    if n_train < batch_size:
+        raise ValueError(f"the text has {ids.numel():,} tokens: after {eval_samples} held-out windows of {seq_len} "
+                         f"it leaves {max(0, n_train)} training windows, fewer than one batch of {batch_size}")
+    train_ids, evaluation = split_windows(ids, seq_len, n_train, eval_samples)
+    text_name = text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
+    manifest = read_manifest(compressed)
+    with claimed_out(out, overwrite, compressed, base):
+        student = load_model(compressed, device=device, trust_remote_code=trust_remote_code).model
+        teacher = load_model(base, device=device, trust_remote_code=trust_remote_code).model if distill > 0 else None
+        if teacher is not None and teacher.get_output_embeddings().weight.shape != \
+                student.get_output_embeddings().weight.shape:
+            raise ValueError(f"--base {base!r} does not match {compressed!r}: their vocabularies differ; pass the "
+                             "model it was compressed from")
+        before = perplexity(student, evaluation, batch_size=8)
+        dense = perplexity(teacher, evaluation, batch_size=8) if teacher is not None else None
+        say(f"held-out perplexity ({eval_samples} x {seq_len} tokens of {text_name}): compressed {before:.3f}"
+            + (f", dense {dense:.3f} ({before / dense:.2f}x)" if dense else ""))
+        checkpoint.mkdir(exist_ok=True)
+        result = heal_(student, train_ids, config, options, teacher=teacher, eval_ids=evaluation,
+                       checkpoint_dir=checkpoint, resume=resume, eval_first=False)
+        after = math.exp(result.evals[-1][1])
+        say(f"healed {steps} steps x {config.windows_per_step} windows in {result.seconds:.0f} s "
+            f"({result.seconds_per_step:.1f} s/step), {result.trainable:,} weights trained: held-out perplexity "
+            f"{before:.3f} -> {after:.3f}" + (f" ({after / dense:.2f}x dense)" if dense else ""))
+        origin = dict(manifest.provenance or {})
+        origin["heal"] = {"base": base, "steps": steps, "lr": lr, "distill": distill, "temperature": temperature,
+                          "trainable": trainable, "text": text_name, "training_windows": list(train_ids.shape),
+                          "seed": seed, "perplexity_before": before, "perplexity_after": after,
+                          "perplexity_dense": dense, "eval_windows": list(evaluation.shape)}
+        save(student, out, tokenizer=tokenizer, report=manifest.report, overwrite=overwrite, provenance=origin)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    say(f"saved healed compressed model to {out}")

@@ -1,0 +1,158 @@
+"""The fine-tuning loop and healing on a tiny Llama: determinism, resume, refusal, divergence, distillation."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from rankwise.adapt.heal import HealConfig, distillation_loss, heal_
+from rankwise.adapt.train import CHECKPOINT, TrainConfig, TrainingDivergedError, causal_lm_loss, train
+from rankwise.compress import compress_
+from rankwise.eval.measure import count_params
+from rankwise.methods.svd_llm import SVDLLMConfig
+from rankwise.nn import LowRankLinear
+from tests.tiny_models import VOCAB, tiny_model, tiny_tokens
+
+CONFIG = TrainConfig(steps=6, lr=1e-3, batch_size=2, grad_accum=2, eval_every=3, save_every=3)
+
+
+def _lm(seed: int = 0):
+    model = tiny_model("llama", seed=seed)
+    model.requires_grad_(False)
+    model.model.layers[0].mlp.requires_grad_(True)
+    return model
+
+
+def test_same_seed_same_loss_curve_and_eval_improves():
+    ids, held = tiny_tokens(16, 32, seed=1), tiny_tokens(4, 32, seed=2)
+    a = train(_lm(), ids, CONFIG, eval_ids=held, progress=False)
+    b = train(_lm(), ids, CONFIG, eval_ids=held, progress=False)
+    assert a.losses == b.losses and a.evals == b.evals
+    assert [s for s, _ in a.evals] == [0, 3, 6]
+    c = train(_lm(), ids, TrainConfig(**{**CONFIG.__dict__, "seed": 1}), progress=False)
+    assert c.losses != a.losses  # another seed, another window order
+    train_loss = train(_lm(), ids, TrainConfig(steps=30, lr=3e-3, batch_size=4), eval_ids=ids, progress=False)
+    assert train_loss.evals[-1][1] < train_loss.evals[0][1]  # it learns the windows it sees
+
+
+def test_resume_gives_the_uninterrupted_curve(tmp_path):
+    ids = tiny_tokens(16, 32, seed=1)
+    (tmp_path / "a").mkdir()
+    whole = train(_lm(), ids, CONFIG, checkpoint_dir=tmp_path / "a", progress=False)
+    calls = {"n": 0}
+
+    def dies_after_step_3(model, batch, mask):
+        calls["n"] += 1
+        if calls["n"] > 3 * CONFIG.grad_accum:
+            raise KeyboardInterrupt
+        return causal_lm_loss(model, batch, mask)
+
+    (tmp_path / "b").mkdir()
+    model = _lm()
+    with pytest.raises(KeyboardInterrupt):
+        train(model, ids, CONFIG, loss_fn=dies_after_step_3, checkpoint_dir=tmp_path / "b", progress=False)
+    resumed = train(_lm(), ids, CONFIG, checkpoint_dir=tmp_path / "b", resume=True, progress=False)
+    assert resumed.resumed_from == 3
+    assert resumed.losses == whole.losses
+
+
+def test_resume_refuses_another_model_or_other_settings(tmp_path):
+    ids = tiny_tokens(16, 32, seed=1)
+    train(_lm(), ids, CONFIG, checkpoint_dir=tmp_path, progress=False)
+    other = tiny_model("llama")
+    other.requires_grad_(False)
+    other.model.layers[1].self_attn.requires_grad_(True)
+    with pytest.raises(ValueError, match="another model"):
+        train(other, ids, CONFIG, checkpoint_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"different settings.*lr"):
+        train(_lm(), ids, TrainConfig(**{**CONFIG.__dict__, "lr": 5e-4}), checkpoint_dir=tmp_path, resume=True,
+              progress=False)
+    (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable"):
+        train(_lm(), ids, CONFIG, checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    ids = tiny_tokens(16, 32, seed=1)
+    calls = {"n": 0}
+
+    def nan_at_step_5(model, batch, mask):
+        calls["n"] += 1
+        loss = causal_lm_loss(model, batch, mask)
+        return loss * float("nan") if calls["n"] > 4 * CONFIG.grad_accum else loss
+
+    model = _lm()
+    with pytest.raises(TrainingDivergedError, match=r"at step 5.*last good checkpoint \(step 3\)"):
+        train(model, ids, CONFIG, loss_fn=nan_at_step_5, checkpoint_dir=tmp_path, progress=False)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert state["step"] == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"steps": 0}, "steps must be an integer >= 1"),
+    ({"lr": float("nan")}, "lr must be a positive"),
+    ({"warmup": 1.0}, "warmup"),
+])
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_bad_data_and_nothing_to_train():
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train(_lm(), tiny_tokens(1, 32), TrainConfig(batch_size=2), progress=False)
+    frozen = tiny_model("llama").requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        train(frozen, tiny_tokens(4, 32), TrainConfig(), progress=False)
+
+
+def test_distillation_loss_is_the_kl_to_the_teacher():
+    teacher, student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    ids = tiny_tokens(2, 16)
+    for temperature in (1.0, 2.0):
+        got = distillation_loss(teacher, 1.0, temperature)(student, ids, None)
+        with torch.no_grad():
+            p = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1].reshape(-1, VOCAB).float() / temperature, -1)
+            q = torch.log_softmax(student(input_ids=ids).logits[:, :-1].reshape(-1, VOCAB).float() / temperature, -1)
+        want = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean") * temperature**2
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    assert float(distillation_loss(teacher, 1.0, 1.0)(teacher, ids, None)) == pytest.approx(0.0, abs=1e-5)
+    mixed = distillation_loss(teacher, 0.25, 1.0)(student, ids, None)
+    kl = distillation_loss(teacher, 1.0, 1.0)(student, ids, None)
+    ce = causal_lm_loss(student, ids)
+    torch.testing.assert_close(mixed, 0.75 * ce + 0.25 * kl)
+
+
+def test_heal_trains_factors_only_keeps_size_and_moves_toward_the_teacher():
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    compress_(student, SVDLLMConfig(ratio=0.5), tiny_tokens(8, 32), progress=False)
+    before_params = count_params(student)
+    factors = {id(p) for m in student.modules() if isinstance(m, LowRankLinear) for p in m.parameters()}
+    frozen = {n: p.clone() for n, p in student.named_parameters() if id(p) not in factors}
+    ids, held = tiny_tokens(16, 32, seed=1), tiny_tokens(4, 32, seed=3)
+    kl = distillation_loss(teacher, 1.0, 1.0)
+    start = float(kl(student, held, None))
+    result = heal_(student, ids, TrainConfig(steps=20, lr=3e-3, batch_size=4), HealConfig(), teacher=teacher,
+                   progress=False)
+    assert float(kl(student, held, None)) < start
+    assert count_params(student) == before_params
+    assert result.trainable == sum(m.num_params for m in student.modules() if isinstance(m, LowRankLinear))
+    for name, p in student.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+    assert not any(p.requires_grad for p in student.parameters())
+    assert math.isfinite(result.losses[-1])
+
+
+def test_heal_needs_a_compressed_model_and_a_teacher_to_distill():
+    with pytest.raises(ValueError, match="no LowRankLinear"):
+        heal_(tiny_model("llama"), tiny_tokens(8, 32), TrainConfig(steps=1), HealConfig(distill=0.0), progress=False)
+    with pytest.raises(ValueError, match="needs the dense teacher"):
+        heal_(tiny_model("llama"), tiny_tokens(8, 32), TrainConfig(steps=1), HealConfig(), progress=False)
+    with pytest.raises(ValueError, match="distill is a weight"):
+        HealConfig(distill=1.5)
