@@ -4,6 +4,22 @@ Importing this package registers the tuners, after which PEFT's ``get_peft_model
 ``PeftModel.from_pretrained`` handle them like PEFT's own methods.
 """
 
+from rankwise.adapt.block_lora import BlockLoRAConfig, BlockLoRAModel
+from rankwise.adapt.loldu import LoLDUConfig, LoLDUModel
+from rankwise.adapt.lora_sb import LoRASBConfig, LoRASBModel, preprocess_lora_sb
+from rankwise.adapt.milora import MiLoRAConfig, MiLoRAModel
 from rankwise.adapt.svfit import SVFitConfig, SVFitModel
 
-__all__ = ["SVFitConfig", "SVFitModel"]
+__all__ = [
+    "BlockLoRAConfig",
+    "BlockLoRAModel",
+    "LoLDUConfig",
+    "LoLDUModel",
+    "LoRASBConfig",
+    "LoRASBModel",
+    "MiLoRAConfig",
+    "MiLoRAModel",
+    "SVFitConfig",
+    "SVFitModel",
+    "preprocess_lora_sb",
+]

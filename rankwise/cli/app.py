@@ -10,6 +10,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
+from rankwise.cli import adapt as adapt_cmd
 from rankwise.cli import compare as compare_cmd
 from rankwise.cli import compensate as compensate_cmd
 from rankwise.cli import compress as compress_cmd
@@ -60,6 +61,7 @@ app.command("compensate")(compensate_cmd.compensate)
 app.command("generate")(generate_cmd.generate)
 app.command("info")(info_cmd.info)
 app.command("heal")(heal_cmd.heal)
+app.command("adapt")(adapt_cmd.adapt)
 
 
 def _terminate(signum: int, _frame: Any) -> None:
