@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from rankwise.cli import app
-from tests.tiny_models import tiny_model, tiny_tokenizer
+from tests.tiny_models import tiny_model, tiny_tokenizer, tiny_tokens
 
 runner = CliRunner()
 SMALL = ["--seq-len", "16", "--calib-samples", "4"]
@@ -267,3 +267,41 @@ def test_heal_saves_a_compressed_model_of_the_same_size(tiny_dir, tmp_path):
     ):
         result = run(*args)
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa", "svfit"])
+def test_adapt_saves_an_adapter_or_a_merged_model(tiny_dir, tmp_path, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 37} and {i % 11}" for i in range(3000)))
+    common = ["--method", method, "--rank", "4", "--data", text, "--steps", "3", "--seq-len", "16",
+              "--eval-samples", "4", "--batch-size", "2", "--lr", "1e-2"]
+    result = run("adapt", tiny_dir, *common, "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    assert "held-out loss" in result.output
+    merged = run("adapt", tiny_dir, *common, "--out", tmp_path / "m", "--merge")
+    assert merged.exit_code == 0, merged.output
+    ids = tiny_tokens(2, 16)
+    with torch.no_grad():
+        adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "a")
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+        torch.testing.assert_close(adapter(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-4,
+                                   rtol=1e-4)  # same seed, same training: the adapter equals the merged model
+    assert json.loads((tmp_path / "a" / "rankwise_adapt.json").read_text())["steps"] == 3
+    assert not (tmp_path / "a.checkpoint").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--method", "nope"], "unknown adapter method 'nope'"),
+    (["--rank", "500"], "is not below the smallest targeted dimension"),
+    (["--steps", "0"], "--steps"),
+    (["--seq-len", "4096"], "fewer than one batch"),
+])
+def test_adapt_bad_input(tiny_dir, tmp_path, args, message):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 37} and {i % 11}" for i in range(3000)))
+    result = run("adapt", tiny_dir, "--data", text, "--out", tmp_path / "o", "--seq-len", "16", *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "o").exists()
