@@ -28,8 +28,8 @@ def heal(
     base: Annotated[str, typer.Option("--base", help="the dense model it was compressed from (the teacher): "
                                       "'smollm2', a directory, a .gguf file or a hub id")] = "smollm2",
     out: Annotated[str, typer.Option("--out", help="output directory for the healed compressed model")] = "",
-    steps: Annotated[int, typer.Option("--steps", min=1, help="optimizer steps")] = 40,
-    lr: Annotated[float, typer.Option("--lr", help="peak learning rate (AdamW, warm-up then cosine)")] = 1e-3,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="optimizer steps")] = 80,
+    lr: Annotated[float, typer.Option("--lr", help="peak learning rate (AdamW, warm-up then cosine)")] = 1e-4,
     distill: Annotated[float, typer.Option("--distill", min=0.0, max=1.0, help="weight of the KL to the dense "
                                            "model's logits; 0 trains on next-token loss alone (no --base needed)")
                        ] = 1.0,
@@ -49,6 +49,8 @@ def heal(
                     ] = True,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT.checkpoint (same model and settings)")
                       ] = False,
+    json_report: Annotated[str | None, typer.Option("--json-report", help="also write the losses, evaluations and "
+                                                    "perplexities as JSON here")] = None,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
@@ -60,6 +62,7 @@ def heal(
     Training windows come from the start of the text and the evaluation windows from its end, so the perplexity
     printed before and after is on text never trained on. A resumable state is kept in OUT.checkpoint while it runs.
     """
+    import json
     import math
     import shutil
     from pathlib import Path
@@ -69,6 +72,7 @@ def heal(
     from rankwise.calibrate import DEFAULT_TEXT_NAME, load_text, split_windows
     from rankwise.eval.measure import perplexity
     from rankwise.io import save
+    from rankwise.io.atomic import refuse_overlap, write_text_atomic
     from rankwise.io.manifest import read_manifest
     from rankwise.io.models import load_model, load_tokenizer
     from rankwise.io.save import is_compressed_dir
@@ -95,6 +99,10 @@ def heal(
     train_ids, evaluation = split_windows(ids, seq_len, n_train, eval_samples)
     text_name = text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
     manifest = read_manifest(compressed)
+    if json_report:
+        for where in (compressed, base):
+            if Path(where).exists():
+                refuse_overlap(json_report, where, option="--json-report")
     with claimed_out(out, overwrite, compressed, base):
         student = load_model(compressed, device=device, trust_remote_code=trust_remote_code).model
         teacher = load_model(base, device=device, trust_remote_code=trust_remote_code).model if distill > 0 else None
@@ -115,9 +123,12 @@ def heal(
             f"{before:.3f} -> {after:.3f}" + (f" ({after / dense:.2f}x dense)" if dense else ""))
         origin = dict(manifest.provenance or {})
         origin["heal"] = {"base": base, "steps": steps, "lr": lr, "distill": distill, "temperature": temperature,
-                          "trainable": trainable, "text": text_name, "training_windows": list(train_ids.shape),
+                          "weights": trainable, "text": text_name, "training_windows": list(train_ids.shape),
+                          "windows_per_step": config.windows_per_step,
                           "seed": seed, "perplexity_before": before, "perplexity_after": after,
                           "perplexity_dense": dense, "eval_windows": list(evaluation.shape)}
         save(student, out, tokenizer=tokenizer, report=manifest.report, overwrite=overwrite, provenance=origin)
     shutil.rmtree(checkpoint, ignore_errors=True)
+    if json_report:
+        write_text_atomic(Path(json_report), json.dumps({**origin["heal"], **result.to_dict()}, indent=1))
     say(f"saved healed compressed model to {out}")
