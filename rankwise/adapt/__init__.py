@@ -5,14 +5,19 @@ Importing this package registers the tuners, after which PEFT's ``get_peft_model
 """
 
 from rankwise.adapt.block_lora import BlockLoRAConfig, BlockLoRAModel
+from rankwise.adapt.heal import HealConfig, heal_
 from rankwise.adapt.loldu import LoLDUConfig, LoLDUModel
 from rankwise.adapt.lora_sb import LoRASBConfig, LoRASBModel, preprocess_lora_sb
+from rankwise.adapt.methods import METHODS, add_adapter
 from rankwise.adapt.milora import MiLoRAConfig, MiLoRAModel
 from rankwise.adapt.svfit import SVFitConfig, SVFitModel
+from rankwise.adapt.train import TrainConfig, TrainingDivergedError, TrainResult, train
 
 __all__ = [
+    "METHODS",
     "BlockLoRAConfig",
     "BlockLoRAModel",
+    "HealConfig",
     "LoLDUConfig",
     "LoLDUModel",
     "LoRASBConfig",
@@ -21,5 +26,11 @@ __all__ = [
     "MiLoRAModel",
     "SVFitConfig",
     "SVFitModel",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDivergedError",
+    "add_adapter",
+    "heal_",
     "preprocess_lora_sb",
+    "train",
 ]
