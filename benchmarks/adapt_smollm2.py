@@ -1,15 +1,15 @@
 """Every adapter on SmolLM2-135M, same data and steps, on two offline tasks, in one run.
 
 Usage:
-    python benchmarks/adapt_smollm2.py [--steps 30] [--methods lora,pissa,...] [--tasks domain,addition]
+    python benchmarks/adapt_smollm2.py [--steps 24] [--methods lora,pissa,...] [--tasks domain,addition]
 
 Tasks (data from this machine only):
 - ``domain``: next-token loss on the Python source of the standard library: train on the top-level modules whose
   names start with a-m, evaluate on n-z (windows of 128 tokens).
 - ``addition``: 3-digit addition written ``123+456=0579`` (answers zero-padded to 4 digits), 8 problems per
   training window, loss on the answer digits only; scored by greedy-decoding accuracy on 200 held-out problems,
-  each prompted with 3 solved examples. Problems come from ``random.Random(0)``; held-out ones never appear in
-  training.
+  each prompted with 3 solved examples (the evaluation loss during training is on the first 48 of them).
+  Problems come from ``random.Random(0)``; held-out ones never appear in training.
 
 Each (task, method) runs in its own child process (this script with ``--one``) so its peak RSS is its own. Prints a
 Markdown table per task (trainable parameters, final eval loss / accuracy, steps to reach LoRA's final eval loss,
@@ -43,7 +43,7 @@ SEQ = 128
 PROBLEMS_PER_WINDOW = 8
 
 
-def domain_task(tokenizer, n_eval: int = 16) -> dict:
+def domain_task(tokenizer, n_eval: int = 12) -> dict:
     """Windows of the standard library's top-level modules: a-m for training, n-z (first n_eval) for evaluation."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(root.glob("*.py"))
@@ -90,8 +90,8 @@ def addition_task(tokenizer, n_train_windows: int = 1200, n_eval: int = 200) -> 
     eval_ids = torch.tensor([tokenizer(prefix + q + a, add_special_tokens=False).input_ids for q, a in evaluation])
     eval_mask = torch.zeros_like(eval_ids)
     eval_mask[:, -5:] = 1  # the four answer digits and the newline
-    return {"train": torch.tensor(rows), "mask": torch.tensor(masks).bool(), "eval": eval_ids,
-            "eval_mask": eval_mask.bool(), "prompts": torch.tensor(prompts), "answers": answers}
+    return {"train": torch.tensor(rows), "mask": torch.tensor(masks).bool(), "eval": eval_ids[:48],
+            "eval_mask": eval_mask[:48].bool(), "prompts": torch.tensor(prompts), "answers": answers}
 
 
 @torch.no_grad()
@@ -122,7 +122,7 @@ def one(task: str, method: str, steps: int, out: Path) -> None:
     begun = time.perf_counter()
     model = add_adapter(loaded.model, method, rank, data=data["train"], batch_size=8, prepass_batches=4, seed=0)
     prepass = time.perf_counter() - begun
-    config = TrainConfig(steps=steps, lr=lr, batch_size=8, eval_every=max(1, steps // 10), seed=0)
+    config = TrainConfig(steps=steps, lr=lr, batch_size=8, eval_every=max(1, steps // 8), seed=0, bf16=True)
     result = train(model, data["train"], config, mask=data.get("mask"), eval_ids=data["eval"],
                    eval_mask=data.get("eval_mask"), progress=False)
     record = {"task": task, "method": method, "rank": rank, "lr": lr, "steps": steps, "trainable": result.trainable,
@@ -176,7 +176,7 @@ def report(task: str, records: list[dict], plot_dir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--methods", default=",".join(PLAN))
     parser.add_argument("--tasks", default="domain,addition")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/rankwise-adapt"))
@@ -189,8 +189,8 @@ def main() -> None:
         return
     args.work_dir.mkdir(parents=True, exist_ok=True)
     print(f"SmolLM2-135M, {args.steps} steps x 8 windows of {SEQ} tokens (addition: {PROBLEMS_PER_WINDOW} problems "
-          f"of 13 tokens), AdamW, 5 % warm-up then cosine, clip 1.0, seed 0, float32, torch {torch.__version__}, "
-          f"{os.cpu_count()} threads; targets: every linear layer in the blocks.")
+          f"of 13 tokens), AdamW, 5 % warm-up then cosine, clip 1.0, seed 0, bfloat16 autocast, "
+          f"torch {torch.__version__}, {os.cpu_count()} threads; targets: every linear layer in the blocks.")
     for task in args.tasks.split(","):
         records = []
         for method in args.methods.split(","):

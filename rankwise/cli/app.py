@@ -70,9 +70,15 @@ def _terminate(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(signum)
 
 
+TRAINING_COMMANDS = frozenset({"heal", "adapt"})
+
+
 def main() -> None:
     from rankwise._memory import pin_mmap_threshold
 
     signal.signal(signal.SIGTERM, _terminate)
-    pin_mmap_threshold()  # large temporaries are unmapped when freed: peak memory does not creep block by block
+    if not TRAINING_COMMANDS.intersection(sys.argv[1:2]):
+        # Large temporaries are unmapped when freed, so peak memory does not creep block by block. Not for training:
+        # there every step allocates the same activations again, and mapping them afresh each time costs page faults.
+        pin_mmap_threshold()
     app()

@@ -72,6 +72,6 @@ def info(
         say("provenance: not recorded (written by rankwise.save without it, or by an older rankwise)")
         return
     for key in ("source", "source_fingerprint", "method", "options", "text", "calibration_windows", "command",
-                "rankwise_version", "torch_version", "transformers_version", "created_utc"):
+                "rankwise_version", "torch_version", "transformers_version", "created_utc", "heal"):
         if origin.get(key) is not None:
             say(f"{key}: {json.dumps(origin[key]) if isinstance(origin[key], dict | list) else origin[key]}")
