@@ -39,6 +39,8 @@ bench: setup
 	$(PY) benchmarks/scale.py --out-md benchmarks/scale.md --plot benchmarks/scale.png
 	$(PY) benchmarks/project_flops.py --report /tmp/rankwise-scale/report-3b.json
 	$(PY) benchmarks/ridge_vs_eigh.py
+	$(PY) benchmarks/heal_smollm2.py --ratios 0.2,0.4 --extra "--eval-every 20"
+	$(PY) benchmarks/adapt_smollm2.py
 
 clean:
 	rm -rf $(VENV) demo-out
