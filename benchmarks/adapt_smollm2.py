@@ -161,9 +161,11 @@ def report(task: str, records: list[dict], plot_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in records:
+    colors = plt.get_cmap("tab20").colors
+    for i, r in enumerate(records):
         ax.plot([s for s, _ in r["evals"]], [v for _, v in r["evals"]], marker=".", label=r["method"],
-                linewidth=2.5 if r["method"] == "lora" else 1.2)
+                color="black" if r["method"] == "lora" else colors[i % len(colors)],
+                linestyle="-" if i % 2 == 0 else "--", linewidth=2.5 if r["method"] == "lora" else 1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss" + (" (answer tokens)" if acc else ""))
     ax.set_title(f"SmolLM2-135M adapters: {task}")
@@ -183,9 +185,16 @@ def main() -> None:
     parser.add_argument("--plot-dir", type=Path, default=HERE)
     parser.add_argument("--one", nargs=2, metavar=("TASK", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--report-only", action="store_true", help="redo the tables and plots from --work-dir")
     args = parser.parse_args()
     if args.one:
         one(args.one[0], args.one[1], args.steps, args.json)
+        return
+    if args.report_only:
+        for task in args.tasks.split(","):
+            records = [json.loads(p.read_text()) for m in args.methods.split(",")
+                       if (p := args.work_dir / f"{task}-{m}.json").is_file()]
+            report(task, records, args.plot_dir)
         return
     args.work_dir.mkdir(parents=True, exist_ok=True)
     print(f"SmolLM2-135M, {args.steps} steps x 8 windows of {SEQ} tokens (addition: {PROBLEMS_PER_WINDOW} problems "
