@@ -46,15 +46,17 @@ def test_every_method_builds_trains_and_reloads(name, tmp_path):
         torch.testing.assert_close(again(input_ids=data[:2]).logits, trained, atol=1e-4, rtol=1e-4)
 
 
-def test_same_seed_same_adapter():
-    data = tiny_tokens(8, 32, seed=1)
-    a = add_adapter(tiny_model("llama"), "lora", 4, seed=3)
+def test_same_seed_same_adapter_and_the_callers_random_state_is_kept():
+    model = tiny_model("llama")  # (builds with its own seed)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    a = add_adapter(model, "lora", 4, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
     b = add_adapter(tiny_model("llama"), "lora", 4, seed=3)
     c = add_adapter(tiny_model("llama"), "lora", 4, seed=4)
     sa, sb, sc = (dict(m.named_parameters()) for m in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
-    del data
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -64,6 +66,8 @@ def test_same_seed_same_adapter():
     ({"name": "lora_ga"}, "lora_ga initialises from the training data"),
     ({"name": "lora_sb"}, "lora_sb initialises from the training data"),
     ({"name": "lora", "targets": ["nothing_here"]}, "match no linear layer"),
+    ({"name": "lora", "targets": ["q_proj", "lm_head"]}, "selects the output layer lm_head"),
+    ({"name": "lora", "alpha": -1.0}, "--alpha must be a positive number"),
 ])
 def test_bad_input_before_any_work(kwargs, message):
     kwargs = {"rank": 4, **kwargs}

@@ -39,24 +39,28 @@ def test_same_seed_same_loss_curve_and_eval_improves():
 
 
 def test_resume_gives_the_uninterrupted_curve(tmp_path):
-    ids = tiny_tokens(16, 32, seed=1)
+    ids, held = tiny_tokens(16, 32, seed=1), tiny_tokens(4, 32, seed=2)
     (tmp_path / "a").mkdir()
-    whole = train(_lm(), ids, CONFIG, checkpoint_dir=tmp_path / "a", progress=False)
+    straight = _lm()
+    whole = train(straight, ids, CONFIG, eval_ids=held, checkpoint_dir=tmp_path / "a", progress=False)
     calls = {"n": 0}
 
-    def dies_after_step_3(model, batch, mask):
+    def dies_during_step_5(model, batch, mask):
         calls["n"] += 1
-        if calls["n"] > 3 * CONFIG.grad_accum:
+        if calls["n"] > 4 * CONFIG.grad_accum:
             raise KeyboardInterrupt
         return causal_lm_loss(model, batch, mask)
 
     (tmp_path / "b").mkdir()
-    model = _lm()
-    with pytest.raises(KeyboardInterrupt):
-        train(model, ids, CONFIG, loss_fn=dies_after_step_3, checkpoint_dir=tmp_path / "b", progress=False)
-    resumed = train(_lm(), ids, CONFIG, checkpoint_dir=tmp_path / "b", resume=True, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # the last state written is step 3's
+        train(_lm(), ids, CONFIG, eval_ids=held, loss_fn=dies_during_step_5, checkpoint_dir=tmp_path / "b",
+              progress=False)
+    again = _lm()
+    resumed = train(again, ids, CONFIG, eval_ids=held, checkpoint_dir=tmp_path / "b", resume=True, progress=False)
     assert resumed.resumed_from == 3
-    assert resumed.losses == whole.losses
+    assert resumed.losses == whole.losses and resumed.evals == whole.evals
+    for (name, a), b in zip(straight.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_resume_refuses_another_model_or_other_settings(tmp_path):
@@ -70,6 +74,9 @@ def test_resume_refuses_another_model_or_other_settings(tmp_path):
     with pytest.raises(ValueError, match=r"different settings.*lr"):
         train(_lm(), ids, TrainConfig(**{**CONFIG.__dict__, "lr": 5e-4}), checkpoint_dir=tmp_path, resume=True,
               progress=False)
+    train(_lm(), ids, CONFIG, checkpoint_dir=tmp_path, progress=False, identity={"method": "pissa"})
+    with pytest.raises(ValueError, match=r"another run \(method differ\)"):
+        train(_lm(), ids, CONFIG, checkpoint_dir=tmp_path, resume=True, progress=False, identity={"method": "lora"})
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable"):
         train(_lm(), ids, CONFIG, checkpoint_dir=tmp_path, resume=True, progress=False)
@@ -90,6 +97,55 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert state["step"] == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_non_finite_gradient_is_never_applied(clip):
+    ids = tiny_tokens(16, 32, seed=1)
+    calls = {"n": 0}
+
+    def inf_gradient_at_step_2(model, batch, mask):
+        calls["n"] += 1
+        loss = causal_lm_loss(model, batch, mask)
+        if calls["n"] > CONFIG.grad_accum:  # from step 2: a finite loss with an infinite gradient
+            loss = loss + _InfGrad.apply(model.model.layers[0].mlp.up_proj.weight)
+        return loss
+
+    model = _lm()
+    config = TrainConfig(**{**CONFIG.__dict__, "max_grad_norm": clip, "save_every": 0})
+    after_step_1 = {}
+
+    with pytest.raises(TrainingDivergedError, match=r"gradient norm became .* at step 2"):
+        train(model, ids, config, loss_fn=_remember(inf_gradient_at_step_2, model, after_step_1), progress=False)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        assert torch.equal(p, after_step_1[name]), name
+
+
+class _InfGrad(torch.autograd.Function):
+    """Adds 0 to the loss and an infinite gradient to its input."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, float("inf"))
+
+
+def _remember(loss_fn, model, store):
+    """Wrap ``loss_fn`` to snapshot the parameters when step 2's first micro-batch starts."""
+    calls = {"n": 0}
+
+    def wrapped(m, batch, mask):
+        calls["n"] += 1
+        if calls["n"] == CONFIG.grad_accum + 1:
+            store.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        return loss_fn(m, batch, mask)
+
+    return wrapped
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -156,3 +212,30 @@ def test_heal_needs_a_compressed_model_and_a_teacher_to_distill():
         heal_(tiny_model("llama"), tiny_tokens(8, 32), TrainConfig(steps=1), HealConfig(), progress=False)
     with pytest.raises(ValueError, match="distill is a weight"):
         HealConfig(distill=1.5)
+
+
+def test_heal_trains_a_bfloat16_model_in_float32_and_returns_it_in_bfloat16():
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    compress_(student, SVDLLMConfig(ratio=0.5), tiny_tokens(8, 32), progress=False)
+    student.to(torch.bfloat16)
+    before = {n: p.clone() for n, p in student.named_parameters()}
+    heal_(student, tiny_tokens(16, 32, seed=1), TrainConfig(steps=3, lr=1e-3, batch_size=4), HealConfig(),
+          teacher=teacher, progress=False)
+    assert all(p.dtype == torch.bfloat16 for p in student.parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in student.named_parameters())
+
+
+def test_distillation_scores_only_masked_tokens():
+    teacher, student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    ids = tiny_tokens(2, 16)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, 10:] = True
+    got = distillation_loss(teacher, 0.5, 1.0)(student, ids, mask)
+    with torch.no_grad():
+        keep = mask[:, 1:].reshape(-1)
+        p = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1].reshape(-1, VOCAB), -1)[keep]
+        q = torch.log_softmax(student(input_ids=ids).logits[:, :-1].reshape(-1, VOCAB), -1)[keep]
+        kl = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean")
+        ce = torch.nn.functional.nll_loss(q, ids[:, 1:].reshape(-1)[keep])
+    torch.testing.assert_close(got.detach(), 0.5 * ce + 0.5 * kl, rtol=1e-5, atol=1e-6)

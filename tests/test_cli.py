@@ -263,7 +263,10 @@ def test_heal_saves_a_compressed_model_of_the_same_size(tiny_dir, tmp_path):
         (("heal", tiny_dir, "--out", tmp_path / "x"), "not a compressed rankwise directory"),
         (("heal", out, "--out", tmp_path / "y", "--steps", "0"), "--steps"),
         (("heal", out, "--out", tmp_path / "z", "--base", tiny_dir, "--text", text, "--seq-len", "16",
-          "--eval-samples", "4", "--resume"), "no checkpoint"),
+          "--eval-samples", "4", "--resume"), "no training state"),
+        (("heal", out, "--out", tmp_path / "w", "--base", tiny_dir, "--json-report", tmp_path / "nowhere" / "r.json"),
+         "does not exist"),
+        (("heal", out, "--out", tiny_dir / "inner", "--base", tiny_dir), "inside the input model"),
     ):
         result = run(*args)
         assert result.exit_code == 2 and message in result.output, result.output
@@ -289,8 +292,30 @@ def test_adapt_saves_an_adapter_or_a_merged_model(tiny_dir, tmp_path, method):
         plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
         torch.testing.assert_close(adapter(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-4,
                                    rtol=1e-4)  # same seed, same training: the adapter equals the merged model
+        base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+        assert not torch.allclose(plain(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-4)  # it trained
     assert json.loads((tmp_path / "a" / "rankwise_adapt.json").read_text())["steps"] == 3
     assert not (tmp_path / "a.checkpoint").exists()
+
+
+def test_adapt_training_state_is_guarded(tiny_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 37} and {i % 11}" for i in range(3000)))
+    common = ["--rank", "4", "--data", text, "--steps", "3", "--seq-len", "16", "--eval-samples", "4",
+              "--batch-size", "2"]
+    stale = tmp_path / "o.checkpoint"
+    stale.mkdir()
+    (stale / "trainer_state.pt").write_bytes(b"old")
+    result = run("adapt", tiny_dir, *common, "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "previous run's resumable state" in result.output
+    (stale / "mine.txt").write_text("user data")
+    result = run("adapt", tiny_dir, *common, "--out", tmp_path / "o", "--overwrite")
+    assert result.exit_code == 2 and "not a rankwise training state" in result.output
+    assert (stale / "mine.txt").exists()
+    compressed = tmp_path / "c"
+    assert run("compress", tiny_dir, "--ratio", "0.4", "--out", compressed, "--text", text, *SMALL).exit_code == 0
+    result = run("adapt", compressed, *common, "--out", tmp_path / "p")
+    assert result.exit_code == 2 and "is a compressed rankwise model" in result.output
 
 
 @pytest.mark.parametrize(("args", "message"), [

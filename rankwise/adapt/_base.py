@@ -171,8 +171,8 @@ class SeedModel(BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         try:
             new_module = self.tuner_layer_cls(base, adapter_name, config, r, **kwargs)
-        except TypeError as err:
-            raise TypeError(f"{current_key}: {err}") from None
+        except TypeError as err:  # a target that is not a linear layer (e.g. a whole MLP matched by name)
+            raise ValueError(f"{current_key}: {err}") from None
         except ValueError as err:
             raise ValueError(f"{current_key}: {err}") from None
         if adapter_name not in self.active_adapters:

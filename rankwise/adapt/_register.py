@@ -33,6 +33,10 @@ def register(name: str, config_cls: type, model_cls: type) -> None:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
     peft_type = _add_peft_type(name)
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls:
+    registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
+    if registered is model_cls:
         return
+    if registered is not None:
+        raise RuntimeError(f"PEFT already has a method named {name!r} ({registered.__module__}); this PEFT version "
+                           "clashes with rankwise's tuner of that name: report it to rankwise, or use an older PEFT")
     register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)

@@ -67,17 +67,22 @@ def distillation_loss(teacher: nn.Module, distill: float, temperature: float) ->
     def loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         logits = model(input_ids=ids).logits[:, :-1]  # (b, L-1, vocab)
         vocab = logits.shape[-1]
+        keep = None if mask is None else mask[:, 1:].reshape(-1).bool()  # the scored next-token positions
         logits = logits.reshape(-1, vocab).float()
+        next_tokens = ids[:, 1:].reshape(-1)
         with torch.no_grad():
-            target = teacher(input_ids=ids).logits[:, :-1].reshape(-1, vocab).float() / temperature
-            log_p = nn.functional.log_softmax(target, dim=-1)
+            teacher_logits = teacher(input_ids=ids).logits[:, :-1].reshape(-1, vocab).float() / temperature
+        if keep is not None:
+            logits, teacher_logits, next_tokens = logits[keep], teacher_logits[keep], next_tokens[keep]
+        with torch.no_grad():
+            log_p = nn.functional.log_softmax(teacher_logits, dim=-1)
             p = log_p.exp()
             entropy = -(p * log_p).sum(-1)  # (tokens,)
         log_q = nn.functional.log_softmax(logits / temperature, dim=-1)
         kl = ((-(p * log_q).sum(-1) - entropy).mean()) * temperature**2
         if distill >= 1:
             return kl
-        ce = nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1))
+        ce = nn.functional.cross_entropy(logits, next_tokens)
         return (1 - distill) * ce + distill * kl
 
     return loss
@@ -86,16 +91,18 @@ def distillation_loss(teacher: nn.Module, distill: float, temperature: float) ->
 def heal_(model: nn.Module, ids: torch.Tensor, config: TrainConfig, heal: HealConfig | None = None, *,
           teacher: nn.Module | None = None, eval_ids: torch.Tensor | None = None,
           checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-          eval_first: bool = True) -> TrainResult:
+          eval_first: bool = True, identity: dict | None = None) -> TrainResult:
     """Fine-tune the compressed ``model`` in place on the token windows ``ids`` ``(n, seq_len)``.
 
     Args:
-        model: a model with ``LowRankLinear`` layers (``rankwise.load`` of a compressed directory).
+        model: a model with ``LowRankLinear`` layers (``rankwise.load`` of a compressed directory); trained in
+            float32 and returned in its own dtype.
         ids: training windows; never the windows it is evaluated on.
         config: steps, learning rate, batch and schedule.
         heal: what is trained and the distillation weight; ``distill > 0`` needs ``teacher``.
         teacher: the dense model whose logits are distilled (same tokenizer), frozen.
         eval_ids: held-out windows; their next-token loss is reported before (if ``eval_first``), during and after.
+        identity: what a resumed run must share with the first (see :func:`~rankwise.adapt.train.train`).
 
     Returns:
         The :class:`~rankwise.adapt.train.TrainResult` (losses, evaluation losses, timing).
@@ -105,12 +112,15 @@ def heal_(model: nn.Module, ids: torch.Tensor, config: TrainConfig, heal: HealCo
         raise ValueError("distillation (distill > 0) needs the dense teacher model; pass teacher= (--base) or use "
                          "distill=0")
     mark_trainable(model, heal.trainable)
+    dtype = next(model.parameters()).dtype
+    model.float()  # AdamW on float32 weights: updates of ~1e-4 x a weight round away in bfloat16
     loss_fn = causal_lm_loss
     if heal.distill > 0 and teacher is not None:
         teacher.requires_grad_(False).eval()
         loss_fn = distillation_loss(teacher, heal.distill, heal.temperature)
     try:
         return train(model, ids, config, eval_ids=eval_ids, loss_fn=loss_fn, checkpoint_dir=checkpoint_dir,
-                     resume=resume, progress=progress, eval_first=eval_first)
+                     resume=resume, progress=progress, eval_first=eval_first, identity=identity)
     finally:
         model.requires_grad_(False)
+        model.to(dtype)

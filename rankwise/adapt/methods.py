@@ -22,6 +22,7 @@ milora         rankwise LoRA from the minor singular triplets          none
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ class AdapterMethod:
     build: Callable[[int, float | None, Any, int], PeftConfig]  # (rank, alpha, target_modules, seed) -> config
     prepass: str | None = None  # None, "activations" or "gradients"
     changes_base: bool = False  # PiSSA/OLoRA/CorDA/LoRA-GA rewrite the base weights; saved adapters are converted
+    rankwise_tuner: bool = False  # a rankwise tuner: loading its saved adapter needs ``import rankwise.adapt`` first
 
 
 def _lora(init: Any = True, **extra: Any) -> Callable[[int, float | None, Any, int], PeftConfig]:
@@ -76,7 +78,7 @@ def _lora_ga(rank: int, alpha: float | None, targets: Any, seed: int) -> PeftCon
 
 def _randlora(rank: int, alpha: float | None, targets: Any, seed: int) -> PeftConfig:
     return RandLoraConfig(r=rank, target_modules=targets, projection_prng_key=seed, task_type="CAUSAL_LM",
-                          **({"randlora_alpha": int(alpha)} if alpha is not None else {}))
+                          **({"randlora_alpha": max(1, round(alpha))} if alpha is not None else {}))
 
 
 def _seed(cls: type) -> Callable[[int, float | None, Any, int], PeftConfig]:
@@ -99,11 +101,11 @@ METHODS: dict[str, AdapterMethod] = {m.name: m for m in (
     AdapterMethod("eva", _eva, prepass="activations"),
     AdapterMethod("corda", _corda, prepass="activations", changes_base=True),
     AdapterMethod("lora_ga", _lora_ga, prepass="gradients", changes_base=True),
-    AdapterMethod("lora_sb", _seed(LoRASBConfig), prepass="gradients"),
-    AdapterMethod("svfit", _seed(SVFitConfig)),
-    AdapterMethod("loldu", _seed(LoLDUConfig)),
-    AdapterMethod("block_lora", _seed(BlockLoRAConfig)),
-    AdapterMethod("milora", _seed(MiLoRAConfig)),
+    AdapterMethod("lora_sb", _seed(LoRASBConfig), prepass="gradients", rankwise_tuner=True),
+    AdapterMethod("svfit", _seed(SVFitConfig), rankwise_tuner=True),
+    AdapterMethod("loldu", _seed(LoLDUConfig), rankwise_tuner=True),
+    AdapterMethod("block_lora", _seed(BlockLoRAConfig), rankwise_tuner=True),
+    AdapterMethod("milora", _seed(MiLoRAConfig), rankwise_tuner=True),
 )}
 DEFAULT_TARGETS = "all-linear"  # every linear layer but the output head
 
@@ -122,9 +124,12 @@ def target_layers(model: nn.Module, targets: Any) -> dict[str, nn.Linear]:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module is output:
-            continue
-        if targets == DEFAULT_TARGETS or check_target_module_exists(probe, name):
+        chosen = targets == DEFAULT_TARGETS or bool(check_target_module_exists(probe, name))
+        if chosen and module is output and targets != DEFAULT_TARGETS:
+            raise ValueError(f"--targets selects the output layer {name}, which rankwise adapters do not adapt (it is "
+                             "often tied to the input embeddings, and merging would change both); target the "
+                             "blocks' linear layers")
+        if chosen and isinstance(module, nn.Linear) and module is not output:
             found[name] = module
     if not found:
         raise ValueError(f"target modules {targets!r} match no linear layer of {type(model).__name__}")
@@ -164,9 +169,9 @@ def add_adapter(model: nn.Module, name: str, rank: int, *, alpha: float | None =
     Returns:
         The ``PeftModel``, its adapter trainable and everything else frozen.
     """
-    from peft import get_peft_model
-
     spec = method(name)
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"--alpha must be a positive number, got {alpha}")
     targets = targets or DEFAULT_TARGETS
     check_rank(model, targets, rank)
     if targets == DEFAULT_TARGETS:  # explicit names: the pre-passes match target_modules themselves
@@ -174,9 +179,20 @@ def add_adapter(model: nn.Module, name: str, rank: int, *, alpha: float | None =
     if spec.prepass and (data is None or data.shape[0] == 0):
         raise ValueError(f"{name} initialises from the training data ({spec.prepass}) but got none; pass the data "
                          "(--data FILE)")
-    config = spec.build(rank, alpha, targets, seed)
     device = next(model.parameters()).device
-    torch.manual_seed(seed)  # PEFT draws LoRA's A from the global generator; this makes it reproducible
+    # PEFT draws LoRA's A (and LoRA-GA its sketch) from torch's global generator: seed it inside a fork, so the
+    # adapter is reproducible and the caller's random state is left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _build(model, spec, rank, alpha, targets, seed, data, prepass_batches, batch_size, device)
+
+
+def _build(model: nn.Module, spec: AdapterMethod, rank: int, alpha: float | None, targets: Any, seed: int,
+           data: torch.Tensor | None, prepass_batches: int, batch_size: int, device: torch.device) -> nn.Module:
+    from peft import get_peft_model
+
+    name = spec.name
+    config = spec.build(rank, alpha, targets, seed)
     if spec.prepass == "gradients":
         def train_step() -> None:
             for batch in _batches(data, batch_size, prepass_batches):

@@ -11,7 +11,6 @@ progress bar with loss and tokens/s, and evaluation every ``eval_every`` steps.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import time
@@ -21,8 +20,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-from rankwise.eval.measure import _device
 
 CHECKPOINT = "trainer_state.pt"
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -103,7 +100,7 @@ def evaluate_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    device = _device(model)
+    device = next(model.parameters()).device
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start:start + batch_size].to(device)
         bmask = None if mask is None else mask[start:start + batch_size].to(device)
@@ -124,6 +121,14 @@ def fingerprint(model: nn.Module) -> str:
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
+def digest(*tensors: torch.Tensor) -> str:
+    """A short hash of tensors' bytes (e.g. the training windows, which a resumed run must share)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _order(n: int, steps: int, per_step: int, seed: int) -> torch.Tensor:
     """Window indices for all steps: seeded permutations of ``range(n)``, one after another (epochs)."""
     gen = torch.Generator().manual_seed(seed)
@@ -136,7 +141,8 @@ def train(model: nn.Module, ids: torch.Tensor, config: TrainConfig, *, mask: tor
           eval_ids: torch.Tensor | None = None, eval_mask: torch.Tensor | None = None,
           loss_fn: LossFn = causal_lm_loss, eval_loss_fn: LossFn = causal_lm_loss,
           checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-          on_eval: Callable[[int, float], None] | None = None, eval_first: bool = True) -> TrainResult:
+          on_eval: Callable[[int, float], None] | None = None, eval_first: bool = True,
+          identity: dict | None = None) -> TrainResult:
     """Train the parameters of ``model`` that require grad on the windows ``ids`` ``(n, seq_len)``.
 
     Args:
@@ -149,7 +155,9 @@ def train(model: nn.Module, ids: torch.Tensor, config: TrainConfig, *, mask: tor
         eval_loss_fn: the loss reported on ``eval_ids`` (default: next-token cross-entropy).
         checkpoint_dir: where the resumable state is written (atomically) every ``save_every`` steps and at the end.
         resume: continue from ``checkpoint_dir``'s state; it must come from a model with the same trainable
-            parameters (names, shapes, dtypes) and the same config.
+            parameters (names, shapes, dtypes), the same config and the same ``identity``.
+        identity: JSON-able facts a resumed run must share with the first one beyond the config (the method, the
+            base model, a hash of the data ...); stored in the checkpoint and compared on resume.
 
     Raises:
         ValueError: no trainable parameter, too few windows for one micro-batch, or a checkpoint that does not
@@ -168,6 +176,10 @@ def train(model: nn.Module, ids: torch.Tensor, config: TrainConfig, *, mask: tor
     if ids.shape[0] < config.batch_size:
         raise ValueError(f"the training data has {ids.shape[0]} windows of {ids.shape[1]} tokens, fewer than one batch "
                          f"of {config.batch_size}; give more text or a smaller --batch-size")
+    device = next(model.parameters()).device
+    if config.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"bf16 autocast was asked for but {torch.cuda.get_device_name(device)} has no bfloat16; "
+                         "use --fp32")
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, round(config.warmup * config.steps), config.steps)
     result = TrainResult(trainable=sum(p.numel() for p in params.values()))
@@ -176,13 +188,18 @@ def train(model: nn.Module, ids: torch.Tensor, config: TrainConfig, *, mask: tor
     if resume:
         if ckpt is None or not ckpt.is_file():
             raise ValueError(f"--resume: no checkpoint at {ckpt}")
-        step = _restore(ckpt, model, optimizer, schedule, config, result)
+        step = _restore(ckpt, model, optimizer, schedule, config, result, identity or {})
     order = _order(ids.shape[0], config.steps, config.windows_per_step, config.seed)
-    device = _device(model)
     model.train()
     if eval_ids is not None and step == 0 and eval_first:
         _evaluate(model, eval_ids, eval_mask, eval_loss_fn, config, 0, result, on_eval)
     last_good = step
+
+    def where_good() -> str:
+        if ckpt is not None and ckpt.is_file() and last_good > 0:
+            return f"; the last good checkpoint (step {last_good}) is in {ckpt.parent}"
+        return ""
+
     with step_bar("train", config.steps, start=step, enabled=progress) as bar:
         while step < config.steps:
             began = time.perf_counter()
@@ -195,18 +212,17 @@ def train(model: nn.Module, ids: torch.Tensor, config: TrainConfig, *, mask: tor
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     loss = loss_fn(model, batch, bmask)
                 if not torch.isfinite(loss):
-                    where = f"; the last good checkpoint (step {last_good}) is in {ckpt.parent}" if ckpt and \
-                        ckpt.is_file() else ""
                     raise TrainingDivergedError(f"the training loss became {float(loss.detach())} at step "
-                                                f"{step + 1}; training stopped without applying it (lower --lr){where}")
+                                                f"{step + 1}; training stopped without applying it (rerun with a "
+                                                f"lower --lr){where_good()}")
                 (loss / config.grad_accum).backward()
                 total += float(loss.detach()) / config.grad_accum
                 tokens += batch.numel()
-            if config.max_grad_norm > 0:
-                norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-                if not torch.isfinite(norm):
-                    raise TrainingDivergedError(f"the gradient norm became {float(norm)} at step {step + 1}; training "
-                                           "stopped without applying it (lower --lr?)")
+            # measured even without clipping (max_norm inf), so a non-finite gradient is never applied
+            norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm or math.inf)
+            if not torch.isfinite(norm):
+                raise TrainingDivergedError(f"the gradient norm became {float(norm)} at step {step + 1}; training "
+                                            f"stopped without applying it (rerun with a lower --lr){where_good()}")
             optimizer.step()
             schedule.step()
             step += 1
@@ -218,7 +234,7 @@ def train(model: nn.Module, ids: torch.Tensor, config: TrainConfig, *, mask: tor
             if eval_ids is not None and config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 _evaluate(model, eval_ids, eval_mask, eval_loss_fn, config, step, result, on_eval)
             if ckpt is not None and (step == config.steps or (config.save_every and step % config.save_every == 0)):
-                _save(ckpt, model, optimizer, schedule, config, step, result)
+                _save(ckpt, model, optimizer, schedule, config, step, result, identity or {})
                 last_good = step
     if eval_ids is not None:
         _evaluate(model, eval_ids, eval_mask, eval_loss_fn, config, step, result, on_eval)
@@ -242,22 +258,27 @@ def _identity(config: TrainConfig) -> dict:
 
 
 def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: object, config: TrainConfig,
-          step: int, result: TrainResult) -> None:
-    from rankwise.io.atomic import write_bytes_atomic
+          step: int, result: TrainResult, identity: dict) -> None:
+    from rankwise.io.atomic import scratch_name
 
     state = {
         "format": 1, "step": step, "fingerprint": fingerprint(model), "config": _identity(config),
+        "identity": json.loads(json.dumps(identity)),
         "params": {name: p.detach().cpu() for name, p in trainable_parameters(model).items()},
         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),  # type: ignore[attr-defined]
         "losses": list(result.losses), "evals": [list(e) for e in result.evals],
     }
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    tmp = path.parent / scratch_name(f".{path.name}", ".tmp-")
+    try:
+        torch.save(state, tmp)  # straight to disk: the optimizer state is not held twice in memory
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: object, config: TrainConfig,
-             result: TrainResult) -> int:
+             result: TrainResult, identity: dict) -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # whatever made it unreadable, the answer is the same
@@ -272,6 +293,12 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sch
         changed = sorted(k for k, v in _identity(config).items() if state["config"].get(k) != v)
         raise ValueError(f"--resume: the checkpoint was trained with different settings ({', '.join(changed)}); "
                          "resume with the same ones")
+    saved = state.get("identity", {})
+    current = json.loads(json.dumps(identity))
+    if saved != current:
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        raise ValueError(f"--resume: the checkpoint comes from another run ({', '.join(changed)} differ); resume with "
+                         "the same model, method, data and options, or start a new run")
     params = trainable_parameters(model)
     with torch.no_grad():
         for name, value in state["params"].items():

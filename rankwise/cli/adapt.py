@@ -16,8 +16,10 @@ from rankwise.cli.common import (
     TrustOpt,
     claimed_out,
     one_line_errors,
+    remove_training_checkpoint,
     say,
     setup,
+    training_checkpoint,
 )
 
 
@@ -62,17 +64,16 @@ def adapt(
     """
     import json
     import math
-    import shutil
     import tempfile
-    from pathlib import Path
 
     from rankwise.adapt.methods import add_adapter
     from rankwise.adapt.methods import method as adapter_method
-    from rankwise.adapt.train import TrainConfig, train
+    from rankwise.adapt.train import TrainConfig, digest, train
     from rankwise.calibrate import DEFAULT_TEXT_NAME, load_text, split_windows
     from rankwise.cli.common import comma_list
     from rankwise.io.atomic import atomic_dir
     from rankwise.io.models import load_model, load_tokenizer, resolve
+    from rankwise.io.save import is_compressed_dir
 
     if not out:
         raise ValueError("--out is required: the directory to write the adapter to")
@@ -80,9 +81,10 @@ def adapt(
     config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every,
                          seed=seed, bf16=bf16, save_every=max(1, steps // 4))
     target_list = comma_list(targets, "--targets") if targets else None
-    checkpoint = Path(f"{out.rstrip('/')}.checkpoint")
-    if resume and not checkpoint.is_dir():
-        raise ValueError(f"--resume: no checkpoint at {checkpoint}; run without --resume first")
+    if is_compressed_dir(model):
+        raise ValueError(f"{model!r} is a compressed rankwise model; adapt the dense model, or heal this one with "
+                         "rankwise heal")
+    checkpoint = training_checkpoint(out, resume, overwrite, model, data or "")
     setup(device, threads)
     raw = load_text(data)
     path, _ = resolve(model)
@@ -99,12 +101,18 @@ def adapt(
                                  batch_size=batch_size)
         with tempfile.TemporaryDirectory() as initial:
             if spec.changes_base and not merge:  # PEFT converts the trained adapter back to plain LoRA at save
-                peft_model.peft_config["default"].init_lora_weights = True
-                peft_model.save_pretrained(initial)
-                peft_model.peft_config["default"].init_lora_weights = method
+                adapter_config = peft_model.peft_config["default"]
+                init = adapter_config.init_lora_weights
+                adapter_config.init_lora_weights = True
+                try:
+                    peft_model.save_pretrained(initial)
+                finally:
+                    adapter_config.init_lora_weights = init
             checkpoint.mkdir(exist_ok=True)
+            identity = {"model": model, "method": method, "rank": rank, "alpha": alpha, "targets": target_list,
+                        "data": digest(train_ids)}
             result = train(peft_model, train_ids, config, eval_ids=evaluation, checkpoint_dir=checkpoint,
-                           resume=resume)
+                           resume=resume, identity=identity)
             first, last = result.evals[0][1], result.evals[-1][1]
             say(f"{method} rank {rank}: {result.trainable:,} trainable parameters, {steps} steps in "
                 f"{result.seconds:.0f} s ({result.seconds_per_step:.2f} s/step); held-out loss {first:.4f} -> "
@@ -121,7 +129,8 @@ def adapt(
                 summary = {"method": method, "rank": rank, "alpha": alpha, "targets": target_list, "steps": steps,
                            "lr": lr, "seed": seed, "text": data or DEFAULT_TEXT_NAME, "trainable": result.trainable,
                            "losses": result.losses, "evals": result.evals, "seconds": result.seconds,
-                           "merged": merge}
+                           "merged": merge, "load_with": None if merge or not spec.rankwise_tuner else
+                           "import rankwise.adapt before peft.PeftModel.from_pretrained (a rankwise tuner)"}
                 (tmp / "rankwise_adapt.json").write_text(json.dumps(summary, indent=1))
-    shutil.rmtree(checkpoint, ignore_errors=True)
+        remove_training_checkpoint(checkpoint)
     say(f"saved {'merged model' if merge else 'adapter'} to {out}")

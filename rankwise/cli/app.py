@@ -53,7 +53,7 @@ class OneLineGroup(TyperGroup):
 
 app = typer.Typer(cls=OneLineGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Low-rank compression of language models: compress, evaluate, compare, compensate, generate, "
-                  "info.")
+                  "info; heal a compressed model; adapt a model with an adapter.")
 app.command("compress")(compress_cmd.compress)
 app.command("eval")(evaluate_cmd.evaluate)
 app.command("compare")(compare_cmd.compare)

@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import torch
@@ -144,3 +145,60 @@ def windows(tokenizer: Any, raw: str, text: str | None, dataset: str | None, seq
 
 def say(message: str) -> None:
     print(message, file=sys.stdout, flush=True)
+
+
+def training_checkpoint(out: str, resume: bool, overwrite: bool, *inputs: str) -> Path:
+    """``OUT.checkpoint``, where ``heal`` and ``adapt`` keep their resumable state, checked before any work.
+
+    It may hold only that state: it must not be, be inside or contain an input; ``--resume`` needs the state; a new
+    run refuses a previous run's state unless ``--overwrite`` (which removes it).
+    """
+    from rankwise.adapt.train import CHECKPOINT
+    from rankwise.io.atomic import refuse_overlap
+
+    path = Path(f"{out.rstrip('/')}.checkpoint")
+    for where in inputs:
+        if where and Path(where).exists():
+            refuse_overlap(str(path), where, option="the training-state folder")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} (where the resumable training state goes) exists and is not a directory")
+    state = path / CHECKPOINT
+    if path.is_dir():
+        foreign = [p.name for p in path.iterdir() if p.name != CHECKPOINT and not p.name.startswith(f".{CHECKPOINT}")]
+        if foreign:
+            raise ValueError(f"{path} holds files that are not a rankwise training state ({', '.join(foreign[:3])}); "
+                             "choose another --out")
+    if resume:
+        if not state.is_file():
+            raise ValueError(f"--resume: no training state at {state}; run without --resume first")
+    elif state.is_file():
+        if not overwrite:
+            raise ValueError(f"{state} holds a previous run's resumable state: continue it with --resume, or start "
+                             "over with --overwrite")
+        state.unlink()
+    return path
+
+
+def remove_training_checkpoint(path: Path) -> None:
+    """Remove the training state of a finished run, and its directory once empty."""
+    from rankwise.adapt.train import CHECKPOINT
+
+    (path / CHECKPOINT).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+def check_report_path(report: str | None, *inputs: str | None) -> None:
+    """``--json-report``: its folder must exist, it must not be a directory or an input."""
+    if not report:
+        return
+    from rankwise.io.atomic import refuse_overlap
+
+    where = Path(report)
+    if where.is_dir():
+        raise ValueError(f"--json-report {report} is a directory; give a file path")
+    if not where.parent.is_dir():
+        raise ValueError(f"--json-report {report}: folder {where.parent} does not exist")
+    for item in inputs:
+        if item and Path(item).exists():
+            refuse_overlap(report, item, option="--json-report")

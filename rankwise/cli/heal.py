@@ -15,10 +15,13 @@ from rankwise.cli.common import (
     TextOpt,
     ThreadsOpt,
     TrustOpt,
+    check_report_path,
     claimed_out,
     one_line_errors,
+    remove_training_checkpoint,
     say,
     setup,
+    training_checkpoint,
 )
 
 
@@ -64,15 +67,14 @@ def heal(
     """
     import json
     import math
-    import shutil
     from pathlib import Path
 
     from rankwise.adapt.heal import HealConfig, heal_
-    from rankwise.adapt.train import TrainConfig
+    from rankwise.adapt.train import TrainConfig, digest
     from rankwise.calibrate import DEFAULT_TEXT_NAME, load_text, split_windows
     from rankwise.eval.measure import perplexity
     from rankwise.io import save
-    from rankwise.io.atomic import refuse_overlap, write_text_atomic
+    from rankwise.io.atomic import write_text_atomic
     from rankwise.io.manifest import read_manifest
     from rankwise.io.models import load_model, load_tokenizer
     from rankwise.io.save import is_compressed_dir
@@ -85,9 +87,8 @@ def heal(
     config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every,
                          seed=seed, bf16=bf16, save_every=max(1, steps // 4))
     options = HealConfig(distill=distill, temperature=temperature, trainable=trainable)
-    checkpoint = Path(f"{out.rstrip('/')}.checkpoint")
-    if resume and not checkpoint.is_dir():
-        raise ValueError(f"--resume: no checkpoint at {checkpoint}; run without --resume first")
+    checkpoint = training_checkpoint(out, resume, overwrite, compressed, base, text or "")
+    check_report_path(json_report, compressed, base, text, str(checkpoint))
     setup(device, threads)
     raw = load_text(text, dataset=dataset)
     tokenizer = load_tokenizer(compressed, trust_remote_code)
@@ -99,10 +100,6 @@ def heal(
     train_ids, evaluation = split_windows(ids, seq_len, n_train, eval_samples)
     text_name = text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
     manifest = read_manifest(compressed)
-    if json_report:
-        for where in (compressed, base):
-            if Path(where).exists():
-                refuse_overlap(json_report, where, option="--json-report")
     with claimed_out(out, overwrite, compressed, base):
         student = load_model(compressed, device=device, trust_remote_code=trust_remote_code).model
         teacher = load_model(base, device=device, trust_remote_code=trust_remote_code).model if distill > 0 else None
@@ -115,8 +112,10 @@ def heal(
         say(f"held-out perplexity ({eval_samples} x {seq_len} tokens of {text_name}): compressed {before:.3f}"
             + (f", dense {dense:.3f} ({before / dense:.2f}x)" if dense else ""))
         checkpoint.mkdir(exist_ok=True)
+        identity = {"compressed": str(Path(compressed).resolve()), "base": base, "distill": distill,
+                    "temperature": temperature, "weights": trainable, "data": digest(train_ids)}
         result = heal_(student, train_ids, config, options, teacher=teacher, eval_ids=evaluation,
-                       checkpoint_dir=checkpoint, resume=resume, eval_first=False)
+                       checkpoint_dir=checkpoint, resume=resume, eval_first=False, identity=identity)
         after = math.exp(result.evals[-1][1])
         say(f"healed {steps} steps x {config.windows_per_step} windows in {result.seconds:.0f} s "
             f"({result.seconds_per_step:.1f} s/step), {result.trainable:,} weights trained: held-out perplexity "
@@ -128,7 +127,8 @@ def heal(
                           "seed": seed, "perplexity_before": before, "perplexity_after": after,
                           "perplexity_dense": dense, "eval_windows": list(evaluation.shape)}
         save(student, out, tokenizer=tokenizer, report=manifest.report, overwrite=overwrite, provenance=origin)
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    if json_report:
-        write_text_atomic(Path(json_report), json.dumps({**origin["heal"], **result.to_dict()}, indent=1))
+        remove_training_checkpoint(checkpoint)
+        if json_report:
+            write_text_atomic(Path(json_report), json.dumps({**origin["heal"], **result.to_dict()}, indent=1))
     say(f"saved healed compressed model to {out}")
+
