@@ -20,6 +20,7 @@ from rankwise.cli.common import (
     say,
     setup,
     training_checkpoint,
+    training_windows,
 )
 
 
@@ -69,7 +70,7 @@ def adapt(
     from rankwise.adapt.methods import add_adapter
     from rankwise.adapt.methods import method as adapter_method
     from rankwise.adapt.train import TrainConfig, digest, train
-    from rankwise.calibrate import DEFAULT_TEXT_NAME, load_text, split_windows
+    from rankwise.calibrate import DEFAULT_TEXT_NAME, load_text
     from rankwise.cli.common import comma_list
     from rankwise.io.atomic import atomic_dir
     from rankwise.io.models import load_model, load_tokenizer, resolve
@@ -89,12 +90,7 @@ def adapt(
     raw = load_text(data)
     path, _ = resolve(model)
     tokenizer = load_tokenizer(path, trust_remote_code)
-    ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n_train = ids.numel() // seq_len - eval_samples
-    if n_train < batch_size:
-        raise ValueError(f"--data has {ids.numel():,} tokens: after {eval_samples} held-out windows of {seq_len} "
-                         f"it leaves {max(0, n_train)} training windows, fewer than one batch of {batch_size}")
-    train_ids, evaluation = split_windows(ids, seq_len, n_train, eval_samples)
+    train_ids, evaluation = training_windows(tokenizer, raw, seq_len, eval_samples, batch_size, "--data")
     with claimed_out(out, overwrite, model):
         base = load_model(model, device=device, trust_remote_code=trust_remote_code).model
         peft_model = add_adapter(base, method, rank, alpha=alpha, targets=target_list, seed=seed, data=train_ids,

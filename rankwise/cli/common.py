@@ -143,6 +143,18 @@ def windows(tokenizer: Any, raw: str, text: str | None, dataset: str | None, seq
     return calibration, evaluation_ids, text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
 
 
+def training_windows(tokenizer: Any, raw: str, seq_len: int, eval_samples: int, batch_size: int, what: str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, held_out)`` windows of ``raw`` for ``heal`` and ``adapt``: the last ``eval_samples`` windows are
+    held out, every window before them trains; ``what`` names the text in the error when too few are left."""
+    ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n_train = ids.numel() // seq_len - eval_samples
+    if n_train < batch_size:
+        raise ValueError(f"{what} has {ids.numel():,} tokens: after {eval_samples} held-out windows of {seq_len} "
+                         f"it leaves {max(0, n_train)} training windows, fewer than one batch of {batch_size}")
+    return split_windows(ids, seq_len, n_train, eval_samples)
+
+
 def say(message: str) -> None:
     print(message, file=sys.stdout, flush=True)
 

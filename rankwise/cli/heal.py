@@ -22,6 +22,7 @@ from rankwise.cli.common import (
     say,
     setup,
     training_checkpoint,
+    training_windows,
 )
 
 
@@ -71,7 +72,7 @@ def heal(
 
     from rankwise.adapt.heal import HealConfig, heal_
     from rankwise.adapt.train import TrainConfig, digest
-    from rankwise.calibrate import DEFAULT_TEXT_NAME, load_text, split_windows
+    from rankwise.calibrate import DEFAULT_TEXT_NAME, load_text
     from rankwise.eval.measure import perplexity
     from rankwise.io import save
     from rankwise.io.atomic import write_text_atomic
@@ -92,12 +93,7 @@ def heal(
     setup(device, threads)
     raw = load_text(text, dataset=dataset)
     tokenizer = load_tokenizer(compressed, trust_remote_code)
-    ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n_train = ids.numel() // seq_len - eval_samples
-    if n_train < batch_size:
-        raise ValueError(f"the text has {ids.numel():,} tokens: after {eval_samples} held-out windows of {seq_len} "
-                         f"it leaves {max(0, n_train)} training windows, fewer than one batch of {batch_size}")
-    train_ids, evaluation = split_windows(ids, seq_len, n_train, eval_samples)
+    train_ids, evaluation = training_windows(tokenizer, raw, seq_len, eval_samples, batch_size, "the text")
     text_name = text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
     manifest = read_manifest(compressed)
     with claimed_out(out, overwrite, compressed, base):

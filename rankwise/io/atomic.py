@@ -223,14 +223,9 @@ def _swap_into_place(tmp: Path, out: Path, parent: Path) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a small text file via a temporary file in the same directory and a rename (never half-written)."""
-    write_bytes_atomic(path, text.encode())
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file via a temporary file in the same directory and a rename (never half-written)."""
     tmp = path.parent / scratch_name(f".{path.name}", ".tmp-")
     try:
-        tmp.write_bytes(data)
+        tmp.write_text(text)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
