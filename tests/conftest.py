@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from tests.tiny_models import tiny_model, tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests never read calibration statistics cached by an earlier run (or by the user): one fresh cache per session.
+os.environ["RANKWISE_CALIBRATION_CACHE"] = tempfile.mkdtemp(prefix="rankwise-test-calibration-")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -330,3 +330,26 @@ def test_adapt_bad_input(tiny_dir, tmp_path, args, message):
     result = run("adapt", tiny_dir, "--data", text, "--out", tmp_path / "o", "--seq-len", "16", *args)
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_second_compress_and_compare_read_the_cache(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANKWISE_CALIBRATION_CACHE", str(tmp_path / "cache"))
+    outputs = {}
+    for name, ratio, extra in [("a", "0.3", []), ("b", "0.5", []), ("c", "0.5", ["--no-cache"])]:
+        result = run("compress", tiny_dir, "--ratio", ratio, "--allocation", "loss", "--out", tmp_path / name,
+                     *SMALL, *extra)
+        assert result.exit_code == 0, result.output
+        outputs[name] = result.output
+    assert "read from the cache" not in outputs["a"]
+    assert "read from the cache" in outputs["b"]
+    assert "read from the cache" not in outputs["c"]
+    from safetensors.torch import load_file
+
+    b, c = ({k: v for f in sorted((tmp_path / n).glob("*.safetensors")) for k, v in load_file(f).items()}
+            for n in "bc")
+    assert b and b.keys() == c.keys() and all(torch.equal(b[k], c[k]) for k in b)
+    for n, expect in ((1, False), (2, True)):
+        result = run("compare", tiny_dir, "--methods", "svd_llm", "--ratios", "0.3", "--out", tmp_path / f"cmp{n}",
+                     "--eval-samples", "4", *SMALL)
+        assert result.exit_code == 0, result.output
+        assert ("read from the cache" in result.output) is expect

@@ -36,8 +36,20 @@ DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16
                                               "activations (default: the checkpoint's)")]
 OffloadOpt = Annotated[str | None, typer.Option("--offload-dir", help="where block-boundary activations spill above "
                                                 "--activation-mb (default: beside the output)")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="neither read nor write cached calibration statistics "
+                                          "(kept in $RANKWISE_CALIBRATION_CACHE, default "
+                                          "~/.cache/rankwise/calibration)")]
 ActivationOpt = Annotated[float, typer.Option("--activation-mb", min=0,
                                               help="activations kept in memory before spilling")]
+
+
+def stats_cache(no_cache: bool):
+    """Where calibration statistics are cached (``None`` with ``--no-cache``)."""
+    import os
+
+    from rankwise.io.models import cache_root
+
+    return None if no_cache else Path(os.environ.get("RANKWISE_CALIBRATION_CACHE", cache_root() / "calibration"))
 
 
 def one_line_errors(fn: F) -> F:

@@ -15,6 +15,7 @@ from rankwise.cli.common import (
     DeviceOpt,
     EvalOpt,
     ModelArg,
+    NoCacheOpt,
     OverwriteOpt,
     SeqLenOpt,
     TextOpt,
@@ -25,6 +26,7 @@ from rankwise.cli.common import (
     one_line_errors,
     prepare,
     say,
+    stats_cache,
 )
 
 
@@ -71,6 +73,7 @@ def compare(
     prompt: Annotated[list[str] | None, typer.Option(
         "--prompt", help="also complete this text with every model, side by side (repeat for several)")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens per completion")] = 32,
+    no_cache: NoCacheOpt = False,
 ) -> None:
     """Compare compression methods across ratios on MODEL; writes a Markdown table and a PNG plot."""
     from rankwise.eval.compare import compare as run
@@ -104,7 +107,9 @@ def compare(
                         "eval": eval_samples, "prompts": prompts}
             result = run(work.model, work.calibration, work.evaluation, configs, eora_rank=eora_rank,
                          batch_size=batch_size, settings=settings, ray_address=ray, prompts=prompts,
-                         tokenizer=work.tokenizer, max_new_tokens=max_new_tokens)
+                         tokenizer=work.tokenizer, max_new_tokens=max_new_tokens, cache=stats_cache(no_cache))
         result.save(out, overwrite=overwrite)
+    for note in result.notes:
+        say(f"note: {note}")
     say(result.to_markdown())
     say(f"\nwrote {out}/comparison.md, comparison.png, comparison.json")

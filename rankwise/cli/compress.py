@@ -14,6 +14,7 @@ from rankwise.cli.common import (
     DeviceOpt,
     DtypeOpt,
     ModelArg,
+    NoCacheOpt,
     OffloadOpt,
     OverwriteOpt,
     SeqLenOpt,
@@ -25,6 +26,7 @@ from rankwise.cli.common import (
     prepare,
     say,
     setup,
+    stats_cache,
     windows,
 )
 
@@ -60,6 +62,7 @@ def compress(
     ray: Annotated[str | None, typer.Option(
         "--ray", metavar="ADDRESS", help="fan each block's factorisations out to Ray workers: 'local', 'auto' or "
         "HOST:PORT (needs pip install 'rankwise\\[ray]')")] = None,
+    no_cache: NoCacheOpt = False,
 ) -> None:
     """Compress MODEL with METHOD at RATIO and save it to OUT.
 
@@ -105,13 +108,15 @@ def compress(
             report = compress_checkpoint(path, config, calibration, out, tokenizer=tokenizer, dtype=dtype,
                                          device=device, export=export, overwrite=overwrite, batch_size=batch_size,
                                          activation_mb=activation_mb, offload_dir=offload_dir,
-                                         trust_remote_code=trust_remote_code, ray=ray, provenance=origin)
+                                         trust_remote_code=trust_remote_code, ray=ray, provenance=origin,
+                                         cache=stats_cache(no_cache))
         else:
             work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code, raw)
             if dtype is not None:
                 work.model.to(parse_dtype(dtype))
             report = compress_(work.model, config, work.calibration, batch_size=batch_size,
-                               activation_mb=activation_mb, offload_dir=offload_dir, ray=ray)
+                               activation_mb=activation_mb, offload_dir=offload_dir, ray=ray,
+                               cache=stats_cache(no_cache))
             origin = provenance(model, source, config, work.text_name, tuple(work.calibration.shape))
             save(work.model, out, tokenizer=work.tokenizer, report=report, overwrite=overwrite, export=export,
                  provenance=origin)

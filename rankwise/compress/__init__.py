@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from rankwise.calibrate import LayerStats
+from rankwise.calibrate.cache import StatsCache
 from rankwise.compress.layer import relative_output_error
 from rankwise.compress.pipeline import Mapper, run
 from rankwise.io.atomic import atomic_dir, refuse_overlap
@@ -51,6 +52,7 @@ def compress_(
     activation_mb: float = DEFAULT_ACTIVATION_MB,
     offload_dir: str | Path | None = None,
     ray: str | None = None,
+    cache: str | Path | None = None,
 ) -> CompressionReport:
     """Replace the targeted linear layers of ``model`` by :class:`~rankwise.nn.LowRankLinear` in place, block by
     block.
@@ -72,13 +74,16 @@ def compress_(
         offload_dir: where activations spill (default: the system temporary directory).
         ray: fan each block's factorisations out to Ray workers (one task per input group): ``"local"``,
             ``"auto"`` or ``HOST:PORT`` (needs ``pip install 'rankwise[ray]'``); the result equals the serial one.
+        cache: a directory for calibration statistics (see :mod:`rankwise.calibrate.cache`): a later run on the same
+            weights and calibration reads them instead of running the model; the result is identical.
 
     Returns:
         A :class:`~rankwise.report.CompressionReport` with each layer's rank, parameters and output error.
     """
     with ActivationStore(int(activation_mb * 2**20), offload_dir) as store, _fan_out(ray) as mapper:
         return run(ModelSource(model, device), InPlaceSink(), config, calibration, stats=stats, filter_fn=filter_fn,
-                   batch_size=batch_size, progress=progress, store=store, mapper=mapper)
+                   batch_size=batch_size, progress=progress, store=store, mapper=mapper,
+                   cache=StatsCache(cache) if cache is not None else None)
 
 
 def compress_checkpoint(
@@ -100,6 +105,7 @@ def compress_checkpoint(
     trust_remote_code: bool = False,
     ray: str | None = None,
     provenance: dict[str, Any] | None = None,
+    cache: str | Path | None = None,
 ) -> CompressionReport:
     """Compress a safetensors checkpoint directory into ``out`` without ever holding the whole model in memory.
 
@@ -124,6 +130,7 @@ def compress_checkpoint(
         trust_remote_code: allow a checkpoint that ships its own model code (refused by default).
         ray: fan each block's factorisations out to Ray workers, as for :func:`compress_`.
         provenance: where the model came from, kept in ``rankwise.json`` (see :mod:`rankwise.io.provenance`).
+        cache: a directory for calibration statistics, as for :func:`compress_`.
 
     Raises:
         ValueError: one line, for a damaged checkpoint (see :class:`~rankwise.stream.CheckpointSource`), an
@@ -140,7 +147,8 @@ def compress_checkpoint(
         sink = ShardSink(tmp, source.blocks_name, len(source.blocks), export=export,
                          model_type=getattr(source.config, "model_type", ""))
         report = run(source, sink, config, calibration, filter_fn=filter_fn, batch_size=batch_size,
-                     progress=progress, store=store, mapper=mapper)
+                     progress=progress, store=store, mapper=mapper,
+                     cache=StatsCache(cache) if cache is not None else None)
         sink.write_rest(source.rest_tensors())
         sink.finish(source.model, source.dtype, report if export == "factored" else None, tokenizer, provenance)
     return report

@@ -23,6 +23,7 @@ from torch import nn
 
 from rankwise._memory import trim
 from rankwise.calibrate import LayerStats
+from rankwise.calibrate.cache import CacheEntry, StatsCache, tensor_digest
 from rankwise.calibrate.stats import INPUT_KINDS, StatsObserver, iter_batches
 from rankwise.compress.layer import check_finite, dense_row, factorise
 from rankwise.compress.passes import Streams, capture, gradient_pass, needs_gradients, weight_scores
@@ -86,10 +87,13 @@ Mapper = Callable[..., list]  # (fn, items, shared) -> [fn(item, **shared) for i
 
 def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterable[torch.Tensor] | None, *,
         store: ActivationStore, stats: Mapping[str, LayerStats] | None = None, filter_fn: FilterFn | None = None,
-        batch_size: int = 4, progress: bool = True, mapper: Mapper | None = None) -> CompressionReport:
+        batch_size: int = 4, progress: bool = True, mapper: Mapper | None = None,
+        cache: StatsCache | None = None) -> CompressionReport:
     """Compress ``source``'s blocks into ``sink`` (the spine shared by :func:`compress_` and
     :func:`compress_checkpoint`). ``mapper`` fans a block's factorisations out (one task per input group, such as
-    q/k/v, so the shared whitening is computed once); without it they run here, one after another."""
+    q/k/v, so the shared whitening is computed once); without it they run here, one after another. With ``cache``,
+    the dense model's statistics (each block's, outside sequential mode, and the gradient pass's) are read from it
+    when an earlier run on the same model and calibration stored them, and stored otherwise."""
     start = time.perf_counter()
     method = method_for(config)
     batches = list(iter_batches(calibration, batch_size)) if calibration is not None else []
@@ -101,17 +105,62 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
     report.notes.append(f"allocation {policy.name}" + (", sequential" if config.sequential else "")
                         + (", left factor refit" if config.update_u else ""))
     # Streams the per-block pass reads: precomputed statistics replace the dense stream outside sequential mode.
-    main = ("compressed",) if config.sequential else (() if stats is not None else ("dense",))
+    entry = cache_entry(cache, source, plan, batches) if cache is not None and stats is None and batches else None
+    hit = entry is not None and entry.hit
+    if entry is not None and entry.note:
+        report.notes.append(entry.note)
+    if hit:
+        report.notes.append(f"calibration statistics read from the cache ({entry.path})")
+    cached_blocks = hit and not config.sequential
+    main = ("compressed",) if config.sequential else (() if stats is not None or cached_blocks else ("dense",))
     wanted = main + (("original",) if config.sequential and config.update_u else ())
-    wanted += ("scoring",) if plan.gradient_kinds else ()
+    wanted += ("scoring",) if plan.gradient_kinds and not hit else ()
     streams = capture(source, batches, store, wanted) if batches and wanted else None
+    record = entry.write_stats if entry is not None and not hit and not config.sequential else None
+    try:
+        report = _run_blocks(source, sink, plan, method, streams, stats, entry, record, report, mapper, progress)
+    except BaseException:
+        if entry is not None:
+            entry.discard()
+        raise
+    if entry is not None:
+        entry.commit()
+        if entry.note and entry.note not in report.notes:
+            report.notes.append(entry.note)
+    report.seconds = time.perf_counter() - start
+    return report
 
+
+def cache_entry(cache: StatsCache, source, plan: Plan, batches: list[torch.Tensor]) -> CacheEntry | None:
+    """The cache entry of this run's dense-model statistics, or ``None`` when nothing here can be cached (sequential
+    mode without a gradient pass, or an allocation given as a callable)."""
+    config = plan.config
+    if not isinstance(config.allocation, str) or (config.sequential and not plan.gradient_kinds):
+        return None
+    return cache.entry(
+        model=cache.model_key(source), tokens=tensor_digest((str(b), t) for b, t in enumerate(batches)),
+        dtype=str(source.dtype), device=source.device.type, targets=plan.names,
+        block_kinds=None if config.sequential else sorted(plan.block_kinds),
+        gradient_kinds=sorted(plan.gradient_kinds), allocation=config.allocation if plan.gradient_kinds else None)
+
+
+def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats: Mapping[str, LayerStats] | None,
+                entry: CacheEntry | None, record, report: CompressionReport, mapper: Mapper | None,
+                progress: bool) -> CompressionReport:
+    config, policy = plan.config, plan.config.policy
+    hit = entry is not None and entry.hit
     gradient_stats: dict[str, LayerStats] = {}
     scores = None
-    if plan.gradient_kinds:
+    if plan.gradient_kinds and hit:
+        scores = entry.read("scores")[0]
+        gradient_stats = entry.read_stats("gradient")
+    elif plan.gradient_kinds:
         assert streams is not None
         scores, gradient_stats = gradient_pass(source, plan.by_block, streams, plan.gradient_kinds, policy,
                                                progress=progress)
+        if entry is not None:
+            entry.write("scores", scores)
+            entry.write_stats("gradient", gradient_stats)
     elif policy.needs_scores:
         scores = weight_scores(source, plan.by_block, policy, stats, progress=progress)
     source.release_rest()
@@ -127,7 +176,9 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
         block_start = time.perf_counter()
         block = source.load(i)
         chosen = [n for n in plan.by_block.get(i, []) if n in ranks]
-        rows = compress_block(source, block, i, chosen, ranks, plan, method, streams, stats, gradient_stats, mapper)
+        block_stats = entry.read_stats(f"block-{i}") if hit and not config.sequential else stats
+        rows = compress_block(source, block, i, chosen, ranks, plan, method, streams, block_stats, gradient_stats,
+                              mapper, record=(lambda s, i=i: record(f"block-{i}", s)) if record else None)
         report.layers.extend(rows)
         sink.write_block(i, block)
         source.release(i)
@@ -138,14 +189,15 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
     order = {name: k for k, name in enumerate(plan.names + plan.outside)}
     report.layers.sort(key=lambda layer: order[layer.name])
     report.params_total_after = sum(p.numel() for p in source.model.parameters())
-    report.seconds = time.perf_counter() - start
     return report
 
 
 def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: Mapping[str, int], plan: Plan,
                    method, streams: Streams | None, stats: Mapping[str, LayerStats] | None,
-                   gradient_stats: Mapping[str, LayerStats], mapper: Mapper | None = None) -> list:
-    """Calibrate block ``i`` on its stream, factorise its chosen targets in place, advance the streams."""
+                   gradient_stats: Mapping[str, LayerStats], mapper: Mapper | None = None, *,
+                   record: Callable[[Mapping[str, LayerStats]], None] | None = None) -> list:
+    """Calibrate block ``i`` on its stream, factorise its chosen targets in place, advance the streams.
+    ``record`` receives the block's own statistics as soon as they are collected (for the cache)."""
     config, device = plan.config, source.device
     modules = {name: source.model.get_submodule(name) for name in chosen}
     for name, module in modules.items():
@@ -155,6 +207,8 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
     own = streams is not None and (main, 0) in streams.store
     if own:
         block_stats = _observe(block, i, modules, plan, streams, main, device)
+        if record is not None:
+            record(block_stats)
     groups: dict[int, list[tuple[str, nn.Module, LayerStats | None, int]]] = {}
     for name, module in modules.items():
         layer_stats = block_stats.get(name) if block_stats is not None else None

@@ -16,7 +16,8 @@ import psutil
 import torch
 from torch import nn
 
-from rankwise.calibrate import LayerStats, collect_stats
+from rankwise.calibrate import LayerStats
+from rankwise.calibrate.cache import StatsCache, collect_stats_cached
 from rankwise.compensate import compensate, merge_
 from rankwise.compress import compress_
 from rankwise.eval.generate import complete
@@ -51,12 +52,15 @@ class Comparison:
     rows: list[CompareRow] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     calibration_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def to_markdown(self) -> str:
         s = self.settings
         head = (f"Model {s.get('model')}; calibration {s.get('calib')} and disjoint evaluation {s.get('eval')} "
                 f"windows of {s.get('seq_len')} tokens ({s.get('text')}); ratio = fraction of targeted parameters "
-                f"removed; shared calibration took {self.calibration_s:.1f} s.\n\n")
+                f"removed; shared calibration took {self.calibration_s:.1f} s"
+                f"{' (statistics read from the cache)' if any('read from the cache' in n for n in self.notes) else ''}"
+                ".\n\n")
         lines = ["| method | ratio | perplexity | vs dense | targeted kept | targeted removed | total params "
                  "| prefill tok/s | speed-up | factorise s | RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in [self.dense, *self.rows]:
@@ -221,7 +225,7 @@ def candidate_rows(config: CompressConfig | None, *, model: nn.Module, calibrati
 def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tensor, configs: list[CompressConfig],
             *, eora_rank: int = 0, batch_size: int = 8, progress: bool = True, settings: dict | None = None,
             ray_address: str | None = None, prompts: Sequence[str] = (), tokenizer: Any = None,
-            max_new_tokens: int = 32) -> Comparison:
+            max_new_tokens: int = 32, cache: str | Path | None = None) -> Comparison:
     """Compress a copy of ``model`` with every config and evaluate each on ``evaluation``.
 
     With ``prompts`` (and the ``tokenizer``) every row also holds each prompt's greedy completion, shown side by
@@ -235,6 +239,8 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
             running cluster (see :func:`~rankwise.eval.ray_compare.ray_session`). The rows are the same, in the same
             order; their timings and memory are the workers' (the dense row's too, so speed-ups compare like with
             like).
+        cache: a directory for the dense model's calibration statistics (see :mod:`rankwise.calibrate.cache`): a
+            later comparison on the same weights and calibration reads them instead of running the model.
     """
     if ray_address is not None and next(model.parameters()).device.type != "cpu":
         raise ValueError("--ray runs every candidate on a CPU worker: load the model with --device cpu")
@@ -245,7 +251,8 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
         if any(c.allocation == "loss" for c in configs):
             kinds.add("gout")
         start = time.perf_counter()
-        stats = collect_stats(model, calibration, targets, kinds=kinds, batch_size=batch_size, progress=progress)
+        stats, notes = collect_stats_cached(StatsCache(cache) if cache is not None else None, model, calibration,
+                                            targets, kinds=kinds, batch_size=batch_size, progress=progress)
         calibration_s = time.perf_counter() - start
         _, dense_targeted = count_params(model)
         shared = {"model": model, "calibration": calibration, "evaluation": evaluation, "stats": stats,
@@ -260,4 +267,4 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
                                 progress=progress)
     (dense,), *candidates = groups
     rows = [row for group in candidates for row in group]
-    return Comparison(dense, rows, settings=dict(settings or {}), calibration_s=calibration_s)
+    return Comparison(dense, rows, settings=dict(settings or {}), calibration_s=calibration_s, notes=notes)
