@@ -353,3 +353,51 @@ def test_second_compress_and_compare_read_the_cache(tiny_dir, tmp_path, monkeypa
                      "--eval-samples", "4", *SMALL)
         assert result.exit_code == 0, result.output
         assert ("read from the cache" in result.output) is expect
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _last_json(output: str) -> dict:
+    line = next(line for line in reversed(output.splitlines()) if '{"perplexity"' in line)
+    return json.loads(line[line.index('{"perplexity"'):])  # stderr's progress bars share the captured output
+
+
+def test_eval_tasks_runs_a_local_lm_eval_task(tiny_dir, tmp_path, monkeypatch):
+    """End to end through lm-eval, offline: a multiple-choice YAML task with its data shipped in tests/."""
+    monkeypatch.chdir(REPO)  # the task's data_files path is relative to the repository root
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    out = tmp_path / "c"
+    assert run("compress", tiny_dir, "--ratio", "0.5", "--out", out, *SMALL).exit_code == 0
+    scores = {}
+    for name, model in (("dense", tiny_dir), ("compressed", out)):
+        result = run("eval", model, "--tasks", "pydoc_cloze", "--task-dir", "tests/lm_eval", "--json",
+                     "--seq-len", "16", "--eval-samples", "4", "--limit", "40")
+        assert result.exit_code == 0, result.output
+        data = _last_json(result.output)
+        assert data["perplexity"] > 1
+        scores[name] = data["tasks"]["pydoc_cloze"]
+    for metrics in scores.values():
+        assert 0.0 <= metrics["acc"] <= 1.0 and 0.0 <= metrics["acc_norm"] <= 1.0
+        assert metrics["acc"] * 40 == round(metrics["acc"] * 40)  # a fraction of the 40 documents
+    # the same model and documents give the same accuracy (deterministic)
+    again = run("eval", tiny_dir, "--tasks", "pydoc_cloze", "--task-dir", "tests/lm_eval", "--json",
+                "--seq-len", "16", "--eval-samples", "4", "--limit", "40")
+    assert _last_json(again.output)["tasks"]["pydoc_cloze"] == scores["dense"]
+    text = run("eval", tiny_dir, "--tasks", "pydoc_cloze", "--task-dir", "tests/lm_eval", "--seq-len", "16",
+               "--eval-samples", "4", "--limit", "8")
+    assert text.exit_code == 0 and "pydoc_cloze: acc " in text.output and "perplexity" in text.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks", "arc_eazy"], "unknown lm-eval task 'arc_eazy'; close matches: arc_easy"),
+    (["--tasks", "pydoc_cloze"], "unknown lm-eval task 'pydoc_cloze'"),  # a local task without its --task-dir
+    (["--task-dir", "tests/lm_eval"], "--task-dir needs --tasks"),
+    (["--tasks", "arc_easy", "--task-dir", "no/such/dir"], "is not a directory"),
+    (["--tasks", "arc_easy", "--stream"], "--tasks needs the model in memory"),
+])
+def test_eval_tasks_bad_input(tiny_dir, monkeypatch, args, message):
+    monkeypatch.chdir(REPO)
+    result = run("eval", tiny_dir, *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output

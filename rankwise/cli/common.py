@@ -59,7 +59,7 @@ def one_line_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ValueError, NotImplementedError, OSError) as err:
+        except (ValueError, NotImplementedError, OSError, ImportError) as err:
             if isinstance(err, OSError) and err.strerror:  # permission denied, a directory, disk full ...
                 message = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
             else:

@@ -23,6 +23,7 @@ from rankwise.cli.common import (
     TextOpt,
     ThreadsOpt,
     TrustOpt,
+    comma_list,
     one_line_errors,
     prepare,
     say,
@@ -49,8 +50,18 @@ def evaluate(
     offload_dir: OffloadOpt = None,
     activation_mb: ActivationOpt = 1024,
     trust_remote_code: TrustOpt = False,
+    tasks: Annotated[str | None, typer.Option(
+        "--tasks", help="also run these lm-eval tasks (comma list, e.g. arc_easy,hellaswag,piqa,winogrande; needs "
+        "pip install 'rankwise\\[eval]')")] = None,
+    task_dir: Annotated[list[str] | None, typer.Option(
+        "--task-dir", help="a directory of extra lm-eval task YAML files (repeat for several)")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="at most this many documents per task")
+                     ] = None,
+    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", min=0, help="examples per task prompt "
+                                                    "(default: the task's own)")] = None,
 ) -> None:
-    """Evaluate MODEL (dense or a rankwise directory) on held-out windows from the end of the text."""
+    """Evaluate MODEL (dense or a rankwise directory) on held-out windows from the end of the text, and with
+    --tasks on lm-eval tasks."""
     from rankwise.calibrate import load_text
     from rankwise.eval import evaluate as run
     from rankwise.eval.measure import result_for
@@ -61,11 +72,21 @@ def evaluate(
     parse_dtype(dtype)
     if not math.isfinite(activation_mb):
         raise ValueError(f"--activation-mb must be a finite number of MB, got {activation_mb}")
+    task_names = None
+    if tasks is not None or task_dir:
+        from rankwise.eval.tasks import check_tasks, task_manager
+
+        if tasks is None:
+            raise ValueError("--task-dir needs --tasks: name the tasks to run")
+        task_names = check_tasks(comma_list(tasks, "--tasks"), task_manager(task_dir or ()))  # before the model
+        if stream:
+            raise ValueError("--tasks needs the model in memory; drop --stream")
     setup(device, threads)
     raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
     path, source = resolve(model)
     if stream is None:
-        stream = isinstance(path, Path) and weights_bytes(path) > 0.5 * psutil.virtual_memory().available
+        big = isinstance(path, Path) and weights_bytes(path) > 0.5 * psutil.virtual_memory().available
+        stream = task_names is None and big
     if stream:
         if not (isinstance(path, Path) and weights_bytes(path) > 0):
             raise ValueError(f"--stream needs a local directory with safetensors weights, got {model!r}")
@@ -81,7 +102,17 @@ def evaluate(
         if dtype is not None:
             work.model.to(parse_dtype(dtype))
         result = run(work.model, work.evaluation, batch_size=batch_size, progress=not as_json)
+        if task_names is not None:
+            from rankwise.eval.tasks import evaluate_tasks
+
+            scores = evaluate_tasks(work.model, work.tokenizer, task_names, include=task_dir or (),
+                                    batch_size=batch_size, limit=limit, num_fewshot=num_fewshot)
     if as_json:
-        say(json.dumps({**result.to_dict(), "model": source, "text": text_name}))
+        extra = {"tasks": scores} if task_names is not None else {}
+        say(json.dumps({**result.to_dict(), "model": source, "text": text_name, **extra}))
     else:
         say(f"{source} on {text_name}: {result.describe()}")
+        if task_names is not None:
+            from rankwise.eval.tasks import describe
+
+            say(describe(scores))

@@ -1,0 +1,101 @@
+"""Zero- or few-shot task accuracy through lm-evaluation-harness (the optional ``rankwise[eval]`` extra).
+
+lm-eval does the work: rankwise hands it the model object it already holds (dense, compressed or healed; a
+:class:`~rankwise.nn.LowRankLinear` model is an ordinary ``PreTrainedModel`` to lm-eval's ``HFLM``), checks the task
+names first (an unknown name lists close matches) and returns each task's metrics. The standard tasks (arc_easy,
+hellaswag, piqa, winogrande ...) download their data from the Hugging Face hub; a local task is a YAML file in a
+directory passed as ``include`` (``dataset_path: json`` with ``data_files`` pointing at a local file needs no
+network).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+def _lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ImportError("task evaluation needs lm-evaluation-harness: pip install 'rankwise[eval]'") from None
+    return lm_eval, HFLM, TaskManager
+
+
+def task_manager(include: Sequence[str | Path] = ()) -> Any:
+    """lm-eval's task index, with the task YAML files under each ``include`` directory added."""
+    _, _, TaskManager = _lm_eval()
+    for path in include:
+        if not Path(path).is_dir():
+            raise ValueError(f"--task-dir {str(path)!r} is not a directory of lm-eval task YAML files")
+    return TaskManager(include_path=[str(p) for p in include] or None)
+
+
+def check_tasks(names: Sequence[str], manager: Any) -> list[str]:
+    """``names`` if lm-eval knows each (a task, group or tag); otherwise ``ValueError`` listing close matches."""
+    if not names:
+        raise ValueError("--tasks is empty: give lm-eval task names, e.g. arc_easy,hellaswag")
+    known = set(manager.all_subtasks) | set(manager.all_groups) | set(manager.all_tags)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
+            hint = f"close matches: {', '.join(close)}" if close else "see `lm-eval ls tasks` for the list"
+            raise ValueError(f"unknown lm-eval task {name!r}; {hint}")
+    return list(names)
+
+
+def evaluate_tasks(model: nn.Module, tokenizer: Any, names: Sequence[str], *, include: Sequence[str | Path] = (),
+                   batch_size: int = 8, limit: int | None = None, num_fewshot: int | None = None,
+                   seed: int = 1234) -> dict[str, dict[str, float]]:
+    """Run lm-eval ``names`` on ``model`` (already loaded, on its device) and return ``{task: {metric: value}}``.
+
+    Args:
+        model: a Hugging Face causal LM, dense or compressed.
+        tokenizer: its tokenizer.
+        names: lm-eval task, group or tag names.
+        include: directories with extra task YAML files (local tasks).
+        batch_size: requests per forward pass.
+        limit: at most this many documents per task (for a quick look; the accuracy is then a sample's).
+        num_fewshot: examples in each prompt (default: the task's own setting, usually 0).
+        seed: lm-eval's Python, NumPy, torch and few-shot seeds (the same seed, the same result).
+
+    Metrics are lm-eval's names without the filter suffix: ``acc``, ``acc_norm``, ``acc_stderr`` ...
+    """
+    lm_eval, HFLM, _ = _lm_eval()
+    manager = task_manager(include)
+    check_tasks(names, manager)
+    device = str(next(model.parameters()).device)
+    for name in ("lm-eval", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    output = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=limit,
+                                     num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
+                                     numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                     bootstrap_iters=1000)
+    results: dict[str, dict[str, float]] = {}
+    for task, metrics in output["results"].items():
+        values = {key.split(",")[0]: float(value) for key, value in metrics.items()
+                  if "," in key and isinstance(value, int | float) and not isinstance(value, bool)}
+        if values:
+            results[task] = values
+    return results
+
+
+def describe(results: dict[str, dict[str, float]]) -> str:
+    """One line per task: its accuracies (with standard errors where lm-eval gives them)."""
+    lines = []
+    for task, metrics in results.items():
+        parts = []
+        for key in ("acc", "acc_norm", "exact_match"):
+            if key in metrics:
+                err = metrics.get(f"{key}_stderr")
+                parts.append(f"{key} {metrics[key]:.4f}" + (f" ± {err:.4f}" if err is not None else ""))
+        lines.append(f"{task}: {', '.join(parts) or ', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}")
+    return "\n".join(lines)
