@@ -26,7 +26,7 @@ from rankwise.linalg.sketch import (
     nystrom,
     sketch_lstsq,
 )
-from rankwise.linalg.svd import SOLVERS, svd_flip, truncated_svd
+from rankwise.linalg.svd import SOLVERS, subspace_basis, svd_flip, truncated_svd
 from rankwise.linalg.whiten import Whitening, refit_left, weighted_svd, whiten, whitened_svd
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "resolve_rank",
     "saves_params",
     "sketch_lstsq",
+    "subspace_basis",
     "svd_flip",
     "truncated_svd",
     "weighted_svd",
