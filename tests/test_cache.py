@@ -58,6 +58,31 @@ def test_cached_run_equals_uncached_and_skips_the_passes(tmp_path, method, alloc
         assert not calls  # no forward pass through the model at all
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "welore"])
+def test_a_run_that_kept_layers_dense_caches_them_for_a_later_ratio(tmp_path, allocation):
+    """At ratio 0.99 (uniform) or 0.1 (welore) some layers stay dense; a later run that compresses them must find
+    their statistics in the entry."""
+    tokens = tiny_tokens(8)
+    first = tiny_model("llama")
+    report = compress_(first, SVDLLMConfig(ratio=0.99 if allocation == "uniform" else 0.05, allocation=allocation),
+                       tokens, progress=False, cache=tmp_path)
+    assert any("kept dense" in note for note in report.notes)
+    reference = tiny_model("llama")
+    compress_(reference, SVDLLMConfig(ratio=0.5, allocation=allocation), tokens, progress=False)
+    second = tiny_model("llama")
+    report = compress_(second, SVDLLMConfig(ratio=0.5, allocation=allocation), tokens, progress=False,
+                       cache=tmp_path)
+    assert any("read from the cache" in note for note in report.notes)
+    for key, value in _state(reference).items():
+        assert torch.equal(value, second.state_dict()[key]), key
+
+
+def test_model_with_a_scalar_parameter_is_hashed():
+    from rankwise.calibrate.cache import tensor_digest
+
+    assert tensor_digest([("s", torch.tensor(1.5))]) != tensor_digest([("s", torch.tensor(2.5))])
+
+
 def test_key_changes_with_weights_tokens_and_kinds(tmp_path):
     tokens = tiny_tokens(8)
     compress_(tiny_model("llama"), SVDLLMConfig(ratio=0.3), tokens, progress=False, cache=tmp_path)
@@ -78,7 +103,8 @@ def _only_entry(root):
     return entry
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "missing_file", "foreign_manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "missing_file", "foreign_manifest",
+                                    "unlisted_part", "garbled_manifest"])
 def test_damaged_entry_is_detected_and_recomputed(tmp_path, damage):
     tokens = tiny_tokens(8)
     config = SVDLLMConfig(ratio=0.3)
@@ -96,9 +122,15 @@ def test_damaged_entry_is_detected_and_recomputed(tmp_path, damage):
         (entry / "manifest.json").unlink()
     elif damage == "missing_file":
         block.unlink()
+    elif damage == "garbled_manifest":
+        (entry / "manifest.json").write_text('{"key": 1, "files": {"a": 3}}')
     else:
         manifest = json.loads((entry / "manifest.json").read_text())
-        manifest["key"]["tokens"] = "0" * 64
+        if damage == "unlisted_part":
+            del manifest["files"]["block-1.safetensors"]
+            block.unlink()
+        else:
+            manifest["key"]["tokens"] = "0" * 64
         (entry / "manifest.json").write_text(json.dumps(manifest))
     model = tiny_model("llama")
     calls = _count_block_calls(model)
@@ -117,17 +149,13 @@ def test_damaged_entry_is_detected_and_recomputed(tmp_path, damage):
 def test_unwritable_cache_still_compresses_with_a_note(tmp_path, monkeypatch, where):
     """A read-only or full cache directory (simulated: this suite may run as root, who can write anywhere)."""
     import errno
-    from pathlib import Path
 
-    import rankwise.io.atomic as atomic
+    import rankwise.calibrate.cache as cache
 
     def refuse(*_args, **_kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    if where == "scratch":
-        monkeypatch.setattr(atomic, "make_scratch_dir", refuse)
-    else:
-        monkeypatch.setattr(Path, "write_bytes", refuse)
+    monkeypatch.setattr(cache, "make_scratch_dir" if where == "scratch" else "save_file", refuse)
     root = tmp_path / "cache"
     model = tiny_model("llama")
     report = compress_(model, SVDLLMConfig(ratio=0.3), tiny_tokens(8), progress=False, cache=root)
@@ -181,5 +209,6 @@ def test_pack_roundtrip_keeps_shared_groups():
 
 def test_entry_names_differ_by_key(tmp_path):
     cache = StatsCache(tmp_path)
-    assert cache.entry(a=1).name != cache.entry(a=2).name
-    assert cache.entry(a=1).name == cache.entry(a=1).name
+    assert cache.open([], a=1).name != cache.open([], a=2).name
+    assert cache.open([], a=1).name == cache.open([], a=1).name
+    assert not cache.open([], a=1).hit

@@ -392,7 +392,7 @@ def test_eval_tasks_runs_a_local_lm_eval_task(tiny_dir, tmp_path, monkeypatch):
 @pytest.mark.parametrize("args,message", [
     (["--tasks", "arc_eazy"], "unknown lm-eval task 'arc_eazy'; close matches: arc_easy"),
     (["--tasks", "pydoc_cloze"], "unknown lm-eval task 'pydoc_cloze'"),  # a local task without its --task-dir
-    (["--task-dir", "tests/lm_eval"], "--task-dir needs --tasks"),
+    (["--task-dir", "tests/lm_eval"], "--task-dir needs --tasks"), (["--limit", "3"], "--limit needs --tasks"),
     (["--tasks", "arc_easy", "--task-dir", "no/such/dir"], "is not a directory"),
     (["--tasks", "arc_easy", "--stream"], "--tasks needs the model in memory"),
 ])

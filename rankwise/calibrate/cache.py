@@ -17,6 +17,7 @@ statistics, the gradient pass's scores ...) and ``manifest.json`` listing every 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -26,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from rankwise.calibrate.stats import LayerStats
+from rankwise._errors import first_line
+from rankwise.calibrate.stats import LayerStats, check_kinds, collect_stats, iter_batches
+from rankwise.io.atomic import make_scratch_dir, remove_dead_scratch
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -51,7 +54,8 @@ def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     for name, t in tensors:
         t = t.detach().cpu().contiguous()
         digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
 
 
@@ -123,45 +127,55 @@ def unpack(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> 
 
 
 class CacheEntry:
-    """One cached calibration: read its parts when :attr:`hit`, otherwise write them and :meth:`commit`.
+    """One cached calibration (made by :meth:`StatsCache.open`): read its parts when :attr:`hit`, otherwise write
+    them and :meth:`commit`.
 
-    Writing never raises for an unwritable cache: the first ``OSError`` turns caching off for this entry and is
-    kept in :attr:`note` (say it to the user).
+    Writing never raises for an unwritable cache: the first failure turns caching off for this entry and is kept in
+    :attr:`note` (say it to the user).
     """
 
     def __init__(self, root: Path, key: Mapping[str, Any]) -> None:
         self.root = root
-        self.key = {"format": FORMAT, **key}
-        self.name = hashlib.sha256(json.dumps(self.key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        self.key = json.loads(json.dumps({"format": FORMAT, **key}, sort_keys=True, default=str))
+        self.name = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:32]
         self.path = root / self.name
         self.note: str | None = None
-        self.files: dict[str, dict[str, Any]] | None = None
+        self.hit = False
         self._scratch: Path | None = None
         self._written: dict[str, dict[str, Any]] = {}
         self._abandoned = False
-        self.hit = self._check()
 
     # reading
-    def _check(self) -> bool:
-        if not self.path.is_dir():
-            return False
-        problem = self._verify()
+    def check(self, parts: Iterable[str]) -> None:
+        """Set :attr:`hit` if a complete, intact entry holding ``parts`` is on disk; a damaged one is removed."""
+        try:
+            if not self.path.is_dir():
+                return
+            problem = self._verify([f"{part}.safetensors" for part in parts])
+        except OSError as err:
+            problem = f"cannot read it: {err.strerror or err}"
         if problem is None:
-            return True
-        self.note = f"calibration cache entry {self.path} is damaged ({problem}); removed, recomputing"
+            self.hit = True
+            return
         shutil.rmtree(self.path, ignore_errors=True)
-        return False
+        what = "removed" if not self.path.exists() else "could not be removed"
+        self.note = f"calibration cache entry {self.path} is damaged ({problem}); {what}, recomputing"
 
-    def _verify(self) -> str | None:
+    def _verify(self, expected: list[str]) -> str | None:
         try:
             manifest = json.loads((self.path / MANIFEST).read_text())
-        except (OSError, ValueError) as err:
+        except ValueError as err:
             return f"no readable {MANIFEST}: {err}"
-        if not isinstance(manifest, dict) or manifest.get("key") != json.loads(json.dumps(self.key, default=str)):
+        except FileNotFoundError:
+            return f"no {MANIFEST}"
+        if not isinstance(manifest, dict) or manifest.get("key") != self.key:
             return f"{MANIFEST} describes another calibration"
         files = manifest.get("files")
-        if not isinstance(files, dict):
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
             return f"{MANIFEST} lists no files"
+        missing = [f for f in expected if f not in files]
+        if missing:
+            return f"{missing[0]} is not in {MANIFEST}"
         for file, info in files.items():
             path = self.path / file
             if Path(file).name != file or not path.is_file():
@@ -170,28 +184,21 @@ class CacheEntry:
                 return f"{file} has {path.stat().st_size} bytes, the manifest says {info.get('bytes')}"
             if _sha256_file(path) != info.get("sha256"):
                 return f"{file} does not match its checksum"
-        self.files = files
         return None
 
-    def has(self, part: str) -> bool:
-        return self.hit and self.files is not None and f"{part}.safetensors" in self.files
-
-    def read(self, part: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """A part's tensors and metadata, checked against the manifest again as they are read."""
-        file = f"{part}.safetensors"
-        if not self.has(part):
-            raise KeyError(f"calibration cache entry {self.path} has no part {part!r}")
-        data = (self.path / file).read_bytes()
-        if hashlib.sha256(data).hexdigest() != self.files[file]["sha256"]:
-            raise ValueError(f"calibration cache file {self.path / file} changed while this run read it; "
-                             "run again (or pass --no-cache)")
-        tensors = load_bytes(data)
-        tensors.pop(_EMPTY, None)
-        meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {})
+    def read(self, part: str, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """A part's tensors (on ``device``) and metadata; the files were checked when the entry was opened."""
+        path = self.path / f"{part}.safetensors"
+        tensors, meta = {}, {}
+        with safe_open(path, framework="pt", device=str(device)) as fh:
+            meta = fh.metadata() or {}
+            for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if key != _EMPTY:
+                    tensors[key] = fh.get_tensor(key)
         return tensors, meta
 
-    def read_stats(self, part: str) -> dict[str, LayerStats]:
-        return unpack(*self.read(part))
+    def read_stats(self, part: str, device: torch.device | str = "cpu") -> dict[str, LayerStats]:
+        return unpack(*self.read(part, device))
 
     # writing
     def write(self, part: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
@@ -199,18 +206,14 @@ class CacheEntry:
             return
         try:
             if self._scratch is None:
-                from rankwise.io.atomic import make_scratch_dir, remove_dead_scratch
-
                 self.root.mkdir(parents=True, exist_ok=True)
-                remove_dead_scratch(self.root, f".{self.name}")
                 self._scratch = make_scratch_dir(self.root, f".{self.name}", ".tmp-")
             # safetensors cannot read back a file without tensors: an empty part holds one empty placeholder
-            payload = {k: v.contiguous() for k, v in tensors.items()} or {_EMPTY: torch.zeros(0)}
-            data = save_bytes(payload, metadata=dict(metadata or {}))
-            file = f"{part}.safetensors"
-            (self._scratch / file).write_bytes(data)
-            self._written[file] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        except OSError as err:
+            payload = {k: v.detach().cpu().contiguous() for k, v in tensors.items()} or {_EMPTY: torch.zeros(0)}
+            file = self._scratch / f"{part}.safetensors"
+            save_file(payload, file, metadata=dict(metadata or {}))
+            self._written[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256_file(file)}
+        except Exception as err:  # an unwritable or full cache must never stop the compression
             self._give_up(err)
 
     def write_stats(self, part: str, stats: Mapping[str, LayerStats]) -> None:
@@ -222,13 +225,13 @@ class CacheEntry:
             return
         try:
             manifest = {"key": self.key, "files": self._written}
-            (self._scratch / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-            if self.path.exists():  # another run finished the same entry first: keep theirs
-                shutil.rmtree(self._scratch, ignore_errors=True)
-            else:
-                self._scratch.rename(self.path)
+            (self._scratch / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            self._scratch.rename(self.path)
         except OSError as err:
-            self._give_up(err)
+            if err.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another run finished the same entry first
+                self.discard()
+            else:
+                self._give_up(err)
         self._scratch = None
 
     def discard(self) -> None:
@@ -237,11 +240,12 @@ class CacheEntry:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
 
-    def _give_up(self, err: OSError) -> None:
+    def _give_up(self, err: Exception) -> None:
         self.discard()
         self._abandoned = True
-        self.note = (f"calibration statistics not cached: cannot write under {self.root} "
-                     f"({err.strerror or err}); compression goes on without the cache")
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
+        self.note = (f"calibration statistics not cached: cannot write under {self.root} ({reason}); "
+                     "compression goes on without the cache")
 
 
 class StatsCache:
@@ -250,40 +254,66 @@ class StatsCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def entry(self, **key: Any) -> CacheEntry:
-        return CacheEntry(self.root, key)
+    def open(self, parts: Iterable[str], **key: Any) -> CacheEntry:
+        """The entry for ``key``: a hit if it is on disk whole with every one of ``parts``. Scratch left by dead
+        runs (any key) is removed first."""
+        self._remove_dead_scratch()
+        entry = CacheEntry(self.root, {**key, "versions": _versions()})
+        entry.check(parts)
+        return entry
 
-    def model_key(self, source: Any) -> str:
-        """The identity of a block source's weights: a content hash of its checkpoint files, or of the tensors of a
-        model in memory."""
+    def _remove_dead_scratch(self) -> None:
+        try:
+            stems = {p.name.split(".tmp-")[0] for p in self.root.iterdir() if ".tmp-" in p.name}
+        except OSError:
+            return
+        for stem in stems:
+            remove_dead_scratch(self.root, stem)
+
+    def model_key(self, source: Any) -> dict[str, str]:
+        """The identity of a block source's model: a content hash of its checkpoint files (``config.json``
+        included), or of the tensors and config of a model in memory."""
         path = getattr(source, "path", None)
         if path is not None:
-            return checkpoint_digest(path, self.root / "weights")
-        state = source.model.state_dict()
-        return tensor_digest(sorted(state.items()))
+            return {"weights": checkpoint_digest(path, self.root / "weights")}
+        return model_identity(source.model)
+
+
+def model_identity(model: torch.nn.Module) -> dict[str, str]:
+    """A content hash of an in-memory model's tensors, and its config (which changes activations too: rope, norms,
+    the attention implementation)."""
+    config = getattr(model, "config", None)
+    described = ""
+    if config is not None:
+        described = config.to_json_string(use_diff=False) + str(getattr(config, "_attn_implementation", ""))
+    return {"weights": tensor_digest(sorted(model.state_dict().items())),
+            "config": hashlib.sha256(described.encode()).hexdigest()}
+
+
+def _versions() -> str:
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}"
 
 
 def collect_stats_cached(cache: StatsCache | None, model: torch.nn.Module, data: torch.Tensor,
                          modules: Mapping[str, torch.nn.Module], *, kinds: Iterable[str], batch_size: int = 4,
-                         progress: bool = False) -> tuple[dict[str, LayerStats], list[str]]:
+                         progress: bool = False) -> tuple[dict[str, LayerStats], CacheEntry | None]:
     """:func:`~rankwise.calibrate.collect_stats` over a whole in-memory model, through ``cache`` when given.
 
-    Returns the statistics and notes for the user (read from the cache, a damaged entry, an unwritable cache).
+    Returns the statistics and the cache entry (``None`` without a cache; its :attr:`~CacheEntry.hit` and
+    :attr:`~CacheEntry.note` say what happened).
     """
-    from rankwise.calibrate.stats import check_kinds, collect_stats, iter_batches
-
     kinds = sorted(check_kinds(kinds))
     if cache is None:
-        return collect_stats(model, data, modules, kinds=kinds, batch_size=batch_size, progress=progress), []
+        return collect_stats(model, data, modules, kinds=kinds, batch_size=batch_size, progress=progress), None
     parameter = next(model.parameters())
-    entry = cache.entry(model=tensor_digest(sorted(model.state_dict().items())),
-                        tokens=tensor_digest((str(b), t) for b, t in enumerate(iter_batches(data, batch_size))),
-                        dtype=str(parameter.dtype), device=parameter.device.type, targets=sorted(modules),
-                        whole_model_kinds=kinds)
-    notes = [entry.note] if entry.note else []
+    entry = cache.open(["stats"], **model_identity(model), dtype=str(parameter.dtype), device=parameter.device.type,
+                       tokens=tensor_digest((str(b), t) for b, t in enumerate(iter_batches(data, batch_size))),
+                       targets=sorted(modules), whole_model_kinds=kinds)
     if entry.hit:
-        return entry.read_stats("stats"), [*notes, f"calibration statistics read from the cache ({entry.path})"]
+        return entry.read_stats("stats", parameter.device), entry
     stats = collect_stats(model, data, modules, kinds=kinds, batch_size=batch_size, progress=progress)
     entry.write_stats("stats", stats)
     entry.commit()
-    return stats, [*notes, *([entry.note] if entry.note and entry.note not in notes else [])]
+    return stats, entry

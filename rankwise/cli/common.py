@@ -49,7 +49,9 @@ def stats_cache(no_cache: bool):
 
     from rankwise.io.models import cache_root
 
-    return None if no_cache else Path(os.environ.get("RANKWISE_CALIBRATION_CACHE", cache_root() / "calibration"))
+    if no_cache:
+        return None
+    return Path(os.environ.get("RANKWISE_CALIBRATION_CACHE") or cache_root() / "calibration").expanduser()
 
 
 def one_line_errors(fn: F) -> F:
@@ -59,7 +61,7 @@ def one_line_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ValueError, NotImplementedError, OSError, ImportError) as err:
+        except (ValueError, NotImplementedError, OSError) as err:
             if isinstance(err, OSError) and err.strerror:  # permission denied, a directory, disk full ...
                 message = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
             else:

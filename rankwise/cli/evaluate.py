@@ -72,13 +72,16 @@ def evaluate(
     parse_dtype(dtype)
     if not math.isfinite(activation_mb):
         raise ValueError(f"--activation-mb must be a finite number of MB, got {activation_mb}")
-    task_names = None
-    if tasks is not None or task_dir:
+    task_names = manager = None
+    if tasks is None:
+        for option, value in (("--task-dir", task_dir), ("--limit", limit), ("--num-fewshot", num_fewshot)):
+            if value is not None and value != []:
+                raise ValueError(f"{option} needs --tasks: name the lm-eval tasks to run")
+    else:
         from rankwise.eval.tasks import check_tasks, task_manager
 
-        if tasks is None:
-            raise ValueError("--task-dir needs --tasks: name the tasks to run")
-        task_names = check_tasks(comma_list(tasks, "--tasks"), task_manager(task_dir or ()))  # before the model
+        manager = task_manager(task_dir or ())
+        task_names = check_tasks(comma_list(tasks, "--tasks"), manager)  # before the model is read
         if stream:
             raise ValueError("--tasks needs the model in memory; drop --stream")
     setup(device, threads)
@@ -105,8 +108,8 @@ def evaluate(
         if task_names is not None:
             from rankwise.eval.tasks import evaluate_tasks
 
-            scores = evaluate_tasks(work.model, work.tokenizer, task_names, include=task_dir or (),
-                                    batch_size=batch_size, limit=limit, num_fewshot=num_fewshot)
+            scores = evaluate_tasks(work.model, work.tokenizer, task_names, batch_size=batch_size, limit=limit,
+                                    num_fewshot=num_fewshot, manager=manager)
     if as_json:
         extra = {"tasks": scores} if task_names is not None else {}
         say(json.dumps({**result.to_dict(), "model": source, "text": text_name, **extra}))

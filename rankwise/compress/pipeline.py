@@ -133,12 +133,15 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
 
 def cache_entry(cache: StatsCache, source, plan: Plan, batches: list[torch.Tensor]) -> CacheEntry | None:
     """The cache entry of this run's dense-model statistics, or ``None`` when nothing here can be cached (sequential
-    mode without a gradient pass, or an allocation given as a callable)."""
+    mode without a gradient pass, or an allocation given as a callable). The key holds everything the statistics
+    depend on and nothing they do not (not the ratio: a second run at another ratio reads the same entry)."""
     config = plan.config
     if not isinstance(config.allocation, str) or (config.sequential and not plan.gradient_kinds):
         return None
-    return cache.entry(
-        model=cache.model_key(source), tokens=tensor_digest((str(b), t) for b, t in enumerate(batches)),
+    parts = ([] if config.sequential else [f"block-{i}" for i in range(len(source.blocks))])
+    parts += ["scores", "gradient"] if plan.gradient_kinds else []
+    return cache.open(
+        parts, **cache.model_key(source), tokens=tensor_digest((str(b), t) for b, t in enumerate(batches)),
         dtype=str(source.dtype), device=source.device.type, targets=plan.names,
         block_kinds=None if config.sequential else sorted(plan.block_kinds),
         gradient_kinds=sorted(plan.gradient_kinds), allocation=config.allocation if plan.gradient_kinds else None)
@@ -153,7 +156,7 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
     scores = None
     if plan.gradient_kinds and hit:
         scores = entry.read("scores")[0]
-        gradient_stats = entry.read_stats("gradient")
+        gradient_stats = entry.read_stats("gradient", source.device)
     elif plan.gradient_kinds:
         assert streams is not None
         scores, gradient_stats = gradient_pass(source, plan.by_block, streams, plan.gradient_kinds, policy,
@@ -176,7 +179,7 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
         block_start = time.perf_counter()
         block = source.load(i)
         chosen = [n for n in plan.by_block.get(i, []) if n in ranks]
-        block_stats = entry.read_stats(f"block-{i}") if hit and not config.sequential else stats
+        block_stats = entry.read_stats(f"block-{i}", source.device) if hit and not config.sequential else stats
         rows = compress_block(source, block, i, chosen, ranks, plan, method, streams, block_stats, gradient_stats,
                               mapper, record=(lambda s, i=i: record(f"block-{i}", s)) if record else None)
         report.layers.extend(rows)
@@ -206,9 +209,16 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
     main = "compressed" if config.sequential else "dense"
     own = streams is not None and (main, 0) in streams.store
     if own:
-        block_stats = _observe(block, i, modules, plan, streams, main, device)
+        # every target of the block is observed when recording (a later run at another ratio may compress a layer
+        # this one keeps dense), only the chosen ones otherwise
+        observed = modules if record is None else {n: source.model.get_submodule(n) for n in plan.by_block.get(i, [])}
+        block_stats = _observe(block, i, observed, plan, streams, main, device)
         if record is not None:
             record(block_stats)
+    elif block_stats is not None and any(name not in block_stats for name in modules):
+        missing = next(name for name in modules if name not in block_stats)
+        raise ValueError(f"no calibration statistics for {missing} (precomputed or cached statistics are "
+                         "incomplete; for a cache entry, delete it or pass --no-cache)")
     groups: dict[int, list[tuple[str, nn.Module, LayerStats | None, int]]] = {}
     for name, module in modules.items():
         layer_stats = block_stats.get(name) if block_stats is not None else None

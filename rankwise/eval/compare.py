@@ -52,6 +52,7 @@ class Comparison:
     rows: list[CompareRow] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     calibration_s: float = 0.0
+    stats_cached: bool = False  # the shared statistics were read from the calibration cache
     notes: list[str] = field(default_factory=list)
 
     def to_markdown(self) -> str:
@@ -59,7 +60,7 @@ class Comparison:
         head = (f"Model {s.get('model')}; calibration {s.get('calib')} and disjoint evaluation {s.get('eval')} "
                 f"windows of {s.get('seq_len')} tokens ({s.get('text')}); ratio = fraction of targeted parameters "
                 f"removed; shared calibration took {self.calibration_s:.1f} s"
-                f"{' (statistics read from the cache)' if any('read from the cache' in n for n in self.notes) else ''}"
+                f"{' (statistics read from the cache)' if self.stats_cached else ''}"
                 ".\n\n")
         lines = ["| method | ratio | perplexity | vs dense | targeted kept | targeted removed | total params "
                  "| prefill tok/s | speed-up | factorise s | RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -134,7 +135,8 @@ class Comparison:
             (tmp / "comparison.md").write_text(self.to_markdown() + "\n")
             self.plot(tmp / "comparison.png")
             self.plot_ranks(tmp / "ranks.png")
-            data = {"settings": self.settings, "calibration_s": self.calibration_s, "dense": asdict(self.dense),
+            data = {"settings": self.settings, "calibration_s": self.calibration_s, "stats_cached": self.stats_cached,
+                    "notes": self.notes, "dense": asdict(self.dense),
                     "rows": [asdict(r) for r in self.rows], "peak_rss_mb": peak_rss_mb()}
             (tmp / "comparison.json").write_text(json.dumps(data, indent=1))
         return Path(out)
@@ -251,8 +253,11 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
         if any(c.allocation == "loss" for c in configs):
             kinds.add("gout")
         start = time.perf_counter()
-        stats, notes = collect_stats_cached(StatsCache(cache) if cache is not None else None, model, calibration,
+        stats, entry = collect_stats_cached(StatsCache(cache) if cache is not None else None, model, calibration,
                                             targets, kinds=kinds, batch_size=batch_size, progress=progress)
+        notes = [entry.note] if entry is not None and entry.note else []
+        if entry is not None and entry.hit:
+            notes.append(f"calibration statistics read from the cache ({entry.path})")
         calibration_s = time.perf_counter() - start
         _, dense_targeted = count_params(model)
         shared = {"model": model, "calibration": calibration, "evaluation": evaluation, "stats": stats,
@@ -267,4 +272,5 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
                                 progress=progress)
     (dense,), *candidates = groups
     rows = [row for group in candidates for row in group]
-    return Comparison(dense, rows, settings=dict(settings or {}), calibration_s=calibration_s, notes=notes)
+    return Comparison(dense, rows, settings=dict(settings or {}), calibration_s=calibration_s,
+                      stats_cached=entry is not None and entry.hit, notes=notes)

@@ -10,8 +10,10 @@ network).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ def _lm_eval():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise ImportError("task evaluation needs lm-evaluation-harness: pip install 'rankwise[eval]'") from None
+        raise ValueError("--tasks needs lm-evaluation-harness: pip install 'rankwise[eval]'") from None
     return lm_eval, HFLM, TaskManager
 
 
@@ -53,7 +55,7 @@ def check_tasks(names: Sequence[str], manager: Any) -> list[str]:
 
 def evaluate_tasks(model: nn.Module, tokenizer: Any, names: Sequence[str], *, include: Sequence[str | Path] = (),
                    batch_size: int = 8, limit: int | None = None, num_fewshot: int | None = None,
-                   seed: int = 1234) -> dict[str, dict[str, float]]:
+                   seed: int = 1234, manager: Any = None) -> dict[str, dict[str, float | None]]:
     """Run lm-eval ``names`` on ``model`` (already loaded, on its device) and return ``{task: {metric: value}}``.
 
     Args:
@@ -65,37 +67,53 @@ def evaluate_tasks(model: nn.Module, tokenizer: Any, names: Sequence[str], *, in
         limit: at most this many documents per task (for a quick look; the accuracy is then a sample's).
         num_fewshot: examples in each prompt (default: the task's own setting, usually 0).
         seed: lm-eval's Python, NumPy, torch and few-shot seeds (the same seed, the same result).
+        manager: a :func:`task_manager` already built (indexing the tasks takes seconds); default: built here.
 
-    Metrics are lm-eval's names without the filter suffix: ``acc``, ``acc_norm``, ``acc_stderr`` ...
+    Metrics are lm-eval's names, with the filter kept only where it is not the default (``acc``, ``acc_norm``,
+    ``acc_stderr``, ``exact_match,strict-match`` ...); a value lm-eval cannot compute (a standard error over one
+    document) is ``None``. The model's train/eval mode, the tokenizer and the logging levels are left as they were.
     """
     lm_eval, HFLM, _ = _lm_eval()
-    manager = task_manager(include)
+    manager = manager if manager is not None else task_manager(include)
     check_tasks(names, manager)
-    device = str(next(model.parameters()).device)
-    for name in ("lm-eval", "lm_eval"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    output = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=limit,
-                                     num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
-                                     numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                     bootstrap_iters=1000)
-    results: dict[str, dict[str, float]] = {}
+    loggers = {name: logging.getLogger(name) for name in ("lm-eval", "lm_eval")}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    was_training = model.training
+    try:
+        for logger in loggers.values():
+            logger.setLevel(logging.ERROR)
+        # HFLM may give the tokenizer a pad token: a copy keeps the caller's unchanged
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        output = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=limit,
+                                         num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
+                                         numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                         bootstrap_iters=1000)
+    finally:
+        model.train(was_training)
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])
+    results: dict[str, dict[str, float | None]] = {}
     for task, metrics in output["results"].items():
-        values = {key.split(",")[0]: float(value) for key, value in metrics.items()
-                  if "," in key and isinstance(value, int | float) and not isinstance(value, bool)}
+        values: dict[str, float | None] = {}
+        for key, value in metrics.items():
+            if "," not in key or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            metric, _, filt = key.partition(",")
+            values[metric if filt == "none" else key] = float(value) if math.isfinite(value) else None
         if values:
             results[task] = values
     return results
 
 
-def describe(results: dict[str, dict[str, float]]) -> str:
+def describe(results: dict[str, dict[str, float | None]]) -> str:
     """One line per task: its accuracies (with standard errors where lm-eval gives them)."""
     lines = []
     for task, metrics in results.items():
         parts = []
         for key in ("acc", "acc_norm", "exact_match"):
-            if key in metrics:
+            if metrics.get(key) is not None:
                 err = metrics.get(f"{key}_stderr")
                 parts.append(f"{key} {metrics[key]:.4f}" + (f" ± {err:.4f}" if err is not None else ""))
-        lines.append(f"{task}: {', '.join(parts) or ', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}")
+        parts = parts or [f"{k} {v:.4g}" for k, v in metrics.items() if v is not None]
+        lines.append(f"{task}: {', '.join(parts)}")
     return "\n".join(lines)
