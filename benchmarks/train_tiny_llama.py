@@ -1,0 +1,348 @@
+"""Pre-training from scratch with every optimizer and layer, side by side: AdamW, galore-torch, apollo-torch and
+rankwise's GaLore (SVD and DCT projections, per-layer updates), APOLLO (channel-wise and rank-1 tensor-wise) and the
+SLTrain and SST layers, same model, data, steps and seed, in one run.
+
+Usage:
+    python benchmarks/train_tiny_llama.py [--steps 120] [--grid-steps 30] [--methods adamw,rw_galore,...]
+        [--size tiny|llama60m] [--device cpu|cuda] [--work-dir /tmp/rankwise-train] [--report-only]
+
+Data (local only): the pydoc topics and the standard library's top-level modules; every 20th document (in a fixed
+order) is validation, the rest training. A byte-level BPE tokenizer of 4,096 entries is trained with ``tokenizers``
+on the training documents only. The model is a Llama built from a config (``tiny``: ~12M parameters, 6 layers of
+width 384; ``llama60m``: GaLore's LLaMA-60M shape, for a GPU).
+
+Learning rates: each method is first run for ``--grid-steps`` on each rate of its grid, and the rate with the lowest
+validation loss there is used for the full ``--steps`` run (both are reported). Every run is its own child process
+(this script with ``--one``), so its peak RSS is its own. Prints a Markdown table (validation perplexity, optimizer
+state bytes counted from the state tensors, peak RSS, seconds per step and per optimizer step, each as a ratio to
+AdamW or galore-torch) and writes ``train_tiny_llama.png`` (validation loss against step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+VOCAB = 4096
+SEQ = 128
+BATCH = 8
+RANK = 80  # GaLore / APOLLO / SLTrain / SST rank for the tiny model (about a fifth of its width)
+GAP = 50  # projection refresh gap (GaLore's 200 scaled to this run's length)
+GRID = {  # the learning rates tried for each method (two points each, in their papers' ranges; a CPU budget)
+    "adamw": (2e-3, 4e-3),
+    "galore_torch": (4e-3, 8e-3), "rw_galore": (4e-3, 8e-3), "rw_galore_dct": (4e-3, 8e-3),
+    "rw_galore_layer": (4e-3, 8e-3),
+    "apollo_torch": (2e-3, 4e-3), "rw_apollo": (2e-3, 4e-3), "rw_apollo_mini": (2e-3, 4e-3),
+    "sltrain": (2e-3, 4e-3), "sst": (2e-3, 4e-3),
+}
+VAL_BATCHES = 8
+LABELS = {
+    "adamw": "AdamW (torch)", "galore_torch": "GaLore (galore-torch 1.0)", "apollo_torch": "APOLLO (apollo-torch)",
+    "rw_galore": "rankwise GaLoreAdamW (svd)", "rw_galore_dct": "rankwise GaLoreAdamW (dct)",
+    "rw_galore_layer": "rankwise GaLoreAdamW (svd, per-layer)", "rw_apollo": "rankwise APOLLOAdamW (channel)",
+    "rw_apollo_mini": "rankwise APOLLOAdamW (rank 1, tensor)", "sltrain": "rankwise SLTrainLinear + AdamW",
+    "sst": "rankwise SSTLinear + AdamW",
+}
+
+
+# data
+def documents() -> list[str]:
+    from pydoc_data.topics import topics
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = [topics[k] for k in sorted(topics)]
+    docs += [f.read_text(errors="replace") for f in sorted(root.glob("*.py"))]
+    return docs
+
+
+def prepare(work: Path) -> Path:
+    """Train the tokenizer on the training documents and tokenise both splits (cached in ``work``)."""
+    out = work / "data.pt"
+    if out.exists():
+        return out
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    docs = documents()
+    train = [d for k, d in enumerate(docs) if k % 20 != 0]
+    val = [d for k, d in enumerate(docs) if k % 20 == 0]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(train, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    eot = tok.token_to_id("<|endoftext|>")
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        ids: list[int] = []
+        for enc in tok.encode_batch(texts):
+            ids += enc.ids + [eot]
+        return torch.tensor(ids, dtype=torch.int32)
+
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save({"train": encode(train), "val": encode(val), "vocab": tok.get_vocab_size()}, out)
+    tok.save(str(work / "tokenizer.json"))
+    return out
+
+
+def batches(ids: torch.Tensor, count: int, seed: int) -> list[torch.Tensor]:
+    """``count`` batches of ``BATCH`` random windows of ``SEQ`` tokens (fixed by ``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - SEQ - 1, (count, BATCH), generator=g)
+    return [torch.stack([ids[s:s + SEQ].long() for s in row.tolist()]) for row in starts]
+
+
+# model
+def build_model(size: str, vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shapes = {"tiny": (384, 1024, 6, 6), "llama60m": (512, 1376, 8, 8)}
+    hidden, inter, layers, heads = shapes[size]
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=SEQ,
+                         tie_word_embeddings=True, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def matrices(model) -> tuple[list, list]:
+    """(projected matrices, the rest) as GaLore's experiments split them: attention and MLP weights vs the rest."""
+    low, rest = [], []
+    for name, p in model.named_parameters():
+        (low if p.ndim == 2 and ".layers." in name else rest).append(p)
+    return low, rest
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes of every tensor in the optimizer state (galore-torch and apollo-torch keep projection matrices inside
+    projector objects: counted too)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+            elif hasattr(value, "ortho_matrix"):
+                m = value.ortho_matrix
+                for t in (m if isinstance(m, list | tuple) else [m]):
+                    if isinstance(t, torch.Tensor):
+                        total += t.numel() * t.element_size()
+    return total
+
+
+def make(method: str, model, lr: float):
+    """(optimizer, after-step hook or None, per_layer)."""
+    low, rest = matrices(model)
+    if method == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), None, False
+    if method == "galore_torch":
+        from galore_torch import GaLoreAdamW
+
+        groups = [{"params": rest}, {"params": low, "rank": RANK, "update_proj_gap": GAP, "scale": 0.25,
+                                     "proj_type": "std"}]
+        return GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True), None, False
+    if method == "apollo_torch":
+        from apollo_torch import APOLLOAdamW
+
+        groups = [{"params": rest}, {"params": low, "rank": RANK, "proj": "random", "scale_type": "channel",
+                                     "scale": 1.0, "update_proj_gap": GAP, "proj_type": "std"}]
+        return APOLLOAdamW(groups, lr=lr, weight_decay=0.0), None, False
+    if method.startswith("rw_"):
+        from rankwise.optim import APOLLOAdamW, GaLoreAdamW
+
+        groups = [{"params": rest, "rank": None}, {"params": low}]
+        if method == "rw_apollo":
+            return APOLLOAdamW(groups, lr=lr, rank=RANK, update_gap=GAP), None, False
+        if method == "rw_apollo_mini":
+            return APOLLOAdamW(groups, lr=lr, rank=1, scaling="tensor", scale=128.0, update_gap=GAP), None, False
+        opt = GaLoreAdamW(groups, lr=lr, rank=RANK, update_gap=GAP, scale=0.25,
+                          projection="dct" if method == "rw_galore_dct" else "svd")
+        if method == "rw_galore_layer":
+            opt.attach_per_layer()
+        return opt, None, method == "rw_galore_layer"
+    from rankwise.nn import SLTrainLinear, SSTLinear, SSTSchedule, replace_linears
+
+    if method == "sltrain":
+        replace_linears(model, lambda lin, _n: SLTrainLinear(lin.in_features, lin.out_features, RANK,
+                                                             density=0.03, alpha=32.0, bias=lin.bias is not None))
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), None, False
+    if method == "sst":
+        replace_linears(model, lambda lin, _n: SSTLinear(lin.in_features, lin.out_features, RANK,
+                                                         bias=lin.bias is not None))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        return opt, SSTSchedule(model, opt, resample_every=GAP, reorthogonalize_every=4 * GAP).step, False
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(GRID)}")
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    warm = max(1, steps // 10)
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm))))
+
+
+@torch.no_grad()
+def val_loss(model, val: list[torch.Tensor], device: str) -> float:
+    model.eval()
+    losses = [model(input_ids=b.to(device), labels=b.to(device)).loss.item() for b in val]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def run_one(method: str, lr: float, steps: int, size: str, device: str, work: Path) -> dict:
+    data = torch.load(prepare(work), weights_only=True)
+    train = batches(data["train"], steps, seed=1)
+    val = batches(data["val"], VAL_BATCHES, seed=2)
+    model = build_model(size, data["vocab"]).to(device)
+    optimizer, after, per_layer = make(method, model, lr)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    curve, step_s, opt_s = [], [], []
+    every = max(1, steps // 6)
+    for step, batch in enumerate(train):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        start = time.perf_counter()
+        batch = batch.to(device)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        if not per_layer:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        mid = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after is not None:
+            after()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        end = time.perf_counter()
+        step_s.append(end - start)
+        opt_s.append(end - mid)
+        if not math.isfinite(loss.item()):
+            return {"method": method, "lr": lr, "diverged_at": step, "curve": curve}
+        if (step + 1) % every == 0 or step + 1 == steps:
+            curve.append((step + 1, val_loss(model, val, device)))
+    skip = min(5, len(step_s) // 4)  # warm-up steps (allocations, first refresh) left out of the timing
+    return {"method": method, "lr": lr, "steps": steps, "params": params, "trainable": trainable,
+            "val_loss": curve[-1][1], "curve": curve, "state_bytes": state_bytes(optimizer),
+            "s_per_step": sum(step_s[skip:]) / len(step_s[skip:]),
+            "opt_s_per_step": sum(opt_s[skip:]) / len(opt_s[skip:]),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "torch_threads": torch.get_num_threads()}
+
+
+def child(method: str, lr: float, steps: int, args, out: Path) -> dict:
+    if not out.exists():
+        cmd = [sys.executable, __file__, "--one", method, str(lr), str(steps), "--size", args.size, "--device",
+               args.device, "--work-dir", str(args.work_dir), "--json", str(out)]
+        subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return json.loads(out.read_text())
+
+
+def report(results: dict[str, dict], grid: dict[str, dict[float, float]], args) -> str:
+    base = results.get("adamw")
+    anchor = results.get("galore_torch")
+    lines = [f"{args.size} Llama ({next(iter(results.values()))['params']:,} parameters), {args.steps} steps x "
+             f"{BATCH} x {SEQ} tokens, rank {RANK}, refresh gap {GAP}, cosine schedule with 10 % warm-up, clip 1.0 "
+             f"(none with per-layer updates), seed 0, {args.device}, torch {torch.__version__}, "
+             f"{next(iter(results.values()))['torch_threads']} threads. Learning rate: best validation loss after "
+             f"{args.grid_steps} steps over the grid shown.\n",
+             "| method | lr grid (val loss at grid steps) | lr | val ppl | vs AdamW | optimizer state MB | vs AdamW | "
+             "trainable params | s/step | opt s/step | opt s/step vs galore-torch | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, r in results.items():
+        if "val_loss" not in r:
+            lines.append(f"| {LABELS[method]} | diverged at step {r.get('diverged_at')} | | | | | | | | | | |")
+            continue
+        tried = ", ".join(f"{lr:g}: {v:.3f}" if math.isfinite(v) else f"{lr:g}: diverged"
+                          for lr, v in grid.get(method, {}).items())
+        ppl = math.exp(r["val_loss"])
+        vs = f"{ppl / math.exp(base['val_loss']):.3f}x" if base and "val_loss" in base else ""
+        sb = f"{r['state_bytes'] / base['state_bytes']:.3f}x" if base else ""
+        ot = f"{r['opt_s_per_step'] / anchor['opt_s_per_step']:.2f}x" if anchor and "val_loss" in anchor else ""
+        lines.append(f"| {LABELS[method]} | {tried} | {r['lr']:g} | {ppl:.2f} | {vs} | {r['state_bytes'] / 2**20:.2f} "
+                     f"| {sb} | {r['trainable']:,} | {r['s_per_step']:.3f} | {r['opt_s_per_step']:.4f} | {ot} | "
+                     f"{r['peak_rss_mb']:,.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    cmap = plt.get_cmap("tab10")
+    for k, (method, r) in enumerate(results.items()):
+        if r.get("curve"):
+            xs, ys = zip(*r["curve"], strict=True)
+            ax.plot(xs, ys, label=LABELS[method], color=cmap(k % 10), linestyle="-" if k < 10 else "--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Pre-training from scratch: validation loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--grid-steps", type=int, default=30)
+    parser.add_argument("--methods", default=",".join(GRID))
+    parser.add_argument("--size", default="tiny", choices=("tiny", "llama60m"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/rankwise-train"))
+    parser.add_argument("--plot-dir", type=Path, default=HERE)
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--one", nargs=3, metavar=("METHOD", "LR", "STEPS"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    random.seed(0)
+    if args.one:
+        method, lr, steps = args.one[0], float(args.one[1]), int(args.one[2])
+        result = run_one(method, lr, steps, args.size, args.device, args.work_dir)
+        args.json.write_text(json.dumps(result))
+        return
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        prepare(args.work_dir)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    grid: dict[str, dict[float, float]] = {}
+    results: dict[str, dict] = {}
+    for method in methods:
+        if method not in GRID:
+            raise SystemExit(f"unknown method {method!r}; known: {', '.join(GRID)}")
+        tag = f"{args.size}-{args.device}-{method}"
+        grid[method] = {}
+        for lr in GRID[method]:
+            out = args.work_dir / f"{tag}-grid-{lr:g}-{args.grid_steps}.json"
+            if args.report_only and not out.exists():
+                continue
+            r = child(method, lr, args.grid_steps, args, out)
+            grid[method][lr] = r.get("val_loss", float("inf"))
+        if not grid[method]:
+            continue
+        best = min(grid[method], key=grid[method].get)
+        out = args.work_dir / f"{tag}-full-{best:g}-{args.steps}.json"
+        if args.report_only and not out.exists():
+            continue
+        results[method] = child(method, best, args.steps, args, out)
+        print(f"{method}: lr {best:g}, val loss {results[method].get('val_loss')}", flush=True)
+    print(report(results, grid, args))
+    plot(results, args.plot_dir / f"train_{args.size}.png")
+
+
+if __name__ == "__main__":
+    main()
