@@ -87,7 +87,7 @@ def prepare(work: Path) -> Path:
     def encode(texts: list[str]) -> torch.Tensor:
         ids: list[int] = []
         for enc in tok.encode_batch(texts):
-            ids += enc.ids + [eot]
+            ids += [*enc.ids, eot]
         return torch.tensor(ids, dtype=torch.int32)
 
     work.mkdir(parents=True, exist_ok=True)
