@@ -162,3 +162,19 @@ def test_singular_covariance_falls_back_and_is_reported():
     assert any("eigen-decomposition" in layer.notes for layer in report.layers)
     with torch.no_grad():
         assert bool(torch.isfinite(model(tiny_tokens()).logits).all())
+
+
+def test_relative_output_error_is_the_output_error_on_the_calibration_inputs():
+    from rankwise.calibrate import LayerStats
+    from rankwise.compress import relative_output_error
+
+    g = torch.Generator().manual_seed(0)
+    W, Wa = torch.randn(40, 24, generator=g), torch.randn(40, 24, generator=g) * 0.1
+    X = torch.randn(500, 24, generator=g) * 30.0  # (tokens, n)
+    stats = LayerStats(n=24)
+    stats.add(X, frozenset({"xxt"}))
+    expected = float(torch.linalg.norm((X.double() @ (W - (W + Wa)).double().T)) / torch.linalg.norm(
+        X.double() @ W.double().T))
+    assert relative_output_error(W, W + Wa, stats) == pytest.approx(expected, rel=1e-4)
+    assert relative_output_error(W, W, stats) == 0.0
+    assert relative_output_error(W, W, None) is None

@@ -16,16 +16,22 @@ from rankwise.report import LayerReport
 
 
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, stats: LayerStats | None) -> float | None:
-    """``||(W - W') X||_F / ||W X||_F`` from the input covariance, or ``None`` without one."""
+    """``||(W - W') X||_F / ||W X||_F`` from the input covariance, or ``None`` without one.
+
+    A report figure, computed in float32 (float64 products cost as much as the factorisation itself here); the
+    covariance is scaled to unit trace first so float32 cannot overflow."""
     if stats is None or stats.xxt is None:
         return None
-    C = stats.xxt  # the token count cancels in the ratio; no copy of an n x n matrix
+    trace = float(stats.xxt.diagonal().sum())
+    if not trace > 0:
+        return None
+    C = (stats.xxt / trace).float()  # (n, n); the scale cancels in the ratio
     num = den = 0.0
-    for start in range(0, weight.shape[0], 256):  # row chunks: float64 temporaries of 256 x n, not m x n
-        W = weight[start:start + 256].to(C.device, C.dtype)
-        D = W - approx[start:start + 256].to(C.device, C.dtype)
-        num += float(((D @ C) * D).sum())
-        den += float(((W @ C) * W).sum())
+    for start in range(0, weight.shape[0], 512):  # row chunks: temporaries of 512 x n, not m x n
+        W = weight[start:start + 512].to(C.device, C.dtype)
+        D = W - approx[start:start + 512].to(C.device, C.dtype)
+        num += float(((D @ C) * D).sum(dtype=torch.float64))
+        den += float(((W @ C) * W).sum(dtype=torch.float64))
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else None
 
 
