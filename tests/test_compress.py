@@ -173,7 +173,7 @@ def test_relative_output_error_is_the_output_error_on_the_calibration_inputs():
     X = torch.randn(500, 24, generator=g) * 30.0  # (tokens, n)
     stats = LayerStats(n=24)
     stats.add(X, frozenset({"xxt"}))
-    expected = float(torch.linalg.norm((X.double() @ (W - (W + Wa)).double().T)) / torch.linalg.norm(
+    expected = float(torch.linalg.norm(X.double() @ (W - (W + Wa)).double().T) / torch.linalg.norm(
         X.double() @ W.double().T))
     assert relative_output_error(W, W + Wa, stats) == pytest.approx(expected, rel=1e-4)
     assert relative_output_error(W, W, stats) == 0.0

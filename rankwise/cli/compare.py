@@ -74,6 +74,8 @@ def compare(
         "--prompt", help="also complete this text with every model, side by side (repeat for several)")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens per completion")] = 32,
     no_cache: NoCacheOpt = False,
+    speed_repeats: Annotated[int, typer.Option("--speed-repeats", min=1, help="timed prefill passes per row (the "
+                                               "fastest counts)")] = 5,
 ) -> None:
     """Compare compression methods across ratios on MODEL; writes a Markdown table and a PNG plot."""
     from rankwise.eval.compare import compare as run
@@ -107,7 +109,8 @@ def compare(
                         "eval": eval_samples, "prompts": prompts}
             result = run(work.model, work.calibration, work.evaluation, configs, eora_rank=eora_rank,
                          batch_size=batch_size, settings=settings, ray_address=ray, prompts=prompts,
-                         tokenizer=work.tokenizer, max_new_tokens=max_new_tokens, cache=stats_cache(no_cache))
+                         tokenizer=work.tokenizer, max_new_tokens=max_new_tokens, cache=stats_cache(no_cache),
+                         speed_repeats=speed_repeats)
         result.save(out, overwrite=overwrite)
     for note in result.notes:
         say(f"note: {note}")

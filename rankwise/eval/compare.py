@@ -144,11 +144,11 @@ class Comparison:
 
 def _row(model: nn.Module, name: str, ratio: float, evaluation: torch.Tensor, dense_targeted: int,
          seconds: float, batch_size: int, prompts: Sequence[str] = (), tokenizer: Any = None,
-         max_new_tokens: int = 32) -> CompareRow:
+         max_new_tokens: int = 32, speed_repeats: int = 5) -> CompareRow:
     rss = psutil.Process().memory_info().rss / 2**20
     total, targeted = count_params(model)
     ppl = perplexity(model, evaluation, batch_size=batch_size)
-    tps = prefill_throughput(model, evaluation, batch_size=batch_size)
+    tps = prefill_throughput(model, evaluation, batch_size=batch_size, repeats=speed_repeats)
     texts = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens) if prompts else []
     return CompareRow(name, ratio, ppl, targeted, dense_targeted - targeted, total, tps, seconds, rss,
                       completions=texts)
@@ -199,13 +199,14 @@ def recipes(methods: list[str], ratios: list[float], *, allocations: tuple[str, 
 def candidate_rows(config: CompressConfig | None, *, model: nn.Module, calibration: torch.Tensor,
                    evaluation: torch.Tensor, stats: Mapping[str, LayerStats], dense_targeted: int, eora_rank: int = 0,
                    batch_size: int = 8, prompts: Sequence[str] = (), tokenizer: Any = None,
-                   max_new_tokens: int = 32) -> list[CompareRow]:
+                   max_new_tokens: int = 32, speed_repeats: int = 5) -> list[CompareRow]:
     """Compress a copy of ``model`` with ``config`` and evaluate it: one row, two with ``eora_rank > 0``.
 
     ``model`` is left untouched; ``stats`` are the dense model's statistics, shared by every config. ``config=None``
     evaluates the dense model itself (one row).
     """
-    text = {"prompts": prompts, "tokenizer": tokenizer, "max_new_tokens": max_new_tokens}
+    text = {"prompts": prompts, "tokenizer": tokenizer, "max_new_tokens": max_new_tokens,
+            "speed_repeats": speed_repeats}
     if config is None:
         return [_row(model, "dense", 0.0, evaluation, dense_targeted, 0.0, batch_size, **text)]
     candidate = copy.deepcopy(model)
@@ -227,7 +228,7 @@ def candidate_rows(config: CompressConfig | None, *, model: nn.Module, calibrati
 def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tensor, configs: list[CompressConfig],
             *, eora_rank: int = 0, batch_size: int = 8, progress: bool = True, settings: dict | None = None,
             ray_address: str | None = None, prompts: Sequence[str] = (), tokenizer: Any = None,
-            max_new_tokens: int = 32, cache: str | Path | None = None) -> Comparison:
+            max_new_tokens: int = 32, cache: str | Path | None = None, speed_repeats: int = 5) -> Comparison:
     """Compress a copy of ``model`` with every config and evaluate each on ``evaluation``.
 
     With ``prompts`` (and the ``tokenizer``) every row also holds each prompt's greedy completion, shown side by
@@ -241,6 +242,7 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
             running cluster (see :func:`~rankwise.eval.ray_compare.ray_session`). The rows are the same, in the same
             order; their timings and memory are the workers' (the dense row's too, so speed-ups compare like with
             like).
+        speed_repeats: timed prefill passes per row (the fastest counts); fewer is quicker and noisier.
         cache: a directory for the dense model's calibration statistics (see :mod:`rankwise.calibrate.cache`): a
             later comparison on the same weights and calibration reads them instead of running the model.
     """
@@ -262,7 +264,8 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
         _, dense_targeted = count_params(model)
         shared = {"model": model, "calibration": calibration, "evaluation": evaluation, "stats": stats,
                   "dense_targeted": dense_targeted, "eora_rank": eora_rank, "batch_size": batch_size,
-                  "prompts": list(prompts), "tokenizer": tokenizer, "max_new_tokens": max_new_tokens}
+                  "prompts": list(prompts), "tokenizer": tokenizer, "max_new_tokens": max_new_tokens,
+                  "speed_repeats": speed_repeats}
         items = [None, *configs]  # None: the dense model
         if ray_address is None:
             groups = [candidate_rows(c, **shared) for c in progress_bar(items, "dense, recipes x ratios",
