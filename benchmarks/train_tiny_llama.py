@@ -3,7 +3,7 @@ rankwise's GaLore (SVD and DCT projections, per-layer updates), APOLLO (channel-
 SLTrain and SST layers, same model, data, steps and seed, in one run.
 
 Usage:
-    python benchmarks/train_tiny_llama.py [--steps 120] [--grid-steps 30] [--methods adamw,rw_galore,...]
+    python benchmarks/train_tiny_llama.py [--steps 250] [--grid-steps 40] [--methods adamw,rw_galore,...]
         [--size tiny|llama60m] [--device cpu|cuda] [--work-dir /tmp/rankwise-train] [--report-only]
 
 Data (local only): the pydoc topics and the standard library's top-level modules; every 20th document (in a fixed
@@ -40,12 +40,12 @@ SEQ = 128
 BATCH = 8
 RANK = 80  # GaLore / APOLLO / SLTrain / SST rank for the tiny model (about a fifth of its width)
 GAP = 50  # projection refresh gap (GaLore's 200 scaled to this run's length)
-GRID = {  # the learning rates tried for each method (two points each, in their papers' ranges; a CPU budget)
-    "adamw": (2e-3, 4e-3),
-    "galore_torch": (4e-3, 8e-3), "rw_galore": (4e-3, 8e-3), "rw_galore_dct": (4e-3, 8e-3),
-    "rw_galore_layer": (4e-3, 8e-3),
-    "apollo_torch": (2e-3, 4e-3), "rw_apollo": (2e-3, 4e-3), "rw_apollo_mini": (2e-3, 4e-3),
-    "sltrain": (2e-3, 4e-3), "sst": (2e-3, 4e-3),
+GRID = {  # the learning rates tried for each method (three points each, in their papers' ranges)
+    "adamw": (1e-3, 2e-3, 4e-3),
+    "galore_torch": (2e-3, 4e-3, 8e-3), "rw_galore": (2e-3, 4e-3, 8e-3), "rw_galore_dct": (2e-3, 4e-3, 8e-3),
+    "rw_galore_layer": (2e-3, 4e-3, 8e-3),
+    "apollo_torch": (1e-3, 2e-3, 4e-3), "rw_apollo": (1e-3, 2e-3, 4e-3), "rw_apollo_mini": (1e-3, 2e-3, 4e-3),
+    "sltrain": (1e-3, 2e-3, 4e-3), "sst": (1e-3, 2e-3, 4e-3),
 }
 VAL_BATCHES = 8
 LABELS = {
@@ -298,8 +298,8 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--grid-steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--grid-steps", type=int, default=40)
     parser.add_argument("--methods", default=",".join(GRID))
     parser.add_argument("--size", default="tiny", choices=("tiny", "llama60m"))
     parser.add_argument("--device", default="cpu")
