@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rankwise.calibrate.cache import tensor_digest
+
 CHECKPOINT = "trainer_state.pt"
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -123,10 +125,7 @@ def fingerprint(model: nn.Module) -> str:
 
 def digest(*tensors: torch.Tensor) -> str:
     """A short hash of tensors' bytes (e.g. the training windows, which a resumed run must share)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensor_digest((str(k), t) for k, t in enumerate(tensors))[:16]
 
 
 def _order(n: int, steps: int, per_step: int, seed: int) -> torch.Tensor:

@@ -189,7 +189,7 @@ class CacheEntry:
     def read(self, part: str, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """A part's tensors (on ``device``) and metadata; the files were checked when the entry was opened."""
         path = self.path / f"{part}.safetensors"
-        tensors, meta = {}, {}
+        tensors = {}
         with safe_open(path, framework="pt", device=str(device)) as fh:
             meta = fh.metadata() or {}
             for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)

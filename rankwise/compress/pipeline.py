@@ -116,9 +116,8 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
     wanted = main + (("original",) if config.sequential and config.update_u else ())
     wanted += ("scoring",) if plan.gradient_kinds and not hit else ()
     streams = capture(source, batches, store, wanted) if batches and wanted else None
-    record = entry.write_stats if entry is not None and not hit and not config.sequential else None
     try:
-        report = _run_blocks(source, sink, plan, method, streams, stats, entry, record, report, mapper, progress)
+        report = _run_blocks(source, sink, plan, method, streams, stats, entry, report, mapper, progress)
     except BaseException:
         if entry is not None:
             entry.discard()
@@ -148,10 +147,11 @@ def cache_entry(cache: StatsCache, source, plan: Plan, batches: list[torch.Tenso
 
 
 def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats: Mapping[str, LayerStats] | None,
-                entry: CacheEntry | None, record, report: CompressionReport, mapper: Mapper | None,
+                entry: CacheEntry | None, report: CompressionReport, mapper: Mapper | None,
                 progress: bool) -> CompressionReport:
     config, policy = plan.config, plan.config.policy
     hit = entry is not None and entry.hit
+    record = entry is not None and not hit and not config.sequential  # store each block's own statistics
     gradient_stats: dict[str, LayerStats] = {}
     scores = None
     if plan.gradient_kinds and hit:
@@ -181,7 +181,7 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
         chosen = [n for n in plan.by_block.get(i, []) if n in ranks]
         block_stats = entry.read_stats(f"block-{i}", source.device) if hit and not config.sequential else stats
         rows = compress_block(source, block, i, chosen, ranks, plan, method, streams, block_stats, gradient_stats,
-                              mapper, record=(lambda s, i=i: record(f"block-{i}", s)) if record else None)
+                              mapper, record=(lambda s, i=i: entry.write_stats(f"block-{i}", s)) if record else None)
         report.layers.extend(rows)
         sink.write_block(i, block)
         source.release(i)
