@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rankwise import RankwiseWarning
-from rankwise.linalg import Energy, LowRank, truncated_svd
+from rankwise.linalg import Energy, LowRank, subspace_basis, truncated_svd
 from tests.matrices import decaying, optimal_error
 
 SOLVERS = ["exact", "gram", "randomized", "block_krylov"]
@@ -159,3 +159,14 @@ def test_callable_solver():
     lr = truncated_svd(W, 5, solver=my_solver)
     assert calls == [5] and lr.info["solver"] == "my_solver"
     assert float(torch.linalg.norm(W - lr.to_dense())) == pytest.approx(optimal_error(s, 5))
+
+
+@pytest.mark.parametrize("solver", ["randomized", "block_krylov"])
+@pytest.mark.parametrize("make", [lambda: torch.zeros(30, 20), lambda: torch.ones(30, 1) @ torch.randn(1, 20)])
+def test_rank_deficient_input_does_not_break_the_power_iteration(solver, make):
+    # a zero pivot in the LU normaliser used to raise from torch.linalg.lu_factor
+    W = make()
+    lr = truncated_svd(W, 8, solver=solver, generator=0)
+    assert torch.allclose(lr.to_dense(), W, atol=1e-4)
+    P = subspace_basis(W, 8, start=torch.linalg.qr(torch.randn(30, 8)).Q, power_iters=2, generator=0)
+    assert P.shape == (30, 8) and bool(torch.isfinite(P).all())

@@ -231,6 +231,30 @@ def test_non_finite_gradients_skip_the_step_and_are_counted():
     assert opt.state_dict()["rankwise"]["skipped_steps"] == 1
 
 
+def test_huge_finite_gradients_are_applied_not_skipped():
+    # their squared norm overflows float32: the fast check must fall back to the exact one
+    W = nn.Parameter(torch.zeros(6, 10))
+    opt = GaLoreAdamW([W], lr=1e-2, rank=2)
+    W.grad = torch.full((6, 10), 1e19)
+    assert not torch.isfinite(torch._foreach_norm([W.grad])[0])
+    opt.step()
+    assert opt.skipped_steps == 0 and bool(torch.isfinite(W).all()) and W.abs().sum() > 0
+
+
+@pytest.mark.parametrize("projection", ["svd", "dct"])
+def test_bfloat16_parameters_follow_the_float32_update(projection):
+    W0, X, Y = _problem()
+    W32, _ = _run(GaLoreAdamW, W0, X, Y, 3, lr=1e-2, rank=4, update_gap=2, projection=projection)
+    W = nn.Parameter(W0.detach().clone().bfloat16())
+    opt = GaLoreAdamW([W], lr=1e-2, rank=4, update_gap=2, projection=projection)
+    for _ in range(3):
+        opt.zero_grad()
+        _loss(W.float(), X, Y).backward()
+        opt.step()
+    assert W.dtype == torch.bfloat16 and opt.state[W]["exp_avg"].dtype == torch.float32
+    assert torch.allclose(W.float(), W32, atol=2e-2)
+
+
 @pytest.mark.parametrize("bad,message", [
     ({"rank": 0}, "rank must be a positive integer"), ({"update_gap": 0}, "update_gap"),
     ({"projection": "qr"}, "projection must be one of svd, dct, random"), ({"lr": float("nan")}, "lr"),

@@ -56,7 +56,7 @@ def _lu_basis(Y: torch.Tensor) -> torch.Tensor:
     Cheaper than QR and enough between power iterations, where only the span matters (as scikit-learn's
     ``randomized_range_finder`` with ``power_iteration_normalizer="LU"``).
     """
-    LU, pivots = torch.linalg.lu_factor(Y)
+    LU, pivots, _ = torch.linalg.lu_factor_ex(Y)  # a zero pivot (rank-deficient Y) leaves L unit and full rank
     L = LU.tril(-1)
     L.diagonal().fill_(1.0)  # unit lower-trapezoidal (m, k)
     perm = list(range(Y.shape[0]))

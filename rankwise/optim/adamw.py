@@ -123,6 +123,8 @@ class LowRankAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if any(g.is_sparse for g in grads):
+            raise ValueError("sparse gradients are not supported; use torch.optim.SparseAdam")
         if grads and not _finite(grads):
             self.skipped_steps += 1
             warnings.warn(f"non-finite gradient: step skipped ({self.skipped_steps} so far)", RankwiseWarning,
@@ -135,8 +137,6 @@ class LowRankAdamW(torch.optim.Optimizer):
         return loss
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
-        if grad.is_sparse:
-            raise ValueError("sparse gradients are not supported; use torch.optim.SparseAdam")
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32)
@@ -146,8 +146,11 @@ class LowRankAdamW(torch.optim.Optimizer):
         if group["weight_decay"]:
             p.mul_(1.0 - lr * group["weight_decay"])
         if rank is None:
-            direction = self._adam(state, grad.float(), beta1, beta2, eps, step)
-            p.add_(direction.to(p.dtype), alpha=-lr)
+            m, denom, step_size = self._adam(state, grad.float(), beta1, beta2, eps, step)
+            if p.dtype == torch.float32:
+                p.addcdiv_(m, denom, value=-lr * step_size)
+            else:
+                p.add_((m / denom).to(p.dtype), alpha=-lr * step_size)
             state["step"] += 1
             return
         G = matrix_view(grad).float()  # (m, n)
@@ -157,17 +160,29 @@ class LowRankAdamW(torch.optim.Optimizer):
             refresh(kind, G, rank, state, seed=_mix(group["seed"], g, i, step), power_iters=group["power_iters"])
         P = basis(kind, G, rank, state)  # (rows, r)
         R = project(G, P)  # (r, n) or (m, r)
-        N = self._adam(state, R, beta1, beta2, eps, step)
+        m, denom, step_size = self._adam(state, R, beta1, beta2, eps, step)
+        N = m.div(denom)  # the projected Adam direction, times c1
         if group["scaling"] == "none":
-            update = project_back(N, P, tuple(G.shape)) * group["scale"]
+            alpha = -lr * group["scale"] * step_size
+            target = matrix_view(p)
+            if p.dtype == torch.float32 and target.data_ptr() == p.data_ptr() and target.is_contiguous():
+                # P N or N P^T added straight into the weight: no full-size temporary
+                if G.shape[0] <= G.shape[1]:
+                    target.addmm_(P, N, alpha=alpha)
+                else:
+                    target.addmm_(N, P.mT, alpha=alpha)
+            else:
+                p.add_(project_back(N, P, tuple(G.shape)).reshape(p.shape).to(p.dtype), alpha=alpha)
         else:
-            update = _apollo_scaled(G, R, N, group["scaling"], state) * group["scale"]
-        p.add_(update.reshape(p.shape).to(p.dtype), alpha=-lr)
+            update = _apollo_scaled(G, R, N.mul_(step_size), group["scaling"], state)
+            p.add_(update.reshape(p.shape).to(p.dtype), alpha=-lr * group["scale"])
         state["step"] += 1
 
     @staticmethod
-    def _adam(state: dict, g: torch.Tensor, beta1: float, beta2: float, eps: float, step: int) -> torch.Tensor:
-        """Update the moments with ``g`` and return the bias-corrected Adam direction."""
+    def _adam(state: dict, g: torch.Tensor, beta1: float, beta2: float, eps: float,
+              step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Update the moments with ``g``; return ``(m, denom, step_size)`` whose ``step_size * m / denom`` is the
+        bias-corrected Adam direction (``denom = sqrt(v / c2) + eps``, ``step_size = 1 / c1``)."""
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(g)
             state["exp_avg_sq"] = torch.zeros_like(g)
@@ -176,7 +191,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         t = step + 1
         c1, c2 = 1.0 - beta1**t, 1.0 - beta2**t
-        return (m / c1) / ((v / c2).sqrt_().add_(eps))
+        denom = v.sqrt().div_(math.sqrt(c2)).add_(eps)
+        return m, denom, 1.0 / c1
 
     # per-layer updates
     def attach_per_layer(self) -> None:
@@ -201,6 +217,8 @@ class LowRankAdamW(torch.optim.Optimizer):
 
     def _per_layer_hook(self, group: dict) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
+            if p.grad.is_sparse:
+                raise ValueError("sparse gradients are not supported; use torch.optim.SparseAdam")
             with torch.no_grad():
                 if bool(torch.isfinite(p.grad).all()):
                     self._update(p, p.grad, group)
@@ -346,7 +364,16 @@ def _has_projection(kind: str, state: dict) -> bool:
 
 
 def _finite(grads: list[torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(g).all()) for g in grads)
+    """Whether every gradient is free of NaN and Inf: one fused norm pass per device, and the exact element check
+    only when a norm is not finite (a norm can overflow on finite values near the float32 limit)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    for same in by_device.values():
+        norms = torch.stack([n.float() for n in torch._foreach_norm(same)])
+        if not bool(torch.isfinite(norms).all()) and not all(bool(torch.isfinite(g).all()) for g in same):
+            return False
+    return True
 
 
 def _mix(*values: int) -> int:
@@ -361,8 +388,7 @@ def _apollo_scaled(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, scaling: s
     """``G`` scaled as Adam scales its projection ``R`` into ``N``, per channel or for the whole tensor, with the
     norm-growth limiter."""
     if scaling == "tensor":
-        factor = N.norm() / (R.norm() + 1e-8)
-        scaled = G * factor
+        scaled = G * (N.norm() / (R.norm() + 1e-8))
     else:
         dim = 0 if G.shape[0] <= G.shape[1] else 1  # the projected dimension: norms over it, one per channel
         factor = N.norm(dim=dim) / (R.norm(dim=dim) + 1e-8)  # (n,) or (m,)
@@ -370,7 +396,7 @@ def _apollo_scaled(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, scaling: s
     norm = scaled.norm()
     if "scaled_norm" in state:
         limiter = torch.clamp(norm / (state["scaled_norm"] + 1e-8) / _LIMIT, min=1.0)
-        scaled = scaled / limiter
+        scaled.div_(limiter)
         norm = norm / limiter
     state["scaled_norm"] = norm.reshape(())
     return scaled
