@@ -71,21 +71,29 @@ def test_galore_svd_matches_the_paper_with_exact_svd(shape):
     assert not torch.allclose(got, W0.detach(), atol=1e-3)
 
 
-def test_apollo_matches_its_formula():
-    W0, X, Y = _problem()
-    got, opt = _run(APOLLOAdamW, W0, X, Y, 3, rank=4, update_gap=10, scale=2.0, lr=1e-2)
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+@pytest.mark.parametrize("scaling", ["channel", "tensor"])
+def test_apollo_matches_its_formula(shape, scaling):
+    W0, X, Y = _problem(m=shape[0], n=shape[1])
+    got, opt = _run(APOLLOAdamW, W0, X, Y, 4, rank=4, update_gap=10, scale=2.0, lr=1e-2, scaling=scaling)
     # the same steps written out, with the optimizer's own (seeded) random projection
     W = W0.detach().clone().requires_grad_(True)
+    left = shape[0] <= shape[1]
     P = basis("random", W.detach(), 4, opt.state[next(iter(opt.state))])
     m_ = v_ = None
     last = None
-    for t in range(3):
+    for t in range(4):
         (G,) = torch.autograd.grad(_loss(W, X, Y), W)
-        R = P.T @ G  # (r, n): m <= n, left projection
+        R = P.T @ G if left else G @ P
         m_ = 0.1 * R if m_ is None else 0.9 * m_ + 0.1 * R
         v_ = 0.001 * R * R if v_ is None else 0.999 * v_ + 0.001 * R * R
         N = (m_ / (1 - 0.9 ** (t + 1))) / ((v_ / (1 - 0.999 ** (t + 1))).sqrt() + 1e-8)
-        scaled = G * (N.norm(dim=0) / (R.norm(dim=0) + 1e-8))[None, :]
+        if scaling == "tensor":
+            scaled = G * (N.norm() / (R.norm() + 1e-8))
+        elif left:
+            scaled = G * (N.norm(dim=0) / (R.norm(dim=0) + 1e-8))[None, :]
+        else:
+            scaled = G * (N.norm(dim=1) / (R.norm(dim=1) + 1e-8))[:, None]
         norm = scaled.norm()
         if last is not None and norm > 1.01 * last:
             scaled, norm = scaled * (1.01 * last / norm), 1.01 * last
