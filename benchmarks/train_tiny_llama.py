@@ -1,6 +1,6 @@
 """Pre-training from scratch with every optimizer and layer, side by side: AdamW, galore-torch, apollo-torch and
 rankwise's GaLore (SVD and DCT projections, per-layer updates), APOLLO (channel-wise and rank-1 tensor-wise) and the
-SLTrain and SST layers, same model, data, steps and seed, in one run.
+SLTrain, SST and LOST layers, same model, data, steps and seed, in one run.
 
 Usage:
     python benchmarks/train_tiny_llama.py [--steps 250] [--grid-steps 40] [--methods adamw,rw_galore,...]
@@ -11,8 +11,9 @@ order) is validation, the rest training. A byte-level BPE tokenizer of 4,096 ent
 on the training documents only. The model is a Llama built from a config (``tiny``: ~12M parameters, 6 layers of
 width 384; ``llama60m``: GaLore's LLaMA-60M shape, for a GPU).
 
-Learning rates: each method is first run for ``--grid-steps`` on each rate of its grid, and the rate with the lowest
-validation loss there is used for the full ``--steps`` run (both are reported). Every run is its own child process
+Learning rates: each method runs the full ``--steps`` at each rate of its grid and is reported at the rate with the
+lowest final validation loss (with ``--grid-steps`` below ``--steps`` the grid runs are that short and the best rate
+is then run in full). Every run is its own child process
 (this script with ``--one``), so its peak RSS is its own. Prints a Markdown table (validation perplexity, optimizer
 state bytes counted from the state tensors, peak RSS, seconds per step and per optimizer step, each as a ratio to
 AdamW or galore-torch) and writes ``train_tiny_llama.png`` (validation loss against step).
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -40,20 +42,21 @@ SEQ = 128
 BATCH = 8
 RANK = 80  # GaLore / APOLLO / SLTrain / SST rank for the tiny model (about a fifth of its width)
 GAP = 50  # projection refresh gap (GaLore's 200 scaled to this run's length)
-GRID = {  # the learning rates tried for each method (three points each, in their papers' ranges)
-    "adamw": (1e-3, 2e-3, 4e-3),
-    "galore_torch": (2e-3, 4e-3, 8e-3), "rw_galore": (2e-3, 4e-3, 8e-3), "rw_galore_dct": (2e-3, 4e-3, 8e-3),
-    "rw_galore_layer": (2e-3, 4e-3, 8e-3),
-    "apollo_torch": (1e-3, 2e-3, 4e-3), "rw_apollo": (1e-3, 2e-3, 4e-3), "rw_apollo_mini": (1e-3, 2e-3, 4e-3),
-    "sltrain": (1e-3, 2e-3, 4e-3), "sst": (1e-3, 2e-3, 4e-3),
+GRID = {  # the learning rates tried for each method (three points each, four for AdamW, in their papers' ranges)
+    "adamw": (1e-3, 2e-3, 4e-3, 8e-3),
+    "galore_torch": (4e-3, 8e-3, 1.6e-2), "rw_galore": (4e-3, 8e-3, 1.6e-2), "rw_galore_dct": (4e-3, 8e-3, 1.6e-2),
+    "rw_galore_layer": (),
+    "apollo_torch": (2e-3, 4e-3, 8e-3), "rw_apollo": (2e-3, 4e-3, 8e-3), "rw_apollo_mini": (2.5e-4, 5e-4, 1e-3),
+    "sltrain": (1e-3, 2e-3, 4e-3), "sst": (1e-3, 2e-3, 4e-3), "lost": (1e-3, 2e-3, 4e-3),
 }
+SHARE = {"rw_galore_layer": "rw_galore"}  # the same algorithm stepped during backward: it takes the other's rate
 VAL_BATCHES = 8
 LABELS = {
     "adamw": "AdamW (torch)", "galore_torch": "GaLore (galore-torch 1.0)", "apollo_torch": "APOLLO (apollo-torch)",
     "rw_galore": "rankwise GaLoreAdamW (svd)", "rw_galore_dct": "rankwise GaLoreAdamW (dct)",
     "rw_galore_layer": "rankwise GaLoreAdamW (svd, per-layer)", "rw_apollo": "rankwise APOLLOAdamW (channel)",
     "rw_apollo_mini": "rankwise APOLLOAdamW (rank 1, tensor)", "sltrain": "rankwise SLTrainLinear + AdamW",
-    "sst": "rankwise SSTLinear + AdamW",
+    "sst": "rankwise SSTLinear + AdamW", "lost": "rankwise LOSTLinear + AdamW",
 }
 
 
@@ -170,18 +173,28 @@ def make(method: str, model, lr: float):
         if method == "rw_galore_layer":
             opt.attach_per_layer()
         return opt, None, method == "rw_galore_layer"
-    from rankwise.nn import SLTrainLinear, SSTLinear, SSTSchedule, replace_linears
+    from rankwise.nn import LOSTLinear, SLTrainLinear, SSTLinear, SSTSchedule, replace_linears
 
     if method == "sltrain":
-        replace_linears(model, lambda lin, _n: SLTrainLinear(lin.in_features, lin.out_features, RANK,
-                                                             density=0.03, alpha=32.0, bias=lin.bias is not None))
+        replace_linears(model, lambda lin, n: SLTrainLinear(lin.in_features, lin.out_features, RANK, density=0.03,
+                                                            alpha=32.0, bias=lin.bias is not None, seed=_seed(n)))
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), None, False
+    if method == "lost":  # as many sparse numbers as SLTrain's: 3 % of the input channels, whole columns
+        replace_linears(model, lambda lin, n: LOSTLinear(lin.in_features, lin.out_features, RANK, channels=0.03,
+                                                         gamma=0.9, bias=lin.bias is not None,
+                                                         seed=_seed(n)))
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), None, False
     if method == "sst":
-        replace_linears(model, lambda lin, _n: SSTLinear(lin.in_features, lin.out_features, RANK,
-                                                         bias=lin.bias is not None))
+        replace_linears(model, lambda lin, n: SSTLinear(lin.in_features, lin.out_features, RANK,
+                                                        bias=lin.bias is not None, seed=_seed(n)))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         return opt, SSTSchedule(model, opt, resample_every=GAP, reorthogonalize_every=4 * GAP).step, False
     raise ValueError(f"unknown method {method!r}; known: {', '.join(GRID)}")
+
+
+def _seed(name: str) -> int:
+    """A layer's own seed (from its name), so that layers of one shape do not start identical."""
+    return zlib.crc32(name.encode())
 
 
 def lr_at(step: int, steps: int, peak: float) -> float:
@@ -241,6 +254,49 @@ def run_one(method: str, lr: float, steps: int, size: str, device: str, work: Pa
             "torch_threads": torch.get_num_threads()}
 
 
+def resume_check(method: str, lr: float, steps: int, stop: int, size: str, device: str, work: Path) -> dict:
+    """Train ``steps`` steps uninterrupted, and again stopping at ``stop``: model and optimizer saved to disk and
+    loaded into a freshly built model and optimizer that finish the run. Returns both loss curves' largest gap."""
+    import tempfile
+
+    data = torch.load(prepare(work), weights_only=True)
+    train = batches(data["train"], steps, seed=1)
+
+    def run(model, optimizer, start: int, end: int) -> list[float]:
+        losses = []
+        for step in range(start, end):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, steps, lr)
+            batch = train[step].to(device)
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses
+
+    def fresh():
+        model = build_model(size, data["vocab"]).to(device)
+        return model, make(method, model, lr)[0]
+
+    whole = run(*fresh(), 0, steps)
+    model, optimizer = fresh()
+    first = run(model, optimizer, 0, stop)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "checkpoint.pt"
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+        del model, optimizer
+        saved = torch.load(path, weights_only=True)
+    model, optimizer = fresh()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    resumed = first + run(model, optimizer, stop, steps)
+    gap = max(abs(a - b) for a, b in zip(whole, resumed, strict=True))
+    return {"method": method, "steps": steps, "stop": stop, "max_loss_gap": gap,
+            "identical": whole == resumed, "final_loss": whole[-1]}
+
+
 def child(method: str, lr: float, steps: int, args, out: Path) -> dict:
     if not out.exists():
         cmd = [sys.executable, __file__, "--one", method, str(lr), str(steps), "--size", args.size, "--device",
@@ -252,11 +308,12 @@ def child(method: str, lr: float, steps: int, args, out: Path) -> dict:
 def report(results: dict[str, dict], grid: dict[str, dict[float, float]], args) -> str:
     base = results.get("adamw")
     anchor = results.get("galore_torch")
+    shared = "; ".join(f"{k} takes {v}'s rate" for k, v in SHARE.items())
     lines = [f"{args.size} Llama ({next(iter(results.values()))['params']:,} parameters), {args.steps} steps x "
              f"{BATCH} x {SEQ} tokens, rank {RANK}, refresh gap {GAP}, cosine schedule with 10 % warm-up, clip 1.0 "
              f"(none with per-layer updates), seed 0, {args.device}, torch {torch.__version__}, "
              f"{next(iter(results.values()))['torch_threads']} threads. Learning rate: best validation loss after "
-             f"{args.grid_steps} steps over the grid shown.\n",
+             f"{args.grid_steps} steps over the grid shown ({shared}).\n",
              "| method | lr grid (val loss at grid steps) | lr | val ppl | vs AdamW | optimizer state MB | vs AdamW | "
              "trainable params | s/step | opt s/step | opt s/step vs galore-torch | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -298,8 +355,8 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--grid-steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--grid-steps", type=int, default=None, help="default: --steps (grid at the full budget)")
     parser.add_argument("--methods", default=",".join(GRID))
     parser.add_argument("--size", default="tiny", choices=("tiny", "llama60m"))
     parser.add_argument("--device", default="cpu")
@@ -308,7 +365,12 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "LR", "STEPS"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--resume-check", metavar="METHODS",
+                        help="instead of the benchmark: for each listed rankwise optimizer, train 60 steps at its "
+                             "grid's middle rate uninterrupted and stopped at step 30, saved, reloaded and resumed; "
+                             "print the largest gap between the two loss curves")
     args = parser.parse_args()
+    args.grid_steps = args.grid_steps or args.steps
     random.seed(0)
     if args.one:
         method, lr, steps = args.one[0], float(args.one[1]), int(args.one[2])
@@ -316,6 +378,15 @@ def main() -> None:
         args.json.write_text(json.dumps(result))
         return
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume_check:
+        prepare(args.work_dir)
+        print("| optimizer | steps | stopped and resumed at | identical loss curve | largest loss gap |")
+        print("|---|---|---|---|---|")
+        for method in args.resume_check.split(","):
+            r = resume_check(method, GRID[method][1], 60, 30, args.size, args.device, args.work_dir)
+            print(f"| {LABELS[method]} | {r['steps']} | {r['stop']} | {r['identical']} | {r['max_loss_gap']:.2e} |",
+                  flush=True)
+        return
     if not args.report_only:
         prepare(args.work_dir)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -326,20 +397,31 @@ def main() -> None:
             raise SystemExit(f"unknown method {method!r}; known: {', '.join(GRID)}")
         tag = f"{args.size}-{args.device}-{method}"
         grid[method] = {}
-        for lr in GRID[method]:
+        if method in SHARE:
+            rate = results.get(SHARE[method], {}).get("lr")
+            if rate is None:
+                raise SystemExit(f"{method} takes {SHARE[method]}'s learning rate: list {SHARE[method]} before it")
+            lrs = (rate,)
+        else:
+            lrs = GRID[method]
+        for lr in lrs:
             out = args.work_dir / f"{tag}-grid-{lr:g}-{args.grid_steps}.json"
             if args.report_only and not out.exists():
                 continue
             r = child(method, lr, args.grid_steps, args, out)
             grid[method][lr] = r.get("val_loss", float("inf"))
+            if args.grid_steps == args.steps and (method not in results or grid[method][lr] < grid[method][
+                    results[method]["lr"]]):
+                results[method] = r
         if not grid[method]:
             continue
-        best = min(grid[method], key=grid[method].get)
-        out = args.work_dir / f"{tag}-full-{best:g}-{args.steps}.json"
-        if args.report_only and not out.exists():
-            continue
-        results[method] = child(method, best, args.steps, args, out)
-        print(f"{method}: lr {best:g}, val loss {results[method].get('val_loss')}", flush=True)
+        if args.grid_steps != args.steps:
+            best = min(grid[method], key=grid[method].get)
+            out = args.work_dir / f"{tag}-full-{best:g}-{args.steps}.json"
+            if args.report_only and not out.exists():
+                continue
+            results[method] = child(method, best, args.steps, args, out)
+        print(f"{method}: lr {results[method]['lr']:g}, val loss {results[method].get('val_loss')}", flush=True)
     print(report(results, grid, args))
     plot(results, args.plot_dir / f"train_{args.size}.png")
 

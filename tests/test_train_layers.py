@@ -1,4 +1,4 @@
-"""SLTrain and SST layers: their weights are the papers' formulas, the sparse support and the spectrum behave as
+"""SLTrain, SST and LOST layers: their weights are the papers' formulas, the sparse support and the spectrum behave as
 promised, and a model built from a config trains with them."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from rankwise.nn import SLTrainLinear, SSTLinear, SSTSchedule, replace_linears
+from rankwise.linalg import svd_flip
+from rankwise.nn import LOSTLinear, SLTrainLinear, SSTLinear, SSTSchedule, replace_linears
 from tests.tiny_models import tiny_model, tiny_tokens
 
 
@@ -78,9 +79,40 @@ def test_sst_schedule_clears_the_state_of_swapped_vectors_and_resumes_identicall
     assert torch.equal(layer.active, twin.active)  # the generator state travels in the state dict
 
 
+def test_lost_splits_one_svd_into_low_rank_and_the_strongest_remaining_channels():
+    layer = LOSTLinear(20, 12, 3, channels=0.25, gamma=0.7, activation=None, seed=2)
+    # the random weight it starts from, drawn as the layer draws it
+    g = torch.Generator().manual_seed(2)
+    W0 = (torch.rand(12, 20, generator=g, dtype=torch.float64) * 2 - 1) / 20**0.5
+    U, S, Vh = torch.linalg.svd(W0, full_matrices=False)
+    U, Vh = svd_flip(U, Vh)
+    low = (U[:, :3] * S[:3]) @ Vh[:3]
+    torch.testing.assert_close((layer.A @ layer.B).mT.double(), low, atol=1e-6, rtol=0)
+    rest = W0 - low
+    assert layer.channels.tolist() == sorted(rest.norm(dim=0).topk(5).indices.tolist())
+    torch.testing.assert_close(layer.S.double(), rest[:, layer.channels], atol=1e-6, rtol=0)
+    assert layer.num_params == 3 * (20 + 12) + 12 * 5 + 12
+    x = torch.randn(4, 20)
+    expected = 0.7 * x @ low.float().T
+    expected[:, :] += 0.3 * x[:, layer.channels] @ layer.S.detach().T
+    torch.testing.assert_close(layer(x).detach(), expected + layer.bias.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer(x).detach(), x @ layer.dense_weight().detach().T + layer.bias.detach(),
+                               atol=1e-5, rtol=0)
+    # the channels are fixed, A, B and S all learn; the SiLU form has no dense weight
+    layer(x).pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (layer.A, layer.B, layer.S))
+    assert "channels" in layer.state_dict() and not layer.channels.requires_grad
+    assert torch.equal(LOSTLinear(20, 12, 3, channels=0.25, seed=2).channels, layer.channels)
+    with pytest.raises(ValueError, match="no equivalent dense weight"):
+        LOSTLinear(20, 12, 3).dense_weight()
+    with pytest.raises(ValueError, match="channels must be a fraction"):
+        LOSTLinear(20, 12, 3, channels=1.5)
+
+
 @pytest.mark.parametrize("make", [
     lambda lin, _name: SLTrainLinear(lin.in_features, lin.out_features, 8, bias=lin.bias is not None),
     lambda lin, _name: SSTLinear(lin.in_features, lin.out_features, 8, bias=lin.bias is not None),
+    lambda lin, _name: LOSTLinear(lin.in_features, lin.out_features, 8, bias=lin.bias is not None),
 ])
 def test_a_model_built_from_a_config_trains_with_them(make):
     torch.manual_seed(0)

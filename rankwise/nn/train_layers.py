@@ -10,6 +10,10 @@ built from a config.
   their singular values (:meth:`SSTLinear.resample`); the factors are re-orthogonalised by an SVD of ``W``
   periodically (:meth:`SSTLinear.reorthogonalize`). The optimizer holds state for ``s`` and the ``r`` active pairs
   only. :class:`SSTSchedule` calls both on a step schedule and clears the optimizer state of the swapped vectors.
+* :class:`LOSTLinear` (Li et al. 2025, https://arxiv.org/abs/2508.02668): a low-rank path and a channel-wise sparse
+  path mixed by a fixed ``gamma``, both initialised from one SVD of a random weight: the top ``r`` singular pairs
+  become the low-rank factors, and the input channels (columns) that carry the most of the remaining spectrum
+  become the sparse path, stored dense as those columns only. Parameters: ``r (in + out) + out * k``.
 """
 
 from __future__ import annotations
@@ -153,6 +157,81 @@ class SSTLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, active rank={self.rank}"
+
+
+class LOSTLinear(nn.Module):
+    """``y = gamma * act(x A) B + (1 - gamma) * x[..., I] S^T + b``: low rank plus channel-wise sparse (LOST).
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        rank: ``r``, the rank of the low-rank path (``A``: ``in x r``, ``B``: ``r x out``).
+        channels: fraction of the input channels kept by the sparse path (``k = round(channels * in)`` columns,
+            ``S``: ``out x k``).
+        gamma: the fixed mix of the two paths (the paper's ablation favours 0.9).
+        activation: ``"silu"`` (a nonlinearity between the factors, as the paper's low-rank path) or ``None``
+            (linear: then :meth:`dense_weight` gives the equivalent ``nn.Linear`` weight).
+        bias: add a bias.
+        seed: draws the random weight the layer is initialised from (the same seed, the same layer).
+
+    Initialisation (the paper's SVD split): a weight ``W0`` drawn as ``nn.Linear`` draws it is decomposed
+    ``W0 = U diag(s) V^T``; ``A = V_r sqrt(s_r)`` and ``B = sqrt(s_r) U_r^T`` carry the top ``r`` pairs; the
+    remainder ``W0 - U_r diag(s_r) V_r^T`` scores every input channel by the norm of its column, and the ``k``
+    best-scoring channels ``I`` (sorted; a fixed buffer) take their columns of the remainder as ``S``. ``A``, ``B`` and
+    ``S`` are trained; ``I`` and ``gamma`` are not. The sparse path is one dense product with the gathered columns,
+    so it needs no sparse kernels.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, *, channels: float = 0.05,
+                 gamma: float = 0.9, activation: str | None = "silu", bias: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+        if not 0.0 <= channels <= 1.0:
+            raise ValueError(f"channels must be a fraction in [0, 1], got {channels}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if activation not in ("silu", None):
+            raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.gamma, self.activation = float(gamma), activation
+        g = torch.Generator().manual_seed(seed)
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default draw (Kaiming-uniform with a = sqrt(5))
+        W0 = (torch.rand(out_features, in_features, generator=g, dtype=torch.float64) * 2 - 1) * bound
+        U, S, Vh = torch.linalg.svd(W0, full_matrices=False)
+        U, Vh = svd_flip(U, Vh)
+        root = S[:rank].sqrt()
+        self.A = nn.Parameter((Vh[:rank].mT * root).float())  # (in, r)
+        self.B = nn.Parameter((root[:, None] * U[:, :rank].mT).float())  # (r, out)
+        rest = W0 - (U[:, :rank] * S[:rank]) @ Vh[:rank]
+        k = round(channels * in_features)
+        index = rest.norm(dim=0).topk(k).indices.sort().values if k else torch.zeros(0, dtype=torch.long)
+        self.register_buffer("channels", index)  # the input channels of the sparse path, fixed
+        self.S = nn.Parameter(rest[:, index].float())  # (out, k)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(out, in)`` weight of the equivalent ``nn.Linear`` (only without an activation)."""
+        if self.activation is not None:
+            raise ValueError("a LOSTLinear with an activation between its factors has no equivalent dense weight")
+        W = self.gamma * (self.A @ self.B).mT
+        return W.index_add(1, self.channels, (1.0 - self.gamma) * self.S)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.A
+        if self.activation == "silu":
+            h = F.silu(h)
+        y = self.gamma * (h @ self.B)
+        if self.S.shape[1]:
+            y = y + (1.0 - self.gamma) * (x.index_select(-1, self.channels) @ self.S.mT)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"channels={self.S.shape[1]}, gamma={self.gamma}, activation={self.activation}")
 
 
 class SSTSchedule:
