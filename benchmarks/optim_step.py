@@ -19,6 +19,7 @@ import time
 
 import torch
 from torch import nn
+from train_tiny_llama import state_bytes  # counts the projector-held bases of galore-torch and apollo-torch too
 
 SHAPES = {"tiny": (384, 1024, 6), "llama60m": (512, 1376, 8)}
 METHODS = ("adamw", "galore_torch", "rw_galore", "rw_galore_dct", "apollo_torch", "rw_apollo")
@@ -67,19 +68,6 @@ def make(method: str, params: list[nn.Parameter], rank: int, gap: int):
         return APOLLOAdamW(params, lr=1e-3, rank=rank, update_gap=gap)
     return GaLoreAdamW(params, lr=1e-3, rank=rank, update_gap=gap, scale=0.25,
                        projection="dct" if method == "rw_galore_dct" else "svd")
-
-
-def state_bytes(opt) -> int:
-    total = 0
-    for state in opt.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-            elif hasattr(value, "ortho_matrix"):  # galore-torch / apollo-torch keep the basis in a projector
-                m = value.ortho_matrix
-                total += sum(t.numel() * t.element_size() for t in (m if isinstance(m, list | tuple) else [m])
-                             if isinstance(t, torch.Tensor))
-    return total
 
 
 def time_method(method: str, shapes, grads, rank: int, gap: int) -> tuple[float, int]:
