@@ -89,20 +89,20 @@ def test_lost_splits_one_svd_into_low_rank_and_the_strongest_remaining_channels(
     low = (U[:, :3] * S[:3]) @ Vh[:3]
     torch.testing.assert_close((layer.A @ layer.B).mT.double(), low, atol=1e-6, rtol=0)
     rest = W0 - low
-    assert layer.channels.tolist() == sorted(rest.norm(dim=0).topk(5).indices.tolist())
-    torch.testing.assert_close(layer.S.double(), rest[:, layer.channels], atol=1e-6, rtol=0)
+    assert layer.sparse_channels.tolist() == sorted(rest.norm(dim=0).topk(5).indices.tolist())
+    torch.testing.assert_close(layer.S.double(), rest[:, layer.sparse_channels], atol=1e-6, rtol=0)
     assert layer.num_params == 3 * (20 + 12) + 12 * 5 + 12
     x = torch.randn(4, 20)
     expected = 0.7 * x @ low.float().T
-    expected[:, :] += 0.3 * x[:, layer.channels] @ layer.S.detach().T
+    expected[:, :] += 0.3 * x[:, layer.sparse_channels] @ layer.S.detach().T
     torch.testing.assert_close(layer(x).detach(), expected + layer.bias.detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(layer(x).detach(), x @ layer.dense_weight().detach().T + layer.bias.detach(),
                                atol=1e-5, rtol=0)
     # the channels are fixed, A, B and S all learn; the SiLU form has no dense weight
     layer(x).pow(2).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (layer.A, layer.B, layer.S))
-    assert "channels" in layer.state_dict() and not layer.channels.requires_grad
-    assert torch.equal(LOSTLinear(20, 12, 3, channels=0.25, seed=2).channels, layer.channels)
+    assert "sparse_channels" in layer.state_dict() and not layer.sparse_channels.requires_grad
+    assert torch.equal(LOSTLinear(20, 12, 3, channels=0.25, seed=2).sparse_channels, layer.sparse_channels)
     with pytest.raises(ValueError, match="no equivalent dense weight"):
         LOSTLinear(20, 12, 3).dense_weight()
     with pytest.raises(ValueError, match="channels must be a fraction"):

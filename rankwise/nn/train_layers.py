@@ -176,9 +176,9 @@ class LOSTLinear(nn.Module):
     Initialisation (the paper's SVD split): a weight ``W0`` drawn as ``nn.Linear`` draws it is decomposed
     ``W0 = U diag(s) V^T``; ``A = V_r sqrt(s_r)`` and ``B = sqrt(s_r) U_r^T`` carry the top ``r`` pairs; the
     remainder ``W0 - U_r diag(s_r) V_r^T`` scores every input channel by the norm of its column, and the ``k``
-    best-scoring channels ``I`` (sorted; a fixed buffer) take their columns of the remainder as ``S``. ``A``, ``B`` and
-    ``S`` are trained; ``I`` and ``gamma`` are not. The sparse path is one dense product with the gathered columns,
-    so it needs no sparse kernels.
+    best-scoring channels ``I`` (sorted; the fixed buffer ``sparse_channels``) take their columns of the remainder
+    as ``S``. ``A``, ``B`` and ``S`` are trained; ``I`` and ``gamma`` are not. The sparse path is one dense product
+    with the gathered columns, so it needs no sparse kernels.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, channels: float = 0.05,
@@ -205,7 +205,7 @@ class LOSTLinear(nn.Module):
         rest = W0 - (U[:, :rank] * S[:rank]) @ Vh[:rank]
         k = round(channels * in_features)
         index = rest.norm(dim=0).topk(k).indices.sort().values if k else torch.zeros(0, dtype=torch.long)
-        self.register_buffer("channels", index)  # the input channels of the sparse path, fixed
+        self.register_buffer("sparse_channels", index)  # the input channels of the sparse path, fixed
         self.S = nn.Parameter(rest[:, index].float())  # (out, k)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
@@ -218,7 +218,7 @@ class LOSTLinear(nn.Module):
         if self.activation is not None:
             raise ValueError("a LOSTLinear with an activation between its factors has no equivalent dense weight")
         W = self.gamma * (self.A @ self.B).mT
-        return W.index_add(1, self.channels, (1.0 - self.gamma) * self.S)
+        return W.index_add(1, self.sparse_channels, (1.0 - self.gamma) * self.S)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x @ self.A
@@ -226,7 +226,7 @@ class LOSTLinear(nn.Module):
             h = F.silu(h)
         y = self.gamma * (h @ self.B)
         if self.S.shape[1]:
-            y = y + (1.0 - self.gamma) * (x.index_select(-1, self.channels) @ self.S.mT)
+            y = y + (1.0 - self.gamma) * (x.index_select(-1, self.sparse_channels) @ self.S.mT)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
