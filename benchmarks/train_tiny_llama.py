@@ -42,11 +42,13 @@ SEQ = 128
 BATCH = 8
 RANK = 80  # GaLore / APOLLO / SLTrain / SST rank for the tiny model (about a fifth of its width)
 GAP = 50  # projection refresh gap (GaLore's 200 scaled to this run's length)
-GRID = {  # the learning rates tried for each method (three points each, four for AdamW, in their papers' ranges)
-    "adamw": (1e-3, 2e-3, 4e-3, 8e-3),
-    "galore_torch": (4e-3, 8e-3, 1.6e-2), "rw_galore": (4e-3, 8e-3, 1.6e-2), "rw_galore_dct": (4e-3, 8e-3, 1.6e-2),
+GRID = {  # learning rates tried per method: three or more, extended where the best sat at an edge
+    "adamw": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3),
+    "galore_torch": (2e-3, 4e-3, 8e-3, 1.6e-2), "rw_galore": (2e-3, 4e-3, 8e-3, 1.6e-2),
+    "rw_galore_dct": (2e-3, 4e-3, 8e-3, 1.6e-2),
     "rw_galore_layer": (),
-    "apollo_torch": (2e-3, 4e-3, 8e-3), "rw_apollo": (2e-3, 4e-3, 8e-3), "rw_apollo_mini": (2.5e-4, 5e-4, 1e-3),
+    "apollo_torch": (1e-3, 2e-3, 4e-3, 8e-3), "rw_apollo": (1e-3, 2e-3, 4e-3, 8e-3),
+    "rw_apollo_mini": (2.5e-4, 5e-4, 1e-3, 2e-3),
     "sltrain": (1e-3, 2e-3, 4e-3), "sst": (1e-3, 2e-3, 4e-3), "lost": (1e-3, 2e-3, 4e-3),
 }
 SHARE = {"rw_galore_layer": "rw_galore"}  # the same algorithm stepped during backward: it takes the other's rate
