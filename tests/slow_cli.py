@@ -4,6 +4,7 @@ kill it or race it while it saves. Run as ``python tests/slow_cli.py compress ..
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -22,5 +23,8 @@ def _slow_save_file(*args, **kwargs):
 sink.save_file = _slow_save_file
 
 if __name__ == "__main__":
+    # a test run started in the background (``make test &``) hands its children an ignored SIGINT, which Python
+    # keeps; the interrupt tests need the interactive default
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.argv = ["rankwise", *sys.argv[1:]]
     main()
