@@ -249,6 +249,17 @@ def test_huge_finite_gradients_are_applied_not_skipped():
     assert opt.skipped_steps == 0 and bool(torch.isfinite(W).all()) and W.abs().sum() > 0
 
 
+@pytest.mark.parametrize("scaling", ["channel", "tensor"])
+def test_apollo_survives_an_overflowing_gradient(scaling):
+    W = nn.Parameter(torch.zeros(6, 10))
+    opt = APOLLOAdamW([W], lr=1e-2, rank=2, scaling=scaling)
+    W.grad = torch.full((6, 10), 1e19)  # finite, but its projection's norms overflow
+    opt.step()
+    W.grad = torch.randn(6, 10)
+    opt.step()
+    assert bool(torch.isfinite(W).all()) and opt.skipped_steps == 0
+
+
 @pytest.mark.parametrize("projection", ["svd", "dct"])
 def test_bfloat16_parameters_follow_the_float32_update(projection):
     W0, X, Y = _problem()

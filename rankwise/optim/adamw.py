@@ -391,6 +391,11 @@ def _norms(X: torch.Tensor, dim: int) -> torch.Tensor:
     return X.square().sum(dim).sqrt_()
 
 
+def _times(f: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """``f * norms`` with ``0 * inf = 0`` (a zero factor on an overflowing norm scales the channel to zero)."""
+    return torch.where(f == 0, torch.zeros_like(norms), f * norms)
+
+
 def _apollo_factor(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, scaling: str, state: dict) -> torch.Tensor:
     """The factor APOLLO multiplies ``G`` by, shaped to broadcast against it: how much Adam scaled the projection
     ``R`` into ``N``, per channel or for the whole tensor, with the norm-growth limiter folded in. The scaled
@@ -398,12 +403,12 @@ def _apollo_factor(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, scaling: s
     if scaling == "tensor":
         f = N.norm() / (R.norm() + 1e-8)
         factor = f.reshape(1, 1)
-        norm = f * G.norm()
+        norm = _times(f, G.norm())
     else:
         dim = 0 if G.shape[0] <= G.shape[1] else 1  # the projected dimension: norms over it, one per channel
         f = _norms(N, dim) / (_norms(R, dim) + 1e-8)  # (n,) or (m,)
         factor = f[None, :] if dim == 0 else f[:, None]
-        norm = torch.linalg.vector_norm(f * _norms(G, dim))
+        norm = torch.linalg.vector_norm(_times(f, _norms(G, dim)))
     if "scaled_norm" in state:
         limiter = torch.clamp(norm / (state["scaled_norm"] + 1e-8) / _LIMIT, min=1.0)
         factor = factor / limiter
