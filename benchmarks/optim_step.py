@@ -19,7 +19,7 @@ import time
 
 import torch
 from torch import nn
-from train_tiny_llama import state_bytes  # counts the projector-held bases of galore-torch and apollo-torch too
+from train_tiny_llama import optimizer, state_bytes  # the same optimizer settings and state counting
 
 SHAPES = {"tiny": (384, 1024, 6), "llama60m": (512, 1376, 8)}
 METHODS = ("adamw", "galore_torch", "rw_galore", "rw_galore_dct", "apollo_torch", "rw_apollo")
@@ -49,32 +49,11 @@ def gradients(shapes: list[tuple[int, int]], count: int, seed: int = 0) -> list[
     return out
 
 
-def make(method: str, params: list[nn.Parameter], rank: int, gap: int):
-    if method == "adamw":
-        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    if method == "galore_torch":
-        from galore_torch import GaLoreAdamW
-
-        return GaLoreAdamW([{"params": params, "rank": rank, "update_proj_gap": gap, "scale": 0.25,
-                             "proj_type": "std"}], lr=1e-3, weight_decay=0.0, no_deprecation_warning=True)
-    if method == "apollo_torch":
-        from apollo_torch import APOLLOAdamW
-
-        return APOLLOAdamW([{"params": params, "rank": rank, "proj": "random", "scale_type": "channel",
-                             "scale": 1.0, "update_proj_gap": gap, "proj_type": "std"}], lr=1e-3, weight_decay=0.0)
-    from rankwise.optim import APOLLOAdamW, GaLoreAdamW
-
-    if method == "rw_apollo":
-        return APOLLOAdamW(params, lr=1e-3, rank=rank, update_gap=gap)
-    return GaLoreAdamW(params, lr=1e-3, rank=rank, update_gap=gap, scale=0.25,
-                       projection="dct" if method == "rw_galore_dct" else "svd")
-
-
 def time_method(method: str, shapes, grads, rank: int, gap: int) -> tuple[float, int]:
     """(mean seconds per step over steps 1 .. 2 * gap, state bytes)."""
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
-    opt = make(method, params, rank, gap)
+    opt = optimizer(method, params, [], 1e-3, rank, gap)
     spent = 0.0
     for step in range(2 * gap + 1):
         for p, seq in zip(params, grads, strict=True):

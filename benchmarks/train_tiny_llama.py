@@ -147,33 +147,43 @@ def state_bytes(optimizer) -> int:
     return total
 
 
-def make(method: str, model, lr: float):
-    """(optimizer, after-step hook or None, per_layer)."""
-    low, rest = matrices(model)
+def optimizer(method: str, low: list, rest: list, lr: float, rank: int = RANK, gap: int = GAP):
+    """The optimizer of an optimizer-only method: ``low`` are the matrices projected, ``rest`` get plain AdamW
+    (either may be empty). Shared with optim_step.py and optim_memory.py, so every benchmark uses one setting."""
+
+    def groups(rest_options: dict, low_options: dict) -> list[dict]:
+        return [g for g in ({"params": rest, **rest_options}, {"params": low, **low_options}) if g["params"]]
+
     if method == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), None, False
+        return torch.optim.AdamW(low + rest, lr=lr, weight_decay=0.0)
     if method == "galore_torch":
         from galore_torch import GaLoreAdamW
 
-        groups = [{"params": rest}, {"params": low, "rank": RANK, "update_proj_gap": GAP, "scale": 0.25,
-                                     "proj_type": "std"}]
-        return GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True), None, False
+        return GaLoreAdamW(groups({}, {"rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}),
+                           lr=lr, weight_decay=0.0, no_deprecation_warning=True)
     if method == "apollo_torch":
         from apollo_torch import APOLLOAdamW
 
-        groups = [{"params": rest}, {"params": low, "rank": RANK, "proj": "random", "scale_type": "channel",
-                                     "scale": 1.0, "update_proj_gap": GAP, "proj_type": "std"}]
-        return APOLLOAdamW(groups, lr=lr, weight_decay=0.0), None, False
-    if method.startswith("rw_"):
-        from rankwise.optim import APOLLOAdamW, GaLoreAdamW
+        return APOLLOAdamW(groups({}, {"rank": rank, "proj": "random", "scale_type": "channel", "scale": 1.0,
+                                       "update_proj_gap": gap, "proj_type": "std"}), lr=lr, weight_decay=0.0)
+    from rankwise.optim import APOLLOAdamW, GaLoreAdamW
 
-        groups = [{"params": rest, "rank": None}, {"params": low}]
-        if method == "rw_apollo":
-            return APOLLOAdamW(groups, lr=lr, rank=RANK, update_gap=GAP), None, False
-        if method == "rw_apollo_mini":
-            return APOLLOAdamW(groups, lr=lr, rank=1, scaling="tensor", scale=128.0, update_gap=GAP), None, False
-        opt = GaLoreAdamW(groups, lr=lr, rank=RANK, update_gap=GAP, scale=0.25,
-                          projection="dct" if method == "rw_galore_dct" else "svd")
+    rw = groups({"rank": None}, {})
+    if method == "rw_apollo":
+        return APOLLOAdamW(rw, lr=lr, rank=rank, update_gap=gap)
+    if method == "rw_apollo_mini":
+        return APOLLOAdamW(rw, lr=lr, rank=1, scaling="tensor", scale=128.0, update_gap=gap)
+    if method in ("rw_galore", "rw_galore_dct", "rw_galore_layer"):
+        return GaLoreAdamW(rw, lr=lr, rank=rank, update_gap=gap, scale=0.25,
+                           projection="dct" if method == "rw_galore_dct" else "svd")
+    raise ValueError(f"{method!r} is not an optimizer-only method")
+
+
+def make(method: str, model, lr: float):
+    """(optimizer, after-step hook or None, per_layer)."""
+    if method in ("adamw", "galore_torch", "apollo_torch") or method.startswith("rw_"):
+        low, rest = matrices(model)
+        opt = optimizer(method, low, rest, lr)
         if method == "rw_galore_layer":
             opt.attach_per_layer()
         return opt, None, method == "rw_galore_layer"

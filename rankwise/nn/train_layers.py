@@ -28,6 +28,22 @@ from torch import nn
 from rankwise.linalg import svd_flip
 
 
+def _check_rank(rank: int, in_features: int, out_features: int) -> None:
+    if not 1 <= rank <= min(in_features, out_features):
+        raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+
+
+def _random_linear_svd(out_features: int, in_features: int, generator: torch.Generator,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """``(W, U, S, Vh)``: a weight drawn as ``nn.Linear`` draws it (uniform in ``+-1/sqrt(in)``, its Kaiming-uniform
+    default) and its SVD, signs fixed by :func:`svd_flip`."""
+    bound = 1.0 / math.sqrt(in_features)
+    W = (torch.rand(out_features, in_features, generator=generator, dtype=dtype) * 2 - 1) * bound
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, Vh = svd_flip(U, Vh)
+    return W, U, S, Vh
+
+
 class SLTrainLinear(nn.Module):
     """``y = x ((alpha / r) B A + S)^T + b`` with a fixed random sparse support for ``S``.
 
@@ -47,8 +63,7 @@ class SLTrainLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, *, density: float = 0.03,
                  alpha: float = 32.0, bias: bool = True, seed: int = 0) -> None:
         super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+        _check_rank(rank, in_features, out_features)
         if not 0.0 <= density < 1.0:
             raise ValueError(f"density must be in [0, 1), got {density}")
         self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, alpha
@@ -88,15 +103,10 @@ class SSTLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = True, seed: int = 0) -> None:
         super().__init__()
-        k = min(in_features, out_features)
-        if not 1 <= rank <= k:
-            raise ValueError(f"rank must be in [1, {k}], got {rank}")
+        _check_rank(rank, in_features, out_features)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.generator = torch.Generator().manual_seed(seed)
-        bound = 1.0 / math.sqrt(in_features)
-        W = (torch.rand(out_features, in_features, generator=self.generator) * 2 - 1) * bound
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        U, Vh = svd_flip(U, Vh)
+        _, U, S, Vh = _random_linear_svd(out_features, in_features, self.generator, torch.float32)
         self.register_buffer("U", U.contiguous())  # (out, k)
         self.register_buffer("V", Vh.mT.contiguous())  # (in, k)
         self.s = nn.Parameter(S.clone())
@@ -184,8 +194,7 @@ class LOSTLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, *, channels: float = 0.05,
                  gamma: float = 0.9, activation: str | None = "silu", bias: bool = True, seed: int = 0) -> None:
         super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+        _check_rank(rank, in_features, out_features)
         if not 0.0 <= channels <= 1.0:
             raise ValueError(f"channels must be a fraction in [0, 1], got {channels}")
         if not 0.0 <= gamma <= 1.0:
@@ -194,11 +203,8 @@ class LOSTLinear(nn.Module):
             raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.gamma, self.activation = float(gamma), activation
-        g = torch.Generator().manual_seed(seed)
-        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default draw (Kaiming-uniform with a = sqrt(5))
-        W0 = (torch.rand(out_features, in_features, generator=g, dtype=torch.float64) * 2 - 1) * bound
-        U, S, Vh = torch.linalg.svd(W0, full_matrices=False)
-        U, Vh = svd_flip(U, Vh)
+        W0, U, S, Vh = _random_linear_svd(out_features, in_features, torch.Generator().manual_seed(seed),
+                                          torch.float64)
         root = S[:rank].sqrt()
         self.A = nn.Parameter((Vh[:rank].mT * root).float())  # (in, r)
         self.B = nn.Parameter((root[:, None] * U[:, :rank].mT).float())  # (r, out)

@@ -123,8 +123,7 @@ class LowRankAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if any(g.is_sparse for g in grads):
-            raise ValueError("sparse gradients are not supported; use torch.optim.SparseAdam")
+        _require_dense(grads)
         if grads and not _finite(grads):
             self.skipped_steps += 1
             warnings.warn(f"non-finite gradient: step skipped ({self.skipped_steps} so far)", RankwiseWarning,
@@ -219,8 +218,7 @@ class LowRankAdamW(torch.optim.Optimizer):
 
     def _per_layer_hook(self, group: dict) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
-            if p.grad.is_sparse:
-                raise ValueError("sparse gradients are not supported; use torch.optim.SparseAdam")
+            _require_dense([p.grad])
             with torch.no_grad():
                 if bool(torch.isfinite(p.grad).all()):
                     self._update(p, p.grad, group)
@@ -363,6 +361,11 @@ def _check_group(group: dict, g: int) -> None:
 
 def _has_projection(kind: str, state: dict) -> bool:
     return {"svd": "basis", "dct": "indices", "random": "seed"}[kind] in state
+
+
+def _require_dense(grads: list[torch.Tensor]) -> None:
+    if any(g.is_sparse for g in grads):
+        raise ValueError("sparse gradients are not supported; use torch.optim.SparseAdam")
 
 
 def _finite(grads: list[torch.Tensor]) -> bool:
