@@ -9,6 +9,9 @@ import importlib
 from typing import Any
 
 from rankwise._errors import RankwiseWarning
+from rankwise._hf_hook import install as _install_hf_format
+
+_install_hf_format()  # transformers loads compressed directories once rankwise is imported
 
 __version__ = "0.1.0"
 

@@ -36,6 +36,35 @@ class CompressionReport:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     block_seconds: list[float] = field(default_factory=list)  # compression time of each decoder block
+    storage_dtype: str | None = None  # the dtype the saved weights are stored in
+    bytes_on_disk: int | None = None  # the saved weight files (safetensors), once written
+    bytes_dense: int | None = None  # the dense model's weights stored in the same dtype (each tied tensor once)
+
+    @property
+    def bits_per_targeted_weight(self) -> float | None:
+        """Stored bits of the targeted layers per weight of the dense matrices they replace."""
+        if self.storage_dtype is None or not self.params_targeted_before:
+            return None
+        import torch
+
+        bits = getattr(torch, self.storage_dtype).itemsize * 8
+        return bits * self.params_targeted_after / self.params_targeted_before
+
+    def record_storage(self, out: Any, dtype: Any) -> None:
+        """Note the dtype and the bytes of the weights written to directory ``out``."""
+        from pathlib import Path
+
+        self.storage_dtype = str(dtype).removeprefix("torch.")
+        self.bytes_on_disk = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+        self.bytes_dense = self.params_total_before * dtype.itemsize
+
+    def storage_line(self) -> str:
+        """Bytes on disk against the dense model in the same dtype, and bits per targeted weight."""
+        if self.bytes_on_disk is None or self.bytes_dense is None:
+            return ""
+        return (f"weights on disk {self.bytes_on_disk / 1e6:,.1f} MB ({self.storage_dtype}), dense in "
+                f"{self.storage_dtype} {self.bytes_dense / 1e6:,.1f} MB: {self.bytes_on_disk / self.bytes_dense:.3f}x; "
+                f"{self.bits_per_targeted_weight:.2f} bits per targeted weight")
 
     @property
     def params_targeted_before(self) -> int:
@@ -77,7 +106,8 @@ class CompressionReport:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(params_targeted_before=self.params_targeted_before,
-                   params_targeted_after=self.params_targeted_after, removed_fraction=self.removed_fraction)
+                   params_targeted_after=self.params_targeted_after, removed_fraction=self.removed_fraction,
+                   bits_per_targeted_weight=self.bits_per_targeted_weight)
         for layer in out["layers"]:
             if layer["rel_error"] is not None and not math.isfinite(layer["rel_error"]):
                 layer["rel_error"] = None

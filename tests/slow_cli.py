@@ -8,10 +8,10 @@ import signal
 import sys
 import time
 
-import rankwise.stream.sink as sink
+import rankwise.io.shards as shards
 from rankwise.cli.app import main
 
-_save_file = sink.save_file
+_save_file = shards.save_file
 
 
 def _slow_save_file(*args, **kwargs):
@@ -20,7 +20,7 @@ def _slow_save_file(*args, **kwargs):
     time.sleep(float(os.environ.get("RANKWISE_TEST_SHARD_DELAY", "1")))
 
 
-sink.save_file = _slow_save_file
+shards.save_file = _slow_save_file
 
 if __name__ == "__main__":
     # a test run started in the background (``make test &``) hands its children an ignored SIGINT, which Python

@@ -88,6 +88,25 @@ MODULE_NAMES = st.one_of(st.text(max_size=30), st.sampled_from([
 ]))
 
 
+def _read_layout(path: Path) -> dict:
+    """``rankwise.json`` with the layer list of ``config.json``'s ``quantization_config`` as its ``modules``: the
+    whole manifest, mutated as one object."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["modules"] = json.loads((path / "config.json").read_text())["quantization_config"]["modules"]
+    return manifest
+
+
+def _write_layout(path: Path, manifest: dict) -> None:
+    manifest = dict(manifest)
+    config = json.loads((path / "config.json").read_text())
+    if "modules" in manifest:
+        config["quantization_config"]["modules"] = manifest.pop("modules")
+    else:
+        del config["quantization_config"]["modules"]
+    (path / "config.json").write_text(json.dumps(config))
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
 def _mutate_manifest(data, manifest: dict) -> tuple[str, dict | bytes]:
     m = copy.deepcopy(manifest)
     names = sorted(m["modules"])
@@ -135,15 +154,15 @@ def _mutate_manifest(data, manifest: dict) -> tuple[str, dict | bytes]:
 @given(data=st.data())
 def test_mutated_manifest_loads_identically_or_fails_in_one_line(original, data):
     path, x, logits, ppl = original
-    manifest = json.loads((path / MANIFEST).read_text())
-    kind, mutated = _mutate_manifest(data, manifest)
+    kind, mutated = _mutate_manifest(data, _read_layout(path))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "m"
         shutil.copytree(path, work)
         if isinstance(mutated, bytes):
-            (work / MANIFEST).write_bytes(mutated)
+            (work / (MANIFEST if data.draw(st.booleans(), label="garbled file") else "config.json")
+             ).write_bytes(mutated)
         else:
-            (work / MANIFEST).write_text(json.dumps(mutated))
+            _write_layout(work, mutated)
         _outcome(work, x, logits, ppl, f"manifest {kind}")
 
 
@@ -203,29 +222,52 @@ def test_mutated_checkpoint_loads_identically_or_fails_in_one_line(original, dat
         _outcome(work, x, logits, ppl, f"checkpoint {kind}")
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda m: m.update(model_class="pipeline"), "field 'model_class' is 'pipeline': not a causal-LM class"),
-    (lambda m: m.update(dtype="int4"), "field 'dtype' is 'int4'; allowed: float32"),
-    (lambda m: m["modules"].update({"../../x": m["modules"].popitem()[1]}), "is not a dotted module name"),
-    (lambda m: next(iter(m["modules"].values())).update(rank=10**9), "rank' must be an integer in"),
-    (lambda m: next(iter(m["modules"].values())).update(rank=1.5), "rank' must be an integer"),
-    (lambda m: next(iter(m["modules"].values())).update(rank="8"), "rank' must be an integer"),
-    (lambda m: next(iter(m["modules"].values())).update(rank=65), "above min(out_features, in_features)"),
-    (lambda m: m["modules"].update({"model.embed_tokens": m["modules"].popitem()[1]}), "not a linear layer"),
-    (lambda m: m["modules"].update({"model.layers.9.mlp.up_proj": m["modules"].popitem()[1]}), "does not exist"),
-    (lambda m: m.update(model_class="GPT2LMHeadModel"), "needs a GPT2Config"),
-    (lambda m: m.pop("modules"), "field 'modules' is missing"),
+@pytest.mark.parametrize("edit,message,file", [
+    (lambda m: m.update(model_class="pipeline"), "field 'model_class' is 'pipeline': not a causal-LM or encoder",
+     MANIFEST),
+    (lambda m: m.update(dtype="int4"), "field 'dtype' is 'int4'; allowed: float32", MANIFEST),
+    (lambda m: m.update(model_class="GPT2LMHeadModel"), "needs a GPT2Config", MANIFEST),
+    (lambda m: m["modules"].update({"../../x": m["modules"].popitem()[1]}), "is not a dotted module name",
+     "config.json"),
+    (lambda m: next(iter(m["modules"].values())).update(rank=10**9), "rank' must be an integer in", "config.json"),
+    (lambda m: next(iter(m["modules"].values())).update(rank=1.5), "rank' must be an integer", "config.json"),
+    (lambda m: next(iter(m["modules"].values())).update(rank="8"), "rank' must be an integer", "config.json"),
+    (lambda m: next(iter(m["modules"].values())).update(rank=65), "above min(out_features, in_features)",
+     "config.json"),
+    (lambda m: next(iter(m["modules"].values())).update(kind="dictionary"), "unknown layer kind 'dictionary'; "
+     "this rankwise knows lowrank", "config.json"),
+    (lambda m: next(iter(m["modules"].values())).update(atoms=4), "a lowrank layer's spec is exactly {rank}",
+     "config.json"),
+    (lambda m: m["modules"].update({"model.embed_tokens": m["modules"].popitem()[1]}), "not a linear layer",
+     "config.json"),
+    (lambda m: m["modules"].update({"model.layers.9.mlp.up_proj": m["modules"].popitem()[1]}), "does not exist",
+     "config.json"),
+    (lambda m: m.pop("modules"), "field 'quantization_config.modules' must be an object", "config.json"),
 ])
-def test_manifest_errors_name_file_and_field(original, tmp_path, edit, message):
+def test_manifest_errors_name_file_and_field(original, tmp_path, edit, message, file):
     path = original[0]
     work = tmp_path / "m"
     shutil.copytree(path, work)
-    manifest = json.loads((work / MANIFEST).read_text())
+    manifest = _read_layout(work)
     edit(manifest)
-    (work / MANIFEST).write_text(json.dumps(manifest))
+    _write_layout(work, manifest)
     with pytest.raises(ValueError) as info:
         load(work)
-    assert message in str(info.value) and str(work / MANIFEST) in str(info.value)
+    assert message in str(info.value) and str(work / file) in str(info.value)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda q: q.update(format_version=3), "format_version' is 3; this rankwise reads version 2"),
+    (lambda q: q.update(group_size=64), "quantization_config.group_size' is not a field"),
+])
+def test_quantization_config_version_and_fields_are_checked(original, tmp_path, edit, message):
+    work = tmp_path / "m"
+    shutil.copytree(original[0], work)
+    config = json.loads((work / "config.json").read_text())
+    edit(config["quantization_config"])
+    (work / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        load(work)
 
 
 def test_unmutated_copy_loads_identically(original, tmp_path):
@@ -251,7 +293,12 @@ def test_factorised_tensors_without_manifest_are_refused(original, tmp_path):
 
     work = tmp_path / "m"
     shutil.copytree(original[0], work)
-    (work / MANIFEST).unlink()
+    (work / MANIFEST).unlink()  # the layer list in config.json is enough (save_pretrained writes no rankwise.json)
+    with torch.no_grad():
+        assert torch.equal(load(work)(original[1]).logits, original[2])
+    config = json.loads((work / "config.json").read_text())
+    del config["quantization_config"]
+    (work / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"holds factorised tensors .* but no rankwise\.json"):
         load_model(str(work))
     with pytest.raises(ValueError, match="holds factorised tensors"):

@@ -34,9 +34,10 @@ def test_save_load_identical_logits(tmp_path, arch):
     x = tiny_tokens(3, 20, seed=9)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
-    manifest = json.loads((out / "rankwise.json").read_text())
-    assert len(manifest["modules"]) == len(report.layers)
-    assert {layer.name: layer.rank for layer in report.layers} == {n: s["rank"] for n, s in manifest["modules"].items()}
+    modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    assert len(modules) == len(report.layers)
+    assert {layer.name: layer.rank for layer in report.layers} == {n: s["rank"] for n, s in modules.items()}
+    assert {s["kind"] for s in modules.values()} == {"lowrank"}
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pkl"))  # nothing pickled
     assert sum(isinstance(m, LowRankLinear) for m in loaded.modules()) == len(report.layers)
 
@@ -122,10 +123,11 @@ def test_load_with_disk_offload_gives_identical_logits(tmp_path):
     x = tiny_tokens(2, 16, seed=3)
     with torch.no_grad():
         expected = model(x).logits
-    # A memory budget below the model's size: accelerate puts the decoder blocks on disk and streams them.
+    # A memory budget below the model's size: the decoder blocks stay on disk (transformers reads them from the
+    # safetensors shards as they run) and are streamed.
     big = load(tmp_path / "m", device_map="auto", max_memory={"cpu": 250_000}, offload_dir=tmp_path / "off")
-    assert "disk" in big.hf_device_map.values() and any((tmp_path / "off").iterdir())
+    assert "disk" in big.hf_device_map.values()
     with torch.no_grad():
         assert torch.equal(big(x).logits, expected)
     with pytest.raises(ValueError, match="could not place"):
-        load(tmp_path / "m", device_map="auto", max_memory={"cpu": 250_000})  # no offload_dir for what does not fit
+        load(tmp_path / "m", device_map={"": "nonsense"})

@@ -78,7 +78,7 @@ def test_streamed_gradient_pass_equals_full_model_backward():
 def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
     src = _checkpoint(tmp_path / "src", dtype=torch.bfloat16)
     report = compress_checkpoint(src, SVDLLMConfig(ratio=0.3), tiny_tokens(8), tmp_path / "out", progress=False)
-    shards = [load_file(p) for p in sorted((tmp_path / "out").glob("model-*.safetensors"))]
+    shards = [load_file(p) for p in sorted((tmp_path / "out").glob("*.safetensors"))]
     assert {t.dtype for s in shards for t in s.values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "out" / "rankwise.json").read_text())["dtype"] == "bfloat16"
     loaded = rankwise.load(tmp_path / "out")
@@ -187,10 +187,10 @@ def test_full_disk_while_spilling_is_a_clean_error(tmp_path, monkeypatch):
 def test_lowrank_layers_in_streamed_output_match_manifest(tmp_path):
     compress_checkpoint(_checkpoint(tmp_path / "src"), SVDLLMConfig(ratio=0.3), tiny_tokens(4), tmp_path / "out",
                         progress=False)
-    manifest = json.loads((tmp_path / "out" / "rankwise.json").read_text())
+    modules = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["modules"]
     loaded = rankwise.load(tmp_path / "out")
     lowrank = {n: m.rank for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)}
-    assert lowrank == {n: spec["rank"] for n, spec in manifest["modules"].items()} and len(lowrank) == 14
+    assert lowrank == {n: spec["rank"] for n, spec in modules.items()} and len(lowrank) == 14
     assert all(linear_weight(m).shape for m in find_targets(loaded).values())
 
 

@@ -16,7 +16,7 @@ def describe(manifest: Any) -> dict[str, Any]:
     """Plain data about a validated manifest: method, ratio, options, parameters, rank histogram, provenance."""
     report = manifest.report or {}
     layers = report.get("layers") or []
-    ranks = [spec.rank for spec in manifest.modules.values()]
+    ranks = [spec.rank for spec in manifest.modules.values() if spec.rank is not None]
     before, after = report.get("params_targeted_before"), report.get("params_targeted_after")
     return {
         "model_class": manifest.model_class,
@@ -30,6 +30,10 @@ def describe(manifest: Any) -> dict[str, Any]:
         "params_total_after": report.get("params_total_after"),
         "params_targeted_kept": after,
         "params_targeted_removed": (before - after) if before is not None and after is not None else None,
+        "kinds": dict(Counter(spec.kind for spec in manifest.modules.values())),
+        "bytes_on_disk": sum(f.stat().st_size for f in manifest.file.parent.glob("*.safetensors")),
+        "bytes_dense": report.get("bytes_dense"),
+        "bits_per_targeted_weight": report.get("bits_per_targeted_weight"),
         "rank_histogram": {f"{low}-{2 * low - 1}": n for low, n in sorted(Counter(map(_bucket, ranks)).items())},
         "provenance": manifest.provenance,
     }
@@ -49,11 +53,12 @@ def info(
     histogram and provenance (source model and its fingerprint, text and windows, versions, command line)."""
     from rankwise.io.checkpoint import check_model_dir
     from rankwise.io.manifest import MANIFEST, read_manifest
+    from rankwise.io.save import is_compressed_dir
 
     where = Path(path)
     check_model_dir(where)
-    if not (where / MANIFEST).is_file():
-        raise ValueError(f"{path!r} is not a rankwise directory (no {MANIFEST})")
+    if not is_compressed_dir(where):
+        raise ValueError(f"{path!r} is not a rankwise directory (no {MANIFEST}, no rankwise quantization_config)")
     data = describe(read_manifest(where))
     if as_json:
         say(json.dumps(data, indent=1))
@@ -64,6 +69,11 @@ def info(
     if data["params_targeted_kept"] is not None:
         say(f"targeted parameters: kept {data['params_targeted_kept']:,}, removed {data['params_targeted_removed']:,}; "
             f"total {data['params_total_after']:,} (was {data['params_total_before']:,})")
+    dense = f", dense in {data['dtype']} {data['bytes_dense'] / 1e6:,.1f} MB" if data["bytes_dense"] else ""
+    bits = data["bits_per_targeted_weight"]
+    say(f"weights on disk {data['bytes_on_disk'] / 1e6:,.1f} MB{dense}"
+        + (f"; {bits:.2f} bits per targeted weight" if bits is not None else "")
+        + "; layer kinds: " + ", ".join(f"{k} x{n}" for k, n in data["kinds"].items()))
     for note in data["notes"]:
         say(f"note: {note}")
     say("ranks: " + ", ".join(f"{bucket}: {count}" for bucket, count in data["rank_histogram"].items()))

@@ -17,9 +17,12 @@ from rankwise.calibrate.cache import StatsCache
 from rankwise.compress.layer import relative_output_error
 from rankwise.compress.pipeline import Mapper, run
 from rankwise.io.atomic import atomic_dir, refuse_overlap
+from rankwise.io.save import resolve_dtype
+from rankwise.io.shards import DEFAULT_MAX_SHARD_SIZE
 from rankwise.methods import CompressConfig
 from rankwise.report import CompressionReport
 from rankwise.stream import ActivationStore, CheckpointSource, InPlaceSink, ModelSource, ShardSink, check_offload_dir
+from rankwise.stream.source import parse_dtype
 from rankwise.targets import FilterFn
 
 DEFAULT_ACTIVATION_MB = 1024
@@ -106,6 +109,8 @@ def compress_checkpoint(
     ray: str | None = None,
     provenance: dict[str, Any] | None = None,
     cache: str | Path | None = None,
+    save_dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> CompressionReport:
     """Compress a safetensors checkpoint directory into ``out`` without ever holding the whole model in memory.
 
@@ -131,6 +136,9 @@ def compress_checkpoint(
         ray: fan each block's factorisations out to Ray workers, as for :func:`compress_`.
         provenance: where the model came from, kept in ``rankwise.json`` (see :mod:`rankwise.io.provenance`).
         cache: a directory for calibration statistics, as for :func:`compress_`.
+        save_dtype: the dtype the output stores (default: ``dtype`` when given, else the dtype the source's
+            ``config.json`` declares, else the checkpoint's own).
+        max_shard_size: the largest output shard (transformers' ``max_shard_size`` convention).
 
     Raises:
         ValueError: one line, for a damaged checkpoint (see :class:`~rankwise.stream.CheckpointSource`), an
@@ -144,11 +152,12 @@ def compress_checkpoint(
     offload = check_offload_dir(offload_dir if offload_dir is not None else out.absolute().parent)
     with (atomic_dir(out, overwrite) as tmp, ActivationStore(int(activation_mb * 2**20), offload) as store,
           _fan_out(ray) as mapper):
-        sink = ShardSink(tmp, source.blocks_name, len(source.blocks), export=export,
-                         model_type=getattr(source.config, "model_type", ""))
+        stored = resolve_dtype(save_dtype, parse_dtype(dtype) or source.declared_dtype or source.dtype)
+        sink = ShardSink(tmp, source.blocks_name, dtype=stored, export=export,
+                         model_type=getattr(source.config, "model_type", ""), max_shard_size=max_shard_size)
         report = run(source, sink, config, calibration, filter_fn=filter_fn, batch_size=batch_size,
                      progress=progress, store=store, mapper=mapper,
                      cache=StatsCache(cache) if cache is not None else None)
         sink.write_rest(source.rest_tensors())
-        sink.finish(source.model, source.dtype, report if export == "factored" else None, tokenizer, provenance)
+        sink.finish(source.model, report, tokenizer, provenance)
     return report

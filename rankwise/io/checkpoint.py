@@ -154,7 +154,8 @@ def refuse_factored_without_manifest(path: Path, names: list[str] | dict[str, st
     """Factorised tensors (``*.up`` / ``*.down``) need ``rankwise.json`` to be loaded; refuse them without it."""
     factored = sorted(n for n in names if n.rpartition(".")[2] in FACTOR_LEAVES)
     if factored:
-        raise ValueError(f"{path} holds factorised tensors (e.g. {factored[0]!r}) but no rankwise.json; "
+        raise ValueError(f"{path} holds factorised tensors (e.g. {factored[0]!r}) but no rankwise.json (nor a "
+                         "rankwise quantization_config in config.json); "
                          "restore the manifest written with them, or re-export the model")
 
 

@@ -1,18 +1,20 @@
-"""Save and reload compressed models: ``model.safetensors`` + HF ``config.json`` + ``rankwise.json``.
+"""Save and reload compressed models in the transformers-native format.
 
-``rankwise.json`` lists every factorised module with its rank; nothing is pickled. :func:`load` rebuilds the same
-Hugging Face model class from the config, swaps in :class:`~rankwise.nn.LowRankLinear` layers of the saved ranks and
-loads the tensors, so logits are identical to the in-memory compressed model.
+A compressed directory is a Hugging Face checkpoint: ``config.json`` whose ``quantization_config`` lists every
+compressed layer with its kind and spec (:mod:`rankwise.io.hf_quantizer`), safetensors shards by size
+(:mod:`rankwise.io.shards`), and ``rankwise.json`` with the report and provenance. Nothing is pickled. It loads with
+``AutoModelForCausalLM.from_pretrained`` once rankwise is imported, or with :func:`load`, which checks everything
+first and then does exactly that.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from rankwise._errors import first_line
@@ -26,77 +28,133 @@ from rankwise.io.checkpoint import (
     weight_map,
 )
 from rankwise.io.manifest import (
+    DTYPES,
     FORMAT_VERSION,
     MANIFEST,
     Manifest,
-    causal_lm_classes,
+    ModuleSpec,
     check_against_model,
+    is_rankwise_quantization,
+    model_classes,
     read_manifest,
 )
-from rankwise.nn import LowRankLinear, linear_weight
+from rankwise.io.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter
+from rankwise.nn import compressed_modules, linear_weight
 from rankwise.targets import set_submodule
 
 
-def _lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+def module_specs(model: nn.Module) -> dict[str, ModuleSpec]:
+    """The manifest entry of every compressed layer of ``model``."""
+    out = {}
+    for name, m in compressed_modules(model).items():
+        spec = m.full_spec()
+        out[name] = ModuleSpec(spec.pop("in_features"), spec.pop("out_features"), spec.pop("bias"),
+                               spec.pop("kind"), spec)
+    return out
+
+
+def quantization_config(model: nn.Module) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json`` describing ``model``'s compressed layers now."""
+    from rankwise.io.hf_quantizer import RankwiseConfig
+
+    return RankwiseConfig.from_specs(module_specs(model)).to_dict()
 
 
 def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each shared (tied) tensor stored once, under its first name (e.g. the input embedding)."""
+    """The state dict with each shared (tied) tensor stored once, under its first name (e.g. the input embedding).
+
+    Empty tensors (the load guards of :mod:`rankwise.nn.kinds`) all share one address and are never deduplicated."""
     seen: set[tuple[int, torch.Size]] = set()
     out = {}
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(), t.shape)
-        if key not in seen:
+        if t.numel() == 0 or key not in seen:
             seen.add(key)
             out[name] = t.detach().contiguous()
     return out
 
 
 def is_compressed_dir(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    """A rankwise directory: ``rankwise.json``, or a ``config.json`` with a rankwise ``quantization_config``."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and is_rankwise_quantization(config.get("quantization_config"))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
+    """``dtype`` as a torch dtype (names as in :data:`rankwise.io.manifest.DTYPES`), or ``default``."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 
 def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, report: Any = None, overwrite: bool = False,
-         export: str = "factored", provenance: dict[str, Any] | None = None) -> Path:
+         export: str = "factored", provenance: dict[str, Any] | None = None, dtype: str | torch.dtype | None = None,
+         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write ``model`` to ``out`` atomically.
 
     Args:
-        model: a Hugging Face model, possibly containing ``LowRankLinear`` layers.
+        model: a Hugging Face model, possibly containing compressed layers (:class:`~rankwise.nn.CompressedLinear`).
         out: output directory; refused if it exists unless ``overwrite``.
         tokenizer: saved alongside when given.
         report: a :class:`~rankwise.report.CompressionReport` (or its dict) stored in the manifest.
-        export: ``"factored"`` (rankwise format) or ``"dense"`` (a plain HF checkpoint: factors multiplied out,
-            loadable by ``transformers`` alone).
+        export: ``"factored"`` (compressed layers as they are; loads with ``from_pretrained`` after
+            ``import rankwise``) or ``"dense"`` (a plain HF checkpoint: layers multiplied out).
         provenance: where the model came from (:func:`rankwise.io.provenance.provenance`), kept in the manifest.
+        dtype: storage dtype of floating-point tensors (default: the model's); ``rankwise compress`` stores the
+            source checkpoint's declared dtype, so pass it here to write the same bytes.
+        max_shard_size: the largest safetensors shard (transformers' convention, e.g. ``"1GB"``).
     """
     if export not in ("factored", "dense"):
         raise ValueError(f"export must be 'factored' or 'dense', got {export!r}")
+    dtype = resolve_dtype(dtype, next(model.parameters()).dtype)
     with atomic_dir(out, overwrite) as tmp:
-        if export == "dense":
-            dense = _densified(model)
-            dense.save_pretrained(tmp, safe_serialization=True)
-        else:
-            model.config.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(tmp)
-            save_file(unique_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            write_factored_metadata(model, tmp, next(model.parameters()).dtype, report, provenance)
+        writer = ShardWriter(tmp, dtype=dtype, max_shard_size=max_shard_size)
+        state = dense_state(model, getattr(model.config, "model_type", "")) if export == "dense" else \
+            unique_state(model)
+        writer.add(state.items())
+        writer.finish()
+        write_config(model, tmp, dtype, factored=export == "factored")
+        if hasattr(report, "record_storage"):
+            report.record_storage(tmp, dtype)
+        if export == "factored":
+            write_manifest(model, tmp, dtype, report, provenance)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
 
 
-def write_factored_metadata(model: nn.Module, out: Path, dtype: torch.dtype, report: Any = None,
-                            provenance: dict[str, Any] | None = None) -> None:
-    """Write ``rankwise.json``: the model class, dtype, every factorised module with its rank, the report and the
-    provenance."""
+def write_config(model: nn.Module, out: Path, dtype: torch.dtype, *, factored: bool) -> None:
+    """``config.json`` (with the rankwise ``quantization_config`` when ``factored``) and ``generation_config.json``."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if factored:
+        config.quantization_config = quantization_config(model)
+    config.dtype = dtype
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: False)():
+        model.generation_config.save_pretrained(out)
+
+
+def write_manifest(model: nn.Module, out: Path, dtype: torch.dtype, report: Any = None,
+                   provenance: dict[str, Any] | None = None) -> None:
+    """Write ``rankwise.json``: the model class, dtype, the report and the provenance (the layers are in
+    ``config.json``)."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
         "dtype": str(dtype).removeprefix("torch."),
-        "modules": {name: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
-                           "bias": m.bias is not None} for name, m in _lowrank_modules(model).items()},
         "report": report.to_dict() if hasattr(report, "to_dict") else report,
         "provenance": provenance,
     }
@@ -104,33 +162,33 @@ def write_factored_metadata(model: nn.Module, out: Path, dtype: torch.dtype, rep
 
 
 def dense_state(module: nn.Module, model_type: str = "") -> dict[str, torch.Tensor]:
-    """``module``'s state dict with every ``LowRankLinear`` multiplied out into the dense ``weight`` a plain
+    """``module``'s state dict with every compressed layer multiplied out into the dense ``weight`` a plain
     checkpoint expects (``(in, out)`` for GPT-2's ``Conv1D``)."""
     state = unique_state(module)
-    for name, m in _lowrank_modules(module).items():
+    for name, m in compressed_modules(module).items():
         prefix = f"{name}." if name else ""
-        for key in ("up", "down"):
-            state.pop(prefix + key)
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
         weight = m.dense_weight().detach()  # (out, in)
         state[prefix + "weight"] = (weight.T if model_type == "gpt2" else weight).contiguous()
+        if getattr(m, "bias", None) is not None:
+            state[prefix + "bias"] = m.bias.detach()
     return state
 
 
-def _densified(model: nn.Module) -> nn.Module:
-    """A deep copy with every ``LowRankLinear`` multiplied back into an ``nn.Linear``."""
-    import copy
-
-    dense = copy.deepcopy(model)
-    for name, m in _lowrank_modules(dense).items():
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.up.device,
-                        dtype=m.up.dtype)
+def densify_(model: nn.Module) -> nn.Module:
+    """Replace every compressed layer of ``model`` by the dense layer it stands for (in place); returns ``model``."""
+    for name, m in compressed_modules(model).items():
+        bias = getattr(m, "bias", None)
+        weight = m.dense_weight().detach()
+        lin = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=weight.device,
+                        dtype=weight.dtype)
         with torch.no_grad():
-            lin.weight.copy_(m.dense_weight())
-            if m.bias is not None:
-                lin.bias.copy_(m.bias)
-        original = _original_kind(dense, name)
-        set_submodule(dense, name, _as_conv1d(lin) if original == "Conv1D" else lin)
-    return dense
+            lin.weight.copy_(weight)
+            if bias is not None:
+                lin.bias.copy_(bias)
+        set_submodule(model, name, _as_conv1d(lin) if _original_kind(model, name) == "Conv1D" else lin)
+    return model
 
 
 def _original_kind(model: nn.Module, name: str) -> str:
@@ -173,35 +231,57 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", trust_remote_c
     path = Path(path)
     check_model_dir(path)
     if not is_compressed_dir(path):
-        raise ValueError(f"{str(path)!r} is not a rankwise directory (no {MANIFEST}); load it with transformers")
+        raise ValueError(f"{str(path)!r} is not a rankwise directory (no {MANIFEST}, no rankwise "
+                         "quantization_config in config.json); load it with transformers")
     manifest = read_manifest(path)
     config = load_config(path, trust_remote_code)
     wmap = weight_map(path)
-    # Non-persistent buffers such as rotary frequencies are computed for real in both cases (never on meta).
-    with init_empty_weights(include_buffers=False) if device_map is not None else torch.device(device):
-        model = _build(manifest, config, trust_remote_code)
-        install_lowrank(model, manifest)
-    model.to(manifest.dtype)
-    model.tie_weights()
-    _check_tensors(path, wmap, model)
-    if device_map is not None:
-        from accelerate import load_checkpoint_and_dispatch
+    with init_empty_weights(include_buffers=False):  # a skeleton on meta, to check the files against
+        skeleton = _build(manifest, config, trust_remote_code)
+        install_kinds(skeleton, manifest)
+    skeleton.to(manifest.dtype)
+    skeleton.tie_weights()
+    _check_tensors(path, wmap, skeleton)
+    del skeleton
+    return _from_pretrained(path, manifest, trust_remote_code, device, device_map, max_memory, offload_dir)
 
-        try:
-            return load_checkpoint_and_dispatch(
-                model, str(path), device_map=device_map, max_memory=max_memory, offload_folder=offload_dir,
-                no_split_module_classes=list(getattr(model, "_no_split_modules", None) or []), dtype=manifest.dtype,
-            ).eval()
-        except (ValueError, RuntimeError, OSError) as err:  # accelerate's placement errors, and safetensors' own
+
+def _from_pretrained(path: Path, manifest: Manifest, trust_remote_code: bool, device: str | torch.device,
+                     device_map: Any, max_memory: Any, offload_dir: Any) -> nn.Module:
+    """transformers' own loading, with the rankwise quantizer (format 1 directories name their layers in
+    ``rankwise.json`` only: their quantization config is passed in)."""
+    import transformers
+
+    from rankwise.io.hf_quantizer import RankwiseConfig, register
+
+    register()
+    cls = getattr(transformers, manifest.model_class) if hasattr(transformers, manifest.model_class) else \
+        transformers.AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"dtype": manifest.dtype, "trust_remote_code": trust_remote_code,
+                              "output_loading_info": True}
+    if manifest.format_version == 1:
+        kwargs["quantization_config"] = RankwiseConfig.from_specs(manifest.modules)
+    if device_map is not None:
+        kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_dir)
+    elif torch.device(device).type != "cpu":
+        kwargs["device_map"] = {"": torch.device(device)}
+    try:
+        model, info = cls.from_pretrained(path, **kwargs)
+    except (ValueError, RuntimeError, OSError, KeyError, TypeError) as err:  # placement, safetensors, config
+        if device_map is not None:
             raise ValueError(f"could not place {path} with device_map={device_map!r}, max_memory={max_memory!r} "
                              f"({first_line(err)}); give more memory, or an offload_dir for what does not fit"
                              ) from None
-    for file in sorted(set(wmap.values())):
-        with SafeOpen(path / file, device) as f:
-            state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
-        model.load_state_dict(state, strict=False)
-        del state
-    model.tie_weights()  # tied tensors were stored once; this points their other names at them again
+        raise ValueError(f"could not load {path} ({first_line(err)})") from None
+    guards = {f"{name}.weight" for name in manifest.modules}  # format 1 stored no load guards: nothing to read
+    missing = sorted(set(info.get("missing_keys") or []) - (guards if manifest.format_version == 1 else set()))
+    problems = [(kind, keys) for kind, keys in (("missing", missing),
+                                                ("unexpected", sorted(info.get("unexpected_keys") or [])),
+                                                ("mismatched", sorted(map(str, info.get("mismatched_keys") or []))))
+                if keys]
+    if problems:
+        kind, keys = problems[0]
+        raise ValueError(f"{path}: {len(keys)} {kind} tensors when loading (e.g. {keys[0]!r}); refusing the model")
     return model.eval()
 
 
@@ -229,11 +309,11 @@ def _check_tensors(path: Path, wmap: dict[str, str], model: nn.Module) -> None:
 
 
 def _build(manifest: Manifest, config: Any, trust_remote_code: bool) -> nn.Module:
-    """An instance of the manifest's causal-LM class (from the allow-list, or the checkpoint's own code when
+    """An instance of the manifest's model class (from the allow-list, or the checkpoint's own code when
     trusted), checked to be what ``config.json`` describes."""
     import transformers
 
-    if manifest.model_class in causal_lm_classes() and hasattr(transformers, manifest.model_class):
+    if manifest.model_class in model_classes() and hasattr(transformers, manifest.model_class):
         cls = getattr(transformers, manifest.model_class)
         config_class = getattr(cls, "config_class", None)
         if config_class is not None and not isinstance(config, config_class):
@@ -255,9 +335,9 @@ def _build(manifest: Manifest, config: Any, trust_remote_code: bool) -> nn.Modul
     return model
 
 
-def install_lowrank(model: nn.Module, manifest: Manifest) -> None:
-    """Replace the modules the manifest lists by ``LowRankLinear`` of the saved ranks (on the current device),
-    after checking each is a linear layer of the stated shape."""
+def install_kinds(model: nn.Module, manifest: Manifest) -> None:
+    """Replace the modules the manifest lists by empty layers of their kinds (on the current device), after
+    checking each is a linear layer of the stated shape."""
     check_against_model(manifest, model)
     for name, spec in manifest.modules.items():
-        set_submodule(model, name, LowRankLinear(spec.in_features, spec.out_features, spec.rank, spec.bias))
+        set_submodule(model, name, spec.build())

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rankwise.linalg import LowRank
+from rankwise.nn.kinds import CompressedLinear, register_kind
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -34,31 +37,32 @@ def linear_weight(module: nn.Module, tensor: torch.Tensor | None = None) -> torc
 
 def input_dim(module: nn.Module) -> int:
     """Input features of a linear-like layer or a :class:`LowRankLinear`."""
-    if isinstance(module, LowRankLinear):
+    if isinstance(module, CompressedLinear):
         return module.in_features
     return linear_weight(module).shape[1]
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
-    """The ``(out, in)`` matrix a linear-like or low-rank layer applies (a product for ``LowRankLinear``)."""
-    if isinstance(module, LowRankLinear):
+    """The ``(out, in)`` matrix a linear-like or compressed layer applies (a product for ``LowRankLinear``)."""
+    if isinstance(module, CompressedLinear):
         return module.dense_weight()
     return linear_weight(module)
 
 
-class LowRankLinear(nn.Module):
+@register_kind("lowrank")
+class LowRankLinear(CompressedLinear):
     """A rank-``r`` linear map ``x -> up(down(x)) + bias`` storing ``r * (in + out)`` weights (+ ``out`` bias).
 
-    ``down.weight`` is ``(r, in)`` and ``up.weight`` is ``(out, r)``; ``in_features``/``out_features`` mirror
-    ``nn.Linear`` so code that inspects layers keeps working.
+    ``down`` is ``(r, in)`` and ``up`` is ``(out, r)``; ``in_features``/``out_features`` mirror ``nn.Linear`` so
+    code that inspects layers keeps working. Layer kind ``"lowrank"``, spec ``{"rank": r}``.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
+        super().__init__(in_features, out_features, device=device, dtype=dtype)
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.rank = rank
         kw = {"device": device, "dtype": dtype}
         self.down = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.up = nn.Parameter(torch.empty(out_features, rank, **kw))
@@ -81,9 +85,24 @@ class LowRankLinear(nn.Module):
                 layer.bias.copy_(bias.to(up.dtype))
         return layer
 
-    @property
-    def num_params(self) -> int:
-        return self.down.numel() + self.up.numel() + (self.bias.numel() if self.bias is not None else 0)
+    @classmethod
+    def check_spec(cls, in_features: int, out_features: int, spec: dict[str, Any]) -> str | None:
+        if set(spec) != {"rank"}:
+            return f"{sorted(set(spec) ^ {'rank'})[0]}: a lowrank layer's spec is exactly {{rank}}"
+        rank = spec["rank"]
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 2**24:
+            return f"rank: must be an integer in [1, min(out_features, in_features)], got {rank!r}"
+        if rank > min(in_features, out_features):
+            return f"rank: is {rank}, above min(out_features, in_features) = {min(in_features, out_features)}"
+        return None
+
+    @classmethod
+    def from_spec(cls, in_features: int, out_features: int, bias: bool, spec: dict[str, Any], *,
+                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LowRankLinear:
+        return cls(in_features, out_features, spec["rank"], bias, device=device, dtype=dtype)
+
+    def spec(self) -> dict[str, Any]:
+        return {"rank": self.rank}
 
     def dense_weight(self) -> torch.Tensor:
         """The ``(out, in)`` product ``up @ down``."""

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from rankwise._errors import first_line
+from rankwise.arch import auto_class, model_kind
+from rankwise.calibrate.objective import POOLING_ATTR
 from rankwise.io.checkpoint import (
     SAFETENSORS_DTYPES,
     SafeOpen,
@@ -25,7 +27,8 @@ from rankwise.io.checkpoint import (
     weight_map,
 )
 from rankwise.io.manifest import read_manifest
-from rankwise.io.save import install_lowrank, is_compressed_dir
+from rankwise.io.save import install_kinds, is_compressed_dir
+from rankwise.io.sentence import read_pooling
 from rankwise.stream.blocks import block_of, decoder_blocks
 
 __all__ = ["DTYPES", "CheckpointSource", "ModelSource", "parse_dtype"]
@@ -82,6 +85,10 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 class CheckpointSource:
     """Blocks of a Hugging Face checkpoint directory (``model.safetensors`` or sharded with an index), read lazily.
 
+    A causal LM is built with ``AutoModelForCausalLM``, an encoder (:func:`rankwise.arch.is_encoder_config`, e.g. a
+    sentence-transformers BERT) with ``AutoModel``; a sentence-transformers directory's pooling mode is kept on the
+    config (``rankwise_pooling``) for the encoder's calibration loss.
+
     Args:
         path: the checkpoint directory.
         device: where blocks are materialised and run.
@@ -98,29 +105,32 @@ class CheckpointSource:
     def __init__(self, path: str | Path, *, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype | None = None, trust_remote_code: bool = False) -> None:
         from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM
 
         self.path = Path(path)
         check_model_dir(self.path)
         if not (self.path / "config.json").is_file():
             raise ValueError(f"{self.path}/config.json is missing: not a Hugging Face checkpoint directory")
         self.config = load_config(self.path, trust_remote_code)
+        pooling = read_pooling(self.path)  # a sentence-transformers encoder's pooling, for its calibration loss
+        if pooling is not None:
+            setattr(self.config, POOLING_ATTR, pooling)
+        auto = auto_class(self.config)  # AutoModel for an encoder, AutoModelForCausalLM otherwise
         manifest = read_manifest(self.path) if is_compressed_dir(self.path) else None
         self.weight_map = weight_map(self.path)
         if manifest is None:
             refuse_factored_without_manifest(self.path, self.weight_map)
         with init_empty_weights(include_buffers=False):
             try:
-                self.model = AutoModelForCausalLM.from_config(self.config, trust_remote_code=trust_remote_code)
+                self.model = auto.from_config(self.config, trust_remote_code=trust_remote_code)
             except (ValueError, TypeError, RuntimeError, KeyError, AttributeError) as err:
-                raise ValueError(f"{self.path / 'config.json'} does not describe a buildable causal LM "
-                                 f"({type(err).__name__}: {first_line(err)})") from None
+                raise ValueError(f"{self.path / 'config.json'} does not describe a buildable "
+                                 f"{model_kind(self.config)} ({type(err).__name__}: {first_line(err)})") from None
             if manifest is not None and type(self.model).__name__ != manifest.model_class:
                 raise ValueError(f"{manifest.file}: model_class is {manifest.model_class!r} but config.json "
                                  f"describes a {type(self.model).__name__}")
             if manifest is not None:  # a rankwise directory: its factorised layers, on meta too
                 with torch.device("meta"):
-                    install_lowrank(self.model, manifest)
+                    install_kinds(self.model, manifest)
         self.model.tie_weights()
         self.model.eval()
         self.device = torch.device(device)
@@ -212,8 +222,18 @@ class CheckpointSource:
 
     def rest_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The tensors outside the blocks as stored in the checkpoint, one at a time (for writing the output)."""
+        first = {names[0] for names in parameter_groups(self.model)}  # a tied tensor is written once
         for name in self._names(None):
-            yield from self._read([name])
+            if name in first:
+                yield from self._read([name])
+
+    @property
+    def declared_dtype(self) -> torch.dtype | None:
+        """The dtype ``config.json`` declares (the published weights' dtype), if it names one."""
+        declared = getattr(self.config, "dtype", None)
+        if isinstance(declared, str):
+            declared = DTYPES.get(declared)
+        return declared if isinstance(declared, torch.dtype) else None
 
 
 def _to_meta(module: nn.Module, recurse: bool = True, memo: dict[int, nn.Parameter] | None = None) -> None:
