@@ -1,55 +1,67 @@
-"""Register rankwise's quantization method with transformers as soon as transformers' quantizer registry exists.
+"""Hook rankwise into transformers and PEFT as soon as they are imported, without importing them here.
 
-``import rankwise`` must make ``AutoModelForCausalLM.from_pretrained(compressed_dir)`` work, but importing
-transformers' quantizers costs seconds that ``import rankwise.linalg`` should not pay. So registration happens at once
-when ``transformers.quantizers.auto`` is already imported, and otherwise right after it first is (it is imported by
-``transformers.modeling_utils``, before any ``from_pretrained`` can run).
+``import rankwise`` must make ``AutoModelForCausalLM.from_pretrained(compressed_dir)`` work (the ``rankwise``
+quantization method) and make compressed layers PEFT LoRA targets (:mod:`rankwise.adapt.compressed`), but importing
+transformers' quantizers or PEFT costs seconds that ``import rankwise.linalg`` should not pay. So each hook runs at once
+when its module is already imported, and otherwise right after that module first is (``transformers.quantizers.auto``
+is imported by ``transformers.modeling_utils``, before any ``from_pretrained`` can run).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
-_TARGET = "transformers.quantizers.auto"
+
+def _register_quantizer() -> None:
+    importlib.import_module("rankwise.io.hf_quantizer").register()
 
 
-def _register() -> None:
-    from rankwise.io.hf_quantizer import register
+def _install_peft() -> None:
+    importlib.import_module("rankwise.adapt.compressed").install()
 
-    register()
+
+HOOKS: dict[str, Callable[[], None]] = {"transformers.quantizers.auto": _register_quantizer, "peft": _install_peft}
 
 
 class _Loader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader) -> None:
-        self.inner = inner
+    def __init__(self, inner: importlib.abc.Loader, hook: Callable[[], None]) -> None:
+        self.inner, self.hook = inner, hook
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self.inner.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self.inner.exec_module(module)
-        _register()
+        self.hook()
 
 
 class _Finder(importlib.abc.MetaPathFinder):
+    def __init__(self) -> None:
+        self.pending = {name: hook for name, hook in HOOKS.items() if name not in sys.modules}
+
     def find_spec(self, fullname: str, path: object, target: object = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != _TARGET:
+        hook = self.pending.pop(fullname, None)
+        if hook is None:
             return None
-        sys.meta_path.remove(self)  # find the real spec with the other finders, once
+        if not self.pending:
+            sys.meta_path.remove(self)
         from importlib.util import find_spec
 
-        spec = find_spec(fullname)
+        spec = find_spec(fullname)  # the real spec, from the finders after this one
         if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader)
+            spec.loader = _Loader(spec.loader, hook)
         return spec
 
 
 def install() -> None:
-    """Register now if transformers' registry is loaded, else when it loads."""
-    if _TARGET in sys.modules:
-        _register()
-    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
+    """Run each hook now if its module is loaded, else when it loads."""
+    for name, hook in HOOKS.items():
+        if name in sys.modules:
+            hook()
+    if any(name not in sys.modules for name in HOOKS) and not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,15 +137,10 @@ def export_peft(compensation: Compensation, out: str | Path, *, base_model_name:
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """``PeftModel.from_pretrained`` that also handles rankwise's factorised layers (registered as custom LoRA
-    targets, so LoRA wraps ``LowRankLinear`` like ``nn.Linear``)."""
-    from peft import LoraConfig, PeftModel
-    from peft.tuners import lora
+    """``PeftModel.from_pretrained``: rankwise's compressed layers are LoRA targets like ``nn.Linear`` once
+    :mod:`rankwise.adapt.compressed` has hooked into PEFT (importing rankwise arranges it)."""
+    from peft import PeftModel
 
-    config = LoraConfig.from_pretrained(str(adapter_dir))
-    if any(isinstance(m, LowRankLinear) for m in model.modules()):
-        config._register_custom_module({LowRankLinear: lora.Linear})
-    with warnings.catch_warnings():
-        # LoRA's forward only calls the base layer, which LowRankLinear supports; PEFT warns for any custom type.
-        warnings.filterwarnings("ignore", message="Unsupported layer type")
-        return PeftModel.from_pretrained(model, str(adapter_dir), config=config)
+    import rankwise.adapt.compressed  # noqa: F401 (the PEFT hooks, in case peft was imported before rankwise)
+
+    return PeftModel.from_pretrained(model, str(adapter_dir))

@@ -312,10 +312,6 @@ def test_adapt_training_state_is_guarded(tiny_dir, tmp_path):
     result = run("adapt", tiny_dir, *common, "--out", tmp_path / "o", "--overwrite")
     assert result.exit_code == 2 and "not a rankwise training state" in result.output
     assert (stale / "mine.txt").exists()
-    compressed = tmp_path / "c"
-    assert run("compress", tiny_dir, "--ratio", "0.4", "--out", compressed, "--text", text, *SMALL).exit_code == 0
-    result = run("adapt", compressed, *common, "--out", tmp_path / "p")
-    assert result.exit_code == 2 and "is a compressed rankwise model" in result.output
 
 
 @pytest.mark.parametrize(("args", "message"), [

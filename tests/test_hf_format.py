@@ -170,3 +170,30 @@ def test_in_memory_model_compressed_with_plain_svd_round_trips_through_save(tmp_
     compress_(model, SVDConfig(ratio=0.5), progress=False)
     save(model, tmp_path / "m")
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m")), _logits(model))
+
+
+def test_plain_transformers_and_peft_after_import_rankwise(tmp_path):
+    """The user's next step, in a fresh process: load with transformers, put a LoRA adapter on every linear layer
+    with plain PEFT, merge it into the factors, save with save_pretrained, load again."""
+    model, report = _compressed()
+    save(model, tmp_path / "m", report=report)
+    code = f"""
+import torch, rankwise
+from transformers import AutoModelForCausalLM
+from peft import LoraConfig, get_peft_model
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})
+peft_model = get_peft_model(model, LoraConfig(target_modules="all-linear", r=2, init_lora_weights=False))
+assert sum("lora_A" in n for n, _ in peft_model.named_parameters()) == {len(report.layers)}
+x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    adapted = peft_model(x).logits
+    merged = peft_model.merge_and_unload()
+    assert (merged(x).logits - adapted).abs().max() < 1e-5
+    merged.save_pretrained({str(tmp_path / 'merged')!r})
+    again = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r})
+    assert torch.equal(again(x).logits, merged(x).logits)
+print("OK", again.model.layers[0].mlp.up_proj.rank)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["OK", str(model.model.layers[0].mlp.up_proj.rank + 2)]

@@ -1,10 +1,12 @@
 """Adapters PEFT lacks, registered into PEFT, plus fine-tuning and healing.
 
 Importing this package registers the tuners, after which PEFT's ``get_peft_model``, ``save_pretrained`` and
-``PeftModel.from_pretrained`` handle them like PEFT's own methods.
+``PeftModel.from_pretrained`` handle them like PEFT's own methods, and makes compressed layers (``CompressedLinear``)
+LoRA targets (:mod:`rankwise.adapt.compressed`).
 """
 
 from rankwise.adapt.block_lora import BlockLoRAConfig, BlockLoRAModel
+from rankwise.adapt.compressed import CompressedLoraLinear, check_mergeable, install
 from rankwise.adapt.heal import HealConfig, heal_
 from rankwise.adapt.loldu import LoLDUConfig, LoLDUModel
 from rankwise.adapt.lora_sb import LoRASBConfig, LoRASBModel, preprocess_lora_sb
@@ -13,10 +15,13 @@ from rankwise.adapt.milora import MiLoRAConfig, MiLoRAModel
 from rankwise.adapt.svfit import SVFitConfig, SVFitModel
 from rankwise.adapt.train import TrainConfig, TrainingDivergedError, TrainResult, train
 
+install()
+
 __all__ = [
     "METHODS",
     "BlockLoRAConfig",
     "BlockLoRAModel",
+    "CompressedLoraLinear",
     "HealConfig",
     "LoLDUConfig",
     "LoLDUModel",
@@ -30,7 +35,9 @@ __all__ = [
     "TrainResult",
     "TrainingDivergedError",
     "add_adapter",
+    "check_mergeable",
     "heal_",
+    "install",
     "preprocess_lora_sb",
     "train",
 ]

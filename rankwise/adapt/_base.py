@@ -2,7 +2,10 @@
 frozen base layer's output (with merge / unmerge), and a tuner model that builds one layer per target.
 
 A tuner file then holds only its method: the config fields it adds, how the adapter is initialised from the base
-weight, its forward contribution and its dense ``delta`` weight. Trainable tensors live in ``nn.ParameterDict``s
+weight, its forward contribution, its dense ``delta`` weight and that delta as factors. The base layer is an
+``nn.Linear`` or a compressed layer (initialised from its ``dense_weight()``; merging into a ``LowRankLinear``
+appends the delta's factors, so the merged layer stays factorised); a method that cannot adapt a compressed layer
+says why in ``compressed_refusal``. Trainable tensors live in ``nn.ParameterDict``s
 named in ``adapter_layer_names``; frozen ones (bases, initial values) in persistent ``BufferDict``s named in
 ``other_param_names``, so PEFT moves, saves and loads both and never makes a frozen one trainable.
 """
@@ -21,6 +24,9 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import get_pattern_key
 from torch import nn
 
+from rankwise.adapt.compressed import append_factors, base_device_and_dtype, drop_factors
+from rankwise.nn import CompressedLinear, effective_weight
+
 
 @dataclass
 class SeedConfig(PeftConfig):
@@ -37,6 +43,7 @@ class SeedConfig(PeftConfig):
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "other modules trained and saved"})
 
     peft_name: ClassVar[str] = ""  # the registered name; PeftType member is its upper case
+    adapts_compressed_layers: ClassVar[bool] = True  # "all-linear" includes compressed layers (the layer may refuse)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,11 +63,15 @@ class SeedLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
+    compressed_refusal: ClassVar[str | None] = None  # why the method cannot adapt a compressed layer; None: it can
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SeedConfig, r: int, **kwargs: Any) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"{type(self).__name__} adapts nn.Linear layers only, got {type(base_layer).__name__}")
+        if not isinstance(base_layer, (nn.Linear, CompressedLinear)):
+            raise TypeError(f"{type(self).__name__} adapts nn.Linear and compressed layers only, got "
+                            f"{type(base_layer).__name__}")
+        if isinstance(base_layer, CompressedLinear) and self.compressed_refusal is not None:
+            raise ValueError(f"{config.peft_name} cannot adapt a compressed layer: {self.compressed_refusal}")
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r: dict[str, int] = {}
@@ -70,6 +81,8 @@ class SeedLayer(nn.Module, BaseTunerLayer):
             setattr(self, name, BufferDict({}, persistent=True))
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        self._appended: list[int] = []  # ranks appended to a LowRankLinear base by merge, in order
+        self.target_name = ""  # the layer's name in the model, for messages (set by SeedModel)
         self.kwargs = kwargs
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, r, **kwargs)
@@ -88,6 +101,14 @@ class SeedLayer(nn.Module, BaseTunerLayer):
         """The ``(out, in)`` matrix the adapter adds to the base weight."""
         raise NotImplementedError
 
+    def delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``get_delta_weight`` as ``(up (out, q), down (q, in))``, appended to a compressed base layer at merge."""
+        raise NotImplementedError
+
+    def merge_rank(self, adapter_name: str) -> int:
+        """How much merging ``adapter_name`` grows a compressed base layer's rank (``q`` of ``delta_factors``)."""
+        return self.r[adapter_name]
+
     # -- shared machinery -------------------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: SeedConfig, r: int, **kwargs: Any) -> None:
         limit = min(self.in_features, self.out_features)
@@ -95,7 +116,7 @@ class SeedLayer(nn.Module, BaseTunerLayer):
             raise ValueError(f"rank {r} is not allowed for a {self.out_features} x {self.in_features} layer: use "
                              f"1 <= r <= {limit}")
         self.r[adapter_name] = r
-        weight = self.get_base_layer().weight
+        weight = effective_weight(self.get_base_layer())  # (out, in); a product for a LowRankLinear
         if weight.device.type == "meta":
             raise ValueError("cannot initialise a data-driven adapter on a meta-device weight; load the model first")
         with torch.no_grad():
@@ -106,11 +127,22 @@ class SeedLayer(nn.Module, BaseTunerLayer):
     def _owns(self, adapter_name: str) -> bool:
         return adapter_name in self.r
 
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device | None,
+                                                                               torch.dtype | None]:
+        return base_device_and_dtype(base_layer)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         for name in check_adapters_to_merge(self, adapter_names):
             if not self._owns(name):
                 continue
-            weight = self.get_base_layer().weight
+            base = self.get_base_layer()
+            if isinstance(base, CompressedLinear):  # a LowRankLinear: rank k -> k + q, still factorised
+                up, down = self.delta_factors(name)
+                append_factors(base, up, down, safe=safe_merge, layer=self.target_name)
+                self._appended.append(up.shape[1])
+                self.merged_adapters.append(name)
+                continue
+            weight = base.weight
             delta = self.get_delta_weight(name).detach().to(weight.dtype)
             merged = weight.data + delta
             if safe_merge and not torch.isfinite(merged).all():
@@ -124,7 +156,11 @@ class SeedLayer(nn.Module, BaseTunerLayer):
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight = self.get_base_layer().weight
+            base = self.get_base_layer()
+            if isinstance(base, CompressedLinear):  # exact: the appended factors are dropped
+                drop_factors(base, self._appended.pop())
+                continue
+            weight = base.weight
             weight.data -= self.get_delta_weight(name).detach().to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -145,7 +181,7 @@ class SeedLayer(nn.Module, BaseTunerLayer):
             tensors = getattr(self, group)
             if adapter_name in tensors:
                 return tensors[adapter_name].dtype
-        return self.get_base_layer().weight.dtype
+        return base_device_and_dtype(self.get_base_layer())[1]
 
 
 class SeedModel(BaseTuner):
@@ -175,6 +211,7 @@ class SeedModel(BaseTuner):
             raise ValueError(f"{current_key}: {err}") from None
         except ValueError as err:
             raise ValueError(f"{current_key}: {err}") from None
+        new_module.target_name = current_key
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)

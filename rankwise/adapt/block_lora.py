@@ -102,6 +102,10 @@ class BlockLoRALayer(SeedLayer):
         B = self.block_lora_B[adapter_name]
         return self.block_lora_scale[adapter_name] * (B @ self.shared_down(adapter_name).to(B))
 
+    def delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        B = self.block_lora_B[adapter_name]  # (out, r)
+        return self.block_lora_scale[adapter_name] * B, self.shared_down(adapter_name).to(B)
+
 
 class BlockLoRAModel(SeedModel):
     """Block-shared LoRA as a PEFT tuner: ``get_peft_model(model, BlockLoRAConfig(r=...))``."""

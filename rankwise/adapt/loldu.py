@@ -78,6 +78,9 @@ class LoLDULayer(SeedLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         return (self.loldu_L[adapter_name] * self._scale(adapter_name)) @ self.loldu_U[adapter_name]
 
+    def delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loldu_L[adapter_name] * self._scale(adapter_name), self.loldu_U[adapter_name]  # (out, r), (r, in)
+
 
 class LoLDUModel(SeedModel):
     """LoLDU as a PEFT tuner: ``get_peft_model(model, LoLDUConfig(r=...))``."""

@@ -77,6 +77,8 @@ class LoRASBConfig(SeedConfig):
 class LoRASBLayer(SeedLayer):
     adapter_layer_names = ("lora_sb_R",)
     other_param_names = ("lora_sb_B", "lora_sb_A", "lora_sb_R0", "lora_sb_scale")
+    compressed_refusal = ("it starts from the gradient of a dense weight, which a compressed layer does not have; use "
+                       "lora or svfit there, or target dense layers")
 
     def init_adapter(self, adapter_name: str, config: LoRASBConfig, r: int, weight: torch.Tensor,
                      grad: torch.Tensor | None = None, **kwargs: Any) -> None:

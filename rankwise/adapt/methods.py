@@ -18,6 +18,10 @@ loldu          rankwise LoLDU (LDU diagonal + scale)                   none
 block_lora     rankwise down-projections shared across blocks          none
 milora         rankwise LoRA from the minor singular triplets          none
 =============  ====================================================  ===========================================
+
+On a compressed model the targets include the compressed layers (``CompressedLinear``): ``lora``, ``svfit``, ``loldu``
+and ``block_lora`` adapt them (merging keeps them factorised, rank ``k`` -> ``k + r``); the methods that rewrite or
+decompose the dense weight, or start from its gradient, refuse them with a one-line error.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from rankwise.adapt.lora_sb import LoRASBConfig, preprocess_lora_sb
 from rankwise.adapt.milora import MiLoRAConfig
 from rankwise.adapt.svfit import SVFitConfig
 from rankwise.adapt.train import causal_lm_loss
+from rankwise.nn import CompressedLinear
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class AdapterMethod:
     prepass: str | None = None  # None, "activations" or "gradients"
     changes_base: bool = False  # PiSSA/OLoRA/CorDA/LoRA-GA rewrite the base weights; saved adapters are converted
     rankwise_tuner: bool = False  # a rankwise tuner: loading its saved adapter needs ``import rankwise.adapt`` first
+    compressed: bool = False  # adapts compressed (CompressedLinear) layers too
 
 
 def _lora(init: Any = True, **extra: Any) -> Callable[[int, float | None, Any, int], PeftConfig]:
@@ -93,7 +99,7 @@ def _seed(cls: type) -> Callable[[int, float | None, Any, int], PeftConfig]:
 
 
 METHODS: dict[str, AdapterMethod] = {m.name: m for m in (
-    AdapterMethod("lora", _lora()),
+    AdapterMethod("lora", _lora(), compressed=True),
     AdapterMethod("pissa", _lora("pissa"), changes_base=True),
     AdapterMethod("olora", _lora("olora"), changes_base=True),
     AdapterMethod("dora", _lora(use_dora=True)),
@@ -102,9 +108,9 @@ METHODS: dict[str, AdapterMethod] = {m.name: m for m in (
     AdapterMethod("corda", _corda, prepass="activations", changes_base=True),
     AdapterMethod("lora_ga", _lora_ga, prepass="gradients", changes_base=True),
     AdapterMethod("lora_sb", _seed(LoRASBConfig), prepass="gradients", rankwise_tuner=True),
-    AdapterMethod("svfit", _seed(SVFitConfig), rankwise_tuner=True),
-    AdapterMethod("loldu", _seed(LoLDUConfig), rankwise_tuner=True),
-    AdapterMethod("block_lora", _seed(BlockLoRAConfig), rankwise_tuner=True),
+    AdapterMethod("svfit", _seed(SVFitConfig), rankwise_tuner=True, compressed=True),
+    AdapterMethod("loldu", _seed(LoLDUConfig), rankwise_tuner=True, compressed=True),
+    AdapterMethod("block_lora", _seed(BlockLoRAConfig), rankwise_tuner=True, compressed=True),
     AdapterMethod("milora", _seed(MiLoRAConfig), rankwise_tuner=True),
 )}
 DEFAULT_TARGETS = "all-linear"  # every linear layer but the output head
@@ -116,8 +122,9 @@ def method(name: str) -> AdapterMethod:
     return METHODS[name]
 
 
-def target_layers(model: nn.Module, targets: Any) -> dict[str, nn.Linear]:
-    """The linear layers ``targets`` selects (PEFT's matching rules; ``all-linear`` skips the output head)."""
+def target_layers(model: nn.Module, targets: Any) -> dict[str, nn.Linear | CompressedLinear]:
+    """The linear layers, dense or compressed, ``targets`` selects (PEFT's matching rules; ``all-linear`` skips the
+    output head)."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
     probe = LoraConfig(target_modules=targets if targets != DEFAULT_TARGETS else None)
@@ -129,7 +136,7 @@ def target_layers(model: nn.Module, targets: Any) -> dict[str, nn.Linear]:
             raise ValueError(f"--targets selects the output layer {name}, which rankwise adapters do not adapt (it is "
                              "often tied to the input embeddings, and merging would change both); target the "
                              "blocks' linear layers")
-        if chosen and isinstance(module, nn.Linear) and module is not output:
+        if chosen and isinstance(module, (nn.Linear, CompressedLinear)) and module is not output:
             found[name] = module
     if not found:
         raise ValueError(f"target modules {targets!r} match no linear layer of {type(model).__name__}")
@@ -174,6 +181,11 @@ def add_adapter(model: nn.Module, name: str, rank: int, *, alpha: float | None =
         raise ValueError(f"--alpha must be a positive number, got {alpha}")
     targets = targets or DEFAULT_TARGETS
     check_rank(model, targets, rank)
+    compressed = [layer for layer, m in target_layers(model, targets).items() if isinstance(m, CompressedLinear)]
+    if compressed and not spec.compressed:
+        able = ", ".join(m.name for m in METHODS.values() if m.compressed)
+        raise ValueError(f"{name} cannot adapt compressed layers ({compressed[0]} is one); use {able}, or --targets "
+                         "naming dense layers only")
     if targets == DEFAULT_TARGETS:  # explicit names: the pre-passes match target_modules themselves
         targets = sorted({layer.rsplit(".", 1)[-1] for layer in target_layers(model, targets)})
     if spec.prepass and (data is None or data.shape[0] == 0):

@@ -52,6 +52,8 @@ def minor_components(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.
 class MiLoRALayer(SeedLayer):
     adapter_layer_names = ("milora_A", "milora_B")
     other_param_names = ("milora_A0", "milora_B0", "milora_scale")
+    compressed_refusal = ("its minor singular values are zero (its rank is below min(out, in)), so both factors "
+                       "would start at zero and never train; use lora or svfit there, or target dense layers")
 
     def init_adapter(self, adapter_name: str, config: MiLoRAConfig, r: int, weight: torch.Tensor, **kwargs: Any
                      ) -> None:

@@ -53,6 +53,9 @@ class SVFitLayer(SeedLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         return (self.svfit_U[adapter_name] * self._scale(adapter_name)) @ self.svfit_Vh[adapter_name]
 
+    def delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.svfit_U[adapter_name] * self._scale(adapter_name), self.svfit_Vh[adapter_name]  # (out, r), (r, in)
+
 
 class SVFitModel(SeedModel):
     """SVFit as a PEFT tuner: ``get_peft_model(model, SVFitConfig(r=...))``."""

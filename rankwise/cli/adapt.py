@@ -34,7 +34,8 @@ def adapt(
                     ] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="optimizer steps")] = 100,
     out: Annotated[str, typer.Option("--out", help="output directory (a PEFT adapter, or with --merge a plain "
-                                     "Hugging Face checkpoint)")] = "",
+                                     "Hugging Face checkpoint; a compressed model stays a compressed directory)")
+                   ] = "",
     alpha: Annotated[float | None, typer.Option("--alpha", help="scale numerator (default: the method's)")] = None,
     targets: Annotated[str | None, typer.Option("--targets", help="comma list of module names (default: every "
                                                 "linear layer but the output head)")] = None,
@@ -49,8 +50,8 @@ def adapt(
     seed: Annotated[int, typer.Option("--seed", help="adapter init and window order")] = 0,
     bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bfloat16 autocast (float32 weights and optimizer)")
                     ] = False,
-    merge: Annotated[bool, typer.Option("--merge", help="fold the adapter in and write a plain HF checkpoint")
-                     ] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="fold the adapter in and write a plain HF checkpoint (a "
+                                        "compressed model: a compressed directory, each rank k -> k + r)")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT.checkpoint (same model and settings)")
                       ] = False,
     overwrite: OverwriteOpt = False,
@@ -62,11 +63,14 @@ def adapt(
 
     Training windows come from the start of the text, evaluation windows from its end. Pre-passes (eva, corda,
     lora_ga, lora_sb) read the first training windows. A resumable state is kept in OUT.checkpoint while it runs.
+    MODEL may be a compressed rankwise directory: its factorised layers are adapted too (lora, svfit, loldu,
+    block_lora), and --merge keeps them factorised.
     """
     import json
     import math
     import tempfile
 
+    from rankwise.adapt.compressed import check_mergeable
     from rankwise.adapt.methods import add_adapter
     from rankwise.adapt.methods import method as adapter_method
     from rankwise.adapt.train import TrainConfig, digest, train
@@ -74,7 +78,7 @@ def adapt(
     from rankwise.cli.common import comma_list
     from rankwise.io.atomic import atomic_dir
     from rankwise.io.models import load_model, load_tokenizer, resolve
-    from rankwise.io.save import is_compressed_dir
+    from rankwise.io.save import is_compressed_dir, save
 
     if not out:
         raise ValueError("--out is required: the directory to write the adapter to")
@@ -82,9 +86,7 @@ def adapt(
     config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every,
                          seed=seed, bf16=bf16, save_every=max(1, steps // 4))
     target_list = comma_list(targets, "--targets") if targets else None
-    if is_compressed_dir(model):
-        raise ValueError(f"{model!r} is a compressed rankwise model; adapt the dense model, or heal this one with "
-                         "rankwise heal")
+    compressed = is_compressed_dir(model)
     checkpoint = training_checkpoint(out, resume, overwrite, model, data or "")
     setup(device, threads)
     raw = load_text(data)
@@ -95,6 +97,8 @@ def adapt(
         base = load_model(model, device=device, trust_remote_code=trust_remote_code).model
         peft_model = add_adapter(base, method, rank, alpha=alpha, targets=target_list, seed=seed, data=train_ids,
                                  batch_size=batch_size)
+        if merge:
+            check_mergeable(peft_model)  # refuse before training, not after
         with tempfile.TemporaryDirectory() as initial:
             if spec.changes_base and not merge:  # PEFT converts the trained adapter back to plain LoRA at save
                 adapter_config = peft_model.peft_config["default"]
@@ -114,7 +118,12 @@ def adapt(
                 f"{result.seconds:.0f} s ({result.seconds_per_step:.2f} s/step); held-out loss {first:.4f} -> "
                 f"{last:.4f} (perplexity {math.exp(first):.3f} -> {math.exp(last):.3f})")
             with atomic_dir(out, overwrite) as tmp:
-                if merge:
+                if merge and compressed:  # still factorised: a compressed directory
+                    inner = save(peft_model.merge_and_unload(), tmp / "merged")
+                    for item in inner.iterdir():
+                        item.rename(tmp / item.name)
+                    inner.rmdir()
+                elif merge:
                     merged = peft_model.merge_and_unload()
                     merged.save_pretrained(tmp, safe_serialization=True)
                 elif spec.changes_base:
@@ -125,8 +134,17 @@ def adapt(
                 summary = {"method": method, "rank": rank, "alpha": alpha, "targets": target_list, "steps": steps,
                            "lr": lr, "seed": seed, "text": data or DEFAULT_TEXT_NAME, "trainable": result.trainable,
                            "losses": result.losses, "evals": result.evals, "seconds": result.seconds,
-                           "merged": merge, "load_with": None if merge or not spec.rankwise_tuner else
-                           "import rankwise.adapt before peft.PeftModel.from_pretrained (a rankwise tuner)"}
+                           "merged": merge, "load_with": _load_with(merge, compressed, spec.rankwise_tuner)}
                 (tmp / "rankwise_adapt.json").write_text(json.dumps(summary, indent=1))
         remove_training_checkpoint(checkpoint)
     say(f"saved {'merged model' if merge else 'adapter'} to {out}")
+
+
+def _load_with(merge: bool, compressed: bool, rankwise_tuner: bool) -> str | None:
+    """How to load what ``adapt`` wrote, when plain ``transformers`` / ``peft`` calls are not enough."""
+    if merge:
+        return "rankwise.load (a compressed directory)" if compressed else None
+    if compressed:
+        return ("rankwise.load the compressed model and import rankwise.adapt before peft.PeftModel.from_pretrained "
+                "(compressed layers)")
+    return "import rankwise.adapt before peft.PeftModel.from_pretrained (a rankwise tuner)" if rankwise_tuner else None
