@@ -1,4 +1,4 @@
-"""Which layers of a Hugging Face causal LM are compression targets."""
+"""Which layers of a Hugging Face causal LM or encoder are compression targets."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def find_targets(model: nn.Module, groups: Iterable[str] = ("attn", "mlp"), filt
                  ) -> dict[str, nn.Module]:
     """Linear-like layers in the transformer blocks, by name, in model order.
 
-    The input and output embeddings (LM head) are never included. ``filter_fn(name, module)`` narrows the choice.
+    The input and output embeddings (LM head) and an encoder's pooler (BERT's ``pooler.dense``, which
+    sentence-transformers models do not use) are never included. ``filter_fn(name, module)`` narrows the choice.
     """
     groups = set(groups)
     excluded = set()
@@ -31,7 +32,7 @@ def find_targets(model: nn.Module, groups: Iterable[str] = ("attn", "mlp"), filt
             excluded.add(id(module))
     found = {}
     for name, module in model.named_modules():
-        if not is_linear_like(module) or id(module) in excluded or "lm_head" in name:
+        if not is_linear_like(module) or id(module) in excluded or "lm_head" in name or _in_pooler(name):
             continue
         if target_group(name) not in groups:
             continue
@@ -39,6 +40,10 @@ def find_targets(model: nn.Module, groups: Iterable[str] = ("attn", "mlp"), filt
             continue
         found[name] = module
     return found
+
+
+def _in_pooler(name: str) -> bool:
+    return "pooler" in name.split(".")
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

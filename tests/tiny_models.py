@@ -1,10 +1,13 @@
-"""Tiny randomly initialised causal LMs built in memory (Llama, GPT-2, OPT), and a tiny offline tokenizer."""
+"""Tiny randomly initialised causal LMs built in memory (Llama, GPT-2, OPT), a tiny BERT encoder, and a tiny offline
+tokenizer."""
 
 from __future__ import annotations
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    BertConfig,
+    BertModel,
     GPT2Config,
     LlamaConfig,
     OPTConfig,
@@ -33,6 +36,14 @@ def tiny_model(arch: str = "llama", seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch))
     return model.eval()
+
+
+def tiny_encoder(seed: int = 0) -> BertModel:
+    """A tiny BERT encoder (``BertModel``, with its pooler, as sentence-transformers checkpoints hold it)."""
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=256, architectures=["BertModel"])
+    return BertModel(config).eval()
 
 
 def tiny_tokens(samples: int = 8, seq_len: int = 32, seed: int = 0) -> torch.Tensor:

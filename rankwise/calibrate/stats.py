@@ -2,7 +2,8 @@
 
 For each targeted linear layer (input dimension ``n``): the input second moment ``sum x x^T`` (``n x n``, float64,
 with its token count), optionally ``sum |x|`` per input channel (ASVD), the row and column sums of the diagonal
-empirical Fisher ``sum (dL/dW)^2`` of the language-modelling loss (FWSVD) and the output-gradient energy
+empirical Fisher ``sum (dL/dW)^2`` of the language-modelling loss (for an encoder: of its contrastive embedding
+loss, :mod:`rankwise.calibrate.objective`) (FWSVD) and the output-gradient energy
 ``sum ||dL/dy||^2`` (loss-aware allocation). Layers that read the same input tensor (q/k/v, gate/up) share one
 :class:`LayerStats`, so each covariance is computed once. Memory is bounded by the statistics, not the number of
 batches: batches are streamed.
@@ -20,6 +21,8 @@ from types import TracebackType
 import torch
 from torch import nn
 
+from rankwise.arch import is_encoder
+from rankwise.calibrate.objective import encoder_loss
 from rankwise.linalg import Whitening, whiten
 from rankwise.nn import input_dim, linear_weight
 from rankwise.progress import progress_bar
@@ -211,7 +214,9 @@ def collect_stats(
     """Stream calibration batches through a whole in-memory ``model`` and return statistics per module name.
 
     Args:
-        model: a causal LM taking ``input_ids`` (and ``labels`` when gradient statistics are requested).
+        model: a causal LM taking ``input_ids`` (and ``labels`` when gradient statistics are requested), or an
+            encoder (gradient statistics then come from its contrastive embedding loss,
+            :mod:`rankwise.calibrate.objective`, and need batches of an even number >= 4 of windows).
         data: token ids ``(samples, seq_len)`` or an iterable of such batches.
         modules: name -> linear-like module to observe.
         kinds: any of ``"xxt"`` (input second moment), ``"abs"`` (mean |x|), ``"fisher"`` (diagonal Fisher row
@@ -225,6 +230,7 @@ def collect_stats(
         raise ValueError("calibration data is empty: need at least one window of tokens")
     device = next(model.parameters()).device
     want_grad = bool(kinds & GRADIENT_KINDS)
+    encoder = is_encoder(model)
     saved_grad = {p: p.requires_grad for p in model.parameters()}
     if want_grad:
         for p in model.parameters():
@@ -241,7 +247,8 @@ def collect_stats(
                 batch = batch.to(device)
                 if want_grad:
                     model.zero_grad(set_to_none=True)
-                    model(input_ids=batch, labels=batch).loss.backward()
+                    loss = encoder_loss(model, batch) if encoder else model(input_ids=batch, labels=batch).loss
+                    loss.backward()
                     if "fisher" in kinds:
                         observer.add_fisher()
                 else:

@@ -15,6 +15,7 @@ from rankwise.cli import compare as compare_cmd
 from rankwise.cli import compensate as compensate_cmd
 from rankwise.cli import compress as compress_cmd
 from rankwise.cli import evaluate as evaluate_cmd
+from rankwise.cli import export as export_cmd
 from rankwise.cli import generate as generate_cmd
 from rankwise.cli import heal as heal_cmd
 from rankwise.cli import info as info_cmd
@@ -62,6 +63,7 @@ app.command("generate")(generate_cmd.generate)
 app.command("info")(info_cmd.info)
 app.command("heal")(heal_cmd.heal)
 app.command("adapt")(adapt_cmd.adapt)
+app.command("export")(export_cmd.export)
 
 
 def _terminate(signum: int, _frame: Any) -> None:

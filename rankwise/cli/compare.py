@@ -77,10 +77,18 @@ def compare(
     speed_repeats: Annotated[int, typer.Option("--speed-repeats", min=1, help="timed prefill passes per row (the "
                                                "fastest counts)")] = 5,
 ) -> None:
-    """Compare compression methods across ratios on MODEL; writes a Markdown table and a PNG plot."""
+    """Compare compression methods across ratios on MODEL; writes a Markdown table and a PNG plot. An encoder is
+    compared by embedding cosine to the dense model and retrieval on --eval-samples held-out pydoc topics."""
+    from pathlib import Path
+
+    from rankwise.calibrate import load_text
     from rankwise.eval.compare import compare as run
     from rankwise.eval.compare import parse_recipe, recipes
+    from rankwise.eval.embedding import held_out_pairs, is_encoder_dir
+    from rankwise.eval.encoder_compare import compare_encoder
     from rankwise.eval.ray_compare import ray_session
+    from rankwise.io.models import resolve
+    from rankwise.io.sentence import max_seq_length
     from rankwise.methods import CompressConfig, config_class
 
     method_list = comma_list(methods, "--methods")
@@ -101,6 +109,23 @@ def compare(
     prompts = list(prompt or [])
     if any(not p.strip() for p in prompts):
         raise ValueError("--prompt must not be empty")
+    if is_encoder_dir(resolve(model)[0]):
+        if prompts or eora_rank or ray is not None:
+            raise ValueError(f"{model} is an encoder: --prompt, --eora-rank and --ray are for causal LMs")
+        with claimed_out(out, overwrite, model):
+            raw = load_text(text, dataset=dataset)
+            work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code, raw)
+            pairs = held_out_pairs(work.tokenizer, raw, calib_samples * seq_len, eval_samples)
+            settings = {"model": work.source, "text": work.text_name, "seq_len": seq_len, "calib": calib_samples,
+                        "pairs": len(pairs)}
+            where = resolve(model)[0]
+            result = compare_encoder(work.model, work.tokenizer, work.calibration, pairs, configs,
+                                     batch_size=batch_size, settings=settings, cache=stats_cache(no_cache),
+                                     max_length=(max_seq_length(where) if isinstance(where, Path) else None) or 256)
+            result.save(out, overwrite=overwrite)
+        say(result.to_markdown())
+        say(f"\nwrote {out}/comparison.md, comparison.png, comparison.json")
+        return
     with claimed_out(out, overwrite, model):
         with nullcontext() if ray is None else ray_session(ray):  # a bad address fails before the model loads
             work = prepare(model, text, dataset, seq_len, calib_samples, eval_samples, device, threads,

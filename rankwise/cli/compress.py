@@ -79,6 +79,7 @@ def compress(
     from rankwise.io.atomic import check_output_dir, claim, refuse_overlap
     from rankwise.io.models import checkpoint_dir, load_tokenizer, resolve
     from rankwise.io.provenance import provenance
+    from rankwise.io.sentence import copy_sentence_files
     from rankwise.methods import config_class
     from rankwise.stream import parse_dtype
 
@@ -119,14 +120,18 @@ def compress(
                                cache=stats_cache(no_cache))
             origin = provenance(model, source, config, work.text_name, tuple(work.calibration.shape))
             save(work.model, out, tokenizer=work.tokenizer, report=report, overwrite=overwrite, export=export,
-                 provenance=origin)
+                 provenance=origin, dtype=dtype)
+        if isinstance(source, Path):
+            copy_sentence_files(source, out)  # an encoder's sentence-transformers pooling and configs, kept as-is
     if json_report:
         from rankwise.io.atomic import write_text_atomic
 
         write_text_atomic(Path(json_report), json.dumps(report.to_dict(), indent=1))
     if show_layers:
         say(report.to_markdown())
+        say(report.storage_line())
     else:
+        say(report.storage_line())
         say(report.summary())
         for note in report.notes:
             say(f"note: {note}")

@@ -59,11 +59,19 @@ def evaluate(
                      ] = None,
     num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", min=0, help="examples per task prompt "
                                                     "(default: the task's own)")] = None,
+    reference: Annotated[str | None, typer.Option(
+        "--reference", help="encoders: the dense model whose embeddings the cosine is measured against")] = None,
+    calib_samples: Annotated[int, typer.Option(
+        "--calib-samples", min=0, help="encoders: the held-out pairs start after this many calibration windows of "
+        "--seq-len tokens (as compress took them)")] = 32,
 ) -> None:
     """Evaluate MODEL (dense or a rankwise directory) on held-out windows from the end of the text, and with
-    --tasks on lm-eval tasks."""
+    --tasks on lm-eval tasks. An encoder is evaluated by retrieval on held-out pydoc topics (first paragraph as the
+    query, the rest as the document; --eval-samples pairs at most) and, with --reference, by the cosine of its
+    sentence embeddings to the reference model's."""
     from rankwise.calibrate import load_text
     from rankwise.eval import evaluate as run
+    from rankwise.eval.embedding import evaluate_encoder_spec, is_encoder_dir
     from rankwise.eval.measure import result_for
     from rankwise.eval.stream import streamed_perplexity
     from rankwise.io.models import load_tokenizer, resolve, weights_bytes
@@ -87,6 +95,19 @@ def evaluate(
     setup(device, threads)
     raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
     path, source = resolve(model)
+    if is_encoder_dir(path):
+        if stream or task_names is not None:
+            raise ValueError(f"{'--stream' if stream else '--tasks'} needs a causal LM; {model} is an encoder, "
+                             "evaluated in memory by embedding cosine and retrieval")
+        result = evaluate_encoder_spec(model, raw, calib_samples * seq_len, eval_samples, reference=reference,
+                                       batch_size=batch_size, device=device, trust_remote_code=trust_remote_code)
+        if as_json:
+            say(json.dumps({**result.to_dict(), "model": source, "reference": reference}))
+        else:
+            say(f"{source}: {result.describe()}")
+        return
+    if reference is not None:
+        raise ValueError("--reference is for encoders; a causal LM is evaluated by perplexity")
     if stream is None:
         big = isinstance(path, Path) and weights_bytes(path) > 0.5 * psutil.virtual_memory().available
         stream = task_names is None and big

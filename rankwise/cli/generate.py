@@ -20,6 +20,7 @@ def generate(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Complete each --prompt with MODEL greedily (deterministic) and print prompt and completion."""
+    from rankwise.arch import is_encoder
     from rankwise.eval.generate import complete
     from rankwise.io.models import load_model
 
@@ -29,6 +30,9 @@ def generate(
         raise ValueError("--prompt must not be empty")
     setup(device, threads)
     loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    if is_encoder(loaded.model):
+        raise ValueError(f"generate needs a causal LM; {model} is an encoder ({type(loaded.model).__name__}): "
+                         "evaluate it with rankwise eval")
     for text, completion in zip(prompt, complete(loaded.model, loaded.tokenizer, prompt,
                                                   max_new_tokens=max_new_tokens, chat=chat), strict=True):
         say(f"### {text}\n{completion.strip()}\n")

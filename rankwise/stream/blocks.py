@@ -1,11 +1,11 @@
-"""Decoder blocks of a Hugging Face model, run one at a time.
+"""Transformer blocks of a Hugging Face model (a causal LM's decoder blocks, an encoder's layers), run one at a time.
 
 Every block's call (its positional and keyword arguments besides the hidden states: rotary embeddings, masks,
 positions) is captured by one forward pass of the model in which the blocks are replaced by pass-through modules,
 so the embeddings run but no block does; the same trick computes the LM loss and its gradient from the last block's
 output without running any block. Works for any model whose blocks sit in one ``nn.ModuleList`` and take the hidden
-states as their first argument (Llama, GPT-2, OPT and most Hugging Face decoders), including models whose blocks get
-different masks (sliding-window layers).
+states as their first argument (Llama, GPT-2, OPT and most Hugging Face decoders; BERT-family encoders, whose
+blocks are ``encoder.layer``), including models whose blocks get different masks (sliding-window layers).
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from torch import nn
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(name, blocks)``: the longest ``nn.ModuleList`` in the model, its transformer blocks."""
+    """``(name, blocks)``: the longest ``nn.ModuleList`` in the model, its transformer blocks (``model.layers``,
+    ``transformer.h``, ``encoder.layer`` ...; the first one found among equally long lists)."""
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
-        raise ValueError("the model has no nn.ModuleList of blocks; rankwise compresses decoder-style models "
-                         "whose blocks sit in one ModuleList")
+        raise ValueError("the model has no nn.ModuleList of blocks; rankwise compresses transformers (decoders and "
+                         "encoders) whose blocks sit in one ModuleList")
     return max(lists, key=lambda item: len(item[1]))
 
 
@@ -120,16 +121,24 @@ def capture_calls(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor
 
 def head_loss(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, hidden: torch.Tensor,
               as_tuple: bool) -> torch.Tensor:
-    """The model's own LM loss (mean over ``batch``'s predicted tokens) given the last block's output ``hidden``.
+    """The model's own loss given the last block's output ``hidden``: a causal LM's LM loss (mean over ``batch``'s
+    predicted tokens), an encoder's contrastive embedding loss over the batch's windows
+    (:mod:`rankwise.calibrate.objective`).
 
     The blocks are replaced by pass-throughs and the first one injects ``hidden``, so the model's final norm, head
     and loss run exactly as in a full forward pass (and nothing else of weight). Differentiable in ``hidden``.
     """
+    from rankwise.arch import is_encoder
+    from rankwise.calibrate.objective import embedding_loss, pooling_of
+
     sink: dict[int, tuple[torch.Tensor, BlockCall]] = {}
     stand_ins = [_PassThrough(i, sink, stop=False, inject=hidden if i == 0 else None) for i in range(len(blocks))]
     for module in stand_ins:
         module.as_tuple = as_tuple
     with _blocks_replaced(blocks, stand_ins):
+        if is_encoder(model):
+            body = getattr(model, "base_model", model)
+            return embedding_loss(body(input_ids=batch, use_cache=False).last_hidden_state, pooling_of(model))
         return model(input_ids=batch, labels=batch, use_cache=False).loss
 
 
