@@ -73,6 +73,11 @@ class Manifest:
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
+    @property
+    def modules_file(self) -> Path:
+        """The file that lists the layers: ``config.json`` from format 2 on."""
+        return self.file if self.format_version == 1 else self.file.parent / "config.json"
+
 
 def causal_lm_classes() -> frozenset[str]:
     """Names of the causal-LM classes ``transformers`` registers for ``AutoModelForCausalLM``."""
@@ -230,7 +235,7 @@ def _module_spec(name: Any, spec: Any, bad, where: str) -> ModuleSpec:
 
 def check_against_model(manifest: Manifest, model: nn.Module) -> None:
     """Each manifest module must be a linear layer of ``model`` with the stated shape and bias."""
-    check_specs_against_model(manifest.modules, model, manifest.file)
+    check_specs_against_model(manifest.modules, model, manifest.modules_file)
 
 
 def check_specs_against_model(specs: dict[str, ModuleSpec], model: nn.Module, file: Path | str) -> None:
