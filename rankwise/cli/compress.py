@@ -101,6 +101,11 @@ def compress(
         refuse_overlap(out, where)  # the cached conversion and, for a .gguf input, the file itself
         if json_report:
             refuse_overlap(json_report, where, option="--json-report")
+
+    def sentence_files(tmp: Path) -> None:  # an encoder's sentence-transformers pooling and configs, kept as-is
+        if isinstance(source, Path):
+            copy_sentence_files(source, tmp)
+
     with claim(out):  # no other run writes OUT until this one is done
         if path is not None:
             tokenizer = load_tokenizer(path, trust_remote_code)
@@ -110,7 +115,7 @@ def compress(
                                          device=device, export=export, overwrite=overwrite, batch_size=batch_size,
                                          activation_mb=activation_mb, offload_dir=offload_dir,
                                          trust_remote_code=trust_remote_code, ray=ray, provenance=origin,
-                                         cache=stats_cache(no_cache))
+                                         cache=stats_cache(no_cache), extras=sentence_files)
         else:
             work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code, raw)
             if dtype is not None:
@@ -120,9 +125,7 @@ def compress(
                                cache=stats_cache(no_cache))
             origin = provenance(model, source, config, work.text_name, tuple(work.calibration.shape))
             save(work.model, out, tokenizer=work.tokenizer, report=report, overwrite=overwrite, export=export,
-                 provenance=origin, dtype=dtype)
-        if isinstance(source, Path):
-            copy_sentence_files(source, out)  # an encoder's sentence-transformers pooling and configs, kept as-is
+                 provenance=origin, dtype=dtype, extras=sentence_files)
     if json_report:
         from rankwise.io.atomic import write_text_atomic
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +57,12 @@ def compress_(
     ray: str | None = None,
     cache: str | Path | None = None,
 ) -> CompressionReport:
-    """Replace the targeted linear layers of ``model`` by :class:`~rankwise.nn.LowRankLinear` in place, block by
-    block.
+    """Replace the targeted linear layers of ``model`` by compressed layers (:class:`~rankwise.nn.LowRankLinear`) in
+    place, block by block.
 
     Args:
-        model: a Hugging Face causal LM (or any module whose blocks sit in one ``nn.ModuleList`` and whose
-            projections are ``nn.Linear``/``Conv1D``).
+        model: a Hugging Face causal LM or encoder (BERT family), or any module whose blocks sit in one
+            ``nn.ModuleList`` and whose projections are ``nn.Linear``/``Conv1D``.
         config: a registered method config, e.g. ``SVDLLMConfig(ratio=0.2)``; its type selects the method and its
             fields the rank allocation, sequential calibration and left-factor update.
         calibration: token ids ``(samples, seq_len)`` or batches; required by data-aware methods, by
@@ -111,6 +111,7 @@ def compress_checkpoint(
     cache: str | Path | None = None,
     save_dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    extras: Callable[[Path], Any] | None = None,
 ) -> CompressionReport:
     """Compress a safetensors checkpoint directory into ``out`` without ever holding the whole model in memory.
 
@@ -139,6 +140,8 @@ def compress_checkpoint(
         save_dtype: the dtype the output stores (default: ``dtype`` when given, else the dtype the source's
             ``config.json`` declares, else the checkpoint's own).
         max_shard_size: the largest output shard (transformers' ``max_shard_size`` convention).
+        extras: called with the temporary output directory before it is renamed into place (files of the
+            caller's, inside the atomic write).
 
     Raises:
         ValueError: one line, for a damaged checkpoint (see :class:`~rankwise.stream.CheckpointSource`), an
@@ -160,4 +163,6 @@ def compress_checkpoint(
                      cache=StatsCache(cache) if cache is not None else None)
         sink.write_rest(source.rest_tensors())
         sink.finish(source.model, report, tokenizer, provenance)
+        if extras is not None:
+            extras(tmp)
     return report

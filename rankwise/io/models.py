@@ -196,7 +196,7 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     Raises:
         ValueError: one line, for anything that is not a complete, undamaged model (see :func:`rankwise.load`).
     """
-    from rankwise.arch import auto_class, is_encoder_config
+    from rankwise.arch import auto_class, is_encoder, is_encoder_config
     from rankwise.calibrate.objective import POOLING_ATTR
     from rankwise.io.checkpoint import load_config
     from rankwise.io.sentence import read_pooling, transformer_dir
@@ -206,10 +206,15 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.flo
         path = transformer_dir(path)
     tokenizer = load_tokenizer(path, trust_remote_code)
     local = isinstance(path, Path) and path.is_dir()
+    config = None
+    if local and not is_compressed_dir(path) and (path / "config.json").is_file():
+        try:
+            config = load_config(path, trust_remote_code)
+        except ValueError:
+            config = None  # a broken or remote-code config: the causal-LM path reports it, as before
     if local and is_compressed_dir(path):
         model = load(path, device=device, trust_remote_code=trust_remote_code)
-    elif local and (path / "config.json").is_file() and is_encoder_config(config := load_config(path,
-                                                                                                 trust_remote_code)):
+    elif config is not None and is_encoder_config(config):
         check_model_dir(path)
         if any(path.glob("*.safetensors")):
             refuse_factored_without_manifest(path, weight_map(path))
@@ -222,7 +227,7 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.flo
         model = model.to(device).eval()
     else:
         model = _load_dense(path, spec, dtype, trust_remote_code).to(device).eval()
-    pooling = read_pooling(path) if local else None
+    pooling = read_pooling(path) if local and is_encoder(model) else None
     if pooling is not None:
         setattr(model.config, POOLING_ATTR, pooling)
     return LoadedModel(model, tokenizer, source)

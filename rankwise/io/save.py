@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torc
 
 def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, report: Any = None, overwrite: bool = False,
          export: str = "factored", provenance: dict[str, Any] | None = None, dtype: str | torch.dtype | None = None,
-         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, extras: Callable[[Path], Any] | None = None) -> Path:
     """Write ``model`` to ``out`` atomically.
 
     Args:
@@ -113,6 +114,8 @@ def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, report: An
         dtype: storage dtype of floating-point tensors (default: the model's); ``rankwise compress`` stores the
             source checkpoint's declared dtype, so pass it here to write the same bytes.
         max_shard_size: the largest safetensors shard (transformers' convention, e.g. ``"1GB"``).
+        extras: called with the temporary directory before it is renamed into place, to add files of the
+            caller's (e.g. an encoder's sentence-transformers configs) inside the atomic write.
     """
     if export not in ("factored", "dense"):
         raise ValueError(f"export must be 'factored' or 'dense', got {export!r}")
@@ -130,6 +133,8 @@ def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, report: An
             write_manifest(model, tmp, dtype, report, provenance)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if extras is not None:
+            extras(tmp)
     return Path(out)
 
 

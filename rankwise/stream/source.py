@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rankwise._errors import first_line
-from rankwise.arch import auto_class, model_kind
+from rankwise.arch import auto_class, is_encoder_config, model_kind
 from rankwise.calibrate.objective import POOLING_ATTR
 from rankwise.io.checkpoint import (
     SAFETENSORS_DTYPES,
@@ -111,8 +111,8 @@ class CheckpointSource:
         if not (self.path / "config.json").is_file():
             raise ValueError(f"{self.path}/config.json is missing: not a Hugging Face checkpoint directory")
         self.config = load_config(self.path, trust_remote_code)
-        pooling = read_pooling(self.path)  # a sentence-transformers encoder's pooling, for its calibration loss
-        if pooling is not None:
+        pooling = read_pooling(self.path) if is_encoder_config(self.config) else None
+        if pooling is not None:  # a sentence-transformers encoder's pooling, for its calibration loss
             setattr(self.config, POOLING_ATTR, pooling)
         auto = auto_class(self.config)  # AutoModel for an encoder, AutoModelForCausalLM otherwise
         manifest = read_manifest(self.path) if is_compressed_dir(self.path) else None
