@@ -197,3 +197,33 @@ print("OK", again.model.layers[0].mlp.up_proj.rank)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["OK", str(model.model.layers[0].mlp.up_proj.rank + 2)]
+
+
+def test_cli_reports_bytes_in_compress_info_and_eval(tiny_dir, tmp_path):
+    from tests.test_cli import SMALL, run
+
+    out = tmp_path / "c"
+    result = run("compress", tiny_dir, "--ratio", "0.4", "--out", out, "--text", _text(tmp_path), *SMALL)
+    assert result.exit_code == 0, result.output
+    on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert f"weights on disk {on_disk / 1e6:,.1f} MB (float32)" in result.output  # tiny_dir is stored float32
+    info = json.loads(run("info", out, "--json").output)
+    assert info["bytes_on_disk"] == on_disk and info["kinds"] == {"lowrank": 14}
+    report = json.loads((out / "rankwise.json").read_text())["report"]
+    assert info["bits_per_targeted_weight"] == pytest.approx(
+        32 * report["params_targeted_after"] / report["params_targeted_before"])
+    assert info["bytes_dense"] == 4 * report["params_total_before"] > on_disk
+    evaluated = run("eval", out, "--json", "--text", _text(tmp_path), "--seq-len", "16", "--eval-samples", "4")
+    assert evaluated.exit_code == 0, evaluated.output
+    storage = json.loads(evaluated.output.strip().splitlines()[-1])["storage"]
+    assert storage == {"bytes_on_disk": on_disk, "bytes_dense": info["bytes_dense"],
+                       "bits_per_targeted_weight": info["bits_per_targeted_weight"]}
+
+
+def _text(tmp_path: Path) -> Path:
+    from rankwise.calibrate import load_text
+
+    path = tmp_path / "text.txt"
+    if not path.exists():
+        path.write_text(load_text()[:200_000])
+    return path

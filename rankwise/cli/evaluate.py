@@ -72,7 +72,7 @@ def evaluate(
     from rankwise.calibrate import load_text
     from rankwise.eval import evaluate as run
     from rankwise.eval.embedding import evaluate_encoder_spec, is_encoder_dir
-    from rankwise.eval.measure import result_for
+    from rankwise.eval.measure import result_for, storage
     from rankwise.eval.stream import streamed_perplexity
     from rankwise.io.models import load_tokenizer, resolve, weights_bytes
     from rankwise.stream import parse_dtype
@@ -131,6 +131,7 @@ def evaluate(
 
             scores = evaluate_tasks(work.model, work.tokenizer, task_names, batch_size=batch_size, limit=limit,
                                     num_fewshot=num_fewshot, manager=manager)
+    result.storage = storage(path)
     if as_json:
         extra = {"tasks": scores} if task_names is not None else {}
         say(json.dumps({**result.to_dict(), "model": source, "text": text_name, **extra}))

@@ -40,6 +40,8 @@ class CompareRow:
     tokens_per_s: float
     compress_s: float
     rss_mb: float  # resident memory right after this row's compression (process-wide)
+    weights_mb: float = 0.0  # bytes of the weights as saved at the model's dtype, each tied tensor once, in MB
+    bits_per_weight: float = 0.0  # stored bits of the targeted layers per weight of the dense matrices
     kept: dict[str, float] = field(default_factory=dict)  # layer -> fraction of its parameters kept
     completions: list[str] = field(default_factory=list)  # greedy completions of the comparison's prompts
 
@@ -63,14 +65,17 @@ class Comparison:
                 f"{' (statistics read from the cache)' if self.stats_cached else ''}"
                 ".\n\n")
         lines = ["| method | ratio | perplexity | vs dense | targeted kept | targeted removed | total params "
-                 "| prefill tok/s | speed-up | factorise s | RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 f"| weights MB ({s.get('dtype', '')}) | bits / targeted weight "
+                 "| prefill tok/s | speed-up | factorise s | RSS MB |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in [self.dense, *self.rows]:
             total = r.params_targeted_kept + r.params_targeted_removed
             lines.append(
                 f"| {r.method} | {r.ratio:g} | {r.perplexity:.2f} | {r.perplexity / self.dense.perplexity:.2f}x | "
                 f"{r.params_targeted_kept:,} ({r.params_targeted_kept / total:.1%}) | "
                 f"{r.params_targeted_removed:,} ({r.params_targeted_removed / total:.1%}) | {r.params_total:,} | "
-                f"{r.tokens_per_s:,.0f} | {r.tokens_per_s / self.dense.tokens_per_s:.2f}x | {r.compress_s:.1f} | "
+                f"{r.weights_mb:,.1f} | {r.bits_per_weight:.2f} | {r.tokens_per_s:,.0f} | "
+                f"{r.tokens_per_s / self.dense.tokens_per_s:.2f}x | {r.compress_s:.1f} | "
                 f"{r.rss_mb:,.0f} |")
         side = self._side_by_side()
         return head + "\n".join(lines) + (f"\n{side}" if side else "")
@@ -150,7 +155,9 @@ def _row(model: nn.Module, name: str, ratio: float, evaluation: torch.Tensor, de
     ppl = perplexity(model, evaluation, batch_size=batch_size)
     tps = prefill_throughput(model, evaluation, batch_size=batch_size, repeats=speed_repeats)
     texts = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens) if prompts else []
+    itemsize = next(model.parameters()).element_size()
     return CompareRow(name, ratio, ppl, targeted, dense_targeted - targeted, total, tps, seconds, rss,
+                      weights_mb=total * itemsize / 1e6, bits_per_weight=8 * itemsize * targeted / dense_targeted,
                       completions=texts)
 
 
@@ -275,5 +282,6 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
                                 progress=progress)
     (dense,), *candidates = groups
     rows = [row for group in candidates for row in group]
-    return Comparison(dense, rows, settings=dict(settings or {}), calibration_s=calibration_s,
+    settings = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), **(settings or {})}
+    return Comparison(dense, rows, settings=settings, calibration_s=calibration_s,
                       stats_cached=entry is not None and entry.hit, notes=notes)

@@ -29,6 +29,7 @@ class EvalResult:
     tokens_per_s: float | None  # None when evaluated block by block (no whole-model forward to time)
     peak_rss_mb: float
     model_mb: float
+    storage: dict[str, Any] | None = None  # the directory's size on disk (see :func:`storage`), when one was read
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -38,7 +39,40 @@ class EvalResult:
         return (f"perplexity {self.perplexity:.3f} on {self.windows} windows x {self.seq_len} tokens "
                 f"({self.eval_tokens:,} predicted tokens); params {self.params_total:,} total, "
                 f"{self.params_targeted:,} in attention/MLP projections; prefill {speed}; "
-                f"model {self.model_mb:.1f} MB, peak RSS {self.peak_rss_mb:.0f} MB")
+                f"model {self.model_mb:.1f} MB, peak RSS {self.peak_rss_mb:.0f} MB" + describe_storage(self.storage))
+
+
+def storage(path: Any) -> dict[str, Any] | None:
+    """Size on disk of a model directory's weights, and for a compressed one the dense model's size in the same
+    dtype and the stored bits per targeted weight (from its report); ``None`` for anything but a local directory."""
+    from pathlib import Path
+
+    path = Path(path) if isinstance(path, str | Path) else None
+    if path is None or not path.is_dir():
+        return None
+    out: dict[str, Any] = {"bytes_on_disk": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+                           "bytes_dense": None, "bits_per_targeted_weight": None}
+    from rankwise.io.save import is_compressed_dir
+
+    if is_compressed_dir(path):
+        from rankwise.io.manifest import read_manifest
+
+        report = read_manifest(path).report or {}
+        out.update(bytes_dense=report.get("bytes_dense"), bits_per_targeted_weight=report.get(
+            "bits_per_targeted_weight"))
+    return out
+
+
+def describe_storage(found: dict[str, Any] | None) -> str:
+    if not found:
+        return ""
+    text = f"; weights on disk {found['bytes_on_disk'] / 1e6:,.1f} MB"
+    if found.get("bytes_dense"):
+        dense = found["bytes_dense"]
+        text += f" ({found['bytes_on_disk'] / dense:.3f}x the dense {dense / 1e6:,.1f} MB)"
+    if found.get("bits_per_targeted_weight") is not None:
+        text += f", {found['bits_per_targeted_weight']:.2f} bits per targeted weight"
+    return text
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -82,11 +116,11 @@ def prefill_throughput(model: nn.Module, windows: torch.Tensor, *, batch_size: i
 
 def count_params(model: nn.Module) -> tuple[int, int]:
     """``(total, targeted)`` parameters; targeted = attention and MLP projections (dense or factorised)."""
-    from rankwise.nn import LowRankLinear
+    from rankwise.nn import CompressedLinear
 
     total = sum(p.numel() for p in model.parameters())
     targeted = sum(p.numel() for m in find_targets(model).values() for p in m.parameters())
-    targeted += sum(m.num_params for m in model.modules() if isinstance(m, LowRankLinear))
+    targeted += sum(m.num_params for m in model.modules() if isinstance(m, CompressedLinear))
     return total, targeted
 
 
