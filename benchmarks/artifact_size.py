@@ -64,7 +64,7 @@ def _weights(path: Path) -> int:
 
 def _digest(path: Path) -> str:
     h = hashlib.sha256()
-    for f in sorted(path.glob("*.safetensors")) + [path / "config.json"]:
+    for f in [*sorted(path.glob("*.safetensors")), path / "config.json"]:
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
 
