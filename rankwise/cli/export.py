@@ -1,0 +1,125 @@
+"""``rankwise export``: write a dense or compressed model as ONNX (with a KV cache) or as a plain dense checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from rankwise.cli.common import (
+    ModelArg,
+    OverwriteOpt,
+    SeqLenOpt,
+    TextOpt,
+    ThreadsOpt,
+    TrustOpt,
+    claimed_out,
+    one_line_errors,
+    say,
+    setup,
+    windows,
+)
+
+FORMATS = ("onnx", "dense")
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:,.1f} MB"
+
+
+@one_line_errors
+def export(
+    model: ModelArg = "smollm2",
+    out: Annotated[str, typer.Option("--out", help="output directory")] = "",
+    fmt: Annotated[str, typer.Option("--format", help="onnx (decoder with KV cache, for onnxruntime; needs pip "
+                                     "install 'rankwise\\[onnx]') or dense (plain Hugging Face checkpoint, factors "
+                                     "multiplied out)")] = "onnx",
+    check: Annotated[bool, typer.Option("--check", help="reload the export and print its largest logit difference "
+                                        "from the torch model on held-out windows")] = False,
+    check_samples: Annotated[int, typer.Option("--check-samples", min=1, help="windows for --check (from the end "
+                                               "of the text)")] = 4,
+    seq_len: SeqLenOpt = 128,
+    text: TextOpt = None,
+    overwrite: OverwriteOpt = False,
+    threads: ThreadsOpt = None,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Export MODEL (a rankwise directory, a dense model, the default model) to OUT.
+
+    ONNX keeps factorised layers as two matmuls, so the file is smaller by the compression; the model runs in
+    float32. Only decoder-only architectures whose cache onnxruntime can be fed are supported (the error lists
+    them); nothing is written for the others.
+    """
+    from rankwise.calibrate import load_text
+    from rankwise.io.models import load_model, load_tokenizer, resolve
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not out:
+        raise ValueError("--out is required: the directory to write the export to")
+    if fmt == "onnx":
+        _require_onnx()
+    setup("cpu", threads)
+    with claimed_out(out, overwrite, model):
+        path, _ = resolve(model)
+        if fmt == "onnx" and (Path(path) / "config.json").is_file():  # refuse an unsupported model before loading it
+            from rankwise.export.onnx import check_model_type
+
+            check_model_type(json.loads((Path(path) / "config.json").read_text()).get("model_type"))
+        held_out = None
+        if check:  # the text and tokenizer are checked before the model loads
+            _, held_out, _ = windows(load_tokenizer(path, trust_remote_code), load_text(text), text, None, seq_len,
+                                     0, check_samples)
+        loaded = load_model(model, trust_remote_code=trust_remote_code)
+        params = sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values())
+        if fmt == "onnx":
+            from rankwise.export import check_exportable, export_onnx
+
+            check_exportable(loaded.model)
+            if next(loaded.model.parameters()).dtype != torch.float32:
+                say(f"note: exporting in float32 (the model is {next(loaded.model.parameters()).dtype}); "
+                    "onnxruntime's CPU kernels are float32")
+                loaded.model.float()
+            result = export_onnx(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=overwrite)
+            files = ", ".join(result.layout.files)
+            say(f"wrote {out}: {files} {_mb(result.nbytes)} (weights {_mb(result.weight_bytes)}, {params:,} "
+                f"parameters in float32; {result.layout.num_layers} layers with a KV cache)")
+            if result.dense_weight_bytes != result.weight_bytes:
+                share = result.weight_bytes / result.dense_weight_bytes
+                say(f"factorised layers kept factorised: the weights are {share:.3f} of a dense export's "
+                    f"{_mb(result.dense_weight_bytes)}")
+        else:
+            from rankwise.io import save
+
+            save(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=overwrite, export="dense")
+            nbytes = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+            say(f"wrote {out}: dense safetensors {_mb(nbytes)} (source had {params:,} parameters)")
+    if held_out is not None:
+        diff = _check(loaded.model, out, fmt, held_out, threads, trust_remote_code)
+        say(f"check: max |logit difference| from torch on {len(held_out)} held-out windows of {seq_len} tokens: "
+            f"{diff:.3g}")
+
+
+def _require_onnx() -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"--format onnx needs {', '.join(missing)}: pip install 'rankwise[onnx]'")
+
+
+def _check(model: Any, out: str, fmt: str, held_out: torch.Tensor, threads: int | None, trust_remote_code: bool
+           ) -> float:
+    """Largest logit difference between ``model`` and what was written to ``out``."""
+    from rankwise.export import OnnxCausalLM, max_logit_diff
+
+    if fmt == "onnx":
+        return max_logit_diff(model, OnnxCausalLM(out, threads=threads), held_out)
+    from rankwise.io.models import load_model
+
+    reloaded = load_model(out, trust_remote_code=trust_remote_code).model
+    with torch.no_grad():
+        return max(float((reloaded(w[None]).logits - model(w[None]).logits).abs().max()) for w in held_out)
