@@ -109,7 +109,11 @@ def compare(
     prompts = list(prompt or [])
     if any(not p.strip() for p in prompts):
         raise ValueError("--prompt must not be empty")
-    if is_encoder_dir(resolve(model)[0]):
+    try:
+        encoder = is_encoder_dir(resolve(model)[0])
+    except ValueError:
+        encoder = False  # a missing model is reported where a causal LM's is, after the --ray check
+    if encoder:
         if prompts or eora_rank or ray is not None:
             raise ValueError(f"{model} is an encoder: --prompt, --eora-rank and --ray are for causal LMs")
         with claimed_out(out, overwrite, model):
