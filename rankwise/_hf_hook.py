@@ -29,33 +29,49 @@ HOOKS: dict[str, Callable[[], None]] = {"transformers.quantizers.auto": _registe
 
 
 class _Loader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader, hook: Callable[[], None]) -> None:
-        self.inner, self.hook = inner, hook
+    """The module's own loader, then the hook; anything else (resources, ``get_code`` ...) is the inner loader's."""
+
+    def __init__(self, inner: importlib.abc.Loader, finder: _Finder, name: str) -> None:
+        self.inner, self.finder, self.name = inner, finder, name
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self.inner.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self.inner.exec_module(module)
-        self.hook()
+        self.finder.loaded(self.name)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
+    """Wraps the spec of each hooked module until the module is actually executed: a look-up alone
+    (``importlib.util.find_spec``, as ``transformers`` does to see whether PEFT is installed) must not use the hook
+    up."""
+
     def __init__(self) -> None:
         self.pending = {name: hook for name, hook in HOOKS.items() if name not in sys.modules}
 
     def find_spec(self, fullname: str, path: object, target: object = None) -> importlib.machinery.ModuleSpec | None:
-        hook = self.pending.pop(fullname, None)
-        if hook is None:
+        if fullname not in self.pending:
             return None
-        if not self.pending:
-            sys.meta_path.remove(self)
-        from importlib.util import find_spec
+        for finder in sys.meta_path:  # the real spec, from the other finders
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _Loader(spec.loader, self, fullname)
+                return spec
+        return None
 
-        spec = find_spec(fullname)  # the real spec, from the finders after this one
-        if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader, hook)
-        return spec
+    def loaded(self, name: str) -> None:
+        hook = self.pending.pop(name, None)
+        if not self.pending and self in sys.meta_path:
+            sys.meta_path.remove(self)
+        if hook is not None:
+            hook()
 
 
 def install() -> None:

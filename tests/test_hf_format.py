@@ -227,3 +227,29 @@ def _text(tmp_path: Path) -> Path:
     if not path.exists():
         path.write_text(load_text()[:200_000])
     return path
+
+
+def test_save_pretrained_of_a_model_compressed_in_memory_loads(tmp_path):
+    model, _ = _compressed()
+    model.save_pretrained(tmp_path / "sp")
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "sp")), _logits(model))
+    assert torch.equal(_logits(load(tmp_path / "sp")), _logits(model))
+
+
+def test_peft_hook_fires_when_peft_is_looked_up_before_it_is_imported(tmp_path):
+    """transformers looks PEFT up (``find_spec``) during ``from_pretrained``; the import that follows must still
+    install rankwise's PEFT hooks."""
+    model, _ = _compressed()
+    save(model, tmp_path / "m")
+    code = f"""
+import importlib.util, rankwise
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})
+importlib.util.find_spec("peft")
+from peft import LoraConfig, get_peft_model
+peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+print("OK", sum("lora_A" in n for n, _ in peft_model.named_parameters()))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["OK", "4"]

@@ -83,10 +83,14 @@ def compress_(
     Returns:
         A :class:`~rankwise.report.CompressionReport` with each layer's rank, parameters and output error.
     """
+    from rankwise.io.hf_quantizer import attach
+
     with ActivationStore(int(activation_mb * 2**20), offload_dir) as store, _fan_out(ray) as mapper:
-        return run(ModelSource(model, device), InPlaceSink(), config, calibration, stats=stats, filter_fn=filter_fn,
-                   batch_size=batch_size, progress=progress, store=store, mapper=mapper,
-                   cache=StatsCache(cache) if cache is not None else None)
+        report = run(ModelSource(model, device), InPlaceSink(), config, calibration, stats=stats,
+                     filter_fn=filter_fn, batch_size=batch_size, progress=progress, store=store, mapper=mapper,
+                     cache=StatsCache(cache) if cache is not None else None)
+    attach(model)  # model.save_pretrained now writes a directory that from_pretrained loads
+    return report
 
 
 def compress_checkpoint(

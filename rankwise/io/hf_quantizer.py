@@ -103,6 +103,21 @@ class RankwiseQuantizer(HfQuantizer):
         return densify_(model)
 
 
+def attach(model: Any) -> Any:
+    """Give a model compressed in memory what ``from_pretrained`` gives a loaded one: its ``quantization_config``
+    and the quantizer, so that ``model.save_pretrained`` writes a directory that loads again (the layer list is
+    taken when it saves). Returns ``model``."""
+    from rankwise.io.save import quantization_config
+
+    register()
+    if not hasattr(model, "config"):
+        return model
+    config = RankwiseConfig.from_dict(quantization_config(model))
+    model.config.quantization_config = config
+    model.hf_quantizer = RankwiseQuantizer(config, pre_quantized=True)
+    return model
+
+
 def register() -> None:
     """Make ``rankwise`` a quantization method transformers knows (idempotent)."""
     if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
