@@ -52,10 +52,10 @@ class CompressionReport:
 
     def record_storage(self, out: Any, dtype: Any) -> None:
         """Note the dtype and the bytes of the weights written to directory ``out``."""
-        from pathlib import Path
+        from rankwise.io.shards import weights_bytes
 
         self.storage_dtype = str(dtype).removeprefix("torch.")
-        self.bytes_on_disk = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+        self.bytes_on_disk = weights_bytes(out)
         self.bytes_dense = self.params_total_before * dtype.itemsize
 
     def storage_line(self) -> str:

@@ -74,7 +74,8 @@ def evaluate(
     from rankwise.eval.embedding import evaluate_encoder_spec, is_encoder_dir
     from rankwise.eval.measure import result_for, storage
     from rankwise.eval.stream import streamed_perplexity
-    from rankwise.io.models import load_tokenizer, resolve, weights_bytes
+    from rankwise.io.models import load_tokenizer, resolve
+    from rankwise.io.shards import weights_bytes
     from rankwise.stream import parse_dtype
 
     parse_dtype(dtype)

@@ -93,9 +93,10 @@ def export(
                     f"{_mb(result.dense_weight_bytes)}")
         else:
             from rankwise.io import save
+            from rankwise.io.shards import weights_bytes
 
             save(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=overwrite, export="dense")
-            nbytes = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+            nbytes = weights_bytes(out)
             say(f"wrote {out}: dense safetensors {_mb(nbytes)} (source had {params:,} parameters)")
     if held_out is not None:
         diff = _check(loaded.model, out, fmt, held_out, threads, trust_remote_code)

@@ -14,6 +14,8 @@ from rankwise.cli.common import one_line_errors, say
 
 def describe(manifest: Any) -> dict[str, Any]:
     """Plain data about a validated manifest: method, ratio, options, parameters, rank histogram, provenance."""
+    from rankwise.io.shards import weights_bytes
+
     report = manifest.report or {}
     layers = report.get("layers") or []
     ranks = [spec.rank for spec in manifest.modules.values() if spec.rank is not None]
@@ -31,7 +33,7 @@ def describe(manifest: Any) -> dict[str, Any]:
         "params_targeted_kept": after,
         "params_targeted_removed": (before - after) if before is not None and after is not None else None,
         "kinds": dict(Counter(spec.kind for spec in manifest.modules.values())),
-        "bytes_on_disk": sum(f.stat().st_size for f in manifest.file.parent.glob("*.safetensors")),
+        "bytes_on_disk": weights_bytes(manifest.file.parent),
         "bytes_dense": report.get("bytes_dense"),
         "bits_per_targeted_weight": report.get("bits_per_targeted_weight"),
         "rank_histogram": {f"{low}-{2 * low - 1}": n for low, n in sorted(Counter(map(_bucket, ranks)).items())},

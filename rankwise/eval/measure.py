@@ -50,7 +50,9 @@ def storage(path: Any) -> dict[str, Any] | None:
     path = Path(path) if isinstance(path, str | Path) else None
     if path is None or not path.is_dir():
         return None
-    out: dict[str, Any] = {"bytes_on_disk": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+    from rankwise.io.shards import weights_bytes
+
+    out: dict[str, Any] = {"bytes_on_disk": weights_bytes(path),
                            "bytes_dense": None, "bits_per_targeted_weight": None}
     from rankwise.io.save import is_compressed_dir
 

@@ -131,11 +131,6 @@ def checkpoint_dir(spec: str | Path | None) -> tuple[Path | None, str]:
     return (path if has_weights else None), source
 
 
-def weights_bytes(path: Path) -> int:
-    """Bytes of safetensors weights in a directory (0 if it has none)."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if Path(path).is_dir() else 0
-
-
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 

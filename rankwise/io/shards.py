@@ -41,6 +41,11 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+def weights_bytes(path: str | Path) -> int:
+    """Bytes of safetensors weights in a directory (0 if it has none)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if Path(path).is_dir() else 0
+
+
 def _natural(name: str) -> list[tuple[int, int | str]]:
     return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name)]
 
