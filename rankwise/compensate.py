@@ -1,4 +1,15 @@
-"""Compensate a compressed model with EoRA adapters: compute, merge, export as a PEFT LoRA adapter."""
+"""Compensate a compressed model with EoRA adapters: compute, merge, export as a PEFT LoRA adapter.
+
+EoRA: training-free compensation of a compressed model in the eigenspace of its input activations.
+Liu et al., "EoRA: Training-free compensation for compressed LLM with eigenspace low-rank approximation", 2024,
+https://arxiv.org/abs/2410.21271.
+
+For each layer the residual ``dW = W - W_c`` is projected into the eigenspace of the input covariance
+``X X^T = Q L Q^T`` (``dW Q L^1/2``), truncated to rank ``r`` by SVD and mapped back, giving ``B A`` with
+``B = U_r S_r^1/2`` and ``A = S_r^1/2 V_r^T L^-1/2 Q^T``. This is the rank-r minimiser of ``||(dW - B A) X||_F``,
+so it is computed with :func:`~rankwise.linalg.whitened_svd` (any square root of ``X X^T`` gives the same answer).
+Not a compression method of its own: it adds ``r (m + n)`` parameters per layer on top of any compressed model.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankwise.calibrate import collect_stats
-from rankwise.compress import relative_output_error
+from rankwise.calibrate import LayerStats, collect_stats
+from rankwise.calibrate.stats import relative_output_error
 from rankwise.io.atomic import atomic_dir
-from rankwise.linalg import LowRank
-from rankwise.methods.eora import eora
-from rankwise.nn import LowRankLinear, effective_weight, is_linear_like, linear_weight
-from rankwise.targets import find_targets, set_submodule
+from rankwise.linalg import LowRank, whitened_svd
+from rankwise.nn import CompressedLinear, effective_weight, is_linear_like, linear_weight
+from rankwise.targets import find_targets
 
 
 @dataclass
@@ -40,6 +50,27 @@ class Compensation:
         return (f"EoRA rank {self.rank} on {len(self.adapters)} layers: +{self.num_params:,} parameters{errs}")
 
 
+def eora(original: torch.Tensor, compressed: torch.Tensor, stats: LayerStats, rank: int) -> LowRank:
+    """Rank-``rank`` compensation ``B A ~= original - compressed`` in the activation eigenspace.
+
+    Args:
+        original: ``(out, in)`` weight of the uncompressed layer.
+        compressed: ``(out, in)`` effective weight of the compressed (or quantised) layer.
+        stats: input statistics of the layer (``X X^T``).
+        rank: adapter rank, at most ``min(out, in)``.
+    """
+    if original.shape != compressed.shape:
+        raise ValueError(f"original {tuple(original.shape)} and compressed {tuple(compressed.shape)} weights differ "
+                         "in shape")
+    m, n = original.shape
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be between 1 and min(out, in) = {min(m, n)} for this layer, got {rank}")
+    dtype = torch.float64 if torch.float64 in (original.dtype, compressed.dtype) else torch.float32
+    delta = original.detach().to(dtype) - compressed.detach().to(dtype)
+    lr = whitened_svd(delta, stats.whitening(), rank)
+    return lr.to(original.dtype)
+
+
 def check_compatible(base: nn.Module, compressed: nn.Module) -> None:
     """Raise ``ValueError`` if ``compressed`` was not made from a model shaped like ``base``."""
     for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
@@ -55,7 +86,7 @@ def _pairs(base: nn.Module, compressed: nn.Module) -> dict[str, tuple[torch.Tens
             other = compressed.get_submodule(name)
         except AttributeError:
             raise ValueError(f"the compressed model does not match the base model: it has no layer {name}") from None
-        if not (isinstance(other, LowRankLinear) or is_linear_like(other)):
+        if not (isinstance(other, CompressedLinear) or is_linear_like(other)):
             raise ValueError(f"layer {name} of the compressed model is a {type(other).__name__}, not a linear layer")
         W = linear_weight(module).detach()
         Wc = effective_weight(other).detach()
@@ -97,20 +128,17 @@ def compensate(base: nn.Module, compressed: nn.Module, calibration: torch.Tensor
 
 
 def merge_(model: nn.Module, compensation: Compensation) -> None:
-    """Fold the adapters into ``model``: a ``LowRankLinear`` of rank ``k`` becomes rank ``k + r`` (exact), a dense
-    layer gets ``B A`` added to its weight."""
+    """Fold the adapters into ``model``: a compressed layer that grows its rank (``LowRankLinear`` of rank ``k``, the
+    ``lq`` kind) becomes rank ``k + r`` (exact), a dense layer gets ``B A`` added to its weight; other kinds are
+    refused (export the adapters with :func:`export_peft` instead)."""
+    from rankwise.adapt.compressed import append_factors
+
     for name, lr in compensation.adapters.items():
         module = model.get_submodule(name)
         B, A = lr.factors()  # (out, r), (r, in)
         with torch.no_grad():
-            if isinstance(module, LowRankLinear):
-                merged = LowRankLinear(module.in_features, module.out_features, module.rank + lr.rank,
-                                       module.bias is not None, device=module.up.device, dtype=module.up.dtype)
-                merged.up.copy_(torch.cat((module.up, B.to(module.up.dtype)), dim=1))
-                merged.down.copy_(torch.cat((module.down, A.to(module.down.dtype)), dim=0))
-                if module.bias is not None:
-                    merged.bias.copy_(module.bias)
-                set_submodule(model, name, merged)
+            if isinstance(module, CompressedLinear):
+                append_factors(module, B, A, layer=name, check_size=False)
             else:
                 linear_weight(module).add_((B @ A).to(module.weight.dtype))
 

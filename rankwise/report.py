@@ -19,6 +19,15 @@ class LayerReport:
     rel_error: float | None  # ||(W - W')X||_F / ||W X||_F on calibration data; None without data
     notes: str = ""
     covariance_fallback: bool = False  # the input covariance was not positive definite (eigen fallback used)
+    kind: str = "dense"  # the layer kind written ("lowrank", "dictionary", ...), "dense" if kept dense
+    knob: str = "rank"  # what ``rank`` counts for this kind (rank, atoms ...)
+    floats_after: int | None = None  # floating-point values stored (None: params_after, all floating)
+    fixed_bytes_after: int = 0  # integer codes and indices stored, in bytes
+
+    def bytes_after(self, value_bytes: int) -> int:
+        """Bytes this layer stores when floating-point values take ``value_bytes`` each."""
+        floats = self.params_after if self.floats_after is None else self.floats_after
+        return floats * value_bytes + self.fixed_bytes_after
 
 
 @dataclass
@@ -39,16 +48,23 @@ class CompressionReport:
     storage_dtype: str | None = None  # the dtype the saved weights are stored in
     bytes_on_disk: int | None = None  # the saved weight files (safetensors), once written
     bytes_dense: int | None = None  # the dense model's weights stored in the same dtype (each tied tensor once)
+    bits: float | None = None  # the budget in average bits per targeted weight, when one was given instead of ratio
+    value_bytes: int | None = None  # bytes per floating-point value the budget counted (the planned storage dtype)
 
     @property
     def bits_per_targeted_weight(self) -> float | None:
         """Stored bits of the targeted layers per weight of the dense matrices they replace."""
-        if self.storage_dtype is None or not self.params_targeted_before:
-            return None
+        if self.storage_dtype is None:
+            return self.bits_at(self.value_bytes) if self.value_bytes else None
         import torch
 
-        bits = getattr(torch, self.storage_dtype).itemsize * 8
-        return bits * self.params_targeted_after / self.params_targeted_before
+        return self.bits_at(getattr(torch, self.storage_dtype).itemsize)
+
+    def bits_at(self, value_bytes: int) -> float | None:
+        """Stored bits per targeted weight with floating-point values of ``value_bytes`` each."""
+        if not self.params_targeted_before:
+            return None
+        return 8 * sum(layer.bytes_after(value_bytes) for layer in self.layers) / self.params_targeted_before
 
     def record_storage(self, out: Any, dtype: Any) -> None:
         """Note the dtype and the bytes of the weights written to directory ``out``."""
@@ -84,22 +100,29 @@ class CompressionReport:
         before = self.params_targeted_before
         errors = [layer.rel_error for layer in self.layers if layer.rel_error is not None]
         mean_err = f", mean relative output error {sum(errors) / len(errors):.4f}" if errors else ""
+        budget = f"{self.bits:g} bits per weight" if self.bits is not None else f"ratio {self.ratio:g}"
+        bits = self.bits_per_targeted_weight
+        stored = f"{bits:.2f} bits per targeted weight stored; " if bits is not None else ""
         return (
-            f"{self.method} at ratio {self.ratio:g}: targeted params kept {kept:,} / {before:,} "
+            f"{self.method} at {budget}: {stored}targeted params kept {kept:,} / {before:,} "
             f"({kept / max(before, 1):.1%} kept, {self.removed_fraction:.1%} removed); total params "
             f"{self.params_total_after:,} (was {self.params_total_before:,}); {len(self.layers)} layers"
             f"{mean_err}; {self.seconds:.1f} s"
         )
 
     def to_markdown(self) -> str:
-        lines = [f"**{self.summary()}**", "", "| layer | shape | rank | params before | params after | kept | "
-                 "removed | rel. output error | notes |", "|---|---|---|---|---|---|---|---|---|"]
+        value_bytes = self.value_bytes or 2
+        lines = [f"**{self.summary()}**", "", "| layer | shape | kind | size | params before | params after | kept | "
+                 f"removed | bits/weight ({8 * value_bytes}-bit floats) | rel. output error | notes |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for layer in self.layers:
             kept = layer.params_after / layer.params_before
             err = "" if layer.rel_error is None else f"{layer.rel_error:.4f}"
-            lines.append(f"| {layer.name} | {layer.shape[0]}x{layer.shape[1]} | {layer.rank} | "
-                         f"{layer.params_before:,} | {layer.params_after:,} | {kept:.1%} | {1 - kept:.1%} | {err} "
-                         f"| {layer.notes} |")
+            m, n = layer.shape
+            bits = 8 * layer.bytes_after(value_bytes) / layer.params_before
+            size = "" if layer.kind == "dense" else f"{layer.knob} {layer.rank}"
+            lines.append(f"| {layer.name} | {m}x{n} | {layer.kind} | {size} | {layer.params_before:,} | "
+                         f"{layer.params_after:,} | {kept:.1%} | {1 - kept:.1%} | {bits:.2f} | {err} | {layer.notes} |")
         lines += [f"- {note}" for note in self.notes]
         return "\n".join(lines)
 

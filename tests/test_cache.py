@@ -12,10 +12,10 @@ import torch
 from rankwise.calibrate import collect_stats
 from rankwise.calibrate.cache import StatsCache, checkpoint_digest, pack, unpack
 from rankwise.compress import compress_, compress_checkpoint
-from rankwise.methods import config_class, method_names
+from rankwise.methods import config_class
 from rankwise.methods.svd_llm import SVDLLMConfig
 from rankwise.targets import find_targets
-from tests.tiny_models import tiny_model, tiny_tokens
+from tests.tiny_models import budget, structured_methods, svd_family, tiny_model, tiny_tokens
 
 OPTIONS = [("uniform", False), ("loss", False), ("loss", True)]  # (allocation, sequential)
 
@@ -31,22 +31,24 @@ def _count_block_calls(model):
     return calls
 
 
-@pytest.mark.parametrize("method", method_names())
-@pytest.mark.parametrize("allocation,sequential", OPTIONS)
+@pytest.mark.parametrize("method,allocation,sequential",
+                         [(m, *o) for m in svd_family() for o in OPTIONS] + [(m, *OPTIONS[0]) for m in
+                                                                             structured_methods()])
 def test_cached_run_equals_uncached_and_skips_the_passes(tmp_path, method, allocation, sequential):
     tokens = tiny_tokens(8)
     make = config_class(method)
     reference = tiny_model("llama")
-    compress_(reference, make(ratio=0.3, allocation=allocation, sequential=sequential), tokens, progress=False)
+    compress_(reference, make(**budget(method, 0.3), allocation=allocation, sequential=sequential), tokens,
+              progress=False)
     first = tiny_model("llama")
-    compress_(first, make(ratio=0.5, allocation=allocation, sequential=sequential), tokens, progress=False,
-              cache=tmp_path)
+    compress_(first, make(**budget(method, 0.5), allocation=allocation, sequential=sequential), tokens,
+              progress=False, cache=tmp_path)
     entries = [p for p in tmp_path.iterdir() if p.name != "weights" and not p.name.startswith(".")]
     cacheable = not sequential or allocation == "loss"
     assert len(entries) == (1 if cacheable else 0)
     second = tiny_model("llama")
     calls = _count_block_calls(second)
-    report = compress_(second, make(ratio=0.3, allocation=allocation, sequential=sequential), tokens,
+    report = compress_(second, make(**budget(method, 0.3), allocation=allocation, sequential=sequential), tokens,
                        progress=False, cache=tmp_path)
     expected, got = _state(reference), _state(second)
     assert expected.keys() == got.keys()
@@ -58,14 +60,14 @@ def test_cached_run_equals_uncached_and_skips_the_passes(tmp_path, method, alloc
         assert not calls  # no forward pass through the model at all
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "welore"])
+@pytest.mark.parametrize("allocation", ["welore"])
 def test_a_run_that_kept_layers_dense_caches_them_for_a_later_ratio(tmp_path, allocation):
-    """At ratio 0.99 (uniform) or 0.1 (welore) some layers stay dense; a later run that compresses them must find
-    their statistics in the entry."""
+    """At ratio 0.05 under welore some layers stay dense (uniform never keeps one dense: every matrix gets the same
+    share); a later run that compresses them must find their statistics in the entry."""
     tokens = tiny_tokens(8)
     first = tiny_model("llama")
-    report = compress_(first, SVDLLMConfig(ratio=0.99 if allocation == "uniform" else 0.05, allocation=allocation),
-                       tokens, progress=False, cache=tmp_path)
+    report = compress_(first, SVDLLMConfig(ratio=0.05, allocation=allocation), tokens, progress=False,
+                       cache=tmp_path)
     assert any("kept dense" in note for note in report.notes)
     reference = tiny_model("llama")
     compress_(reference, SVDLLMConfig(ratio=0.5, allocation=allocation), tokens, progress=False)

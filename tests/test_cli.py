@@ -402,3 +402,31 @@ def test_eval_tasks_bad_input(tiny_dir, monkeypatch, args, message):
     result = run("eval", tiny_dir, *args)
     assert result.exit_code == 2 and message in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_compress_structured_methods_with_settings_and_bits(tiny_dir, tmp_path):
+    """A method's own fields through --set, a budget in bits, and the one-line errors around them."""
+    out = tmp_path / "m"
+    result = run("compress", tiny_dir, "--method", "monarch", "--set", "nblocks=2", "--set", "whiten=false",
+                 "--ratio", "0.3", "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    data = json.loads(run("info", out, "--json").output)
+    assert data["kinds"] == {"monarch": 14} and data["provenance"]["options"]["nblocks"] == 2
+    out = tmp_path / "q"
+    result = run("compress", tiny_dir, "--method", "lq", "--bits", "5", "--set", "quant_bits=4", "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    data = json.loads(run("info", out, "--json").output)
+    assert data["kinds"] == {"lq": 14} and data["bits_budget"] == 5.0
+    assert data["bits_per_targeted_weight"] <= 5.0 + 1e-9  # the tiny model has no biases in its projections
+    assert "at a budget of 5 bits per targeted weight" in run("info", out).output
+    for args, message in [
+        (["--method", "monarch", "--set", "blocks=2"], "with NAME one of monarch's fields: nblocks"),
+        (["--method", "monarch", "--set", "nblocks=two"], "--set nblocks: 'two' is not a valid int"),
+        (["--method", "lq"], "method 'lq' takes a budget in bits (bits=, --bits), not a ratio of parameters"),
+        (["--method", "nf", "--bits", "1"], "the budget of 1.0 bits per weight is below what nf can represent"),
+    ]:
+        result = run("compress", tiny_dir, "--out", tmp_path / "o", *args, *SMALL)
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+        assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
+        assert not (tmp_path / "o").exists()

@@ -10,10 +10,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from rankwise.calibrate import LayerStats
-from rankwise.compensate import compensate, export_peft, load_adapter, merge_
+from rankwise.compensate import compensate, eora, export_peft, load_adapter, merge_
 from rankwise.compress import compress_
 from rankwise.io import save
-from rankwise.methods.eora import eora
 from rankwise.methods.svd import SVDConfig
 from rankwise.nn import LowRankLinear
 from rankwise.targets import find_targets

@@ -10,9 +10,9 @@ from rankwise.compress import compress_
 from rankwise.methods import CompressConfig, config_class, method_names
 from rankwise.methods.svd import SVDConfig
 from rankwise.methods.svd_llm import SVDLLMConfig
-from rankwise.nn import LowRankLinear, linear_weight
+from rankwise.nn import LowRankLinear, compressed_modules, linear_weight, model_num_params
 from rankwise.targets import find_targets
-from tests.tiny_models import tiny_model, tiny_tokens
+from tests.tiny_models import budget, tiny_model, tiny_tokens
 
 ARCHS = ["llama", "gpt2", "opt"]
 
@@ -20,8 +20,8 @@ ARCHS = ["llama", "gpt2", "opt"]
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", method_names())
 def test_every_method_conforms(arch, method):
-    """Parameter count as promised, dtype preserved, finite outputs, deterministic."""
-    config = config_class(method)(ratio=0.3)
+    """Budget met, cost as declared, dtype preserved, finite outputs, deterministic, one layer per target."""
+    config = config_class(method)(**budget(method))
     tokens = tiny_tokens()
     outs = []
     for _ in range(2):
@@ -31,14 +31,27 @@ def test_every_method_conforms(arch, method):
         report = compress_(model, config, tokens, progress=False)
         assert len(report.layers) == len(targets)
         assert report.params_targeted_before == dense_targeted
-        for layer in report.layers:
-            m, n = layer.shape
-            assert layer.params_after <= 0.7 * m * n + m  # at least 30 % of the weight removed (bias kept)
-        assert report.removed_fraction >= 0.3 - 0.02
-        lowrank = [m for m in model.modules() if isinstance(m, LowRankLinear)]
-        assert len(lowrank) == len(targets)
-        assert all(m.up.dtype == torch.float32 for m in lowrank)
-        assert report.params_total_after == sum(p.numel() for p in model.parameters())
+        layers = compressed_modules(model)
+        assert len(layers) == len(targets)
+        for row in report.layers:
+            m, n = row.shape
+            layer = layers[row.name]
+            bias = m if layer.bias is not None else 0
+            if row.kind != "shared_basis":  # a shared basis is counted once, by its group (tests/test_basis_sharing)
+                cost = config.cost(m, n, row.rank, 4)  # the tiny models are float32
+                assert (cost.params + bias, cost.bytes + 4 * bias) == (layer.num_params, layer.stored_bytes(4))
+            assert row.params_after == layer.num_params
+            assert all(t.dtype == torch.float32 for t in layer.parameters())
+        if config.bits is None:
+            for row in report.layers:
+                m, n = row.shape
+                if row.kind != "shared_basis":  # the layer storing a shared basis holds more than its share
+                    assert row.params_after <= 0.7 * m * n + m  # at least 30 % of the weight removed (bias kept)
+            assert report.removed_fraction >= 0.3 - 0.02
+        else:  # the budget in bits is met, biases aside
+            biases = sum(layers[row.name].bias.numel() for row in report.layers if layers[row.name].bias is not None)
+            assert report.bits_at(4) <= config.bits + 8 * 4 * biases / dense_targeted + 1e-9
+        assert report.params_total_after == model_num_params(model)
         with torch.no_grad():
             out = model(tokens).logits
         assert bool(torch.isfinite(out).all())
@@ -138,7 +151,7 @@ def test_bad_config(kwargs, match):
 
 
 def test_unknown_method_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown method 'foo'; valid methods: asvd, fwsvd, svd, svd_llm"):
+    with pytest.raises(ValueError, match="unknown method 'foo'; valid methods: asvd, basis_sharing, .*svd_llm"):
         config_class("foo")
 
 

@@ -26,7 +26,7 @@ from rankwise.methods.fwsvd import FWSVDConfig
 from rankwise.methods.svd_llm import SVDLLMConfig
 from rankwise.stream import ActivationStore, ModelSource
 from rankwise.targets import find_targets
-from tests.tiny_models import tiny_encoder, tiny_model, tiny_tokenizer, tiny_tokens
+from tests.tiny_models import budget, tiny_encoder, tiny_model, tiny_tokenizer, tiny_tokens
 
 PAIRS = [("the while statement repeats a suite", "while True: pass"),
          ("the with statement wraps a block", "with open(f) as g: pass"),
@@ -75,7 +75,7 @@ def test_targets_are_the_encoder_layers_projections_never_embeddings_or_pooler()
 
 @pytest.mark.parametrize("method", method_names())
 def test_streamed_checkpoint_equals_in_memory(tmp_path, method):
-    config = config_class(method)(ratio=0.3)
+    config = config_class(method)(**budget(method))
     tokens = tiny_tokens(8)
     memory = tiny_encoder()
     ref_report = compress_(memory, config, tokens, progress=False)

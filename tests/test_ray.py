@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 ray = pytest.importorskip("ray")
 
+from rankwise import distributed as ray_compare  # noqa: E402
 from rankwise.cli import app  # noqa: E402
-from rankwise.eval import ray_compare  # noqa: E402
 from rankwise.eval.compare import compare  # noqa: E402
 from rankwise.methods import config_class  # noqa: E402
 from tests.tiny_models import tiny_model, tiny_tokenizer, tiny_tokens  # noqa: E402

@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 import rankwise
 from rankwise.calibrate import collect_stats
 from rankwise.compress import compress_, compress_checkpoint
-from rankwise.methods import config_class, method_names
+from rankwise.methods import config_class
 from rankwise.methods.fwsvd import FWSVDConfig
 from rankwise.methods.svd_llm import SVDLLMConfig
 from rankwise.nn import LowRankLinear, linear_weight
 from rankwise.targets import find_targets
-from tests.tiny_models import tiny_model, tiny_tokenizer, tiny_tokens
+from tests.tiny_models import budget, structured_methods, svd_family, tiny_model, tiny_tokenizer, tiny_tokens
 
 OPTIONS = [  # (allocation, sequential, update_u)
     ("uniform", False, False), ("loss", False, False), ("welore", True, False), ("loss", True, True),
@@ -36,10 +36,11 @@ def _logits(model, dtype=torch.float32):
         return model(tiny_tokens(2, seed=5)).logits.to(dtype)
 
 
-@pytest.mark.parametrize("method", method_names())
-@pytest.mark.parametrize("allocation,sequential,update_u", OPTIONS)
+@pytest.mark.parametrize("method,allocation,sequential,update_u",
+                         [(m, *o) for m in svd_family() for o in OPTIONS]
+                         + [(m, "loss", False, False) for m in structured_methods()])
 def test_streamed_checkpoint_equals_in_memory(tmp_path, method, allocation, sequential, update_u):
-    config = config_class(method)(ratio=0.3, allocation=allocation, sequential=sequential, update_u=update_u)
+    config = config_class(method)(**budget(method), allocation=allocation, sequential=sequential, update_u=update_u)
     tokens = tiny_tokens(8)
     memory = tiny_model("llama")
     ref_report = compress_(memory, config, tokens, progress=False)

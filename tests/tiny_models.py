@@ -60,3 +60,31 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
+
+
+def svd_family() -> list[str]:
+    """Registered methods that build ``LowRankLinear`` layers at the default ``r (m + n)`` cost, one block at a time
+    (the SVD family):
+    the full option matrix runs over these, one representative option over the structured methods."""
+    from rankwise.methods import CompressConfig, config_class, method_names
+
+    return [m for m in method_names() if config_class(m).cost is CompressConfig.cost
+            and config_class(m).block_groups is CompressConfig.block_groups]
+
+
+def structured_methods() -> list[str]:
+    """Registered methods with their own representation (a cost of their own): the complement of
+    :func:`svd_family`."""
+    from rankwise.methods import method_names
+
+    return [m for m in method_names() if m not in svd_family()]
+
+
+def budget(method: str, ratio: float = 0.3) -> dict:
+    """Keyword arguments of a budget ``method`` accepts: ``ratio`` or, for methods that take bits only, the bits
+    that keep the same share of bf16 weights."""
+    from rankwise.methods import config_class
+
+    if "params" in config_class(method).units:
+        return {"ratio": ratio}
+    return {"bits": 16 * (1 - ratio)}

@@ -47,16 +47,17 @@ def check_merge_size(base: CompressedLinear, extra: int, layer: str) -> None:
     """Raise ``ValueError`` unless a rank-``extra`` update can be merged into ``base`` and stay smaller than dense.
 
     Args:
-        base: the compressed layer the adapter would be merged into (only a ``LowRankLinear`` can take one).
+        base: the compressed layer the adapter would be merged into (a kind that ``grows_rank``: ``LowRankLinear``,
+            the ``lq`` kind).
         extra: the rank the merge appends.
         layer: the layer's name, for the message.
     """
-    if not isinstance(base, LowRankLinear):
+    if not base.grows_rank:
         raise ValueError(f"{layer or 'a compressed layer'} is a {base.kind or type(base).__name__} layer, which an "
                          "adapter cannot be merged into exactly; keep the adapter unmerged (save_pretrained), or "
                          "export the model dense (rankwise.save(..., export='dense')) and merge there")
     m, n, rank = base.out_features, base.in_features, base.rank + extra
-    if rank * (m + n) >= m * n:
+    if isinstance(base, LowRankLinear) and rank * (m + n) >= m * n:
         limit = -(-m * n // (m + n))  # the smallest rank with r (m + n) >= m n
         raise ValueError(f"merging the adapter into {layer or 'a compressed layer'} would make it rank {base.rank} + "
                          f"{extra} = {rank}, not smaller than the dense {m} x {n} layer (rank >= {limit}); keep the "
@@ -64,8 +65,8 @@ def check_merge_size(base: CompressedLinear, extra: int, layer: str) -> None:
                          "(rankwise.save(..., export='dense')) and merge there")
 
 
-def append_factors(base: LowRankLinear, up: torch.Tensor, down: torch.Tensor, *, safe: bool = False,
-                   layer: str = "") -> None:
+def append_factors(base: CompressedLinear, up: torch.Tensor, down: torch.Tensor, *, safe: bool = False,
+                   layer: str = "", check_size: bool = True) -> None:
     """Grow ``base`` in place to ``up' = [base.up, up]``, ``down' = [base.down; down]`` (rank ``k + r``).
 
     Args:
@@ -74,11 +75,18 @@ def append_factors(base: LowRankLinear, up: torch.Tensor, down: torch.Tensor, *,
         down: ``(r, in)`` factor.
         safe: refuse non-finite factors before touching the layer.
         layer: the layer's name, for the messages.
+        check_size: refuse a merge that leaves a low-rank layer no smaller than dense (an adapter merge); EoRA
+            compensation, which asks for the extra rank on purpose, turns it off.
 
     Raises:
-        ValueError: the merged layer would not be smaller than the dense one, or ``safe`` and a factor is not finite.
+        ValueError: the layer kind cannot grow its rank, the merged layer would not be smaller than the dense one, or
+            ``safe`` and a factor is not finite.
     """
-    check_merge_size(base, up.shape[1], layer)
+    if check_size:
+        check_merge_size(base, up.shape[1], layer)
+    elif not base.grows_rank:
+        raise ValueError(f"{layer or 'a compressed layer'} is a {base.kind} layer, which a low-rank update cannot be "
+                         "merged into exactly; export the compensation as a PEFT adapter instead")
     up = up.detach().to(device=base.up.device, dtype=base.up.dtype)
     down = down.detach().to(device=base.down.device, dtype=base.down.dtype)
     if safe and not (torch.isfinite(up).all() and torch.isfinite(down).all()):

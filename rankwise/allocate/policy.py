@@ -1,7 +1,12 @@
-"""Allocation policies by name or callable: what statistics each needs, and how scores become ranks.
+"""Allocation policies by name or callable: what statistics each needs, and how scores become each matrix's share
+of the budget.
 
 A policy scores every targeted matrix (from its weight and, where needed, its calibration statistics) and turns
-the scores into ranks under the budget ``(1 - ratio)`` of the targeted parameters. The compression pipeline asks a
+the scores into *shares*: the fraction of its dense cost each matrix may keep, under a total that keeps ``kept`` of
+the targets' cost (``1 - ratio`` of their parameters, or ``bits / 16`` of their bf16 bytes). The method then picks,
+per matrix, the largest size knob (a rank, a number of atoms ...) whose cost fits the share
+(:func:`rankwise.methods.base.choose_knobs`). Scores rank components the way a low-rank truncation does; for other
+representations they only decide how the budget is spread. The compression pipeline asks a
 policy what it needs (:attr:`AllocationPolicy.kinds`), streams the model once to score each block's matrices if
 anything is needed, and calls :meth:`AllocationPolicy.ranks` once with every score.
 
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rankwise.allocate.budget import loss_scores, threshold_ranks, welore_scores
+from rankwise.allocate.budget import layer_params, loss_scores, threshold_ranks, welore_scores
 from rankwise.allocate.uniform import uniform_ranks
 from rankwise.calibrate import LayerStats
 from rankwise.linalg import break_even_rank
@@ -34,16 +39,27 @@ class AllocationPolicy:
             scores (then ``rank_fn`` gives the ranks from the shapes alone).
         kinds: calibration statistics ``score`` needs (subset of ``xxt``, ``gout``); empty for data-free scores.
         rank_fn: ranks from the shapes and ratio, for policies without scores.
+        even: every matrix keeps the same share (uniform allocation).
     """
 
     name: str
     score: Callable[[str, torch.Tensor, LayerStats | None], torch.Tensor] | None = None
     kinds: frozenset[str] = frozenset()
     rank_fn: RankFn | None = None
+    even: bool = False
 
     @property
     def needs_scores(self) -> bool:
         return self.score is not None
+
+    def shares(self, shapes: Shapes, kept: float, scores: Mapping[str, torch.Tensor] | None = None
+               ) -> dict[str, float]:
+        """The fraction of its dense cost each matrix may keep (``1.0``: dense), ``kept`` on average."""
+        if self.even:
+            return {name: kept for name in shapes}
+        ranks = self.ranks(shapes, 1.0 - kept, scores)
+        return {name: layer_params(m, n, ranks[name]) / (m * n) if name in ranks else 1.0
+                for name, (m, n) in shapes.items()}
 
     def ranks(self, shapes: Shapes, ratio: float, scores: Mapping[str, torch.Tensor] | None = None
               ) -> dict[str, int]:
@@ -75,7 +91,7 @@ def _loss(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Te
 
 
 ALLOCATIONS: dict[str, AllocationPolicy] = {
-    "uniform": AllocationPolicy("uniform", rank_fn=uniform_ranks),
+    "uniform": AllocationPolicy("uniform", rank_fn=uniform_ranks, even=True),
     "welore": AllocationPolicy("welore", score=_welore),
     "loss": AllocationPolicy("loss", score=_loss, kinds=frozenset({"xxt", "gout"})),
 }

@@ -271,3 +271,23 @@ def _inside(modules: Mapping[str, nn.Module], model: nn.Module) -> bool:
         return False
     inner = {id(m) for m in base.modules()}
     return all(id(m) in inner for m in modules.values())
+
+
+def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, stats: LayerStats | None) -> float | None:
+    """``||(W - W') X||_F / ||W X||_F`` from the input covariance, or ``None`` without one.
+
+    A report figure, computed in float32 (float64 products cost as much as the factorisation itself here); the
+    covariance is scaled to unit trace first so float32 cannot overflow."""
+    if stats is None or stats.xxt is None:
+        return None
+    trace = float(stats.xxt.diagonal().sum())
+    if not trace > 0:
+        return None
+    C = (stats.xxt / trace).float()  # (n, n); the scale cancels in the ratio
+    num = den = 0.0
+    for start in range(0, weight.shape[0], 512):  # row chunks: temporaries of 512 x n, not m x n
+        W = weight[start:start + 512].to(C.device, C.dtype)
+        D = W - approx[start:start + 512].to(C.device, C.dtype)
+        num += float(((D @ C) * D).sum(dtype=torch.float64))
+        den += float(((W @ C) * W).sum(dtype=torch.float64))
+    return (max(num, 0.0) / den) ** 0.5 if den > 0 else None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from enum import StrEnum
 from typing import Annotated
 
 import typer
 
+from rankwise.allocate import ALLOCATIONS
 from rankwise.cli.common import (
     BatchOpt,
     CalibOpt,
@@ -28,6 +30,7 @@ from rankwise.cli.common import (
     say,
     stats_cache,
 )
+from rankwise.methods.base import recipe_options
 
 
 class Toggle(StrEnum):
@@ -46,9 +49,13 @@ class Toggle(StrEnum):
 def compare(
     model: ModelArg = "smollm2",
     methods: Annotated[str, typer.Option("--methods", help="comma list of methods")] = "svd,fwsvd,asvd,svd_llm",
-    ratios: Annotated[str, typer.Option("--ratios", help="comma list of fractions removed")] = "0.1,0.2,0.3,0.4",
+    ratios: Annotated[str | None, typer.Option("--ratios", help="comma list of fractions removed (default "
+                                               "0.1,0.2,0.3,0.4, none when --bits is given)")] = None,
+    bits: Annotated[str | None, typer.Option("--bits", help="comma list of budgets in stored bits per targeted "
+                                             "weight, each a row per recipe beside the ratios (e.g. 3.5,4.5)")
+                    ] = None,
     out: Annotated[str, typer.Option("--out", help="directory for comparison.md/.png/.json")] = "compare-out",
-    allocations: Annotated[str, typer.Option("--allocations", help="comma list of uniform, welore, loss")
+    allocations: Annotated[str, typer.Option("--allocations", help=f"comma list of {', '.join(ALLOCATIONS)}")
                            ] = "uniform",
     sequential: Annotated[Toggle, typer.Option("--sequential", help="rows without, with, or both")] = Toggle.off,
     update_u: Annotated[Toggle, typer.Option("--update-u", help="rows without, with, or both")] = Toggle.off,
@@ -68,31 +75,46 @@ def compare(
         "or HOST:PORT joins a running cluster (needs pip install 'rankwise\\[ray]')")] = None,
     trust_remote_code: TrustOpt = False,
     recipe_list: Annotated[str | None, typer.Option(
-        "--recipes", help="comma list of recipes written like row labels, e.g. svd_llm,svd_llm+loss+seq (options: "
-        "uniform, welore, loss, seq, upd); replaces --methods, --allocations, --sequential, --update-u")] = None,
+        "--recipes", help="comma list of recipes written like row labels, e.g. svd_llm,svd_llm+loss+seq,"
+        f"monarch+whiten=false (options: {recipe_options()}); replaces --methods, --allocations, --sequential, "
+        "--update-u")] = None,
     prompt: Annotated[list[str] | None, typer.Option(
         "--prompt", help="also complete this text with every model, side by side (repeat for several)")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens per completion")] = 32,
     no_cache: NoCacheOpt = False,
     speed_repeats: Annotated[int, typer.Option("--speed-repeats", min=1, help="timed prefill passes per row (the "
                                                "fastest counts)")] = 5,
+    hqq_bits: Annotated[str | None, typer.Option(
+        "--hqq-bits", help="also rows of HQQ quantisation at these bits (comma list of 2, 3, 4, 8), at the bits per "
+        "weight its format stores (needs pip install 'rankwise\\[quant]')")] = None,
+    hqq_group: Annotated[int, typer.Option("--hqq-group", min=8, help="weights per HQQ scale and zero (a multiple "
+                                           "of 8)")] = 64,
 ) -> None:
     """Compare compression methods across ratios on MODEL; writes a Markdown table and a PNG plot. An encoder is
     compared by embedding cosine to the dense model and retrieval on --eval-samples held-out pydoc topics."""
     from pathlib import Path
 
     from rankwise.calibrate import load_text
+    from rankwise.distributed import ray_session
     from rankwise.eval.compare import compare as run
-    from rankwise.eval.compare import parse_recipe, recipes
+    from rankwise.eval.compare import recipes
     from rankwise.eval.embedding import held_out_pairs, is_encoder_dir
     from rankwise.eval.encoder_compare import compare_encoder
-    from rankwise.eval.ray_compare import ray_session
     from rankwise.io.models import resolve
     from rankwise.io.sentence import max_seq_length
     from rankwise.methods import CompressConfig, config_class
+    from rankwise.methods.base import parse_recipe
 
     method_list = comma_list(methods, "--methods")
-    ratio_list = comma_list(ratios, "--ratios", float)
+    default_ratios = [] if bits else [0.1, 0.2, 0.3, 0.4]  # with --bits, only the ratios asked for
+    ratio_list = default_ratios if ratios is None else comma_list(ratios, "--ratios", float)
+    hqq_list = comma_list(hqq_bits, "--hqq-bits", int) if hqq_bits is not None else []
+    if hqq_list:
+        from rankwise.eval.anchors import HQQ, hqq_api
+
+        for b in hqq_list:
+            HQQ(b, hqq_group)
+        hqq_api()
     for name in method_list:
         config_class(name)
     allocation_list = tuple(comma_list(allocations, "--allocations"))
@@ -101,11 +123,16 @@ def compare(
             CompressConfig(ratio=r, allocation=a)
     if eora_rank < 0:
         raise ValueError(f"--eora-rank must be >= 0, got {eora_rank}")
+    bits_list = comma_list(bits, "--bits", float) if bits else []
     if recipe_list is not None:
         configs = [parse_recipe(r, ratio) for r in comma_list(recipe_list, "--recipes") for ratio in ratio_list]
+        configs += [parse_recipe(r, bits=b) for r in comma_list(recipe_list, "--recipes") for b in bits_list]
     else:
         configs = recipes(method_list, ratio_list, allocations=allocation_list, sequential=sequential.values,
                           update_u=update_u.values)
+        configs += [dataclasses.replace(c, bits=b) for c in recipes(
+            method_list, [0.2], allocations=allocation_list, sequential=sequential.values,
+            update_u=update_u.values) for b in bits_list]
     prompts = list(prompt or [])
     if any(not p.strip() for p in prompts):
         raise ValueError("--prompt must not be empty")
@@ -114,8 +141,8 @@ def compare(
     except ValueError:
         encoder = False  # a missing model is reported where a causal LM's is, after the --ray check
     if encoder:
-        if prompts or eora_rank or ray is not None:
-            raise ValueError(f"{model} is an encoder: --prompt, --eora-rank and --ray are for causal LMs")
+        if prompts or eora_rank or ray is not None or hqq_list:
+            raise ValueError(f"{model} is an encoder: --prompt, --eora-rank, --ray and --hqq-bits are for causal LMs")
         with claimed_out(out, overwrite, model):
             raw = load_text(text, dataset=dataset)
             work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code, raw)
@@ -139,7 +166,7 @@ def compare(
             result = run(work.model, work.calibration, work.evaluation, configs, eora_rank=eora_rank,
                          batch_size=batch_size, settings=settings, ray_address=ray, prompts=prompts,
                          tokenizer=work.tokenizer, max_new_tokens=max_new_tokens, cache=stats_cache(no_cache),
-                         speed_repeats=speed_repeats)
+                         speed_repeats=speed_repeats, hqq_bits=hqq_list, hqq_group=hqq_group)
         result.save(out, overwrite=overwrite)
     for note in result.notes:
         say(f"note: {note}")

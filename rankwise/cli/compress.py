@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from rankwise.allocate import ALLOCATIONS
 from rankwise.cli.common import (
     ActivationOpt,
     BatchOpt,
@@ -23,12 +24,12 @@ from rankwise.cli.common import (
     TrustOpt,
     comma_list,
     one_line_errors,
-    prepare,
     say,
     setup,
     stats_cache,
-    windows,
 )
+
+ALLOCATION_NAMES = ", ".join(ALLOCATIONS)
 
 
 @one_line_errors
@@ -36,11 +37,17 @@ def compress(
     model: ModelArg = "smollm2",
     method: Annotated[str, typer.Option("--method", help="compression method (see --help of compare)")] = "svd_llm",
     ratio: Annotated[float, typer.Option("--ratio", help="fraction of targeted parameters removed, in (0, 1)")] = 0.2,
+    bits: Annotated[float | None, typer.Option("--bits", help="budget in average stored bits per targeted weight "
+                                               "(indices and scales counted) instead of --ratio")] = None,
+    settings: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="NAME=VALUE", help="a method's own config field, e.g. --set nblocks=4 (repeatable; "
+        "a wrong name lists the method's fields)")] = None,
     out: Annotated[str, typer.Option("--out", help="output directory")] = "",
     targets: Annotated[str, typer.Option("--targets", help="comma list of attn, mlp")] = "attn,mlp",
     export: Annotated[str, typer.Option("--export", help="factored (rankwise format) or dense (plain HF)")
                       ] = "factored",
-    allocation: Annotated[str, typer.Option("--allocation", help="uniform, welore or loss")] = "uniform",
+    allocation: Annotated[str, typer.Option("--allocation", help=f"how the budget is spread: {ALLOCATION_NAMES}")
+                          ] = "uniform",
     sequential: Annotated[bool, typer.Option("--sequential", help="calibrate each block on compressed activations")
                           ] = False,
     update_u: Annotated[bool, typer.Option("--update-u", help="refit the left factor by least squares")] = False,
@@ -73,59 +80,31 @@ def compress(
     import math
     from pathlib import Path
 
-    from rankwise.calibrate import load_text
-    from rankwise.compress import compress_, compress_checkpoint
-    from rankwise.io import save
-    from rankwise.io.atomic import check_output_dir, claim, refuse_overlap
-    from rankwise.io.models import checkpoint_dir, load_tokenizer, resolve
-    from rankwise.io.provenance import provenance
-    from rankwise.io.sentence import copy_sentence_files
+    from rankwise.compress.job import compress_model
+    from rankwise.io.atomic import refuse_overlap
+    from rankwise.io.models import checkpoint_dir, resolve
     from rankwise.methods import config_class
-    from rankwise.stream import parse_dtype
+    from rankwise.methods.base import parse_settings
 
     if not out:
         raise ValueError("--out is required: the directory to write the compressed model to")
     if export not in ("factored", "dense"):
         raise ValueError(f"--export must be 'factored' or 'dense', got {export!r}")
-    config = config_class(method)(ratio=ratio, targets=tuple(comma_list(targets, "--targets")),
-                                  allocation=allocation, sequential=sequential, update_u=update_u)
-    parse_dtype(dtype)
+    config_cls = config_class(method)
+    config = config_cls(ratio=ratio, bits=bits, targets=tuple(comma_list(targets, "--targets")),
+                        allocation=allocation, sequential=sequential, update_u=update_u,
+                        **parse_settings(config_cls, settings or []))
     if not math.isfinite(activation_mb):
         raise ValueError(f"--activation-mb must be a finite number of MB, got {activation_mb}")
-    check_output_dir(out, overwrite)  # fail before the slow part
     setup(device, threads)
-    raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
-    path, _ = checkpoint_dir(model)
-    source = path if path is not None else resolve(model)[0]
-    for where in {str(p) for p in (source, model) if isinstance(p, Path) or Path(p).exists()}:
-        refuse_overlap(out, where)  # the cached conversion and, for a .gguf input, the file itself
-        if json_report:
+    if json_report:
+        path, _ = checkpoint_dir(model)
+        for where in {str(p) for p in (path or resolve(model)[0], model) if isinstance(p, Path) or Path(p).exists()}:
             refuse_overlap(json_report, where, option="--json-report")
-
-    def sentence_files(tmp: Path) -> None:  # an encoder's sentence-transformers pooling and configs, kept as-is
-        if isinstance(source, Path):
-            copy_sentence_files(source, tmp)
-
-    with claim(out):  # no other run writes OUT until this one is done
-        if path is not None:
-            tokenizer = load_tokenizer(path, trust_remote_code)
-            calibration, _, text_name = windows(tokenizer, raw, text, dataset, seq_len, calib_samples, 0)
-            origin = provenance(model, source, config, text_name, tuple(calibration.shape))
-            report = compress_checkpoint(path, config, calibration, out, tokenizer=tokenizer, dtype=dtype,
-                                         device=device, export=export, overwrite=overwrite, batch_size=batch_size,
-                                         activation_mb=activation_mb, offload_dir=offload_dir,
-                                         trust_remote_code=trust_remote_code, ray=ray, provenance=origin,
-                                         cache=stats_cache(no_cache), extras=sentence_files)
-        else:
-            work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code, raw)
-            if dtype is not None:
-                work.model.to(parse_dtype(dtype))
-            report = compress_(work.model, config, work.calibration, batch_size=batch_size,
-                               activation_mb=activation_mb, offload_dir=offload_dir, ray=ray,
-                               cache=stats_cache(no_cache))
-            origin = provenance(model, source, config, work.text_name, tuple(work.calibration.shape))
-            save(work.model, out, tokenizer=work.tokenizer, report=report, overwrite=overwrite, export=export,
-                 provenance=origin, dtype=dtype, extras=sentence_files)
+    report = compress_model(model, config, out, text=text, dataset=dataset, seq_len=seq_len,
+                            calib_samples=calib_samples, batch_size=batch_size, device=device, dtype=dtype,
+                            export=export, overwrite=overwrite, activation_mb=activation_mb, offload_dir=offload_dir,
+                            trust_remote_code=trust_remote_code, ray=ray, cache=stats_cache(no_cache))
     if json_report:
         from rankwise.io.atomic import write_text_atomic
 

@@ -24,7 +24,8 @@ def describe(manifest: Any) -> dict[str, Any]:
         "model_class": manifest.model_class,
         "dtype": manifest.dtype_name,
         "method": report.get("method"),
-        "ratio": report.get("ratio"),
+        "ratio": report.get("ratio") if report.get("bits") is None else None,
+        "bits_budget": report.get("bits"),
         "notes": report.get("notes") or [],
         "factorised_layers": len(manifest.modules),
         "layers_in_report": len(layers),
@@ -36,14 +37,16 @@ def describe(manifest: Any) -> dict[str, Any]:
         "bytes_on_disk": weights_bytes(manifest.file.parent),
         "bytes_dense": report.get("bytes_dense"),
         "bits_per_targeted_weight": report.get("bits_per_targeted_weight"),
-        "rank_histogram": {f"{low}-{2 * low - 1}": n for low, n in sorted(Counter(map(_bucket, ranks)).items())},
+        "rank_histogram": {(f"{low}-{2 * low - 1}" if low else "0"): n
+                           for low, n in sorted(Counter(map(_bucket, ranks)).items())},
         "provenance": manifest.provenance,
     }
 
 
 def _bucket(rank: int) -> int:
-    """The power-of-two bucket's lower end: buckets 1-1, 2-3, 4-7, 8-15, ..."""
-    return 1 << (rank.bit_length() - 1)
+    """The power-of-two bucket's lower end: buckets 0 (a quantised layer without a low-rank part), 1-1, 2-3, 4-7,
+    8-15, ..."""
+    return 1 << (rank.bit_length() - 1) if rank > 0 else 0
 
 
 @one_line_errors
@@ -66,7 +69,9 @@ def info(
         say(json.dumps(data, indent=1))
         return
     say(f"{path}: {data['model_class']} ({data['dtype']}), {data['factorised_layers']} factorised layers")
-    if data["method"] is not None:
+    if data["method"] is not None and data["bits_budget"] is not None:
+        say(f"method {data['method']} at a budget of {data['bits_budget']:g} bits per targeted weight")
+    elif data["method"] is not None:
         say(f"method {data['method']} at ratio {data['ratio']:g} (fraction of targeted parameters removed)")
     if data["params_targeted_kept"] is not None:
         say(f"targeted parameters: kept {data['params_targeted_kept']:,}, removed {data['params_targeted_removed']:,}; "

@@ -14,7 +14,7 @@ from torch import nn
 
 from rankwise.calibrate import LayerStats
 from rankwise.calibrate.cache import StatsCache
-from rankwise.compress.layer import relative_output_error
+from rankwise.calibrate.stats import relative_output_error
 from rankwise.compress.pipeline import Mapper, run
 from rankwise.io.atomic import atomic_dir, refuse_overlap
 from rankwise.io.save import resolve_dtype
@@ -36,7 +36,7 @@ def _fan_out(address: str | None) -> Iterator[Mapper | None]:
     if address is None:
         yield None
         return
-    from rankwise.eval.ray_compare import map_on_ray, ray_session
+    from rankwise.distributed import map_on_ray, ray_session
 
     with ray_session(address):
         yield functools.partial(map_on_ray, description="factorisations", progress=False)
@@ -56,9 +56,10 @@ def compress_(
     offload_dir: str | Path | None = None,
     ray: str | None = None,
     cache: str | Path | None = None,
+    save_dtype: str | torch.dtype | None = None,
 ) -> CompressionReport:
-    """Replace the targeted linear layers of ``model`` by compressed layers (:class:`~rankwise.nn.LowRankLinear`) in
-    place, block by block.
+    """Replace the targeted linear layers of ``model`` by compressed layers (one :class:`~rankwise.nn.CompressedLinear`
+    kind per method: :class:`~rankwise.nn.LowRankLinear` for the SVD family) in place, block by block.
 
     Args:
         model: a Hugging Face causal LM or encoder (BERT family), or any module whose blocks sit in one
@@ -79,6 +80,8 @@ def compress_(
             ``"auto"`` or ``HOST:PORT`` (needs ``pip install 'rankwise[ray]'``); the result equals the serial one.
         cache: a directory for calibration statistics (see :mod:`rankwise.calibrate.cache`): a later run on the same
             weights and calibration reads them instead of running the model; the result is identical.
+        save_dtype: the dtype the result will be stored in, which a budget in ``bits`` counts floating-point values
+            at (default: the targeted weights' own dtype).
 
     Returns:
         A :class:`~rankwise.report.CompressionReport` with each layer's rank, parameters and output error.
@@ -88,7 +91,8 @@ def compress_(
     with ActivationStore(int(activation_mb * 2**20), offload_dir) as store, _fan_out(ray) as mapper:
         report = run(ModelSource(model, device), InPlaceSink(), config, calibration, stats=stats,
                      filter_fn=filter_fn, batch_size=batch_size, progress=progress, store=store, mapper=mapper,
-                     cache=StatsCache(cache) if cache is not None else None)
+                     cache=StatsCache(cache) if cache is not None else None,
+                     value_dtype=resolve_dtype(save_dtype, None) if save_dtype is not None else None)
     attach(model)  # model.save_pretrained now writes a directory that from_pretrained loads
     return report
 
@@ -164,7 +168,7 @@ def compress_checkpoint(
                          model_type=getattr(source.config, "model_type", ""), max_shard_size=max_shard_size)
         report = run(source, sink, config, calibration, filter_fn=filter_fn, batch_size=batch_size,
                      progress=progress, store=store, mapper=mapper,
-                     cache=StatsCache(cache) if cache is not None else None)
+                     cache=StatsCache(cache) if cache is not None else None, value_dtype=stored)
         sink.write_rest(source.rest_tensors())
         sink.finish(source.model, report, tokenizer, provenance)
         if extras is not None:

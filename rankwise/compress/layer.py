@@ -7,32 +7,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from rankwise.allocate import layer_params
 from rankwise.calibrate import LayerStats
+from rankwise.calibrate.stats import relative_output_error
 from rankwise.linalg import LowRank, refit_left
 from rankwise.methods import CompressConfig, MethodFn
-from rankwise.nn import LowRankLinear, linear_weight
+from rankwise.nn import CompressedLinear, LowRankLinear, linear_weight
 from rankwise.report import LayerReport
-
-
-def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, stats: LayerStats | None) -> float | None:
-    """``||(W - W') X||_F / ||W X||_F`` from the input covariance, or ``None`` without one.
-
-    A report figure, computed in float32 (float64 products cost as much as the factorisation itself here); the
-    covariance is scaled to unit trace first so float32 cannot overflow."""
-    if stats is None or stats.xxt is None:
-        return None
-    trace = float(stats.xxt.diagonal().sum())
-    if not trace > 0:
-        return None
-    C = (stats.xxt / trace).float()  # (n, n); the scale cancels in the ratio
-    num = den = 0.0
-    for start in range(0, weight.shape[0], 512):  # row chunks: temporaries of 512 x n, not m x n
-        W = weight[start:start + 512].to(C.device, C.dtype)
-        D = W - approx[start:start + 512].to(C.device, C.dtype)
-        num += float(((D @ C) * D).sum(dtype=torch.float64))
-        den += float(((W @ C) * W).sum(dtype=torch.float64))
-    return (max(num, 0.0) / den) ** 0.5 if den > 0 else None
 
 
 def check_finite(name: str, module: nn.Module) -> None:
@@ -41,27 +21,40 @@ def check_finite(name: str, module: nn.Module) -> None:
         raise ValueError(f"layer {name} has non-finite weights (NaN or Inf); cannot compress it")
 
 
-def factorise(name: str, module: nn.Module, stats: LayerStats | None, rank: int, config: CompressConfig,
-              method: MethodFn) -> tuple[LowRankLinear, LayerReport]:
-    """The ``LowRankLinear`` replacing ``module`` at ``rank`` and its report row."""
+def factorise(name: str, module: nn.Module, stats: LayerStats | None, knob: int, config: CompressConfig,
+              method: MethodFn) -> tuple[CompressedLinear, LayerReport]:
+    """The compressed layer replacing ``module`` at ``knob`` (a rank for low-rank methods) and its report row."""
     weight = linear_weight(module).detach()
-    lr = method(weight, stats, rank, config, name)
-    if config.update_u and stats is not None and stats.xxt is not None:
-        U = refit_left(weight, lr.Vh, stats.covariance, stats.cross_covariance)  # (m, r)
-        lr = LowRank((U / lr.S.clamp_min(torch.finfo(lr.S.dtype).tiny)).to(weight.dtype), lr.S, lr.Vh, lr.info)
+    result = method(weight, stats, knob, config, name)
     bias = module.bias.detach() if module.bias is not None else None
-    new = LowRankLinear.from_lowrank(lr, bias).to(weight.device)
+    fallback, notes = False, ""
+    if isinstance(result, LowRank):
+        lr = result
+        if config.update_u and stats is not None and stats.xxt is not None:
+            U = refit_left(weight, lr.Vh, stats.covariance, stats.cross_covariance)  # (m, r)
+            lr = LowRank((U / lr.S.clamp_min(torch.finfo(lr.S.dtype).tiny)).to(weight.dtype), lr.S, lr.Vh, lr.info,
+                         lr.whitening_fallback)
+        new: CompressedLinear = LowRankLinear.from_lowrank(lr, bias).to(weight.device)
+        fallback, notes = lr.whitening_fallback, describe(lr.info)
+    elif isinstance(result, CompressedLinear):
+        if config.update_u:
+            raise ValueError(f"update_u refits a low-rank left factor; method {config.name!r} builds "
+                             f"{result.kind!r} layers")
+        new = result.to(weight.device)
+        new.set_bias(bias)
+    else:
+        raise TypeError(f"method {config.name!r} returned {type(result).__name__}; expected LowRank or a "
+                        "CompressedLinear layer kind")
     err = relative_output_error(weight, new.dense_weight().detach(), stats)
     before = weight.numel() + (bias.numel() if bias is not None else 0)
-    wh = lr.info.get("whitening")
-    fallback = isinstance(wh, Mapping) and wh.get("method") in ("eigh", "ridge")
-    row = LayerReport(name, tuple(weight.shape), lr.rank, before, new.num_params, err, describe(lr.info), fallback)
+    row = LayerReport(name, tuple(weight.shape), knob, before, new.num_params, err, notes, fallback, kind=new.kind,
+                      knob=config.knob, floats_after=new.float_numel, fixed_bytes_after=new.fixed_nbytes)
     return new, row
 
 
 def dense_row(name: str, shape: tuple[int, int], bias: int, why: str = "kept dense") -> LayerReport:
     m, n = shape
-    return LayerReport(name, (m, n), min(m, n), m * n + bias, layer_params(m, n, min(m, n)) + bias, 0.0, why)
+    return LayerReport(name, (m, n), min(m, n), m * n + bias, m * n + bias, 0.0, why)
 
 
 def describe(info: Mapping[str, object]) -> str:
@@ -72,3 +65,36 @@ def describe(info: Mapping[str, object]) -> str:
         return f"covariance not positive definite: Cholesky after a ridge of {wh['damping']:.3g}"
     clamped = int(info.get("clamped_row_weights", 0) or 0) + int(info.get("clamped_col_weights", 0) or 0)
     return f"{clamped} zero weights clamped" if clamped else ""
+
+
+def factorise_shared(names: list[str], modules: list[nn.Module], stats: list[LayerStats | None],
+                     knobs: Mapping[str, int], config: CompressConfig, value_bytes: int
+                     ) -> list[tuple[str, CompressedLinear, LayerReport]]:
+    """Compress layers that share a factor (one projection across a group of blocks) with the method's group
+    function, at the largest common knob whose shared cost fits what the allocation gave them one by one."""
+    from rankwise.methods.base import group_method_for
+
+    weights = [linear_weight(m).detach() for m in modules]
+    shapes = [tuple(w.shape) for w in weights]
+    unit = config.unit
+    budget = sum(config.cost(*shape, knobs[name], value_bytes)[unit] for name, shape in zip(names, shapes,
+                                                                                            strict=True))
+    lo, hi = 1, min(shapes[0][1], sum(m for m, _ in shapes))
+    while lo < hi:  # the last knob whose shared cost fits
+        mid = (lo + hi + 1) // 2
+        if config.group_cost(shapes, mid, value_bytes)[unit] <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    layers = group_method_for(config)(names, weights, stats, lo, config)
+    out = []
+    for name, module, weight, layer_stats, new in zip(names, modules, weights, stats, layers, strict=True):
+        bias = module.bias.detach() if module.bias is not None else None
+        new = new.to(weight.device)
+        new.set_bias(bias)
+        err = relative_output_error(weight, new.dense_weight().detach(), layer_stats)
+        before = weight.numel() + (bias.numel() if bias is not None else 0)
+        row = LayerReport(name, tuple(weight.shape), lo, before, new.num_params, err, "", False, kind=new.kind,
+                          knob=config.knob, floats_after=new.float_numel, fixed_bytes_after=new.fixed_nbytes)
+        out.append((name, new, row))
+    return out

@@ -25,10 +25,11 @@ from rankwise._memory import trim
 from rankwise.calibrate import LayerStats
 from rankwise.calibrate.cache import CacheEntry, StatsCache, tensor_digest
 from rankwise.calibrate.stats import INPUT_KINDS, StatsObserver, iter_batches
-from rankwise.compress.layer import check_finite, dense_row, factorise
+from rankwise.compress.layer import check_finite, dense_row, factorise, factorise_shared
 from rankwise.compress.passes import Streams, capture, gradient_pass, needs_gradients, weight_scores
 from rankwise.methods import CompressConfig, method_for
-from rankwise.nn import linear_weight
+from rankwise.methods.base import choose_knobs
+from rankwise.nn import linear_weight, model_num_params
 from rankwise.progress import progress_bar
 from rankwise.report import CompressionReport
 from rankwise.stream import ActivationStore, block_of, run_block
@@ -46,6 +47,12 @@ class Plan:
     biases: dict[str, int]
     gradient_kinds: frozenset[str]  # statistics of the gradient pass (empty: no such pass)
     block_kinds: frozenset[str]  # input statistics collected per block
+    value_bytes: int  # bytes of one floating-point value as stored: what budgets in bytes count
+
+    @property
+    def inside(self) -> dict[str, tuple[int, int]]:
+        """Shapes of the targets inside the decoder blocks (the ones compressed)."""
+        return {n: self.shapes[n] for n in self.names}
 
     @property
     def names(self) -> list[str]:
@@ -53,10 +60,13 @@ class Plan:
 
 
 def make_plan(source, config: CompressConfig, filter_fn: FilterFn | None, *, has_data: bool,
-              stats: Mapping[str, LayerStats] | None) -> Plan:
+              stats: Mapping[str, LayerStats] | None, value_dtype: torch.dtype | None = None) -> Plan:
     targets = find_targets(source.model, config.targets, filter_fn)
     if not targets:
         raise ValueError("no layer matched the targets; check targets/filter_fn")
+    if any(len(g) > 1 for g in config.block_groups(len(source.blocks))) and (config.sequential or config.update_u):
+        raise ValueError(f"method {config.name!r} compresses groups of blocks together from the dense model's "
+                         "statistics: sequential and update_u are not supported with it")
     if (config.sequential or config.update_u) and not has_data:
         raise ValueError("sequential and update_u need calibration data")
     policy = config.policy
@@ -77,9 +87,13 @@ def make_plan(source, config: CompressConfig, filter_fn: FilterFn | None, *, has
         if not needs_gradients(gradient_kinds):
             gradient_kinds = frozenset()
     block_kinds = frozenset((config.needs & INPUT_KINDS) | {"xxt"}) if has_data else frozenset()
-    return Plan(config, by_block, outside, {n: tuple(linear_weight(m).shape) for n, m in targets.items()},
+    value_bytes = (value_dtype or linear_weight(next(iter(targets.values()))).dtype).itemsize
+    plan = Plan(config, by_block, outside, {n: tuple(linear_weight(m).shape) for n, m in targets.items()},
                 {n: (m.bias.numel() if m.bias is not None else 0) for n, m in targets.items()},
-                gradient_kinds, block_kinds)
+                gradient_kinds, block_kinds, value_bytes)
+    if by_block:  # the budget is representable, checked before any weight is read
+        choose_knobs(config, plan.inside, dict.fromkeys(plan.inside, config.kept_fraction(value_bytes)), value_bytes)
+    return plan
 
 
 Mapper = Callable[..., list]  # (fn, items, shared) -> [fn(item, **shared) for item in items], e.g. on Ray workers
@@ -88,20 +102,22 @@ Mapper = Callable[..., list]  # (fn, items, shared) -> [fn(item, **shared) for i
 def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterable[torch.Tensor] | None, *,
         store: ActivationStore, stats: Mapping[str, LayerStats] | None = None, filter_fn: FilterFn | None = None,
         batch_size: int = 4, progress: bool = True, mapper: Mapper | None = None,
-        cache: StatsCache | None = None) -> CompressionReport:
+        cache: StatsCache | None = None, value_dtype: torch.dtype | None = None) -> CompressionReport:
     """Compress ``source``'s blocks into ``sink`` (the spine shared by :func:`compress_` and
     :func:`compress_checkpoint`). ``mapper`` fans a block's factorisations out (one task per input group, such as
     q/k/v, so the shared whitening is computed once); without it they run here, one after another. With ``cache``,
     the dense model's statistics (each block's, outside sequential mode, and the gradient pass's) are read from it
-    when an earlier run on the same model and calibration stored them, and stored otherwise."""
+    when an earlier run on the same model and calibration stored them, and stored otherwise. ``value_dtype`` is the
+    dtype the result will be stored in, which a budget in bits counts (default: the targets' own)."""
     start = time.perf_counter()
     method = method_for(config)
     batches = list(iter_batches(calibration, batch_size)) if calibration is not None else []
     if calibration is not None and not batches:
         raise ValueError("calibration data is empty: need at least one window of tokens")
-    plan = make_plan(source, config, filter_fn, has_data=bool(batches), stats=stats)
+    plan = make_plan(source, config, filter_fn, has_data=bool(batches), stats=stats, value_dtype=value_dtype)
     policy = config.policy
-    report = CompressionReport(config.name, config.ratio, sum(p.numel() for p in source.model.parameters()))
+    report = CompressionReport(config.name, config.ratio, sum(p.numel() for p in source.model.parameters()),
+                               bits=config.bits, value_bytes=plan.value_bytes)
     report.notes.append(f"allocation {policy.name}" + (", sequential" if config.sequential else "")
                         + (", left factor refit" if config.update_u else ""))
     # Streams the per-block pass reads: precomputed statistics replace the dense stream outside sequential mode.
@@ -167,31 +183,42 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
     elif policy.needs_scores:
         scores = weight_scores(source, plan.by_block, policy, stats, progress=progress)
     source.release_rest()
-    inside = {n: plan.shapes[n] for n in plan.names}
-    ranks = policy.ranks(inside, config.ratio, scores)
+    inside = plan.inside
+    ranks = choose_knobs(config, inside, policy.shares(inside, config.kept_fraction(plan.value_bytes), scores),
+                         plan.value_bytes)
     dense = [name for name in plan.names if name not in ranks]
     if dense:
         report.notes.append(f"kept dense ({len(dense)}): {', '.join(dense)}")
     if plan.outside:
         report.notes.append(f"outside the decoder blocks, kept dense ({len(plan.outside)}): {', '.join(plan.outside)}")
 
-    for i in progress_bar(range(len(source.blocks)), f"{config.name} blocks", enabled=progress):
+    groups = config.block_groups(len(source.blocks))
+    for group in progress_bar(groups, f"{config.name} blocks" + (" (groups)" if len(groups) < len(source.blocks)
+                                                                 else ""), enabled=progress):
         block_start = time.perf_counter()
-        block = source.load(i)
-        chosen = [n for n in plan.by_block.get(i, []) if n in ranks]
-        block_stats = entry.read_stats(f"block-{i}", source.device) if hit and not config.sequential else stats
-        rows = compress_block(source, block, i, chosen, ranks, plan, method, streams, block_stats, gradient_stats,
-                              mapper, record=(lambda s, i=i: entry.write_stats(f"block-{i}", s)) if record else None)
+        blocks = {i: source.load(i) for i in group}
+        chosen = {i: [n for n in plan.by_block.get(i, []) if n in ranks] for i in group}
+        block_stats = {i: entry.read_stats(f"block-{i}", source.device) if hit and not config.sequential else stats
+                       for i in group}
+        records = {i: (lambda s, i=i: entry.write_stats(f"block-{i}", s)) if record else None for i in group}
+        if len(group) == 1:
+            (i,) = group
+            rows = compress_block(source, blocks[i], i, chosen[i], ranks, plan, method, streams, block_stats[i],
+                                  gradient_stats, mapper, record=records[i])
+        else:
+            rows = compress_block_group(source, blocks, chosen, ranks, plan, method, streams, block_stats, records)
         report.layers.extend(rows)
-        sink.write_block(i, block)
-        source.release(i)
-        trim()  # this block's covariances and factors are freed: hand the memory back before the next block
-        report.block_seconds.append(time.perf_counter() - block_start)
+        for i in group:  # all written before any is released: a block may read a tensor another block stores
+            sink.write_block(i, blocks[i])
+        for i in group:
+            source.release(i)
+        trim()  # this group's covariances and factors are freed: hand the memory back before the next one
+        report.block_seconds.extend([(time.perf_counter() - block_start) / len(group)] * len(group))
     for name in dense + plan.outside:
         report.layers.append(dense_row(name, plan.shapes[name], plan.biases[name]))
     order = {name: k for k, name in enumerate(plan.names + plan.outside)}
     report.layers.sort(key=lambda layer: order[layer.name])
-    report.params_total_after = sum(p.numel() for p in source.model.parameters())
+    report.params_total_after = model_num_params(source.model)
     return report
 
 
@@ -248,6 +275,46 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
             for b in range(len(streams.batches)):
                 h = streams.store.get((main, b)).to(device)
                 streams.store.put((main, b), run_block(block, streams.call(b, i, device), h))
+    return rows
+
+
+def compress_block_group(source, blocks: Mapping[int, nn.Module], chosen: Mapping[int, list[str]],
+                         knobs: Mapping[str, int], plan: Plan, method, streams: Streams | None,
+                         stats: Mapping[int, Mapping[str, LayerStats] | None], records: Mapping[int, Callable | None]
+                         ) -> list:
+    """Compress several blocks at once for a cross-block method (non-sequential): observe each (the dense stream
+    advances block by block), then compress the layers that share (same :meth:`CompressConfig.share_key`) together
+    with the group function, and the others one by one."""
+    config, device = plan.config, source.device
+    observed: dict[str, tuple[nn.Module, LayerStats | None]] = {}
+    for i, block in blocks.items():
+        modules = {name: source.model.get_submodule(name) for name in chosen[i]}
+        for name, module in modules.items():
+            check_finite(name, module)
+        block_stats = stats[i]
+        if streams is not None and ("dense", 0) in streams.store:
+            watch = modules if records[i] is None else {n: source.model.get_submodule(n) for n in plan.by_block[i]}
+            block_stats = _observe(block, i, watch, plan, streams, "dense", device)
+            if records[i] is not None:
+                records[i](block_stats)
+        for name, module in modules.items():
+            observed[name] = (module, block_stats.get(name) if block_stats is not None else None)
+    shared: dict[str, list[str]] = {}
+    done = []
+    for name, (module, layer_stats) in observed.items():
+        key = config.share_key(name.split(f"{source.blocks_name}.", 1)[-1].split(".", 1)[-1])
+        if key is None:
+            done.append((name, *factorise(name, module, layer_stats, knobs[name], config, method)))
+        else:
+            shared.setdefault(key, []).append(name)
+    for names in shared.values():
+        done += factorise_shared(names, [observed[n][0] for n in names], [observed[n][1] for n in names], knobs,
+                                 config, plan.value_bytes)
+    order = {name: k for k, name in enumerate(observed)}
+    rows = []
+    for name, new, row in sorted(done, key=lambda item: order[item[0]]):
+        set_submodule(source.model, name, new)
+        rows.append(row)
     return rows
 
 

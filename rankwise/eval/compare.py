@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 import torch
@@ -20,9 +20,9 @@ from rankwise.calibrate import LayerStats
 from rankwise.calibrate.cache import StatsCache, collect_stats_cached
 from rankwise.compensate import compensate, merge_
 from rankwise.compress import compress_
+from rankwise.distributed import map_on_ray, ray_session
 from rankwise.eval.generate import complete
-from rankwise.eval.measure import count_params, peak_rss_mb, perplexity, prefill_throughput
-from rankwise.eval.ray_compare import map_on_ray, ray_session
+from rankwise.eval.measure import count_params, peak_rss_mb, perplexity, prefill_throughput, targeted_bytes
 from rankwise.io.atomic import atomic_dir
 from rankwise.methods import CompressConfig, config_class
 from rankwise.progress import progress_bar
@@ -40,9 +40,10 @@ class CompareRow:
     tokens_per_s: float
     compress_s: float
     rss_mb: float  # resident memory right after this row's compression (process-wide)
-    weights_mb: float = 0.0  # bytes of the weights as saved at the model's dtype, each tied tensor once, in MB
+    weights_mb: float = 0.0  # bytes of the weights as saved at the storage dtype, each tied tensor once, in MB
     bits_per_weight: float = 0.0  # stored bits of the targeted layers per weight of the dense matrices
     kept: dict[str, float] = field(default_factory=dict)  # layer -> fraction of its parameters kept
+    bits: float | None = None  # the budget in bits per targeted weight, when the row had one instead of a ratio
     completions: list[str] = field(default_factory=list)  # greedy completions of the comparison's prompts
 
 
@@ -64,14 +65,15 @@ class Comparison:
                 f"removed; shared calibration took {self.calibration_s:.1f} s"
                 f"{' (statistics read from the cache)' if self.stats_cached else ''}"
                 ".\n\n")
-        lines = ["| method | ratio | perplexity | vs dense | targeted kept | targeted removed | total params "
+        lines = ["| method | ratio or bits | perplexity | vs dense | targeted kept | targeted removed | total params "
                  f"| weights MB ({s.get('dtype', '')}) | bits / targeted weight "
                  "| prefill tok/s | speed-up | factorise s | RSS MB |",
                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in [self.dense, *self.rows]:
             total = r.params_targeted_kept + r.params_targeted_removed
+            budget = f"{r.bits:g} bits" if r.bits is not None else f"{r.ratio:g}"
             lines.append(
-                f"| {r.method} | {r.ratio:g} | {r.perplexity:.2f} | {r.perplexity / self.dense.perplexity:.2f}x | "
+                f"| {r.method} | {budget} | {r.perplexity:.2f} | {r.perplexity / self.dense.perplexity:.2f}x | "
                 f"{r.params_targeted_kept:,} ({r.params_targeted_kept / total:.1%}) | "
                 f"{r.params_targeted_removed:,} ({r.params_targeted_removed / total:.1%}) | {r.params_total:,} | "
                 f"{r.weights_mb:,.1f} | {r.bits_per_weight:.2f} | {r.tokens_per_s:,.0f} | "
@@ -89,22 +91,28 @@ class Comparison:
             for r in [self.dense, *self.rows]:
                 if k < len(r.completions):
                     text = " ".join(r.completions[k].split()).replace("|", "\\|")
-                    out.append(f"| {r.method}{f' @ {r.ratio:g}' if r.ratio else ''} | {text} |")
+                    at = f" @ {r.bits:g} bits" if r.bits is not None else f" @ {r.ratio:g}" if r.ratio else ""
+                    out.append(f"| {r.method}{at} | {text} |")
         return "\n".join(out)
 
-    def plot(self, path: Path) -> None:
+    def plot(self, path: Path, *, x: str = "ratio") -> None:
+        """Perplexity against ``x``: ``"ratio"`` (rows with a ratio) or ``"bits"`` (every row, at the bits per
+        targeted weight it stores)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method in dict.fromkeys(r.method for r in self.rows):
-            rows = sorted((r for r in self.rows if r.method == method), key=lambda r: r.ratio)
-            ax.plot([r.ratio for r in rows], [r.perplexity for r in rows], marker="o", label=method)
+        rows_of = [r for r in self.rows if x == "bits" or r.bits is None]
+        at = (lambda r: r.bits_per_weight) if x == "bits" else (lambda r: r.ratio)
+        for method in dict.fromkeys(r.method for r in rows_of):
+            rows = sorted((r for r in rows_of if r.method == method), key=at)
+            ax.plot([at(r) for r in rows], [r.perplexity for r in rows], marker="o", label=method)
         ax.axhline(self.dense.perplexity, color="black", linestyle="--", label=f"dense ({self.dense.perplexity:.2f})")
         ax.set_yscale("log")
-        ax.set_xlabel("ratio (fraction of targeted parameters removed)")
+        ax.set_xlabel("bits stored per targeted weight" if x == "bits"
+                      else "ratio (fraction of targeted parameters removed)")
         ax.set_ylabel("perplexity (held-out, log scale)")
         ax.set_title(f"{self.settings.get('model')}: perplexity vs compression")
         ax.grid(True, which="both", alpha=0.3)
@@ -134,11 +142,13 @@ class Comparison:
         plt.close(fig)
 
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
-        """Write ``comparison.md``, ``comparison.png`` (perplexity vs ratio), ``ranks.png`` (allocation per layer)
-        and ``comparison.json`` atomically into ``out``."""
+        """Write ``comparison.md``, ``comparison.png`` (perplexity vs ratio), ``comparison_bits.png`` (perplexity vs
+        bits per targeted weight), ``ranks.png`` (allocation per layer) and ``comparison.json`` atomically into
+        ``out``."""
         with atomic_dir(out, overwrite) as tmp:
             (tmp / "comparison.md").write_text(self.to_markdown() + "\n")
             self.plot(tmp / "comparison.png")
+            self.plot(tmp / "comparison_bits.png", x="bits")
             self.plot_ranks(tmp / "ranks.png")
             data = {"settings": self.settings, "calibration_s": self.calibration_s, "stats_cached": self.stats_cached,
                     "notes": self.notes, "dense": asdict(self.dense),
@@ -147,25 +157,76 @@ class Comparison:
         return Path(out)
 
 
-def _row(model: nn.Module, name: str, ratio: float, evaluation: torch.Tensor, dense_targeted: int,
-         seconds: float, batch_size: int, prompts: Sequence[str] = (), tokenizer: Any = None,
-         max_new_tokens: int = 32, speed_repeats: int = 5) -> CompareRow:
-    rss = psutil.Process().memory_info().rss / 2**20
-    total, targeted = count_params(model)
+def score(model: nn.Module, evaluation: torch.Tensor, *, batch_size: int = 8, speed_repeats: int = 5,
+          prompts: Sequence[str] = (), tokenizer: Any = None, max_new_tokens: int = 32
+          ) -> tuple[float, float, list[str]]:
+    """``(perplexity, prefill tokens/s, greedy completions of prompts)`` of one candidate model."""
     ppl = perplexity(model, evaluation, batch_size=batch_size)
     tps = prefill_throughput(model, evaluation, batch_size=batch_size, repeats=speed_repeats)
     texts = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens) if prompts else []
-    itemsize = next(model.parameters()).element_size()
+    return ppl, tps, texts
+
+
+def _row(model: nn.Module, name: str, ratio: float, evaluation: torch.Tensor, dense_targeted: int,
+         seconds: float, batch_size: int, value_bytes: int, prompts: Sequence[str] = (), tokenizer: Any = None,
+         max_new_tokens: int = 32, speed_repeats: int = 5) -> CompareRow:
+    rss = psutil.Process().memory_info().rss / 2**20
+    total, targeted = count_params(model)
+    ppl, tps, texts = score(model, evaluation, batch_size=batch_size, speed_repeats=speed_repeats, prompts=prompts,
+                            tokenizer=tokenizer, max_new_tokens=max_new_tokens)
+    stored = targeted_bytes(model, value_bytes)
+    rest = sum(p.numel() for p in model.parameters()) - targeted_params_dense(model)
     return CompareRow(name, ratio, ppl, targeted, dense_targeted - targeted, total, tps, seconds, rss,
-                      weights_mb=total * itemsize / 1e6, bits_per_weight=8 * itemsize * targeted / dense_targeted,
+                      weights_mb=(stored + rest * value_bytes) / 1e6, bits_per_weight=8 * stored / dense_targeted,
                       completions=texts)
+
+
+def declared_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``model`` would be saved in: the floating dtype its checkpoint's ``config.json`` declares (the
+    published weights' dtype, e.g. bfloat16 for the default model, which rankwise computes with in float32), else
+    the one its in-memory config names, else its parameters' dtype."""
+    config = getattr(model, "config", None)
+    where = Path(str(getattr(config, "_name_or_path", "") or "")) / "config.json"
+    declared: Any = None
+    if where.is_file():
+        try:
+            data = json.loads(where.read_text())
+        except (OSError, ValueError):
+            data = {}
+        declared = (data.get("dtype") or data.get("torch_dtype")) if isinstance(data, dict) else None
+    if declared is None:
+        declared = getattr(config, "dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    if isinstance(declared, torch.dtype) and declared.is_floating_point:
+        return declared
+    return next(model.parameters()).dtype
+
+
+def storage_dtype_of(model: nn.Module, storage_dtype: str | torch.dtype | None) -> torch.dtype:
+    """``storage_dtype`` as a floating torch dtype (a name such as ``"bfloat16"``), or :func:`declared_dtype`."""
+    if storage_dtype is None:
+        return declared_dtype(model)
+    dtype = getattr(torch, storage_dtype, None) if isinstance(storage_dtype, str) else storage_dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"storage_dtype must be a floating dtype such as bfloat16, float16 or float32, got "
+                         f"{storage_dtype!r}")
+    return dtype
+
+
+def targeted_params_dense(model: nn.Module) -> int:
+    """Floating-point parameters inside the targeted layers (dense or compressed), counted in ``model.parameters``."""
+    from rankwise.nn import compressed_modules
+
+    layers = [*find_targets(model).values(), *compressed_modules(model).values()]
+    return sum(p.numel() for m in layers for p in m.parameters())
 
 
 def label(config: CompressConfig, eora_rank: int = 0) -> str:
     """Row label: the method and the options that differ from the defaults."""
     parts = [config.name]
     if config.allocation != "uniform":
-        parts.append(f"+{config.allocation}")
+        parts.append(f"+{config.policy.name}")
     if config.sequential:
         parts.append("+seq")
     if config.update_u:
@@ -180,22 +241,6 @@ def label(config: CompressConfig, eora_rank: int = 0) -> str:
     return " ".join(parts)
 
 
-RECIPE_OPTIONS = {"uniform": ("allocation", "uniform"), "welore": ("allocation", "welore"),
-                  "loss": ("allocation", "loss"), "seq": ("sequential", True), "upd": ("update_u", True)}
-
-
-def parse_recipe(text: str, ratio: float) -> CompressConfig:
-    """A recipe written like a row label, e.g. ``svd_llm+loss+seq`` (options: uniform, welore, loss, seq, upd)."""
-    method, *options = [part.strip() for part in text.split("+")]
-    fields: dict[str, Any] = {}
-    for option in options:
-        if option not in RECIPE_OPTIONS:
-            raise ValueError(f"recipe {text!r}: unknown option {option!r}; allowed: {', '.join(RECIPE_OPTIONS)}")
-        key, value = RECIPE_OPTIONS[option]
-        fields[key] = value
-    return config_class(method)(ratio=ratio, **fields)
-
-
 def recipes(methods: list[str], ratios: list[float], *, allocations: tuple[str, ...] = ("uniform",),
             sequential: tuple[bool, ...] = (False,), update_u: tuple[bool, ...] = (False,)) -> list[CompressConfig]:
     """The cross product of methods, allocations, sequential and update options, and ratios, as configs."""
@@ -203,25 +248,42 @@ def recipes(methods: list[str], ratios: list[float], *, allocations: tuple[str, 
             for m in methods for a in allocations for s in sequential for u in update_u for r in ratios]
 
 
-def candidate_rows(config: CompressConfig | None, *, model: nn.Module, calibration: torch.Tensor,
+class Anchor(Protocol):
+    """A row made by another library (e.g. :class:`~rankwise.eval.anchors.HQQ`): a label and its rows."""
+
+    label: str
+
+    def rows(self, model: nn.Module, evaluation: torch.Tensor, *, value_bytes: int, batch_size: int = 8,
+             speed_repeats: int = 5, prompts: Sequence[str] = (), tokenizer: Any = None, max_new_tokens: int = 32,
+             **shared: Any) -> list[CompareRow]: ...
+
+
+def candidate_rows(config: CompressConfig | Anchor | None, *, model: nn.Module, calibration: torch.Tensor,
                    evaluation: torch.Tensor, stats: Mapping[str, LayerStats], dense_targeted: int, eora_rank: int = 0,
                    batch_size: int = 8, prompts: Sequence[str] = (), tokenizer: Any = None,
-                   max_new_tokens: int = 32, speed_repeats: int = 5) -> list[CompareRow]:
+                   max_new_tokens: int = 32, speed_repeats: int = 5,
+                   storage_dtype: str | torch.dtype | None = None) -> list[CompareRow]:
     """Compress a copy of ``model`` with ``config`` and evaluate it: one row, two with ``eora_rank > 0``.
 
     ``model`` is left untouched; ``stats`` are the dense model's statistics, shared by every config. ``config=None``
-    evaluates the dense model itself (one row).
+    evaluates the dense model itself (one row); an :class:`Anchor` makes its own rows (no EoRA row). Bytes and bits
+    per weight count floating-point values at ``storage_dtype`` (default: :func:`declared_dtype`), which a budget in
+    bits is also met at.
     """
+    dtype = storage_dtype_of(model, storage_dtype)
     text = {"prompts": prompts, "tokenizer": tokenizer, "max_new_tokens": max_new_tokens,
             "speed_repeats": speed_repeats}
     if config is None:
-        return [_row(model, "dense", 0.0, evaluation, dense_targeted, 0.0, batch_size, **text)]
+        return [_row(model, "dense", 0.0, evaluation, dense_targeted, 0.0, batch_size, dtype.itemsize, **text)]
+    if not isinstance(config, CompressConfig):
+        return config.rows(model, evaluation, value_bytes=dtype.itemsize, batch_size=batch_size, **text)
     candidate = copy.deepcopy(model)
     needs_data = config.sequential or config.update_u
     report = compress_(candidate, config, calibration if needs_data else None, stats=stats, batch_size=batch_size,
-                       progress=False)
+                       progress=False, save_dtype=dtype)
     row = _row(candidate, label(config), config.ratio, evaluation, dense_targeted, report.seconds, batch_size,
-               **text)
+               dtype.itemsize, **text)
+    row.bits = config.bits
     row.kept = {layer.name: layer.params_after / layer.params_before for layer in report.layers}
     if not eora_rank:
         return [row]
@@ -229,13 +291,15 @@ def candidate_rows(config: CompressConfig | None, *, model: nn.Module, calibrati
     merge_(candidate, compensate(model, candidate, calibration, eora_rank, batch_size=batch_size, progress=False))
     seconds = report.seconds + time.perf_counter() - start
     return [row, _row(candidate, label(config, eora_rank), config.ratio, evaluation, dense_targeted, seconds,
-                      batch_size, **text)]
+                      batch_size, dtype.itemsize, **text)]
 
 
 def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tensor, configs: list[CompressConfig],
             *, eora_rank: int = 0, batch_size: int = 8, progress: bool = True, settings: dict | None = None,
             ray_address: str | None = None, prompts: Sequence[str] = (), tokenizer: Any = None,
-            max_new_tokens: int = 32, cache: str | Path | None = None, speed_repeats: int = 5) -> Comparison:
+            max_new_tokens: int = 32, cache: str | Path | None = None, speed_repeats: int = 5,
+            storage_dtype: str | torch.dtype | None = None, hqq_bits: Sequence[int] = (),
+            hqq_group: int = 64) -> Comparison:
     """Compress a copy of ``model`` with every config and evaluate each on ``evaluation``.
 
     With ``prompts`` (and the ``tokenizer``) every row also holds each prompt's greedy completion, shown side by
@@ -246,15 +310,37 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
     Args:
         ray_address: run every config as a task on Ray (the optional ``rankwise[ray]`` extra) instead of one after
             another in this process: ``"local"`` starts a local instance, ``"auto"`` or ``"host:port"`` joins a
-            running cluster (see :func:`~rankwise.eval.ray_compare.ray_session`). The rows are the same, in the same
+            running cluster (see :func:`~rankwise.distributed.ray_session`). The rows are the same, in the same
             order; their timings and memory are the workers' (the dense row's too, so speed-ups compare like with
             like).
         speed_repeats: timed prefill passes per row (the fastest counts); fewer is quicker and noisier.
         cache: a directory for the dense model's calibration statistics (see :mod:`rankwise.calibrate.cache`): a
             later comparison on the same weights and calibration reads them instead of running the model.
+        storage_dtype: the dtype the models would be saved in: every row's bytes and bits per weight count
+            floating-point values at its size, and budgets in bits are met at it (default: the floating dtype the
+            model's checkpoint declares, e.g. bfloat16 for the default model, else its parameters' dtype). The
+            models are evaluated in their own dtype.
+        hqq_bits: also a row of HQQ quantisation (:class:`~rankwise.eval.anchors.HQQ`, the optional
+            ``rankwise[quant]`` extra) at each of these bits, after the configs' rows, at the bits its format stores.
+        hqq_group: weights per HQQ scale and zero.
+
+    Raises:
+        ValueError: ``hqq_bits`` without the ``hqq`` package (one line naming the extra), a bad storage dtype or
+            HQQ setting.
     """
     if ray_address is not None and next(model.parameters()).device.type != "cpu":
         raise ValueError("--ray runs every candidate on a CPU worker: load the model with --device cpu")
+    dtype = storage_dtype_of(model, storage_dtype)
+    anchors: list[Anchor] = []
+    if hqq_bits:
+        from rankwise.eval.anchors import HQQ, hqq_api
+
+        hqq_api()  # a missing package fails before any work
+        anchors = [HQQ(b, hqq_group) for b in hqq_bits]
+    notes = []
+    if eora_rank and anchors:
+        notes.append("no EoRA rows for the HQQ anchors: compensation needs each layer's effective weight, which "
+                     "rankwise.compensate does not read from HQQLinear")
     session = nullcontext() if ray_address is None else ray_session(ray_address)
     with session:  # connect before the calibration pass, so a bad address fails at once
         targets = find_targets(model)
@@ -264,7 +350,7 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
         start = time.perf_counter()
         stats, entry = collect_stats_cached(StatsCache(cache) if cache is not None else None, model, calibration,
                                             targets, kinds=kinds, batch_size=batch_size, progress=progress)
-        notes = [entry.note] if entry is not None and entry.note else []
+        notes += [entry.note] if entry is not None and entry.note else []
         if entry is not None and entry.hit:
             notes.append(f"calibration statistics read from the cache ({entry.path})")
         calibration_s = time.perf_counter() - start
@@ -272,8 +358,8 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
         shared = {"model": model, "calibration": calibration, "evaluation": evaluation, "stats": stats,
                   "dense_targeted": dense_targeted, "eora_rank": eora_rank, "batch_size": batch_size,
                   "prompts": list(prompts), "tokenizer": tokenizer, "max_new_tokens": max_new_tokens,
-                  "speed_repeats": speed_repeats}
-        items = [None, *configs]  # None: the dense model
+                  "speed_repeats": speed_repeats, "storage_dtype": dtype}
+        items = [None, *configs, *anchors]  # None: the dense model
         if ray_address is None:
             groups = [candidate_rows(c, **shared) for c in progress_bar(items, "dense, recipes x ratios",
                                                                           enabled=progress)]
@@ -282,6 +368,7 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
                                 progress=progress)
     (dense,), *candidates = groups
     rows = [row for group in candidates for row in group]
-    settings = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), **(settings or {})}
+    settings = {"dtype": str(dtype).removeprefix("torch."),
+                "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), **(settings or {})}
     return Comparison(dense, rows, settings=settings, calibration_s=calibration_s,
                       stats_cached=entry is not None and entry.hit, notes=notes)

@@ -117,13 +117,22 @@ def prefill_throughput(model: nn.Module, windows: torch.Tensor, *, batch_size: i
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """``(total, targeted)`` parameters; targeted = attention and MLP projections (dense or factorised)."""
-    from rankwise.nn import CompressedLinear
+    """``(total, targeted)`` parameters; targeted = attention and MLP projections (dense or compressed). A
+    compressed layer counts its stored values (:attr:`~rankwise.nn.CompressedLinear.num_params`: quantised codes are
+    values, a dictionary's indices are not)."""
+    from rankwise.nn import compressed_modules, model_num_params
 
-    total = sum(p.numel() for p in model.parameters())
     targeted = sum(p.numel() for m in find_targets(model).values() for p in m.parameters())
-    targeted += sum(m.num_params for m in model.modules() if isinstance(m, CompressedLinear))
-    return total, targeted
+    targeted += sum(m.num_params for m in compressed_modules(model).values())
+    return model_num_params(model), targeted
+
+
+def targeted_bytes(model: nn.Module, value_bytes: int) -> int:
+    """Bytes the targeted layers (dense or compressed) store with floating-point values at ``value_bytes`` each."""
+    from rankwise.nn import compressed_modules
+
+    dense = sum(p.numel() for m in find_targets(model).values() for p in m.parameters()) * value_bytes
+    return dense + sum(m.stored_bytes(value_bytes) for m in compressed_modules(model).values())
 
 
 def peak_rss_mb() -> float:

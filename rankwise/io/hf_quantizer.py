@@ -75,6 +75,9 @@ class RankwiseQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        from rankwise.nn.kinds import resolve_kinds
+
+        resolve_kinds(model)  # layers that share a tensor stored once (a shared basis) link to it
         # The layers hold ordinary floating-point tensors: ``.float()``, ``.half()`` and training stay allowed
         # (transformers refuses them for models it marks as quantized).
         for module in model.modules():

@@ -203,7 +203,14 @@ def parse_quantization_config(quant: Any, file: Path | str) -> dict[str, ModuleS
 def parse_modules(modules: Any, bad, where: str = "modules") -> dict[str, ModuleSpec]:
     if not isinstance(modules, dict):
         raise bad(where, f"must be an object of module name -> spec, got {type(modules).__name__}")
-    return {name: _module_spec(name, spec, bad, where) for name, spec in modules.items()}
+    specs = {name: _module_spec(name, spec, bad, where) for name, spec in modules.items()}
+    full = {name: {**spec.to_json()} for name, spec in specs.items()}
+    for kind in dict.fromkeys(spec.kind for spec in specs.values()):
+        problem = kind_class(kind).check_together(full)
+        if problem is not None:
+            field_name, _, message = problem.partition(": ")
+            raise bad(f"{where}.{field_name}", message)
+    return specs
 
 
 def _module_spec(name: Any, spec: Any, bad, where: str) -> ModuleSpec:

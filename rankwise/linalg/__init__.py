@@ -4,7 +4,18 @@ Everything here takes and returns tensors (or :class:`LowRank` results), compute
 the input dtype, and takes a seed or ``torch.Generator`` wherever randomness is involved.
 """
 
+from rankwise.linalg.dictionary import SparseDictionary, omp, sparse_dictionary, whitened_dictionary
 from rankwise.linalg.lowrank import LowRank
+from rankwise.linalg.lq import LQ, lq_decompose
+from rankwise.linalg.monarch import (
+    Monarch,
+    monarch_dense,
+    monarch_matmul,
+    monarch_project,
+    monarch_shape_error,
+    whitened_monarch_project,
+)
+from rankwise.linalg.quant import NFQuant, nf_codebook, nf_dequantize, nf_quantize, pack_codes, unpack_codes
 from rankwise.linalg.rank import (
     Energy,
     RankSpec,
@@ -14,6 +25,7 @@ from rankwise.linalg.rank import (
     resolve_rank,
     saves_params,
 )
+from rankwise.linalg.shared import shared_basis
 from rankwise.linalg.sketch import (
     SKETCHES,
     CountSketch,
@@ -30,31 +42,50 @@ from rankwise.linalg.svd import SOLVERS, subspace_basis, svd_flip, truncated_svd
 from rankwise.linalg.whiten import Whitening, refit_left, weighted_svd, whiten, whitened_svd
 
 __all__ = [
+    "LQ",
     "SKETCHES",
     "SOLVERS",
     "CountSketch",
     "Energy",
     "GaussianSketch",
     "LowRank",
+    "Monarch",
+    "NFQuant",
     "RankSpec",
     "SRHTSketch",
     "Sketch",
+    "SparseDictionary",
     "SparseSignSketch",
     "Whitening",
     "break_even_rank",
     "fwht",
+    "lq_decompose",
     "make_sketch",
+    "monarch_dense",
+    "monarch_matmul",
+    "monarch_project",
+    "monarch_shape_error",
+    "nf_codebook",
+    "nf_dequantize",
+    "nf_quantize",
     "nystrom",
+    "omp",
+    "pack_codes",
     "rank_for_energy",
     "rank_for_params_kept",
     "refit_left",
     "resolve_rank",
     "saves_params",
+    "shared_basis",
     "sketch_lstsq",
+    "sparse_dictionary",
     "subspace_basis",
     "svd_flip",
     "truncated_svd",
+    "unpack_codes",
     "weighted_svd",
     "whiten",
+    "whitened_dictionary",
+    "whitened_monarch_project",
     "whitened_svd",
 ]

@@ -21,12 +21,15 @@ class LowRank:
             leading ``k`` stays optimal for that method's objective.
         Vh: ``(r, n)`` right factor.
         info: what the routine did (solver, a clamped rank, covariance repairs); for reports, never for logic.
+        whitening_fallback: the input covariance this came from was not positive definite, so it was factored
+            after a ridge or by a clamped eigen-decomposition (whitened methods only).
     """
 
     U: torch.Tensor
     S: torch.Tensor
     Vh: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict, compare=False)
+    whitening_fallback: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         r = self.S.shape[0]
@@ -63,7 +66,7 @@ class LowRank:
     def truncate(self, rank: int) -> LowRank:
         """Keep the leading ``rank`` components (clamped to the current rank, with a warning)."""
         rank = check_rank(rank, self.rank)
-        return LowRank(self.U[:, :rank], self.S[:rank], self.Vh[:rank], dict(self.info))
+        return LowRank(self.U[:, :rank], self.S[:rank], self.Vh[:rank], dict(self.info), self.whitening_fallback)
 
     def factors(self, alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
         """Split into ``(A, B)`` with ``A @ B == to_dense()``: ``A = U S^alpha``, ``B = S^(1-alpha) Vh``.
@@ -77,4 +80,4 @@ class LowRank:
     def to(self, *args: Any, **kwargs: Any) -> LowRank:
         """Move or cast every factor like :meth:`torch.Tensor.to`."""
         return LowRank(self.U.to(*args, **kwargs), self.S.to(*args, **kwargs), self.Vh.to(*args, **kwargs),
-                       dict(self.info))
+                       dict(self.info), self.whitening_fallback)

@@ -189,7 +189,8 @@ def whitened_svd(
     lr = truncated_svd(A, rank, solver=solver, generator=generator)
     Vh = wh.right_solve(lr.Vh)  # (r, n), float64
     info = {**lr.info, "whitening": wh.describe()}
-    return LowRank(lr.U.to(W.device, W.dtype), lr.S.to(W.device, W.dtype), Vh.to(W.device, W.dtype), info)
+    return LowRank(lr.U.to(W.device, W.dtype), lr.S.to(W.device, W.dtype), Vh.to(W.device, W.dtype), info,
+                   whitening_fallback=wh.method != "cholesky")
 
 
 def _check_weights(w: torch.Tensor | None, size: int, name: str) -> tuple[torch.Tensor | None, int]:

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import numbers
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
-from rankwise.allocate import AllocationPolicy, allocation_policy
+from rankwise.allocate import ALLOCATIONS, AllocationPolicy, allocation_policy
 from rankwise.calibrate import LayerStats
 from rankwise.linalg import LowRank
+from rankwise.nn import CompressedLinear
 
 TARGET_GROUPS = ("attn", "mlp")
+UNITS = ("params", "bytes")
+BUDGETS = {"params": "a ratio of parameters removed (ratio=, --ratio)", "bytes": "a budget in bits (bits=, --bits)"}
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one compressed matrix stores (its bias excluded).
+
+    Attributes:
+        params: stored values, the papers' count (a dictionary's indices and a quantiser's scales are not values;
+            quantised weights are).
+        bytes: every stored byte: values, indices, codes and scales, floating-point tensors at the storage dtype.
+    """
+
+    params: int
+    bytes: int
+
+    def __getitem__(self, unit: str) -> int:
+        return self.params if unit == "params" else self.bytes
 
 
 @dataclass(frozen=True)
@@ -21,7 +44,11 @@ class CompressConfig:
     """Fields shared by every method.
 
     Attributes:
-        ratio: fraction of the targeted parameters to **remove**, in (0, 1) (SVD-LLM's convention).
+        ratio: fraction of the targeted parameters to **remove**, in (0, 1) (SVD-LLM's convention); ignored when
+            ``bits`` is set.
+        bits: a budget in bytes instead: average stored bits per targeted weight (``3.0`` stores the targeted layers
+            in 3/8 of a byte per weight of the dense matrices they replace, indices and scales included); below the
+            storage dtype's bits.
         targets: which projections to factorise: any of ``"attn"`` and ``"mlp"``. Embeddings and the LM head are
             never targeted by default.
         allocation: how ranks are spread under the budget: ``"uniform"`` (same fraction per matrix), ``"welore"``
@@ -34,6 +61,8 @@ class CompressConfig:
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()  # calibration statistics: "xxt", "abs", "fisher"
+    knob: ClassVar[str] = "rank"  # the integer size knob the budget sets per matrix, as reports name it
+    units: ClassVar[tuple[str, ...]] = UNITS  # budgets it takes: "params" (ratio), "bytes" (bits)
 
     @property
     def policy(self) -> AllocationPolicy:
@@ -41,6 +70,7 @@ class CompressConfig:
         return allocation_policy(self.allocation)
 
     ratio: float = 0.2
+    bits: float | None = None
     targets: tuple[str, ...] = TARGET_GROUPS
     allocation: str | Callable | AllocationPolicy = "uniform"
     sequential: bool = False
@@ -50,16 +80,135 @@ class CompressConfig:
         allocation_policy(self.allocation)  # validates: a known name, a callable or a policy
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0.0 < self.ratio < 1.0:
             raise ValueError(f"ratio must be a fraction of parameters removed in (0, 1), got {self.ratio!r}")
+        if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(self.bits, numbers.Real)
+                                      or not 0.0 < self.bits < 64.0 or not math.isfinite(self.bits)):
+            raise ValueError(f"bits must be the average stored bits per targeted weight, > 0, got {self.bits!r}")
         bad = [t for t in self.targets if t not in TARGET_GROUPS]
         if not self.targets or bad:
             raise ValueError(f"targets must be a non-empty subset of {', '.join(TARGET_GROUPS)}, got {self.targets!r}")
 
 
-class MethodFn(Protocol):
-    """Factorise one ``(out, in)`` weight at a given rank using its layer's calibration statistics."""
+    # The size contract: what a matrix costs at each knob. Low-rank by default; other representations override both.
 
-    def __call__(self, weight: torch.Tensor, stats: LayerStats | None, rank: int, config: CompressConfig,
-                 name: str) -> LowRank: ...
+    def cost(self, m: int, n: int, knob: int, value_bytes: int) -> Cost:
+        """What one ``m x n`` (out x in) matrix stores at ``knob`` with floating-point values of ``value_bytes``
+        each; equals the built layer's :attr:`~rankwise.nn.CompressedLinear.num_params` and its bytes at that
+        storage dtype, and is non-decreasing in ``knob``. Low-rank: ``r (m + n)`` values."""
+        return Cost(knob * (m + n), knob * (m + n) * value_bytes)
+
+    def knob_range(self, m: int, n: int) -> tuple[int, int]:
+        """The smallest and largest knob this method accepts for an ``m x n`` matrix."""
+        return 1, min(m, n)
+
+    def block_groups(self, n_blocks: int) -> list[list[int]]:
+        """Decoder blocks compressed together: one each, unless a cross-block method groups them (then its
+        :func:`register_group_method` function receives the same projection of every block in a group)."""
+        return [[i] for i in range(n_blocks)]
+
+    def share_key(self, name: str) -> str | None:
+        """For a cross-block method: which layers of a block group are compressed together, by the layer's name
+        inside its block (``self_attn.q_proj``); ``None`` compresses the layer on its own."""
+        return None
+
+    def group_cost(self, shapes: list[tuple[int, int]], knob: int, value_bytes: int) -> Cost:
+        """What a group of layers compressed together stores at ``knob`` (cross-block methods override it)."""
+        costs = [self.cost(m, n, knob, value_bytes) for m, n in shapes]
+        return Cost(sum(c.params for c in costs), sum(c.bytes for c in costs))
+
+    @property
+    def unit(self) -> str:
+        """What the budget counts: ``"params"`` (``ratio``) or ``"bytes"`` (``bits``)."""
+        return "params" if self.bits is None else "bytes"
+
+    def kept_fraction(self, value_bytes: int) -> float:
+        """The share of the dense targets' cost (in :attr:`unit`) the budget keeps."""
+        if self.unit not in self.units:
+            given = "a ratio of parameters" if self.unit == "params" else "a budget in bits"
+            raise ValueError(f"method {self.name!r} takes {' or '.join(BUDGETS[u] for u in self.units)}, not {given}")
+        if self.bits is None:
+            return 1.0 - self.ratio
+        dense_bits = 8 * value_bytes
+        if self.bits >= dense_bits:
+            raise ValueError(f"bits must be below the {dense_bits} bits a dense weight is stored in, got {self.bits}")
+        return self.bits / dense_bits
+
+    def knob_for(self, m: int, n: int, budget: float, value_bytes: int) -> int | None:
+        """The largest knob whose cost fits ``budget`` (in :attr:`unit`); ``None`` when even the smallest does not."""
+        lo, hi = self.knob_range(m, n)
+        unit = self.unit
+        if self.cost(m, n, lo, value_bytes)[unit] > budget:
+            return None
+        while lo < hi:  # cost is non-decreasing in the knob: the last knob that fits
+            mid = (lo + hi + 1) // 2
+            if self.cost(m, n, mid, value_bytes)[unit] <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+def dense_cost(m: int, n: int, value_bytes: int) -> Cost:
+    """What the dense ``m x n`` matrix stores."""
+    return Cost(m * n, m * n * value_bytes)
+
+
+def choose_knobs(config: CompressConfig, shapes: dict[str, tuple[int, int]], fractions: dict[str, float],
+                 value_bytes: int) -> dict[str, int]:
+    """Each matrix's knob under the budget: matrix ``k`` may keep ``fractions[k]`` of its dense cost (from the
+    allocation policy; ``1.0`` keeps it dense), and the total may not exceed ``config``'s budget.
+
+    A matrix gets the largest knob whose cost fits its share; one whose share is below the method's smallest
+    representation gets that smallest one, and the shares of the others shrink until the total fits. A matrix
+    whose knob would cost as much as the dense matrix is left out of the result (kept dense).
+
+    Raises:
+        ValueError: even the smallest representation of every matrix exceeds the budget.
+    """
+    unit = config.unit
+    dense = {k: dense_cost(*shapes[k], value_bytes)[unit] for k in shapes}
+    total = config.kept_fraction(value_bytes) * sum(dense.values())
+    lowest = {k: config.cost(*shapes[k], config.knob_range(*shapes[k])[0], value_bytes)[unit] for k in shapes}
+    floor = sum(min(lowest[k], dense[k]) for k in shapes)
+    if floor > total:
+        what = f"{config.bits} bits per weight" if config.bits is not None else f"ratio {config.ratio}"
+        least = 8 * value_bytes * floor / sum(dense.values()) if unit == "bytes" else 1 - floor / sum(dense.values())
+        allowed = f"at least {least:.3f} bits" if unit == "bytes" else f"a ratio of at most {least:.3f}"
+        raise ValueError(f"the budget of {what} is below what {config.name} can represent for these layers: "
+                         f"allowed is {allowed}")
+    budgets = {k: fractions.get(k, 1.0) * dense[k] for k in shapes}
+    for _ in range(64):
+        knobs: dict[str, int] = {}
+        spent: dict[str, float] = {}
+        flexible: list[str] = []  # matrices whose knob fits their share: their share can shrink
+        for k, (m, n) in shapes.items():
+            if budgets[k] >= dense[k]:  # a full share: dense (no representation saves anything there)
+                flexible.append(k)
+                spent[k] = dense[k]
+                continue
+            knob = config.knob_for(m, n, budgets[k], value_bytes)
+            if knob is not None:
+                flexible.append(k)
+            else:
+                knob = config.knob_range(m, n)[0]
+            cost = config.cost(m, n, knob, value_bytes)[unit]
+            if cost >= dense[k]:
+                spent[k] = dense[k]
+            else:
+                knobs[k], spent[k] = knob, cost
+        if sum(spent.values()) <= total:
+            return knobs
+        fixed = sum(spent[k] for k in shapes if k not in flexible)
+        scale = min(0.999, max(0.0, total - fixed) / max(sum(spent[k] for k in flexible), 1e-300))
+        budgets.update({k: spent[k] * scale for k in flexible})
+    raise ValueError(f"could not meet the budget for {config.name}; lower the ratio or raise bits")
+
+
+class MethodFn(Protocol):
+    """Compress one ``(out, in)`` weight at a given knob (a rank for low-rank methods) using its layer's calibration
+    statistics: a :class:`~rankwise.linalg.LowRank` or a :class:`~rankwise.nn.CompressedLinear` without bias."""
+
+    def __call__(self, weight: torch.Tensor, stats: LayerStats | None, knob: int, config: CompressConfig,
+                 name: str) -> LowRank | CompressedLinear: ...
 
 
 _REGISTRY: dict[type[CompressConfig], MethodFn] = {}
@@ -82,6 +231,27 @@ def register_method(config_cls: type[CompressConfig]) -> Callable[[MethodFn], Me
     return decorator
 
 
+GroupFn = Callable[..., list[CompressedLinear]]
+_GROUP_REGISTRY: dict[type[CompressConfig], GroupFn] = {}
+
+
+def register_group_method(config_cls: type[CompressConfig]) -> Callable[[GroupFn], GroupFn]:
+    """Register ``fn(names, weights, stats, knob, config) -> layers`` compressing layers of several blocks together
+    (one per name, without bias; see :meth:`CompressConfig.share_key`) for ``config_cls``."""
+
+    def decorator(fn: GroupFn) -> GroupFn:
+        _GROUP_REGISTRY[config_cls] = fn
+        return fn
+
+    return decorator
+
+
+def group_method_for(config: CompressConfig) -> GroupFn:
+    if type(config) not in _GROUP_REGISTRY:
+        raise ValueError(f"method {config.name!r} shares layers across blocks but registered no group function")
+    return _GROUP_REGISTRY[type(config)]
+
+
 def method_names() -> list[str]:
     return sorted(_BY_NAME)
 
@@ -98,3 +268,86 @@ def method_for(config: CompressConfig) -> MethodFn:
         raise ValueError(f"no method registered for {type(config).__name__}; valid methods: "
                          f"{', '.join(method_names())}")
     return _REGISTRY[type(config)]
+
+
+COMMON_FIELDS = ("ratio", "bits", "targets", "allocation", "sequential", "update_u")
+
+
+def method_fields(config_cls: type[CompressConfig]) -> dict[str, tuple[str, Any]]:
+    """A method's own config fields (those beyond :class:`CompressConfig`'s): name -> (type text, default)."""
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: (_type_text(hints[f.name]), f.default) for f in dataclasses.fields(config_cls)
+            if f.name not in COMMON_FIELDS and f.init}
+
+
+def parse_settings(config_cls: type[CompressConfig], pairs: list[str]) -> dict[str, Any]:
+    """``["iterations=4", "whiten=false"]`` as typed keyword arguments of ``config_cls``'s own fields.
+
+    Raises:
+        ValueError: one line naming the setting and the fields (with types) this method has.
+    """
+    own = method_fields(config_cls)
+    listing = ", ".join(f"{k} ({t}, default {d!r})" for k, (t, d) in own.items()) or "none"
+    hints = typing.get_type_hints(config_cls)
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in own:
+            raise ValueError(f"--set {pair!r}: expected NAME=VALUE with NAME one of {config_cls.name}'s fields: "
+                             f"{listing}")
+        out[key] = _parse_value(hints[key], text.strip(), f"--set {key}")
+    return out
+
+
+def _type_text(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _parse_value(tp: Any, text: str, what: str) -> Any:
+    args = typing.get_args(tp)
+    if type(None) in args and text.lower() in ("none", "null", ""):
+        return None
+    for candidate in ([a for a in args if a is not type(None)] or [tp]):
+        if candidate is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            continue
+        if candidate in (int, float, str):
+            try:
+                return candidate(text)
+            except ValueError:
+                continue
+    raise ValueError(f"{what}: {text!r} is not a valid {_type_text(tp)}")
+
+
+FLAG_OPTIONS = {"seq": ("sequential", True), "upd": ("update_u", True)}
+
+
+def recipe_options() -> str:
+    """The options a recipe may carry, from the registries: allocation names, flags and ``name=value`` fields."""
+    return ", ".join([*ALLOCATIONS, *FLAG_OPTIONS, "<method field>=<value>"])
+
+
+def parse_recipe(text: str, ratio: float | None = None, *, bits: float | None = None) -> CompressConfig:
+    """A recipe written like a row label, e.g. ``svd_llm+loss+seq`` or ``monarch+whiten=False``: the method, then
+    options (see :func:`recipe_options`), at ``ratio`` or at a budget of ``bits`` per targeted weight."""
+    method, *options = [part.strip() for part in text.split("+")]
+    config_cls = config_class(method)
+    fields: dict[str, Any] = {}
+    settings = []
+    for option in options:
+        if option in ALLOCATIONS:
+            fields["allocation"] = option
+        elif option in FLAG_OPTIONS:
+            key, value = FLAG_OPTIONS[option]
+            fields[key] = value
+        elif "=" in option:
+            settings.append(option)
+        else:
+            raise ValueError(f"recipe {text!r}: unknown option {option!r}; allowed: {recipe_options()}")
+    fields.update(parse_settings(config_cls, settings))
+    budget = {"bits": bits} if bits is not None else {"ratio": ratio} if ratio is not None else {}
+    return config_cls(**budget, **fields)

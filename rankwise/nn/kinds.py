@@ -57,6 +57,11 @@ class CompressedLinear(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    # A kind that applies ``... + up @ down`` with parameters ``up`` (out, r), ``down`` (r, in) and an int ``rank``
+    # (its spec's "rank"): a rank-r update merges into it exactly by appending factors (adapters, EoRA).
+    grows_rank: ClassVar[bool] = False
+    # Layers of this kind may read tensors stored by another layer (see :meth:`resolve`), possibly in another block.
+    shares_tensors: ClassVar[bool] = False
     in_features: int
     out_features: int
 
@@ -66,6 +71,15 @@ class CompressedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         # The load guard of the module docstring: stored with the layer, empty, never read.
         self.register_buffer("weight", torch.empty(0, device=device, dtype=dtype))
+        self.bias: nn.Parameter | None = None
+
+    def set_bias(self, bias: torch.Tensor | None) -> None:
+        """Give the layer ``bias`` (``(out,)``, cast to the layer's floating dtype), or none."""
+        if bias is None:
+            self.bias = None
+            return
+        like = next(t for t in self._stored() if t.is_floating_point() and t.numel())
+        self.bias = nn.Parameter(bias.detach().to(like.device, like.dtype).clone())
 
     @classmethod
     @abstractmethod
@@ -77,6 +91,16 @@ class CompressedLinear(nn.Module):
     def from_spec(cls, in_features: int, out_features: int, bias: bool, spec: dict[str, Any], *,
                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CompressedLinear:
         """An (uninitialised) layer of this kind with the shape knobs of ``spec``."""
+
+    @classmethod
+    def check_together(cls, specs: dict[str, dict[str, Any]]) -> str | None:
+        """Checks across the layers of one model: ``specs`` holds every module's full spec (kind, shape, bias and
+        knobs) by name. ``None`` when consistent, else ``"<module>.<field>: what is wrong"``; for kinds whose layers
+        share tensors (a basis stored once for several layers)."""
+        return None
+
+    def resolve(self, model: nn.Module) -> None:
+        """Link this layer to tensors it shares with other layers of ``model`` (after loading); nothing by default."""
 
     @abstractmethod
     def spec(self) -> dict[str, Any]:
@@ -96,6 +120,20 @@ class CompressedLinear(nn.Module):
         """Bytes of everything this layer stores, at the dtypes it holds now."""
         return sum(t.numel() * t.element_size() for t in self._stored())
 
+    @property
+    def float_numel(self) -> int:
+        """Floating-point values stored (the bias included): what the storage dtype applies to."""
+        return sum(t.numel() for t in self._stored() if t.is_floating_point())
+
+    @property
+    def fixed_nbytes(self) -> int:
+        """Bytes of the integer tensors (codes, indices), stored as they are whatever the storage dtype."""
+        return sum(t.numel() * t.element_size() for t in self._stored() if not t.is_floating_point())
+
+    def stored_bytes(self, value_bytes: int) -> int:
+        """Bytes on disk when floating-point tensors are stored at ``value_bytes`` each."""
+        return self.float_numel * value_bytes + self.fixed_nbytes
+
     def _stored(self) -> list[torch.Tensor]:
         seen: set[int] = set()
         out = []
@@ -114,3 +152,18 @@ class CompressedLinear(nn.Module):
 def compressed_modules(model: nn.Module) -> dict[str, CompressedLinear]:
     """Every compressed layer of ``model`` by dotted name, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
+
+
+def resolve_kinds(model: nn.Module) -> None:
+    """Let every compressed layer of ``model`` link the tensors it shares (see :meth:`CompressedLinear.resolve`)."""
+    for layer in compressed_modules(model).values():
+        layer.resolve(model)
+
+
+def model_num_params(model: nn.Module) -> int:
+    """Parameters of ``model`` with each compressed layer counted by its own :attr:`CompressedLinear.num_params`
+    (quantised codes are values even where they are buffers), each shared tensor once."""
+    layers = compressed_modules(model)
+    inside = {id(t) for m in layers.values() for t in [*m.parameters(), *m.buffers()]}
+    return sum(p.numel() for p in model.parameters() if id(p) not in inside) + sum(
+        m.num_params for m in layers.values())

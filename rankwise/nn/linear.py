@@ -57,6 +57,8 @@ class LowRankLinear(CompressedLinear):
     code that inspects layers keeps working. Layer kind ``"lowrank"``, spec ``{"rank": r}``.
     """
 
+    grows_rank = True
+
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__(in_features, out_features, device=device, dtype=dtype)

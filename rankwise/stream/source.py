@@ -29,6 +29,7 @@ from rankwise.io.checkpoint import (
 from rankwise.io.manifest import read_manifest
 from rankwise.io.save import install_kinds, is_compressed_dir
 from rankwise.io.sentence import read_pooling
+from rankwise.nn.kinds import kind_class
 from rankwise.stream.blocks import block_of, decoder_blocks
 
 __all__ = ["DTYPES", "CheckpointSource", "ModelSource", "parse_dtype"]
@@ -129,6 +130,11 @@ class CheckpointSource:
                 raise ValueError(f"{manifest.file}: model_class is {manifest.model_class!r} but config.json "
                                  f"describes a {type(self.model).__name__}")
             if manifest is not None:  # a rankwise directory: its factorised layers, on meta too
+                shared = [n for n, spec in manifest.modules.items() if kind_class(spec.kind).shares_tensors]
+                if shared:
+                    raise ValueError(f"{manifest.modules_file}: {shared[0]} and {len(shared) - 1} other layers share "
+                                     "tensors across blocks (basis_sharing), and streaming holds one block at a time; "
+                                     "load the model whole instead (without --stream)")
                 with torch.device("meta"):
                     install_kinds(self.model, manifest)
         self.model.tie_weights()

@@ -1,4 +1,5 @@
-"""Run compare's candidates as Ray tasks (the optional ``rankwise[ray]`` extra); ``ray`` is imported only when used."""
+"""Fan work out to Ray tasks (the optional ``rankwise[ray]`` extra): compare's candidates, a block's factorisations;
+``ray`` is imported only when used."""
 
 from __future__ import annotations
 

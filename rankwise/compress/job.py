@@ -1,0 +1,90 @@
+"""``compress_model``: the whole job of ``rankwise compress`` as one library call (text, model, calibration,
+compression, provenance, atomic save), for a model name, a directory, a GGUF file or a hub id.
+
+A safetensors checkpoint (the default model, a local directory, a hub id) is streamed block by block with
+:func:`~rankwise.compress.compress_checkpoint`, so models larger than memory compress; other models are loaded whole
+and compressed with :func:`~rankwise.compress.compress_`, then saved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rankwise.methods import CompressConfig
+from rankwise.report import CompressionReport
+
+
+def compress_model(model: str, config: CompressConfig, out: str | Path, *, text: str | None = None,
+                   dataset: str | None = None, seq_len: int = 256, calib_samples: int = 32, batch_size: int = 4,
+                   device: str = "cpu", dtype: str | None = None, export: str = "factored", overwrite: bool = False,
+                   activation_mb: float = 1024, offload_dir: str | Path | None = None,
+                   trust_remote_code: bool = False, ray: str | None = None, cache: str | Path | None = None,
+                   progress: bool = True) -> CompressionReport:
+    """Compress ``model`` with ``config``, calibrated on the first ``calib_samples`` windows of ``seq_len`` tokens
+    of ``text`` (a file; default: the standard library's pydoc topics) or of ``dataset``, and save it to ``out``.
+
+    Args:
+        model: ``"smollm2"`` (the default model), a directory, a ``.gguf`` file or a hub id.
+        config: a registered method config.
+        out: the output directory, written atomically (refused if it exists unless ``overwrite``).
+        dtype: weights and activations dtype (default: the checkpoint's); the output stores it, else the source's
+            declared dtype.
+        export: ``"factored"`` (the compressed layers) or ``"dense"`` (a plain checkpoint of the same weights).
+        cache: a directory for calibration statistics (see :mod:`rankwise.calibrate.cache`).
+        Others: as for :func:`~rankwise.compress.compress_checkpoint`.
+
+    Returns:
+        The report, also stored in ``out/rankwise.json``.
+    """
+    from rankwise.calibrate import load_text, split_windows
+    from rankwise.calibrate.text import DEFAULT_TEXT_NAME
+    from rankwise.compress import compress_, compress_checkpoint
+    from rankwise.io import save
+    from rankwise.io.atomic import check_output_dir, claim, refuse_overlap
+    from rankwise.io.models import checkpoint_dir, load_model, load_tokenizer, resolve
+    from rankwise.io.provenance import provenance
+    from rankwise.io.sentence import copy_sentence_files
+    from rankwise.stream import parse_dtype
+
+    if export not in ("factored", "dense"):
+        raise ValueError(f"export must be 'factored' or 'dense', got {export!r}")
+    parse_dtype(dtype)
+    check_output_dir(out, overwrite)  # fail before the slow part
+    raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
+    text_name = text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
+    path, _ = checkpoint_dir(model)
+    source = path if path is not None else resolve(model)[0]
+    for where in {str(p) for p in (source, model) if isinstance(p, Path) or Path(p).exists()}:
+        refuse_overlap(out, where)  # the cached conversion and, for a .gguf input, the file itself
+
+    def calibration_windows(tokenizer: Any) -> torch.Tensor:
+        ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        return split_windows(ids, seq_len, calib_samples, 0)[0]
+
+    def sentence_files(tmp: Path) -> None:  # an encoder's sentence-transformers pooling and configs, kept as-is
+        if isinstance(source, Path):
+            copy_sentence_files(source, tmp)
+
+    with claim(out):  # no other run writes OUT until this one is done
+        if path is not None:
+            tokenizer = load_tokenizer(path, trust_remote_code)
+            calibration = calibration_windows(tokenizer)
+            origin = provenance(model, source, config, text_name, tuple(calibration.shape))
+            return compress_checkpoint(path, config, calibration, out, tokenizer=tokenizer, dtype=dtype,
+                                       device=device, export=export, overwrite=overwrite, batch_size=batch_size,
+                                       activation_mb=activation_mb, offload_dir=offload_dir,
+                                       trust_remote_code=trust_remote_code, ray=ray, provenance=origin,
+                                       cache=cache, extras=sentence_files, progress=progress)
+        calibration = calibration_windows(load_tokenizer(resolve(model)[0], trust_remote_code))
+        loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+        if dtype is not None:
+            loaded.model.to(parse_dtype(dtype))
+        report = compress_(loaded.model, config, calibration, batch_size=batch_size, activation_mb=activation_mb,
+                           offload_dir=offload_dir, ray=ray, cache=cache, save_dtype=dtype, progress=progress)
+        origin = provenance(model, source, config, text_name, tuple(calibration.shape))
+        save(loaded.model, out, tokenizer=loaded.tokenizer, report=report, overwrite=overwrite, export=export,
+             provenance=origin, dtype=dtype, extras=sentence_files)
+        return report

@@ -1,0 +1,511 @@
+"""Sparse dictionary factorisation ``W ~= S D``: batched orthogonal matching pursuit, K-SVD and the whitened fit of
+CoSpaDi (Shopkhoev et al., "CoSpaDi: Compressing LLMs via Calibration-Guided Sparse Dictionary Learning", 2025,
+https://arxiv.org/abs/2509.22075).
+
+Each row of the ``(m, n)`` weight (one output) is a combination of exactly ``s`` of the ``k`` rows (atoms) of a dense
+dictionary ``D`` ``(k, n)``, so different outputs live in different ``s``-dimensional subspaces (a union of subspaces;
+a rank-``k`` factorisation is the case ``s = k``). The codes are stored as ``(m, s)`` values and ``(m, s)`` atom
+indices.
+
+* :func:`omp`: orthogonal matching pursuit for all rows at once (Batch-OMP, Rubinstein, Zibulevsky and Elad 2008:
+  everything through the Gram matrix ``D D^T``, a progressive inverse Cholesky factor per row); optionally several
+  atoms per greedy step (generalised OMP, Wang, Kwon and Shim 2012), which divides the number of steps.
+* :func:`ksvd`: K-SVD (Aharon, Elad and Bruckstein 2006) with the one-power-step atom update of approximate K-SVD
+  (Rubinstein et al. 2008), each sweep followed by a least-squares refit of the whole dictionary (MOD); a row keeps
+  its previous code when a new pursuit does worse, so the error never rises.
+* :func:`sparse_dictionary` / :func:`whitened_dictionary`: the fit of ``W`` itself, or of ``W S`` with
+  ``X X^T = S S^T`` so that ``||(W - W') X||_F`` is minimised (CoSpaDi's calibration-guided objective), started from
+  the top-``k`` right singular vectors and their hard-thresholded codes (what OMP gives on orthonormal atoms).
+
+The pursuit's least squares cost about ``s^3`` per row (``s`` is in the hundreds for LLM layers at ``k / s = 2``),
+the atom sweeps about ``s n`` per row and atom: the fits default to no recoding pursuit after the start
+(``iterations=0``) and two sweeps, which is what keeps a 135M-parameter model within minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from rankwise.linalg._checks import check_matrix, check_positive_int, compute_dtype, make_generator
+from rankwise.linalg.svd import svd_flip
+from rankwise.linalg.whiten import Whitening, whiten
+
+CHOLESKY_BUDGET = 1 << 25
+"""Entries of the per-row Cholesky factors (``rows x s x s``) :func:`omp` holds at once; rows are processed in
+chunks that fit (128 MB in float32)."""
+
+
+@dataclass(frozen=True)
+class SparseDictionary:
+    """``W ~= codes @ dictionary`` with exactly ``s`` stored codes per row.
+
+    Attributes:
+        dictionary: ``(k, n)``: ``k`` atoms over the input space.
+        values: ``(m, s)`` code values.
+        indices: ``(m, s)`` int64 atom indices, distinct and ascending within a row.
+        info: what the fit did (relative errors after each stage, the whitening); for reports, never for logic.
+        whitening_fallback: the input covariance was not positive definite and was factored after a ridge or by a
+            clamped eigen-decomposition (whitened fits only).
+    """
+
+    dictionary: torch.Tensor
+    values: torch.Tensor
+    indices: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+    whitening_fallback: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.dictionary.ndim != 2 or self.values.ndim != 2 or self.indices.shape != self.values.shape:
+            raise ValueError(f"SparseDictionary needs dictionary (k, n), values and indices (m, s); got "
+                             f"{tuple(self.dictionary.shape)}, {tuple(self.values.shape)}, {tuple(self.indices.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(m, n)`` of the approximated matrix."""
+        return self.values.shape[0], self.dictionary.shape[1]
+
+    @property
+    def atoms(self) -> int:
+        return self.dictionary.shape[0]
+
+    @property
+    def nonzeros(self) -> int:
+        """Codes per row ``s``."""
+        return self.values.shape[1]
+
+    @property
+    def num_params(self) -> int:
+        """Stored values ``k n + m s`` (the paper's count: indices are not values)."""
+        return self.dictionary.numel() + self.values.numel()
+
+    def codes(self) -> torch.Tensor:
+        """The ``(m, k)`` code matrix with ``s`` non-zeros per row."""
+        return scatter_codes(self.values, self.indices, self.atoms)
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``(m, n)`` matrix ``codes @ dictionary``."""
+        return self.codes() @ self.dictionary
+
+    def to(self, *args: Any, **kwargs: Any) -> SparseDictionary:
+        """Move or cast the floating-point tensors like :meth:`torch.Tensor.to` (indices only move)."""
+        dictionary, values = self.dictionary.to(*args, **kwargs), self.values.to(*args, **kwargs)
+        return replace(self, dictionary=dictionary, values=values, indices=self.indices.to(values.device),
+                       info=dict(self.info))
+
+
+def scatter_codes(values: torch.Tensor, indices: torch.Tensor, atoms: int) -> torch.Tensor:
+    """The dense ``(m, atoms)`` code matrix of ``(m, s)`` values at ``(m, s)`` indices (repeats add up)."""
+    return values.new_zeros(values.shape[0], atoms).scatter_add_(1, indices.long(), values)
+
+
+def nonzeros_for(atoms: int, atoms_per_nonzero: float) -> int:
+    """Codes per row for ``atoms`` atoms at the ratio ``k / s`` (at least one)."""
+    return max(1, math.floor(atoms / atoms_per_nonzero + 1e-9))
+
+
+def _flush_(t: torch.Tensor) -> torch.Tensor:
+    """Zero, in place, the entries too small for their products to stay normal floats.
+
+    Greedy pursuits and atom sweeps on nearly orthogonal atoms multiply small second-order terms into subnormal
+    numbers, which x86 CPUs handle tens of times slower; below ``sqrt(tiny)`` (1e-19 in float32) an entry is far
+    beneath the precision of anything it is added to here (the fit works on data scaled to unit maximum).
+    """
+    return t.masked_fill_(t.abs() < math.sqrt(torch.finfo(t.dtype).tiny), 0.0)
+
+
+# --- orthogonal matching pursuit ------------------------------------------------------------------------------------
+
+
+def _dead_tolerance(dtype: torch.dtype) -> float:
+    """Squared norm, relative to the atom's, below which an atom's component outside the chosen span counts as none."""
+    return 1e3 * torch.finfo(dtype).eps
+
+
+def _guarded_inverse_cholesky(S: torch.Tensor, diag: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse Cholesky factors of a batch of small ``(L, L)`` Schur complements, built row by row.
+
+    A pivot below ``tol`` times the atom's squared norm (``diag``) marks that atom *dead* (it adds nothing to the
+    span already chosen): its row of the inverse is zero, so it gets no direction and no coefficient. Vectorised
+    over the batch, which beats LAPACK's per-matrix calls at these sizes.
+
+    Returns:
+        ``(B, L, L)`` lower-triangular ``F^-1`` (``F F^T = S`` on the live atoms) and the ``(B, L)`` live mask.
+    """
+    B, L, _ = S.shape
+    F = torch.zeros_like(S)
+    Finv = torch.zeros_like(S)
+    alive = torch.ones(B, L, dtype=torch.bool, device=S.device)
+    for c in range(L):
+        # Row c of F: F[c, :c] = F^-1[:c, :c] S[:c, c] (dead rows of F^-1 are zero: their columns of F stay zero).
+        left = (Finv[:, :c, :c] @ S[:, :c, c, None]).squeeze(-1) if c else S.new_zeros(B, 0)
+        pivot = S[:, c, c] - (left * left).sum(1)
+        ok = pivot > tol * diag[:, c]
+        alive[:, c] = ok
+        root = torch.where(ok, pivot.clamp_min(0.0).sqrt(), torch.ones_like(pivot))
+        F[:, c, :c] = left
+        F[:, c, c] = root
+        # Row c of F^-1: (e_c - F[c, :c] F^-1[:c, :]) / F[c, c], zero for a dead atom.
+        row = -(left[:, None, :] @ Finv[:, :c, :]).squeeze(1) if c else S.new_zeros(B, L)
+        row[:, c] = 1.0
+        Finv[:, c, :] = torch.where(ok[:, None], row / root[:, None], torch.zeros_like(row))
+    return Finv, alive
+
+
+def _omp_rows(a0: torch.Tensor, G: torch.Tensor, usable: torch.Tensor, s: int, width: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch-OMP for ``B`` rows given their correlations ``a0 = Y D^T`` ``(B, k)`` with unit atoms.
+
+    Per row the inverse ``Linv`` of the Cholesky factor of ``G[I, I]`` (``I`` the atoms chosen so far) grows by a
+    block of up to ``width`` rows per greedy step (matrix products only: batched triangular solves are slow);
+    ``z = Linv a0[I]`` are the row's coordinates in the orthonormalised chosen atoms, so the least-squares
+    coefficients are ``Linv^T z``, and the residual correlations ``a0 - coef G`` change by the new block's share.
+
+    Returns:
+        ``(B, s)`` coefficients and ``(B, s)`` atom indices, in selection order.
+    """
+    B, k = a0.shape
+    tol = _dead_tolerance(a0.dtype)
+    idx = torch.zeros(B, s, dtype=torch.long, device=a0.device)
+    Linv = a0.new_zeros(B, s, s)
+    chosen = ~usable.expand(B, k).clone()
+    gamma = a0.new_zeros(B, s)
+    a = a0.clone()
+    t = 0
+    while t < s:
+        w = min(width, s - t)
+        new = a.abs().masked_fill_(chosen, -1.0).topk(w, dim=1).indices  # (B, w)
+        chosen.scatter_(1, new, True)
+        idx[:, t:t + w] = new
+        B21 = torch.take(G, new[:, :, None] * k + idx[:, None, :t])  # (B, w, t) = G[new, I]
+        B22 = torch.take(G, new[:, :, None] * k + new[:, None, :])  # (B, w, w)
+        Lold = Linv[:, :t, :t]
+        Wt = B21 @ Lold.mT  # (B, w, t): the new rows of the Cholesky factor left of the diagonal
+        Finv = _guarded_inverse_cholesky(B22 - Wt @ Wt.mT, B22.diagonal(dim1=1, dim2=2), tol)[0]
+        block = Linv[:, t:t + w, :t + w]  # (B, w, t + w): the new rows of Linv
+        if t:
+            block[:, :, :t] = -(Finv @ Wt) @ Lold
+        block[:, :, t:] = Finv
+        _flush_(block)  # chained products of the small terms of nearly orthogonal atoms
+        zn = (block @ a0.gather(1, idx[:, :t + w])[:, :, None])  # (B, w, 1): new coordinates
+        share = (block.mT @ zn).squeeze(-1)  # (B, t + w): their part of the coefficients Linv^T z
+        gamma[:, :t + w] += share
+        t += w
+        if t < s:
+            a -= a0.new_zeros(B, k).scatter_(1, idx[:, :t], share) @ G  # residual correlations (G symmetric)
+    return gamma, idx
+
+
+def omp(Y: torch.Tensor, D: torch.Tensor, nonzeros: int, *, steps: int | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonal matching pursuit of every row of ``Y`` over the atoms (rows) of ``D``, batched over rows.
+
+    Each row gets exactly ``nonzeros`` distinct atoms, chosen greedily by the largest correlation of the residual
+    with a normalised atom, and the least-squares coefficients on them. With ``steps`` below ``nonzeros`` each greedy
+    step chooses ``ceil(nonzeros / steps)`` atoms at once (generalised OMP, Wang, Kwon and Shim 2012,
+    https://arxiv.org/abs/1111.6664), which divides the number of steps and their overhead; ``None`` is exact OMP.
+    An atom in the span of those already chosen gets a zero coefficient. Rows are processed in chunks whose per-row
+    Cholesky factors fit :data:`CHOLESKY_BUDGET` entries.
+
+    Args:
+        Y: ``(m, n)`` signals.
+        D: ``(k, n)`` dictionary (any atom norms; zero atoms are never used).
+        nonzeros: ``s``, in ``[1, k]``.
+        steps: greedy steps, ``>= 1``; ``None`` (or ``>= s``): one atom per step.
+
+    Returns:
+        ``(m, s)`` coefficients (of the atoms of ``D`` as given) and ``(m, s)`` int64 indices, ascending per row.
+
+    Reference: Rubinstein, Zibulevsky and Elad, "Efficient implementation of the K-SVD algorithm using batch
+    orthogonal matching pursuit", Technion CS-2008-08.
+    """
+    Y, D = check_matrix(Y, "Y"), check_matrix(D, "D")
+    if Y.shape[1] != D.shape[1]:
+        raise ValueError(f"Y has {Y.shape[1]} columns but the atoms of D have {D.shape[1]}")
+    s = check_positive_int(nonzeros, "nonzeros", 1)
+    if s > D.shape[0]:
+        raise ValueError(f"nonzeros must be at most the number of atoms {D.shape[0]}, got {s}")
+    width = _width(s, steps)
+    dtype = compute_dtype(torch.promote_types(Y.dtype, D.dtype))
+    values, indices = _omp(Y.to(dtype), D.to(dtype), s, width)
+    return values.to(Y.dtype), indices
+
+
+def _width(nonzeros: int, steps: int | None) -> int:
+    """Atoms per greedy step for ``steps`` steps (validated)."""
+    if steps is None:
+        return 1
+    return -(-nonzeros // check_positive_int(steps, "steps", 1))
+
+
+def _omp(Y: torch.Tensor, D: torch.Tensor, s: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`omp` without checks, ``width`` atoms per greedy step."""
+    norms = torch.linalg.vector_norm(D, dim=1)
+    usable = norms > 0
+    Dn = D / torch.where(usable, norms, torch.ones_like(norms))[:, None]
+    G = Dn @ Dn.mT  # (k, k)
+    A0 = Y @ Dn.mT  # (m, k)
+    rows = max(1, CHOLESKY_BUDGET // (s * s))
+    values, indices = [], []
+    for start in range(0, Y.shape[0], rows):
+        gamma, idx = _omp_rows(A0[start:start + rows], G, usable, s, width)
+        idx, order = idx.sort(dim=1)
+        values.append(gamma.gather(1, order))
+        indices.append(idx)
+    idx = torch.cat(indices)
+    scale = torch.where(usable, norms, torch.ones_like(norms))
+    return torch.cat(values) / scale[idx], idx
+
+
+# --- K-SVD ----------------------------------------------------------------------------------------------------------
+
+
+def _update_atoms(D: torch.Tensor, S: torch.Tensor, support: torch.Tensor, R: torch.Tensor) -> None:
+    """One K-SVD sweep, in place: each atom and its coefficients on the rows that use it, by one power step.
+
+    With ``E`` the residual of those rows with atom ``j`` put back, ``g = E d``, ``d' = E^T g / ||E^T g||`` and
+    ``g' = E d'`` never increase ``||E - g' d'^T||`` (a power step raises the Rayleigh quotient of ``E^T E``). An
+    atom no row uses is replaced by the normalised worst-represented row (then used from the next pursuit on).
+    """
+    worst = (R * R).sum(1)
+    pairs = support.mT.nonzero()  # (atom, row), grouped by atom
+    counts = torch.bincount(pairs[:, 0], minlength=D.shape[0]).tolist()
+    for j, rows in enumerate(pairs[:, 1].split(counts)):
+        if not counts[j]:
+            i = int(worst.argmax())
+            if float(worst[i]) > 0:
+                D[j] = R[i] / R[i].norm()
+                worst[i] = -1.0
+            continue
+        d = D[j]
+        c = S[rows, j]
+        E = R.index_select(0, rows).addr_(c, d)  # (|rows|, n): their residual with atom j put back
+        v = E.mT @ (E @ d)  # E^T E d
+        norm = torch.linalg.vector_norm(v)
+        if float(norm) == 0.0:
+            continue
+        dn = _flush_(v / norm)
+        g = E @ dn
+        R.index_copy_(0, rows, E.addr_(g, dn, alpha=-1.0))
+        S[rows, j] = g
+        D[j] = dn
+
+
+def _unit_atoms(D: torch.Tensor, S: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``D`` with unit rows (zero rows stay zero) and ``S`` with its columns scaled to keep ``S D``."""
+    norms = torch.linalg.vector_norm(D, dim=1)
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return _flush_(D / norms[:, None]), None if S is None else _flush_(S * norms)
+
+
+def _refit_dictionary(Y: torch.Tensor, D: torch.Tensor, S: torch.Tensor, R: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``argmin_D ||Y - S D||_F`` for fixed codes (the MOD update of Engan, Aase and Husoy 1999: float64 normal
+    equations, a tiny ridge for unused atoms), renormalised; keeps ``(D, S, R)`` if rounding makes it no better.
+
+    Returns:
+        ``(D, S, R)``: unit atoms, the codes rescaled to match, the residual.
+    """
+    S64 = S.double()
+    gram = S64.mT @ S64  # (k, k)
+    ridge = 1e-12 * float(gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
+    gram.diagonal().add_(ridge)
+    L, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        return D, S, R
+    refit, codes = _unit_atoms(torch.cholesky_solve(S64.mT @ Y.double(), L).to(D.dtype), S)
+    residual = Y - codes @ refit
+    if float((residual * residual).sum()) < float((R * R).sum()):
+        return refit, codes, residual
+    return D, S, R
+
+
+def _recode(Y: torch.Tensor, D: torch.Tensor, S: torch.Tensor, R: torch.Tensor, support: torch.Tensor, s: int,
+            width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A new pursuit on ``D``; each row keeps its current code where the new one fits it worse.
+
+    Returns:
+        ``(S, R, support)``.
+    """
+    values, indices = _omp(Y, D, s, width)
+    S_new = scatter_codes(values, indices, D.shape[0])
+    R_new = Y - S_new @ D
+    better = ((R_new * R_new).sum(1) < (R * R).sum(1))[:, None]
+    new_support = torch.zeros_like(support).scatter_(1, indices, True)
+    return torch.where(better, S_new, S), torch.where(better, R_new, R), torch.where(better, new_support, support)
+
+
+def threshold_codes(Y: torch.Tensor, D: torch.Tensor, nonzeros: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``nonzeros`` largest correlations ``|Y D^T|`` per row: exactly what OMP returns when ``D`` has
+    orthonormal rows (hard thresholding), at the cost of one product.
+
+    Returns:
+        ``(m, s)`` values and ``(m, s)`` ascending int64 indices.
+    """
+    corr = Y @ D.mT  # (m, k)
+    indices = corr.abs().topk(nonzeros, dim=1).indices.sort(dim=1).values
+    return corr.gather(1, indices), indices
+
+
+def ksvd(Y: torch.Tensor, D: torch.Tensor, nonzeros: int, iterations: int, *, steps: int | None = None,
+         sweeps: int = 2, codes: tuple[torch.Tensor, torch.Tensor] | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+    """K-SVD from the starting dictionary ``D``, each atom sweep followed by a least-squares dictionary refit.
+
+    The first codes are ``codes`` (values and indices) if given, else :func:`omp` on ``D``. Then ``sweeps`` K-SVD
+    atom sweeps (:func:`_update_atoms`), each followed by a refit of the whole dictionary for the codes (MOD), and
+    ``iterations`` times a new pursuit (each row keeping its current code where the new one fits it worse) followed
+    by as many sweeps and refits. The pursuit is what changes which atoms a row uses, and costs the most (about
+    ``s^3`` per row); the sweeps only move atoms and values. Every stage keeps or lowers the error.
+
+    Args:
+        Y: ``(m, n)`` signals (float32 or float64).
+        D: ``(k, n)`` starting atoms (normalised here).
+        nonzeros: ``s`` codes per row.
+        iterations: pursuits after the first codes, ``>= 0``.
+        steps: greedy steps of each pursuit, see :func:`omp`.
+        sweeps: atom sweeps (each with a refit) after each pursuit, ``>= 0`` (``0``: one refit).
+        codes: the first ``(m, s)`` values and indices, e.g. :func:`threshold_codes` for orthonormal atoms.
+
+    Returns:
+        ``(k, n)`` unit atoms, ``(m, s)`` values, ``(m, s)`` ascending indices, and the squared Frobenius error
+        after the first codes and after every later stage (non-increasing).
+    """
+    width = _width(nonzeros, steps)
+    sweeps = check_positive_int(sweeps, "sweeps")
+    m, k = Y.shape[0], D.shape[0]
+    D, _ = _unit_atoms(D)
+    values, indices = _omp(Y, D, nonzeros, width) if codes is None else codes
+    S = scatter_codes(values, indices, k)
+    support = torch.zeros(m, k, dtype=torch.bool, device=Y.device).scatter_(1, indices, True)
+    R = Y - S @ D
+    errors = [float((R * R).sum())]
+    for round_ in range(iterations + 1):
+        if round_:
+            S, R, support = _recode(Y, D, S, R, support, nonzeros, width)
+            errors.append(float((R * R).sum()))
+        for _ in range(max(sweeps, 1)):
+            if sweeps:
+                _update_atoms(D, S, support, R)
+                errors.append(float((R * R).sum()))
+            D, S, R = _refit_dictionary(Y, D, S, R)
+            errors.append(float((R * R).sum()))
+    indices = support.nonzero()[:, 1].view(m, nonzeros)  # row-major: ascending within each row
+    return D, S.gather(1, indices), indices, errors
+
+
+# --- the fit of a weight --------------------------------------------------------------------------------------------
+
+
+def _check_sizes(atoms: int, nonzeros: int, iterations: int, steps: int | None, sweeps: int) -> tuple[int, int, int]:
+    atoms = check_positive_int(atoms, "atoms", 1)
+    nonzeros = check_positive_int(nonzeros, "nonzeros", 1)
+    if nonzeros > atoms:
+        raise ValueError(f"nonzeros must be at most atoms = {atoms}, got {nonzeros}")
+    _width(nonzeros, steps)
+    check_positive_int(sweeps, "sweeps")
+    return atoms, nonzeros, check_positive_int(iterations, "iterations")
+
+
+def _start(Y: torch.Tensor, atoms: int, generator: torch.Generator) -> torch.Tensor:
+    """The top-``atoms`` right singular vectors of ``Y``; beyond its ``min(m, n)`` of them, rows of ``Y`` drawn
+    with ``generator`` (then Gaussian atoms if ``Y`` has too few rows)."""
+    m, n = Y.shape
+    U, _, Vh = torch.linalg.svd(Y, full_matrices=False)
+    _, Vh = svd_flip(U, Vh)
+    D = Vh[:atoms]
+    if atoms > D.shape[0]:
+        extra = atoms - D.shape[0]
+        rows = Y[torch.randperm(m, generator=generator)[:extra].to(Y.device)]
+        if extra > m:
+            rows = torch.cat([rows, torch.randn(extra - m, n, generator=generator, dtype=Y.dtype).to(Y.device)])
+        D = torch.cat([D, rows])
+    return D
+
+
+def _fit(Y: torch.Tensor, atoms: int, nonzeros: int, iterations: int, steps: int | None, sweeps: int,
+         generator: torch.Generator | int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+    """The singular-vector start and :func:`ksvd`, on ``Y`` scaled to unit maximum (so that :func:`_flush_`'s
+    threshold is far below anything that matters); returns relative Frobenius errors."""
+    scale = float(Y.abs().max())
+    m, n = Y.shape
+    if scale == 0.0:
+        indices = torch.arange(nonzeros, device=Y.device).expand(m, nonzeros).clone()
+        return Y.new_zeros(atoms, n), Y.new_zeros(m, nonzeros), indices, [0.0]
+    Y = Y / scale
+    D = _start(Y, atoms, make_generator(generator))
+    codes = threshold_codes(Y, D, nonzeros) if atoms <= min(m, n) else None  # singular vectors: orthonormal
+    D, values, indices, errors = ksvd(Y, D, nonzeros, iterations, steps=steps, sweeps=sweeps, codes=codes)
+    total = float((Y * Y).sum())
+    return D, values * scale, indices, [math.sqrt(e / total) for e in errors]
+
+
+def sparse_dictionary(W: torch.Tensor, atoms: int, nonzeros: int, *, iterations: int = 0,
+                      steps: int | None = 16, sweeps: int = 2, generator: torch.Generator | int | None = None
+                      ) -> SparseDictionary:
+    """``W ~= S D`` minimising ``||W - S D||_F`` with ``s = nonzeros`` codes per row of ``W`` over ``atoms`` atoms.
+
+    Started from the top-``atoms`` right singular vectors of ``W`` and their hard-thresholded codes (what OMP gives
+    for orthonormal atoms; with ``s = k`` that start is already the best rank-``k`` fit), then :func:`ksvd`.
+
+    Args:
+        W: ``(m, n)``; decomposed in float32 (float64 if ``W`` is), returned in ``W``'s dtype.
+        atoms: ``k >= 1`` (more than ``min(m, n)`` draws the rest from rows of ``W`` with ``generator``).
+        nonzeros: ``s`` in ``[1, k]``.
+        iterations: pursuits after the start, ``>= 0``, see :func:`ksvd`.
+        steps: greedy steps of each pursuit, see :func:`omp` (``None``: exact OMP).
+        sweeps: K-SVD atom sweeps after the start and after each pursuit, see :func:`ksvd`.
+        generator: seed for the atoms beyond ``min(m, n)``; ``None`` means seed 0.
+
+    Returns:
+        :class:`SparseDictionary`; ``info["errors"]`` holds the relative Frobenius error after each stage.
+    """
+    W = check_matrix(W, "W")
+    atoms, nonzeros, iterations = _check_sizes(atoms, nonzeros, iterations, steps, sweeps)
+    Y = W.to(compute_dtype(W.dtype))
+    D, values, indices, errors = _fit(Y, atoms, nonzeros, iterations, steps, sweeps, generator)
+    info = {"errors": errors}
+    return SparseDictionary(D.to(W.dtype), values.to(W.dtype), indices, info)
+
+
+def whitened_dictionary(W: torch.Tensor, C: torch.Tensor | Whitening, atoms: int, nonzeros: int, *,
+                        damp: float = 0.0, iterations: int = 0, steps: int | None = 16, sweeps: int = 2,
+                        generator: torch.Generator | int | None = None) -> SparseDictionary:
+    """``W ~= S D`` minimising ``||(W - S D) X||_F`` where ``C = X X^T`` (CoSpaDi's calibration-guided objective).
+
+    With ``C = L L^T`` the objective is ``||W L - S (D L)||_F``: the dictionary ``D_w`` is learnt on ``W L`` by
+    :func:`sparse_dictionary`'s procedure and mapped back, ``D = D_w L^-1``; the codes are unchanged.
+
+    Args:
+        W: ``(m, n)`` weight (outputs x inputs).
+        C: ``(n, n)`` input second moment, or a precomputed :class:`~rankwise.linalg.Whitening`.
+        atoms, nonzeros, iterations, steps, sweeps, generator: as in :func:`sparse_dictionary`.
+        damp: relative ridge, see :func:`~rankwise.linalg.whiten`.
+
+    Returns:
+        :class:`SparseDictionary` in ``W``'s dtype; ``info["errors"]`` are relative errors in the whitened norm and
+        ``info["whitening"]`` says how ``C`` was factored.
+
+    Reference: Shopkhoev et al., CoSpaDi (2025), https://arxiv.org/abs/2509.22075.
+    """
+    W = check_matrix(W, "W")
+    atoms, nonzeros, iterations = _check_sizes(atoms, nonzeros, iterations, steps, sweeps)
+    wh = C if isinstance(C, Whitening) else None
+    if wh is None:
+        if not isinstance(C, torch.Tensor) or C.ndim != 2 or C.shape != (W.shape[1], W.shape[1]):
+            got = tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__
+            raise ValueError(f"C must have shape (n, n) = {(W.shape[1], W.shape[1])} to match W {tuple(W.shape)}, "
+                             f"got {got}")
+        wh = whiten(C, damp=damp)
+    elif wh.size != W.shape[1]:
+        raise ValueError(f"whitening is for {wh.size} inputs but W has {W.shape[1]} columns")
+    dtype = compute_dtype(W.dtype)
+    Y = wh.right_multiply(W.to(device=wh.basis.device, dtype=dtype))  # (m, n) = W L
+    Dw, values, indices, errors = _fit(Y, atoms, nonzeros, iterations, steps, sweeps, generator)
+    D = wh.right_solve(Dw)  # (k, n) = D_w L^-1, float64
+    info = {"errors": errors, "whitening": wh.describe()}
+    return SparseDictionary(D.to(W.device, W.dtype), values.to(W.device, W.dtype), indices.to(W.device), info,
+                            whitening_fallback=wh.method != "cholesky")

@@ -1,0 +1,143 @@
+"""``QuantLowRankLinear``: ``y = x (Q + L1 L2)^T + bias`` with ``Q`` NF-quantised and ``L1 L2`` of low rank.
+
+Layer kind ``"lq"`` (LQ-LoRA, Guo et al. 2024, https://arxiv.org/abs/2311.12023). At rank 0 it is plain NF-``b``
+weight-only quantisation, so quantised-only rows of a comparison are this kind too.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankwise.linalg.lq import LQ
+from rankwise.linalg.quant import NF_BITS, nf_dequantize, packed_nbytes, scale_storage
+from rankwise.nn.kinds import CompressedLinear, register_kind
+
+SPEC_KEYS = frozenset({"bits", "block_size", "scale_block", "rank"})
+MAX_BLOCK = 2**20
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@register_kind("lq")
+class QuantLowRankLinear(CompressedLinear):
+    """``x -> x Q^T + up(down(x)) + bias``: an NF-``bits`` matrix ``Q`` plus a rank-``rank`` correction.
+
+    Stored (``m = out_features``, ``n = in_features``, ``N = m n``):
+
+    * ``codes``: ``uint8`` buffer, the ``N`` level indices at ``bits`` bits each (``ceil(N / 8) * bits`` bytes,
+      :func:`~rankwise.linalg.quant.pack_codes`);
+    * ``scale_codes``: ``uint8`` buffer, one per block of ``block_size`` entries (row-major, blocks may span rows);
+    * ``scale_steps`` (one per ``scale_block`` block scales, the last group may be shorter) and ``scale_offset``
+      (one): floating-point parameters in the layer's dtype;
+    * ``up`` ``(m, r)`` and ``down`` ``(r, n)``: floating-point parameters (empty at rank 0);
+    * ``bias`` ``(m,)`` or none.
+
+    ``num_params`` counts values, as the paper does: the ``N`` quantised weights, ``r (m + n)`` and the bias; codes'
+    packing and scales are overhead, counted in ``nbytes``. The forward pass decodes ``Q`` each call and keeps nothing.
+    Spec ``{"bits", "block_size", "scale_block", "rank"}``.
+    """
+
+    grows_rank = True  # up/down/rank: EoRA and adapters merge by appending factors
+
+    def __init__(self, in_features: int, out_features: int, bits: int, block_size: int, rank: int,
+                 scale_block: int = 256, bias: bool = True, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, device=device, dtype=dtype)
+        spec = {"bits": bits, "block_size": block_size, "scale_block": scale_block, "rank": rank}
+        problem = self.check_spec(in_features, out_features, spec)
+        if problem is not None:
+            raise ValueError(problem)
+        self.bits, self.block_size, self.scale_block, self.rank = bits, block_size, scale_block, rank
+        numel = in_features * out_features
+        blocks, floats = scale_storage(numel, block_size, scale_block)
+        kw = {"device": device, "dtype": dtype}
+        self.register_buffer("codes", torch.zeros(packed_nbytes(numel, bits), dtype=torch.uint8, device=device))
+        self.register_buffer("scale_codes", torch.zeros(blocks, dtype=torch.uint8, device=device))
+        self.scale_steps = nn.Parameter(torch.zeros(floats - 1, **kw))
+        self.scale_offset = nn.Parameter(torch.zeros(1, **kw))
+        self.up = nn.Parameter(torch.zeros(out_features, rank, **kw))
+        self.down = nn.Parameter(torch.zeros(rank, in_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    @classmethod
+    def from_lq(cls, lq: LQ, *, dtype: torch.dtype, bias: torch.Tensor | None = None) -> QuantLowRankLinear:
+        """Build from an :class:`~rankwise.linalg.lq.LQ` decomposition, storing floats in ``dtype`` and splitting the
+        low-rank part's singular values evenly between ``up`` and ``down``."""
+        q = lq.quant
+        out_features, in_features = q.shape
+        device = q.codes.device
+        layer = cls(in_features, out_features, q.bits, q.block_size, lq.lowrank.rank, q.scale_block,
+                    bias is not None, device=device, dtype=dtype)
+        up, down = lq.lowrank.factors(0.5)  # (m, r), (r, n)
+        with torch.no_grad():
+            layer.codes.copy_(q.packed())
+            layer.scale_codes.copy_(q.scale_codes)
+            layer.scale_steps.copy_(q.scale_steps)
+            layer.scale_offset.copy_(q.scale_offset)
+            layer.up.copy_(up)
+            layer.down.copy_(down)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def check_spec(cls, in_features: int, out_features: int, spec: dict[str, Any]) -> str | None:
+        if set(spec) != SPEC_KEYS:
+            keys = ", ".join(sorted(SPEC_KEYS))
+            return f"{sorted(set(spec) ^ SPEC_KEYS)[0]}: an lq layer's spec is exactly {{{keys}}}"
+        bits, block_size, scale_block, rank = spec["bits"], spec["block_size"], spec["scale_block"], spec["rank"]
+        if not _is_int(bits) or bits not in NF_BITS:
+            return f"bits: must be one of {', '.join(map(str, NF_BITS))}, got {bits!r}"
+        if not _is_int(block_size) or not 1 <= block_size <= MAX_BLOCK:
+            return f"block_size: must be an integer in [1, {MAX_BLOCK}], got {block_size!r}"
+        if (in_features * out_features) % block_size:
+            return (f"block_size: {block_size} does not divide the {out_features} x {in_features} = "
+                    f"{in_features * out_features} weights; it must")
+        if not _is_int(scale_block) or not 1 <= scale_block <= MAX_BLOCK:
+            return f"scale_block: must be an integer in [1, {MAX_BLOCK}], got {scale_block!r}"
+        if not _is_int(rank) or not 0 <= rank <= min(in_features, out_features):
+            return (f"rank: must be an integer in [0, min(out_features, in_features)] = "
+                    f"[0, {min(in_features, out_features)}], got {rank!r}")
+        return None
+
+    @classmethod
+    def from_spec(cls, in_features: int, out_features: int, bias: bool, spec: dict[str, Any], *,
+                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> QuantLowRankLinear:
+        return cls(in_features, out_features, spec["bits"], spec["block_size"], spec["rank"], spec["scale_block"],
+                   bias, device=device, dtype=dtype)
+
+    def spec(self) -> dict[str, Any]:
+        return {"bits": self.bits, "block_size": self.block_size, "scale_block": self.scale_block, "rank": self.rank}
+
+    @property
+    def num_params(self) -> int:
+        """Stored values: the ``m n`` quantised weights, ``r (m + n)`` low-rank values and the bias."""
+        bias = self.bias.numel() if self.bias is not None else 0
+        return self.out_features * self.in_features + self.up.numel() + self.down.numel() + bias
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The ``(out, in)`` decoded ``Q``, in the layer's floating-point dtype."""
+        return nf_dequantize(self.codes, self.scale_codes, self.scale_steps, self.scale_offset, self.bits,
+                             self.block_size, self.scale_block, (self.out_features, self.in_features))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(out, in)`` matrix ``Q + up @ down``."""
+        return self.quantized_weight() + self.up @ self.down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.quantized_weight(), self.bias)
+        if self.rank:
+            y = y + F.linear(F.linear(x, self.down), self.up)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"block_size={self.block_size}, scale_block={self.scale_block}, rank={self.rank}, "
+                f"bias={self.bias is not None}")
