@@ -147,7 +147,7 @@ def test_streamed_evaluation_of_a_shared_model_is_refused_with_a_reason(tmp_path
     model = tiny_model("llama")
     compress_(model, BasisSharingConfig(ratio=0.3), tiny_tokens(8), progress=False)
     rankwise.io.save(model, tmp_path / "out")
-    with pytest.raises(ValueError, match="share tensors across blocks .* load the model whole"):
+    with pytest.raises(ValueError, match=r"share tensors across blocks .* load the model whole"):
         CheckpointSource(tmp_path / "out")
 
 

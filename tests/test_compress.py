@@ -151,7 +151,7 @@ def test_bad_config(kwargs, match):
 
 
 def test_unknown_method_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown method 'foo'; valid methods: asvd, basis_sharing, .*svd_llm"):
+    with pytest.raises(ValueError, match=r"unknown method 'foo'; valid methods: asvd, basis_sharing, .*svd_llm"):
         config_class("foo")
 
 
