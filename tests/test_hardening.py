@@ -234,8 +234,8 @@ def test_mutated_checkpoint_loads_identically_or_fails_in_one_line(original, dat
     (lambda m: next(iter(m["modules"].values())).update(rank="8"), "rank' must be an integer", "config.json"),
     (lambda m: next(iter(m["modules"].values())).update(rank=65), "above min(out_features, in_features)",
      "config.json"),
-    (lambda m: next(iter(m["modules"].values())).update(kind="dictionary"), "unknown layer kind 'dictionary'; "
-     "this rankwise knows lowrank", "config.json"),
+    (lambda m: next(iter(m["modules"].values())).update(kind="tucker"), "unknown layer kind 'tucker'; "
+     "this rankwise knows dictionary, lowrank, lq, monarch, shared_basis", "config.json"),
     (lambda m: next(iter(m["modules"].values())).update(atoms=4), "a lowrank layer's spec is exactly {rank}",
      "config.json"),
     (lambda m: m["modules"].update({"model.embed_tokens": m["modules"].popitem()[1]}), "not a linear layer",
