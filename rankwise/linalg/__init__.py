@@ -4,7 +4,7 @@ Everything here takes and returns tensors (or :class:`LowRank` results), compute
 the input dtype, and takes a seed or ``torch.Generator`` wherever randomness is involved.
 """
 
-from rankwise.linalg.dictionary import SparseDictionary, omp, sparse_dictionary, whitened_dictionary
+from rankwise.linalg.dictionary import SparseDictionary, sparse_dictionary, whitened_dictionary
 from rankwise.linalg.lowrank import LowRank
 from rankwise.linalg.lq import LQ, lq_decompose
 from rankwise.linalg.monarch import (
@@ -15,6 +15,7 @@ from rankwise.linalg.monarch import (
     monarch_shape_error,
     whitened_monarch_project,
 )
+from rankwise.linalg.omp import omp
 from rankwise.linalg.quant import NFQuant, nf_codebook, nf_dequantize, nf_quantize, pack_codes, unpack_codes
 from rankwise.linalg.rank import (
     Energy,
