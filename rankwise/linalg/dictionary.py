@@ -33,7 +33,7 @@ import torch
 from rankwise.linalg._checks import check_matrix, check_positive_int, compute_dtype, make_generator
 from rankwise.linalg.omp import _flush_, _omp, _width
 from rankwise.linalg.svd import svd_flip
-from rankwise.linalg.whiten import Whitening, whiten
+from rankwise.linalg.whiten import Whitening, as_whitening
 
 
 @dataclass(frozen=True)
@@ -334,15 +334,7 @@ def whitened_dictionary(W: torch.Tensor, C: torch.Tensor | Whitening, atoms: int
     """
     W = check_matrix(W, "W")
     atoms, nonzeros, iterations = _check_sizes(atoms, nonzeros, iterations, steps, sweeps)
-    wh = C if isinstance(C, Whitening) else None
-    if wh is None:
-        if not isinstance(C, torch.Tensor) or C.ndim != 2 or C.shape != (W.shape[1], W.shape[1]):
-            got = tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__
-            raise ValueError(f"C must have shape (n, n) = {(W.shape[1], W.shape[1])} to match W {tuple(W.shape)}, "
-                             f"got {got}")
-        wh = whiten(C, damp=damp)
-    elif wh.size != W.shape[1]:
-        raise ValueError(f"whitening is for {wh.size} inputs but W has {W.shape[1]} columns")
+    wh = as_whitening(W, C, damp)
     dtype = compute_dtype(W.dtype)
     Y = wh.right_multiply(W.to(device=wh.basis.device, dtype=dtype))  # (m, n) = W L
     Dw, values, indices, errors = _fit(Y, atoms, nonzeros, iterations, steps, sweeps, generator)

@@ -145,6 +145,21 @@ def whiten(C: torch.Tensor, *, damp: float = 0.0, floor: float = 1e-8, scale: fl
     return Whitening("eigh", ridge, clamped, float(evals.min()), Q, root)
 
 
+def as_whitening(W: torch.Tensor, C: torch.Tensor | Whitening, damp: float = 0.0) -> Whitening:
+    """``C`` (an ``(n, n)`` input second moment, factored by :func:`whiten`) or a precomputed :class:`Whitening`,
+    checked against the ``n`` columns of ``W``."""
+    wh = C if isinstance(C, Whitening) else None
+    if wh is None:
+        if not isinstance(C, torch.Tensor) or C.ndim != 2 or C.shape != (W.shape[1], W.shape[1]):
+            got = tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__
+            raise ValueError(f"C must have shape (n, n) = {(W.shape[1], W.shape[1])} to match W {tuple(W.shape)}, "
+                             f"got {got}")
+        wh = whiten(C, damp=damp)
+    elif wh.size != W.shape[1]:
+        raise ValueError(f"whitening is for {wh.size} inputs but W has {W.shape[1]} columns")
+    return wh
+
+
 def whitened_svd(
     W: torch.Tensor,
     C: torch.Tensor | Whitening,
@@ -173,15 +188,7 @@ def whitened_svd(
     Reference: Wang et al., SVD-LLM (2024), https://arxiv.org/abs/2403.07378.
     """
     W = check_matrix(W, "W")
-    wh = C if isinstance(C, Whitening) else None
-    if wh is None:
-        if not isinstance(C, torch.Tensor) or C.ndim != 2 or C.shape != (W.shape[1], W.shape[1]):
-            got = tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__
-            raise ValueError(f"C must have shape (n, n) = {(W.shape[1], W.shape[1])} to match W {tuple(W.shape)}, "
-                             f"got {got}")
-        wh = whiten(C, damp=damp)
-    elif wh.size != W.shape[1]:
-        raise ValueError(f"whitening is for {wh.size} inputs but W has {W.shape[1]} columns")
+    wh = as_whitening(W, C, damp)
     # The covariance is factored in float64; W S and its SVD run in float32 unless W is float64 (errors made
     # there are measured in the whitened norm, where S^-1 does not amplify them).
     dtype = compute_dtype(W.dtype)
