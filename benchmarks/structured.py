@@ -7,13 +7,17 @@ statistics; bytes count floating-point values in bfloat16, the dtype the model i
 
 - ``--ratios`` rows (fraction of targeted parameters removed): svd_llm, svd_llm+loss, dictionary, dictionary+loss,
   monarch (whitened), monarch+whiten=False, basis_sharing, basis_sharing+loss;
-- ``--bits`` rows (stored bits per targeted weight, scales and indices counted): lq and lq+data_aware=True with
-  ``quant_bits`` the largest of 2, 3, 4 strictly below the budget (NF-b codes and their scales take a little more
-  than b bits, so a budget of exactly b leaves no room), and svd_llm+loss; once, at the bits their own format
-  stores: hqq 2/3/4-bit g64 and nf+quant_bits=2/3/4.
+- ``--bits`` rows (stored bits per targeted weight, scales and indices counted): lq and lq+data_aware=True (NF),
+  the same two with HQQ as the quantiser at group 128, all with ``quant_bits`` the largest of 2, 3, 4 strictly below
+  the budget (codes and their scales take a little more than b bits, so a budget of exactly b leaves no room),
+  svd_llm+loss with floating-point and with 8-bit factors, and dictionary with 8-bit values; once, at the bits
+  their own format stores: the HQQ anchors (hqq 2/3/4-bit g64, HQQ's own layers), nf+quant_bits=2/3/4, and
+  rankwise's hqq method at group 128 with EoRA compensation of the rank that fills the bits a group of 64 would have
+  spent on scales (``--eora``: 2/3/4 bits, 0.25 bits per weight of rank).
 
 A method that is not registered when this runs is skipped with a note. ``--recipes`` keeps a subset: a name keeps
-every row of that method (``lq`` keeps lq and lq+data_aware=True, ``hqq`` the HQQ rows), a full recipe only itself.
+every row of that method (``lq`` keeps lq and lq+data_aware=True, ``hqq`` the HQQ rows), a full recipe only itself;
+with ``--exact`` only whole recipes count, and any recipe of a method that takes a ratio runs at ``--ratios``.
 
     .venv/bin/python benchmarks/structured.py --out /tmp/structured
     .venv/bin/python benchmarks/structured.py --calib-samples 4 --eval-samples 4 --seq-len 128 --ratios 0.2 \\
@@ -42,8 +46,12 @@ import torch
 
 RATIO_RECIPES = ["svd_llm", "svd_llm+loss", "dictionary", "dictionary+loss", "monarch", "monarch+whiten=False",
                  "basis_sharing", "basis_sharing+loss"]
-BITS_RECIPES = ["lq", "lq+data_aware=True", "svd_llm+loss"]  # at every --bits budget
+BITS_RECIPES = ["lq", "lq+data_aware=True", "lq+quantiser=hqq+block_size=128",
+                "lq+quantiser=hqq+block_size=128+data_aware=True", "svd_llm+loss", "svd_llm+loss+factor_bits=8",
+                "dictionary+value_bits=8"]  # at every --bits budget
 OWN_BITS = (2, 3, 4)  # hqq N-bit g64 and nf+quant_bits=N, each at the bits its format stores
+EORA_BASE = "hqq+block_size=128"  # + quant_bits=N, then EoRA: the 0.25 bits per weight g64 spends on more scales
+EORA_BITS = 0.25
 HQQ_GROUP = 64
 STREAMED_RATIO, STREAMED_BITS = 0.2, 3.5
 
@@ -67,19 +75,26 @@ def own_bits(config, shapes: list[tuple[int, int]], value_bytes: int) -> float:
     return math.ceil(8 * stored / sum(m * n for m, n in shapes) * 1000) / 1000
 
 
-def plan(args, shapes: list[tuple[int, int]], value_bytes: int) -> tuple[list, list[int], list[str]]:
-    """``(configs, hqq bits, notes)`` for the rows asked for; unregistered methods and budgets a method cannot meet
-    are skipped with a note (checked here, before any work, with the method's own cost model)."""
+def plan(args, shapes: list[tuple[int, int]], value_bytes: int) -> tuple[list, list[int], list, list[str]]:
+    """``(configs, HQQ anchor bits, configs for EoRA, notes)`` for the rows asked for; unregistered methods and
+    budgets a method cannot meet are skipped with a note (checked here, before any work, with the method's own cost
+    model)."""
     from rankwise.methods import config_class
     from rankwise.methods.base import choose_knobs, parse_recipe
 
     keep = [r.strip() for r in args.recipes.split(",")] if args.recipes else None
-    todo: list[tuple[str, dict]] = [(r, {"ratio": x}) for r in RATIO_RECIPES for x in args.ratios]
+    ratio_recipes, bits_recipes = RATIO_RECIPES, BITS_RECIPES
+    if EXACT and keep:  # any recipe, in the order given: at --ratios if its method takes a ratio, and at --bits
+        known = [r for r in keep if r.split("+")[0] in _registered()]
+        ratio_recipes = [r for r in known if "params" in config_class(r.split("+")[0]).units]
+        bits_recipes = [r for r in known if not r.startswith(("hqq", "nf"))]  # those two run at their own bits
+    todo: list[tuple[str, dict]] = [(r, {"ratio": x}) for r in ratio_recipes for x in args.ratios]
     todo += [(f"nf+quant_bits={b}", {"own": True}) for b in OWN_BITS]
+    todo += [("hqq+quant_bits=3", {"own": True})]  # HQQ's 3-bit matrices in 3 bits per code, not its own 3.2
     for bits in args.bits:
-        todo += [(r if r.startswith("svd_llm") else f"{r}+quant_bits={quant_bits_for(bits)}"
+        todo += [(r if not r.startswith("lq") else f"{r}+quant_bits={quant_bits_for(bits)}"
                   + (f"+iterations={args.lq_iterations}" if args.lq_iterations else ""), {"bits": bits})
-                 for r in BITS_RECIPES]
+                 for r in bits_recipes]
     configs, notes, missing = [], [], set()
     named = dict(zip([f"m{k}" for k in range(len(shapes))], shapes, strict=True))
     for recipe, budget in todo:
@@ -91,12 +106,12 @@ def plan(args, shapes: list[tuple[int, int]], value_bytes: int) -> tuple[list, l
         except ValueError:
             missing.add(method)
             continue
-        if budget.get("own"):
-            probe = parse_recipe(recipe, bits=15.0)
-            config = dataclasses.replace(probe, bits=own_bits(probe, shapes, value_bytes))
-        else:
-            config = parse_recipe(recipe, budget.get("ratio"), bits=budget.get("bits"))
-        try:
+        try:  # a config refused here (a missing optional package, a budget it cannot meet) is a note, not a stop
+            if budget.get("own"):
+                probe = parse_recipe(recipe, bits=15.0)
+                config = dataclasses.replace(probe, bits=own_bits(probe, shapes, value_bytes))
+            else:
+                config = parse_recipe(recipe, budget.get("ratio"), bits=budget.get("bits"))
             choose_knobs(config, named, dict.fromkeys(named, config.kept_fraction(value_bytes)), value_bytes)
         except ValueError as err:
             notes.append(f"skipped {recipe} at {budget}: {err}")
@@ -104,7 +119,26 @@ def plan(args, shapes: list[tuple[int, int]], value_bytes: int) -> tuple[list, l
         configs.append(config)
     notes += [f"skipped {m}: not registered in this rankwise" for m in sorted(missing)]
     hqq = [b for b in OWN_BITS if wanted("hqq", keep)]
-    return configs, hqq, notes
+    eora = []
+    if args.eora and "hqq" in _registered():
+        try:
+            eora = [dataclasses.replace(probe, bits=own_bits(probe, shapes, value_bytes))
+                    for b in OWN_BITS for probe in [parse_recipe(f"{EORA_BASE}+quant_bits={b}", bits=15.0)]]
+        except ValueError as err:
+            notes.append(f"skipped the EoRA rows: {err}")
+    return configs, hqq, eora, notes
+
+
+def _registered() -> list[str]:
+    from rankwise.methods import method_names
+
+    return method_names()
+
+
+def eora_rank(shapes: list[tuple[int, int]], value_bytes: int) -> int:
+    """The uniform EoRA rank whose factors take at most :data:`EORA_BITS` per targeted weight."""
+    per_rank = 8 * value_bytes * sum(m + n for m, n in shapes) / sum(m * n for m, n in shapes)
+    return max(1, int(EORA_BITS // per_rank))
 
 
 def row_name(config) -> str:
@@ -127,7 +161,7 @@ def reference(row, rows, own: set[int]) -> str:
     if row.bits is None:
         refs = [r for r in rows if r.method == "svd_llm" and r.bits is None and r.ratio == row.ratio]
     else:
-        hqq = [r for r in rows if r.method.startswith("hqq ")]
+        hqq = [r for r in rows if re.match(r"hqq \d+-bit", r.method)]  # HQQ's own layers, not the hqq method
         refs = sorted(hqq, key=lambda r: abs(r.bits_per_weight - row.bits_per_weight))[:1]
     if not refs or refs[0] is row:
         return ""
@@ -186,6 +220,37 @@ def plot(result, path: Path) -> None:
     plt.close(fig)
 
 
+BROKEN = 100.0  # rows above this many times the dense perplexity are left off the combined plot (and listed)
+
+
+def combined(args, out: Path) -> None:
+    """One plot of perplexity against stored bits from several runs' ``comparison/comparison.json`` (``--plot-from``),
+    refused unless they measured the same dense perplexity (same model, windows and dtype)."""
+    import json
+    from types import SimpleNamespace
+
+    runs = [json.loads((Path(d) / "comparison" / "comparison.json").read_text()) for d in args.plot_from.split(",")]
+    dense = {round(run["dense"]["perplexity"], 6) for run in runs}
+    if len(dense) != 1:
+        raise SystemExit(f"the runs disagree on the dense perplexity ({sorted(dense)}): not the same model and windows")
+    seen, rows, broken = set(), [], []
+    for run in runs:
+        for row in run["rows"]:
+            key = (row["method"], row["ratio"], row["bits"])
+            if key in seen:
+                continue
+            seen.add(key)
+            if row["perplexity"] > BROKEN * runs[0]["dense"]["perplexity"]:
+                broken.append(f"{row['method']} at {row['bits_per_weight']:.2f} bits ({row['perplexity']:.3g})")
+            else:
+                rows.append(SimpleNamespace(**row))
+    result = SimpleNamespace(rows=rows, dense=SimpleNamespace(**runs[0]["dense"]), settings=runs[0]["settings"])
+    out.mkdir(parents=True, exist_ok=True)
+    plot(result, out / "structured.png")
+    print(f"wrote {out}/structured.png: {len(rows)} rows from {len(runs)} runs"
+          + (f"; left off (over {BROKEN:g}x dense): {'; '.join(broken)}" if broken else ""))
+
+
 def in_process(args, out: Path) -> None:
     from rankwise.calibrate import load_text, split_windows
     from rankwise.eval.compare import compare
@@ -197,7 +262,7 @@ def in_process(args, out: Path) -> None:
     ids = loaded.tokenizer(load_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
     calibration, evaluation = split_windows(ids, args.seq_len, args.calib_samples, args.eval_samples)
     shapes = [tuple(m.weight.shape) for m in find_targets(loaded.model).values()]
-    configs, hqq, notes = plan(args, shapes, torch.bfloat16.itemsize)
+    configs, hqq, eora, notes = plan(args, shapes, torch.bfloat16.itemsize)
     for note in notes:
         print(f"note: {note}", flush=True)
     settings = {"model": loaded.source}
@@ -206,7 +271,16 @@ def in_process(args, out: Path) -> None:
     result.notes[:0] = notes
     for config, row in zip(configs, result.rows, strict=False):  # one row per config, in order, then HQQ's
         row.method = row_name(config)
-    own = {id(r) for r in result.rows if r.method.startswith(("hqq ", "nf"))}
+    if eora:  # a second comparison: EoRA's rank applies to every config of one call
+        rank = eora_rank(shapes, torch.bfloat16.itemsize)
+        more = compare(loaded.model, calibration, evaluation, eora, storage_dtype=torch.bfloat16, eora_rank=rank,
+                       settings=settings, speed_repeats=args.speed_repeats, cache=None)
+        for k, row in enumerate(more.rows):  # base, base + EoRA, for each config
+            row.method = row_name(eora[k // 2]) + (f" +eora{rank}" if k % 2 else "")
+        result.rows += more.rows
+        result.notes.append(f"EoRA rows: the same calibration, dense perplexity {more.dense.perplexity:.2f} in their "
+                            f"own comparison")
+    own = {id(r) for r in result.rows if r.method.startswith(("hqq", "nf"))}
     text = table(result, own, peak_rss_mb(), args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "structured.md").write_text(text)
@@ -250,7 +324,7 @@ def streamed(args, out: Path) -> None:
 
     shapes = [tuple(m.weight.shape) for m in find_targets(load_model("smollm2").model).values()]
     args.ratios, args.bits = [STREAMED_RATIO], [STREAMED_BITS]
-    configs, _, notes = plan(args, shapes, torch.bfloat16.itemsize)
+    configs, _, _, notes = plan(args, shapes, torch.bfloat16.itemsize)
     from rankwise.eval.compare import label
 
     exe = str(Path(sys.executable).with_name("rankwise"))
@@ -289,10 +363,16 @@ def main() -> None:
     parser.add_argument("--streamed", action="store_true", help="measure `rankwise compress` per recipe instead")
     parser.add_argument("--out", default="/tmp/structured")
     parser.add_argument("--exact", action="store_true", help="--recipes lists whole recipes, not method names")
+    parser.add_argument("--eora", action="store_true", help="also rankwise's hqq at group 128 plus EoRA rows")
+    parser.add_argument("--plot-from", default=None,
+                        help="comma list of earlier --out directories: only plot their rows together into --out")
     args = parser.parse_args()
     global EXACT
     EXACT = args.exact
-    (streamed if args.streamed else in_process)(args, Path(args.out))
+    if args.plot_from:
+        combined(args, Path(args.out))
+    else:
+        (streamed if args.streamed else in_process)(args, Path(args.out))
 
 
 if __name__ == "__main__":

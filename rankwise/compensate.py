@@ -25,6 +25,7 @@ from rankwise.calibrate.stats import relative_output_error
 from rankwise.io.atomic import atomic_dir
 from rankwise.linalg import LowRank, whitened_svd
 from rankwise.nn import CompressedLinear, effective_weight, is_linear_like, linear_weight
+from rankwise.report import CompressionReport
 from rankwise.targets import find_targets
 
 
@@ -141,6 +142,24 @@ def merge_(model: nn.Module, compensation: Compensation) -> None:
                 append_factors(module, B, A, layer=name, check_size=False)
             else:
                 linear_weight(module).add_((B @ A).to(module.weight.dtype))
+
+
+def merge_with_report(model: nn.Module, compensation: Compensation, source: str | Path) -> CompressionReport | None:
+    """:func:`merge_`, then the compression report of the directory ``source`` the model was loaded from, with the
+    merged layers' ranks, values and bytes as they are now and a note of the merge (``None`` when ``source`` holds
+    no rankwise report, e.g. a dense model)."""
+    from rankwise.io.manifest import read_manifest
+    from rankwise.io.save import is_compressed_dir
+
+    merge_(model, compensation)
+    stored = read_manifest(source).report if is_compressed_dir(source) else None
+    if not stored:
+        return None
+    report = CompressionReport.from_dict(stored)
+    report.refresh(model)
+    report.notes.append(f"EoRA compensation of rank {compensation.rank} merged into {len(compensation.adapters)} "
+                        "layers (rankwise compensate --merge)")
+    return report
 
 
 def export_peft(compensation: Compensation, out: str | Path, *, base_model_name: str | None = None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -135,3 +135,33 @@ class CompressionReport:
             if layer["rel_error"] is not None and not math.isfinite(layer["rel_error"]):
                 layer["rel_error"] = None
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
+        """The inverse of :meth:`to_dict` (as stored in a directory's ``rankwise.json``); derived totals are
+        recomputed, unknown keys ignored."""
+        names = {f.name for f in fields(cls)}
+        layer_names = {f.name for f in fields(LayerReport)}
+        try:
+            layers = [LayerReport(**{**{k: v for k, v in layer.items() if k in layer_names},
+                                     "shape": tuple(layer["shape"])}) for layer in data.get("layers", [])]
+            return cls(**{k: v for k, v in data.items() if k in names and k != "layers"}, layers=layers)
+        except (TypeError, KeyError, AttributeError) as err:
+            raise ValueError(f"not a rankwise compression report ({type(err).__name__}: {err})") from None
+
+    def refresh(self, model: Any) -> None:
+        """Set each compressed layer's size columns (knob, values, bytes) to what ``model``'s layer holds now, after
+        a merge grew it; a refreshed layer's calibration error no longer applies and is cleared. The bytes on disk
+        are the next save's."""
+        from rankwise.nn import compressed_modules, model_num_params
+
+        layers = compressed_modules(model)
+        for row in self.layers:
+            layer = layers.get(row.name)
+            if layer is None or (layer.num_params, layer.fixed_nbytes) == (row.params_after, row.fixed_bytes_after):
+                continue
+            row.rank = int(getattr(layer, "rank", row.rank))
+            row.params_after, row.floats_after = layer.num_params, layer.float_numel
+            row.fixed_bytes_after, row.rel_error = layer.fixed_nbytes, None
+        self.params_total_after = model_num_params(model)
+        self.bytes_on_disk = None

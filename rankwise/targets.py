@@ -11,6 +11,12 @@ from rankwise.nn import is_linear_like
 FilterFn = Callable[[str, nn.Module], bool]
 
 
+SHARED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",  # Llama / Mistral / Qwen
+                      "query", "key", "value", "fc1", "c_attn", "c_fc")  # BERT, OPT, GPT-2
+"""Leaf names of the projections cross-block methods share by default (Basis Sharing found output and down
+projections share badly; BERT's intermediate.dense is not named)."""
+
+
 def target_group(name: str) -> str:
     """``"attn"`` for attention projections (a path component mentions attn/attention), else ``"mlp"``."""
     parts = name.lower().split(".")

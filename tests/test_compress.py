@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rankwise.calibrate import collect_stats
+from rankwise.calibrate.stats import input_groups
 from rankwise.compress import compress_
 from rankwise.methods import CompressConfig, config_class, method_names
 from rankwise.methods.svd import SVDConfig
@@ -89,6 +90,12 @@ def test_stats_shared_between_layers_reading_same_input():
     assert stats["model.layers.0.mlp.gate_proj"] is stats["model.layers.0.mlp.up_proj"]
     s = stats[attn + "q_proj"]
     assert s.count == 8 * 32
+    block = [n for n in stats if n.startswith("model.layers.0.")]
+    groups = input_groups([*block, "model.layers.0.extra"], stats)  # a layer without statistics stands alone
+    assert [g.names for g in groups] == [(attn + "q_proj", attn + "k_proj", attn + "v_proj"), (attn + "o_proj",),
+                                         ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"),
+                                         ("model.layers.0.mlp.down_proj",), ("model.layers.0.extra",)]
+    assert groups[0].stats is s and groups[-1].stats is None
     torch.testing.assert_close(s.covariance, s.covariance.T)
     assert float(torch.linalg.eigvalsh(s.covariance).min()) > -1e-8
 

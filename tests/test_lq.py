@@ -108,13 +108,15 @@ def test_error_falls_with_bits():
     assert errors[-1] < 0.02
 
 
-@pytest.mark.parametrize("bits", NF_BITS)
+@pytest.mark.parametrize("bits", [*NF_BITS, 1, 5, 9, 11, 15, 16, 31])
 @pytest.mark.parametrize("numel", [1, 7, 8, 1001])
 def test_packing_round_trip(bits, numel):
-    codes = torch.randint(0, 2**bits, (numel,), generator=_gen(numel), dtype=torch.uint8)
+    dtype = torch.uint8 if bits <= 8 else torch.int64
+    codes = torch.randint(0, 2**bits, (numel,), generator=_gen(numel), dtype=dtype)
     packed = pack_codes(codes, bits)
     assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(numel, bits) == math.ceil(numel / 8) * bits
-    assert torch.equal(unpack_codes(packed, bits, numel), codes)
+    unpacked = unpack_codes(packed, bits, numel)
+    assert unpacked.dtype == dtype and torch.equal(unpacked, codes)
 
 
 def test_packing_layout():
@@ -124,8 +126,10 @@ def test_packing_layout():
     # 3 bits: a plane of the low 2 bits (4 codes a byte), then a plane of the high bit (8 codes a byte).
     assert pack_codes(torch.arange(8), 3).tolist() == [0b11100100, 0b11100100, 0b11110000]
     assert pack_codes(torch.tensor([200]), 8).tolist() == [200, 0, 0, 0, 0, 0, 0, 0]
-    with pytest.raises(ValueError, match="bits must be one of 2, 3, 4, 8"):
-        pack_codes(torch.tensor([1]), 5)
+    # 11 bits: an 8-bit plane, a 2-bit plane, a 1-bit plane.
+    assert pack_codes(torch.tensor([0x5FF]), 11).tolist() == [0xFF] + [0] * 7 + [0b01, 0] + [1]
+    with pytest.raises(ValueError, match=r"bits must be an integer in \[1, 31\], got 32"):
+        pack_codes(torch.tensor([1]), 32)
     with pytest.raises(ValueError, match="packed must be a flat uint8 tensor of 3 bytes"):
         unpack_codes(torch.zeros(2, dtype=torch.uint8), 3, 8)
 

@@ -63,12 +63,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def svd_family() -> list[str]:
-    """Registered methods that build ``LowRankLinear`` layers at the default ``r (m + n)`` cost, one block at a time
-    (the SVD family):
-    the full option matrix runs over these, one representative option over the structured methods."""
-    from rankwise.methods import CompressConfig, config_class, method_names
+    """Registered methods that return truncated factorisations (a :class:`~rankwise.methods.LowRankConfig`), one
+    block at a time (the SVD family): the full option matrix runs over these, one representative option over the
+    structured methods."""
+    from rankwise.methods import CompressConfig, LowRankConfig, config_class, method_names
 
-    return [m for m in method_names() if config_class(m).cost is CompressConfig.cost
+    return [m for m in method_names() if issubclass(config_class(m), LowRankConfig)
             and config_class(m).block_groups is CompressConfig.block_groups]
 
 

@@ -7,7 +7,8 @@ LoRA targets (:mod:`rankwise.adapt.compressed`).
 
 from rankwise.adapt.block_lora import BlockLoRAConfig, BlockLoRAModel
 from rankwise.adapt.compressed import CompressedLoraLinear, check_mergeable, install
-from rankwise.adapt.heal import HealConfig, heal_
+from rankwise.adapt.heal import HealConfig, HealResult, heal_, heal_model
+from rankwise.adapt.job import AdaptResult, adapt_model
 from rankwise.adapt.loldu import LoLDUConfig, LoLDUModel
 from rankwise.adapt.lora_sb import LoRASBConfig, LoRASBModel, preprocess_lora_sb
 from rankwise.adapt.methods import METHODS, add_adapter
@@ -19,10 +20,12 @@ install()
 
 __all__ = [
     "METHODS",
+    "AdaptResult",
     "BlockLoRAConfig",
     "BlockLoRAModel",
     "CompressedLoraLinear",
     "HealConfig",
+    "HealResult",
     "LoLDUConfig",
     "LoLDUModel",
     "LoRASBConfig",
@@ -34,9 +37,11 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDivergedError",
+    "adapt_model",
     "add_adapter",
     "check_mergeable",
     "heal_",
+    "heal_model",
     "install",
     "preprocess_lora_sb",
     "train",

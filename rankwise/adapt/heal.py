@@ -7,13 +7,19 @@ The loss is ``(1 - distill) * CE(student, next token) + distill * T² * KL(teach
 temperature, as in Hinton et al. (2015) https://arxiv.org/abs/1503.02531. Fine-tuning the factors after truncation
 is SVD-LLM's parameter update (Wang et al. 2024, https://arxiv.org/abs/2403.07378, Sec. 3.3); distilling the
 uncompressed model into the factorised one is PELA's (Guo et al. 2023, https://arxiv.org/abs/2311.10847).
+
+:func:`heal_` heals a model in memory; :func:`heal_model` is the whole job of ``rankwise heal`` (text, models,
+held-out perplexities, provenance, atomic save) as one library call.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -124,3 +130,118 @@ def heal_(model: nn.Module, ids: torch.Tensor, config: TrainConfig, heal: HealCo
     finally:
         model.requires_grad_(False)
         model.to(dtype)
+
+
+@dataclass(frozen=True)
+class HealResult:
+    """What :func:`heal_model` did."""
+
+    out: Path  # the healed compressed directory
+    training: TrainResult  # losses, evaluation losses, timing, trainable weights
+    perplexity_before: float  # held-out perplexity of the compressed model before healing
+    perplexity_after: float  # ... and after
+    perplexity_dense: float | None  # of the dense teacher on the same windows (None without distillation)
+    provenance: dict[str, Any]  # as saved in out/rankwise.json; this run under "heal"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run's settings and perplexities with the training record: what ``json_report`` holds."""
+        return {**self.provenance["heal"], **self.training.to_dict()}
+
+
+def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, options: HealConfig | None = None,
+               base: str = "smollm2", text: str | None = None, dataset: str | None = None, seq_len: int = 256,
+               eval_samples: int = 32, device: str = "cpu", resume: bool = False, overwrite: bool = False,
+               json_report: str | Path | None = None, trust_remote_code: bool = False, progress: bool = True,
+               say: Callable[[str], None] | None = None) -> HealResult:
+    """Heal the compressed directory ``compressed`` and save a compressed model with the same ranks and parameter
+    count to ``out``: fine-tune its factors on ``text`` (a file; default: the standard library's pydoc topics) or
+    ``dataset``, distilling the dense model ``base``.
+
+    The last ``eval_samples`` windows of ``seq_len`` tokens are held out, every window before them trains, so the
+    perplexities before and after are on text never trained on. The resumable training state lives in
+    ``OUT.checkpoint`` while the run lasts and is removed when ``out`` is written.
+
+    Args:
+        compressed: a compressed directory written by ``rankwise compress`` (the student).
+        out: the output directory, written atomically (refused if it exists unless ``overwrite``).
+        config: steps, learning rate, batch, schedule, evaluation and checkpoint cadence, seed.
+        options: distillation weight, temperature and which weights train (default: :class:`HealConfig`).
+        base: the dense model ``compressed`` came from (the teacher): ``"smollm2"``, a directory, a ``.gguf`` file
+            or a hub id; not loaded when ``options.distill == 0``.
+        resume: continue from ``OUT.checkpoint`` (same model, data and settings).
+        json_report: also write the settings, perplexities, losses and evaluations as JSON to this file.
+        progress: draw the training progress bar.
+        say: called with each line worth printing (the perplexities before training, the result after).
+        Others: as for :func:`~rankwise.compress.job.compress_model`.
+
+    Returns:
+        The :class:`HealResult`; its ``provenance`` is the one saved in ``out/rankwise.json``.
+
+    Raises:
+        ValueError: ``compressed`` is not a compressed directory, ``base`` has another vocabulary, the text is too
+            short, or the output, training state or report path is refused.
+    """
+    from rankwise.adapt.train import (
+        check_job,
+        digest,
+        remove_training_checkpoint,
+        training_checkpoint,
+        training_windows,
+    )
+    from rankwise.calibrate import DEFAULT_TEXT_NAME, load_text
+    from rankwise.eval.measure import perplexity
+    from rankwise.io import save
+    from rankwise.io.atomic import check_report_path, claimed_out, write_text_atomic
+    from rankwise.io.manifest import read_manifest
+    from rankwise.io.models import load_model, load_tokenizer
+    from rankwise.io.save import is_compressed_dir
+
+    options = options or HealConfig()
+    tell = say or (lambda _: None)
+    compressed, out, base = str(compressed), str(out), str(base)
+    text = None if text is None else str(text)
+    check_job(out, seq_len, eval_samples)
+    if not is_compressed_dir(compressed):
+        raise ValueError(f"{compressed!r} is not a compressed rankwise directory (no rankwise.json); heal what "
+                         "rankwise compress wrote")
+    checkpoint = training_checkpoint(out, resume, overwrite, compressed, base, text or "")
+    check_report_path(json_report, compressed, base, text, str(checkpoint))
+    raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
+    tokenizer = load_tokenizer(compressed, trust_remote_code)
+    train_ids, evaluation = training_windows(tokenizer, raw, seq_len, eval_samples, config.batch_size, "the text")
+    text_name = text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
+    manifest = read_manifest(compressed)
+    with claimed_out(out, overwrite, compressed, base):
+        student = load_model(compressed, device=device, trust_remote_code=trust_remote_code).model
+        teacher = (load_model(base, device=device, trust_remote_code=trust_remote_code).model
+                   if options.distill > 0 else None)
+        if teacher is not None and teacher.get_output_embeddings().weight.shape != \
+                student.get_output_embeddings().weight.shape:
+            raise ValueError(f"--base {base!r} does not match {compressed!r}: their vocabularies differ; pass the "
+                             "model it was compressed from")
+        before = perplexity(student, evaluation, batch_size=8)
+        dense = perplexity(teacher, evaluation, batch_size=8) if teacher is not None else None
+        tell(f"held-out perplexity ({eval_samples} x {seq_len} tokens of {text_name}): compressed {before:.3f}"
+             + (f", dense {dense:.3f} ({before / dense:.2f}x)" if dense else ""))
+        checkpoint.mkdir(exist_ok=True)
+        identity = {"compressed": str(Path(compressed).resolve()), "base": base, "distill": options.distill,
+                    "temperature": options.temperature, "weights": options.trainable, "data": digest(train_ids)}
+        training = heal_(student, train_ids, config, options, teacher=teacher, eval_ids=evaluation,
+                         checkpoint_dir=checkpoint, resume=resume, progress=progress, eval_first=False,
+                         identity=identity)
+        after = math.exp(training.evals[-1][1])
+        tell(f"healed {config.steps} steps x {config.windows_per_step} windows in {training.seconds:.0f} s "
+             f"({training.seconds_per_step:.1f} s/step), {training.trainable:,} weights trained: held-out perplexity "
+             f"{before:.3f} -> {after:.3f}" + (f" ({after / dense:.2f}x dense)" if dense else ""))
+        origin = dict(manifest.provenance or {})
+        origin["heal"] = {"base": base, "steps": config.steps, "lr": config.lr, "distill": options.distill,
+                          "temperature": options.temperature, "weights": options.trainable, "text": text_name,
+                          "training_windows": list(train_ids.shape), "windows_per_step": config.windows_per_step,
+                          "seed": config.seed, "perplexity_before": before, "perplexity_after": after,
+                          "perplexity_dense": dense, "eval_windows": list(evaluation.shape)}
+        save(student, out, tokenizer=tokenizer, report=manifest.report, overwrite=overwrite, provenance=origin)
+        remove_training_checkpoint(checkpoint)
+        result = HealResult(Path(out), training, before, after, dense, origin)
+        if json_report:
+            write_text_atomic(Path(json_report), json.dumps(result.to_dict(), indent=1))
+    return result

@@ -10,6 +10,7 @@ progress bar with loss and tokens/s, and evaluation every ``eval_every`` steps.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -308,3 +310,66 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sch
     result.evals = [(int(s), float(v)) for s, v in state["evals"]]
     result.resumed_from = int(state["step"])
     return int(state["step"])
+
+
+def check_job(out: str, seq_len: int, eval_samples: int) -> None:
+    """One-line ``ValueError`` for the settings a training job (``heal_model``, ``adapt_model``) checks before any
+    file or model is touched: an output directory, windows of at least 2 tokens, at least one held-out window."""
+    if not out:
+        raise ValueError("out is required: the directory to write the result to")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2 (tokens per window), got {seq_len!r}")
+    if isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or eval_samples < 1:
+        raise ValueError(f"eval_samples must be an integer >= 1 (held-out windows), got {eval_samples!r}")
+
+
+def training_windows(tokenizer: Any, raw: str, seq_len: int, eval_samples: int, batch_size: int, what: str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, held_out)`` windows of ``raw`` for ``heal`` and ``adapt``: the last ``eval_samples`` windows are
+    held out, every window before them trains; ``what`` names the text in the error when too few are left."""
+    from rankwise.calibrate.text import split_windows
+
+    ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n_train = ids.numel() // seq_len - eval_samples
+    if n_train < batch_size:
+        raise ValueError(f"{what} has {ids.numel():,} tokens: after {eval_samples} held-out windows of {seq_len} "
+                         f"it leaves {max(0, n_train)} training windows, fewer than one batch of {batch_size}")
+    return split_windows(ids, seq_len, n_train, eval_samples)
+
+
+def training_checkpoint(out: str | Path, resume: bool, overwrite: bool, *inputs: str | Path) -> Path:
+    """``OUT.checkpoint``, where ``heal`` and ``adapt`` keep their resumable state, checked before any work.
+
+    It may hold only that state: it must not be, be inside or contain an input; ``resume`` needs the state; a new
+    run refuses a previous run's state unless ``overwrite`` (which removes it).
+    """
+    from rankwise.io.atomic import refuse_overlap
+
+    path = Path(f"{str(out).rstrip('/')}.checkpoint")
+    for where in inputs:
+        if where and Path(where).exists():
+            refuse_overlap(str(path), where, option="the training-state folder")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} (where the resumable training state goes) exists and is not a directory")
+    state = path / CHECKPOINT
+    if path.is_dir():
+        foreign = [p.name for p in path.iterdir() if p.name != CHECKPOINT and not p.name.startswith(f".{CHECKPOINT}")]
+        if foreign:
+            raise ValueError(f"{path} holds files that are not a rankwise training state ({', '.join(foreign[:3])}); "
+                             "choose another --out")
+    if resume:
+        if not state.is_file():
+            raise ValueError(f"--resume: no training state at {state}; run without --resume first")
+    elif state.is_file():
+        if not overwrite:
+            raise ValueError(f"{state} holds a previous run's resumable state: continue it with --resume, or start "
+                             "over with --overwrite")
+        state.unlink()
+    return path
+
+
+def remove_training_checkpoint(path: Path) -> None:
+    """Remove the training state of a finished run, and its directory once empty."""
+    (path / CHECKPOINT).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.rmdir()

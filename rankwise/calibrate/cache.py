@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rankwise._errors import first_line
-from rankwise.calibrate.stats import LayerStats, check_kinds, collect_stats, iter_batches
+from rankwise.calibrate.stats import LayerStats, check_kinds, collect_stats, input_groups, iter_batches
 from rankwise.io.atomic import make_scratch_dir, remove_dead_scratch
 
 FORMAT = 1
@@ -91,13 +91,10 @@ def checkpoint_digest(path: str | Path, memo_dir: Path | None = None) -> str:
 
 def pack(stats: Mapping[str, LayerStats]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata holding ``stats`` (layers sharing one :class:`LayerStats` stay shared)."""
-    groups: dict[int, list[str]] = {}
-    for name, s in stats.items():
-        groups.setdefault(id(s), []).append(name)
     tensors: dict[str, torch.Tensor] = {}
     meta = []
-    for k, members in enumerate(groups.values()):
-        s = stats[members[0]]
+    for k, group in enumerate(input_groups(stats, stats)):
+        s, members = group.stats, list(group.names)
         for attr in ("xxt", "abs_sum", "cross"):
             value = getattr(s, attr)
             if value is not None:

@@ -109,6 +109,45 @@ class LayerStats:
         self.grad_tokens[name] = self.grad_tokens.get(name, 0) + g.numel() // g.shape[-1]
 
 
+def pooled_second_moment(stats: Iterable[LayerStats]) -> torch.Tensor:
+    """``sum_i X_i X_i^T / sum_i tokens_i``: the second moment of the inputs of several layers taken together (a
+    cross-block method's group), ``(n, n)`` float64."""
+    stats = list(stats)
+    if any(s.xxt is None for s in stats):
+        raise ValueError("pooled_second_moment needs every layer's input covariance")
+    return sum(s.xxt for s in stats) / max(sum(s.count for s in stats), 1)
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """Layers that read one input (q/k/v, gate/up) and that input's statistics, shared by all of them.
+
+    Attributes:
+        names: the layers, in model order.
+        stats: their one :class:`LayerStats` (``None``: no statistics were collected).
+    """
+
+    names: tuple[str, ...]
+    stats: LayerStats | None
+
+
+def input_groups(names: Iterable[str], stats: Mapping[str, LayerStats] | None) -> list[InputGroup]:
+    """The input groups of ``names``, in order of first appearance.
+
+    Layers reading one input hold one :class:`LayerStats` object: :class:`StatsObserver` gives the group's members
+    their leader's, and the statistics cache restores that sharing when it reads them back. A layer without
+    statistics is a group of its own.
+    """
+    groups: dict[int, list[str]] = {}
+    owner: dict[int, LayerStats | None] = {}
+    for k, name in enumerate(names):
+        s = stats.get(name) if stats is not None else None
+        key = id(s) if s is not None else -1 - k  # the one place a group is recognised by its shared object
+        groups.setdefault(key, []).append(name)
+        owner[key] = s
+    return [InputGroup(tuple(members), owner[key]) for key, members in groups.items()]
+
+
 def iter_batches(data: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
     """Calibration token batches from ``(samples, seq_len)`` ids (split by ``batch_size``) or an iterable."""
     if isinstance(data, torch.Tensor):

@@ -14,13 +14,10 @@ from rankwise.cli.common import (
     SeqLenOpt,
     ThreadsOpt,
     TrustOpt,
-    claimed_out,
+    comma_list,
     one_line_errors,
-    remove_training_checkpoint,
     say,
     setup,
-    training_checkpoint,
-    training_windows,
 )
 
 
@@ -66,85 +63,16 @@ def adapt(
     MODEL may be a compressed rankwise directory: its factorised layers are adapted too (lora, svfit, loldu,
     block_lora), and --merge keeps them factorised.
     """
-    import json
-    import math
-    import tempfile
-
-    from rankwise.adapt.compressed import check_mergeable
-    from rankwise.adapt.methods import add_adapter
-    from rankwise.adapt.methods import method as adapter_method
-    from rankwise.adapt.train import TrainConfig, digest, train
-    from rankwise.calibrate import DEFAULT_TEXT_NAME, load_text
-    from rankwise.cli.common import comma_list
-    from rankwise.io.atomic import atomic_dir
-    from rankwise.io.models import load_model, load_tokenizer, resolve
-    from rankwise.io.save import is_compressed_dir, save
+    from rankwise.adapt.job import adapt_model
+    from rankwise.adapt.train import TrainConfig
 
     if not out:
         raise ValueError("--out is required: the directory to write the adapter to")
-    spec = adapter_method(method)
     config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every,
                          seed=seed, bf16=bf16, save_every=max(1, steps // 4))
     target_list = comma_list(targets, "--targets") if targets else None
-    compressed = is_compressed_dir(model)
-    checkpoint = training_checkpoint(out, resume, overwrite, model, data or "")
     setup(device, threads)
-    raw = load_text(data)
-    path, _ = resolve(model)
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    train_ids, evaluation = training_windows(tokenizer, raw, seq_len, eval_samples, batch_size, "--data")
-    with claimed_out(out, overwrite, model):
-        base = load_model(model, device=device, trust_remote_code=trust_remote_code).model
-        peft_model = add_adapter(base, method, rank, alpha=alpha, targets=target_list, seed=seed, data=train_ids,
-                                 batch_size=batch_size)
-        if merge:
-            check_mergeable(peft_model)  # refuse before training, not after
-        with tempfile.TemporaryDirectory() as initial:
-            if spec.changes_base and not merge:  # PEFT converts the trained adapter back to plain LoRA at save
-                adapter_config = peft_model.peft_config["default"]
-                init = adapter_config.init_lora_weights
-                adapter_config.init_lora_weights = True
-                try:
-                    peft_model.save_pretrained(initial)
-                finally:
-                    adapter_config.init_lora_weights = init
-            checkpoint.mkdir(exist_ok=True)
-            identity = {"model": model, "method": method, "rank": rank, "alpha": alpha, "targets": target_list,
-                        "data": digest(train_ids)}
-            result = train(peft_model, train_ids, config, eval_ids=evaluation, checkpoint_dir=checkpoint,
-                           resume=resume, identity=identity)
-            first, last = result.evals[0][1], result.evals[-1][1]
-            say(f"{method} rank {rank}: {result.trainable:,} trainable parameters, {steps} steps in "
-                f"{result.seconds:.0f} s ({result.seconds_per_step:.2f} s/step); held-out loss {first:.4f} -> "
-                f"{last:.4f} (perplexity {math.exp(first):.3f} -> {math.exp(last):.3f})")
-            with atomic_dir(out, overwrite) as tmp:
-                if merge and compressed:  # still factorised: a compressed directory
-                    inner = save(peft_model.merge_and_unload(), tmp / "merged")
-                    for item in inner.iterdir():
-                        item.rename(tmp / item.name)
-                    inner.rmdir()
-                elif merge:
-                    merged = peft_model.merge_and_unload()
-                    merged.save_pretrained(tmp, safe_serialization=True)
-                elif spec.changes_base:
-                    peft_model.save_pretrained(tmp, path_initial_model_for_weight_conversion=initial)
-                else:
-                    peft_model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-                summary = {"method": method, "rank": rank, "alpha": alpha, "targets": target_list, "steps": steps,
-                           "lr": lr, "seed": seed, "text": data or DEFAULT_TEXT_NAME, "trainable": result.trainable,
-                           "losses": result.losses, "evals": result.evals, "seconds": result.seconds,
-                           "merged": merge, "load_with": _load_with(merge, compressed, spec.rankwise_tuner)}
-                (tmp / "rankwise_adapt.json").write_text(json.dumps(summary, indent=1))
-        remove_training_checkpoint(checkpoint)
+    adapt_model(model, method, out, config=config, rank=rank, alpha=alpha, targets=target_list, data=data,
+                seq_len=seq_len, eval_samples=eval_samples, merge=merge, device=device, resume=resume,
+                overwrite=overwrite, trust_remote_code=trust_remote_code, say=say)
     say(f"saved {'merged model' if merge else 'adapter'} to {out}")
-
-
-def _load_with(merge: bool, compressed: bool, rankwise_tuner: bool) -> str | None:
-    """How to load what ``adapt`` wrote, when plain ``transformers`` / ``peft`` calls are not enough."""
-    if merge:
-        return "rankwise.load (a compressed directory)" if compressed else None
-    if compressed:
-        return ("rankwise.load the compressed model and import rankwise.adapt before peft.PeftModel.from_pretrained "
-                "(compressed layers)")
-    return "import rankwise.adapt before peft.PeftModel.from_pretrained (a rankwise tuner)" if rankwise_tuner else None

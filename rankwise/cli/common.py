@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -76,24 +75,6 @@ def one_line_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@contextlib.contextmanager
-def claimed_out(out: str, overwrite: bool, *models: str) -> Iterator[None]:
-    """Refuse an existing OUT unless ``--overwrite`` and an OUT that is, is inside or contains a local input; then
-    hold OUT's write lock for the block, so no other run writes it meanwhile."""
-    from pathlib import Path
-
-    from rankwise.io.atomic import check_output_dir, claim, refuse_overlap
-
-    check_output_dir(out, overwrite)
-    if not out:
-        raise ValueError("--out must not be empty")
-    for model in models:
-        if Path(model).exists():
-            refuse_overlap(out, model)
-    with claim(out):
-        yield
-
-
 def comma_list(value: str, name: str, cast: Callable[[str], Any] = str) -> list[Any]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     if not items:
@@ -157,74 +138,5 @@ def windows(tokenizer: Any, raw: str, text: str | None, dataset: str | None, seq
     return calibration, evaluation_ids, text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
 
 
-def training_windows(tokenizer: Any, raw: str, seq_len: int, eval_samples: int, batch_size: int, what: str
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(train, held_out)`` windows of ``raw`` for ``heal`` and ``adapt``: the last ``eval_samples`` windows are
-    held out, every window before them trains; ``what`` names the text in the error when too few are left."""
-    ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n_train = ids.numel() // seq_len - eval_samples
-    if n_train < batch_size:
-        raise ValueError(f"{what} has {ids.numel():,} tokens: after {eval_samples} held-out windows of {seq_len} "
-                         f"it leaves {max(0, n_train)} training windows, fewer than one batch of {batch_size}")
-    return split_windows(ids, seq_len, n_train, eval_samples)
-
-
 def say(message: str) -> None:
     print(message, file=sys.stdout, flush=True)
-
-
-def training_checkpoint(out: str, resume: bool, overwrite: bool, *inputs: str) -> Path:
-    """``OUT.checkpoint``, where ``heal`` and ``adapt`` keep their resumable state, checked before any work.
-
-    It may hold only that state: it must not be, be inside or contain an input; ``--resume`` needs the state; a new
-    run refuses a previous run's state unless ``--overwrite`` (which removes it).
-    """
-    from rankwise.adapt.train import CHECKPOINT
-    from rankwise.io.atomic import refuse_overlap
-
-    path = Path(f"{out.rstrip('/')}.checkpoint")
-    for where in inputs:
-        if where and Path(where).exists():
-            refuse_overlap(str(path), where, option="the training-state folder")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} (where the resumable training state goes) exists and is not a directory")
-    state = path / CHECKPOINT
-    if path.is_dir():
-        foreign = [p.name for p in path.iterdir() if p.name != CHECKPOINT and not p.name.startswith(f".{CHECKPOINT}")]
-        if foreign:
-            raise ValueError(f"{path} holds files that are not a rankwise training state ({', '.join(foreign[:3])}); "
-                             "choose another --out")
-    if resume:
-        if not state.is_file():
-            raise ValueError(f"--resume: no training state at {state}; run without --resume first")
-    elif state.is_file():
-        if not overwrite:
-            raise ValueError(f"{state} holds a previous run's resumable state: continue it with --resume, or start "
-                             "over with --overwrite")
-        state.unlink()
-    return path
-
-
-def remove_training_checkpoint(path: Path) -> None:
-    """Remove the training state of a finished run, and its directory once empty."""
-    from rankwise.adapt.train import CHECKPOINT
-
-    (path / CHECKPOINT).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        path.rmdir()
-
-
-def check_report_path(report: str | None, *inputs: str | None) -> None:
-    """``--json-report``: its folder must exist, it must not be a directory or an input."""
-    if not report:
-        return
-    from rankwise.io.atomic import refuse_overlap
-
-    where = Path(report)
-    if where.is_dir():
-        raise ValueError(f"--json-report {report} is a directory; give a file path")
-    if not where.parent.is_dir():
-        raise ValueError(f"--json-report {report}: folder {where.parent} does not exist")
-    for item in inputs:
-        if item and Path(item).exists():
-            refuse_overlap(report, item, option="--json-report")

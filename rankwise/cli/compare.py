@@ -23,7 +23,6 @@ from rankwise.cli.common import (
     TextOpt,
     ThreadsOpt,
     TrustOpt,
-    claimed_out,
     comma_list,
     one_line_errors,
     prepare,
@@ -100,6 +99,7 @@ def compare(
     from rankwise.eval.compare import recipes
     from rankwise.eval.embedding import held_out_pairs, is_encoder_dir
     from rankwise.eval.encoder_compare import compare_encoder
+    from rankwise.io.atomic import claimed_out
     from rankwise.io.models import resolve
     from rankwise.io.sentence import max_seq_length
     from rankwise.methods import CompressConfig, config_class

@@ -16,7 +16,6 @@ from rankwise.cli.common import (
     TextOpt,
     ThreadsOpt,
     TrustOpt,
-    claimed_out,
     one_line_errors,
     prepare,
     say,
@@ -42,9 +41,10 @@ def compensate(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Compute EoRA compensation for COMPRESSED against --base; write a PEFT LoRA adapter (or a merged model)."""
-    from rankwise.compensate import check_compatible, export_peft, merge_
+    from rankwise.compensate import check_compatible, export_peft, merge_with_report
     from rankwise.compensate import compensate as run
     from rankwise.io import save
+    from rankwise.io.atomic import claimed_out
     from rankwise.io.models import load_model
 
     if not out:
@@ -56,8 +56,8 @@ def compensate(
         result = run(original, work.model, work.calibration, rank, batch_size=batch_size)
         say(result.summary())
         if merge:
-            merge_(work.model, result)
-            save(work.model, out, tokenizer=work.tokenizer, overwrite=overwrite)
+            report = merge_with_report(work.model, result, compressed)
+            save(work.model, out, tokenizer=work.tokenizer, overwrite=overwrite, report=report)
             say(f"saved merged model to {out}")
         else:
             export_peft(result, out, base_model_name=compressed, overwrite=overwrite)

@@ -16,7 +16,6 @@ from rankwise.cli.common import (
     TextOpt,
     ThreadsOpt,
     TrustOpt,
-    claimed_out,
     one_line_errors,
     say,
     setup,
@@ -54,6 +53,7 @@ def export(
     them); nothing is written for the others.
     """
     from rankwise.calibrate import load_text
+    from rankwise.io.atomic import claimed_out
     from rankwise.io.models import load_model, load_tokenizer, resolve
 
     if fmt not in FORMATS:

@@ -11,7 +11,7 @@ from rankwise.calibrate import LayerStats
 from rankwise.calibrate.stats import relative_output_error
 from rankwise.linalg import LowRank, refit_left
 from rankwise.methods import CompressConfig, MethodFn
-from rankwise.nn import CompressedLinear, LowRankLinear, linear_weight
+from rankwise.nn import CompressedLinear, linear_weight
 from rankwise.report import LayerReport
 
 
@@ -34,7 +34,7 @@ def factorise(name: str, module: nn.Module, stats: LayerStats | None, knob: int,
             U = refit_left(weight, lr.Vh, stats.covariance, stats.cross_covariance)  # (m, r)
             lr = LowRank((U / lr.S.clamp_min(torch.finfo(lr.S.dtype).tiny)).to(weight.dtype), lr.S, lr.Vh, lr.info,
                          lr.whitening_fallback)
-        new: CompressedLinear = LowRankLinear.from_lowrank(lr, bias).to(weight.device)
+        new: CompressedLinear = config.lowrank_layer(lr, bias).to(weight.device)
         fallback, notes = lr.whitening_fallback, describe(lr.info)
     elif isinstance(result, CompressedLinear):
         if config.update_u:
@@ -79,7 +79,7 @@ def factorise_shared(names: list[str], modules: list[nn.Module], stats: list[Lay
     unit = config.unit
     budget = sum(config.cost(*shape, knobs[name], value_bytes)[unit] for name, shape in zip(names, shapes,
                                                                                             strict=True))
-    lo, hi = 1, min(shapes[0][1], sum(m for m, _ in shapes))
+    lo, hi = config.knob_range(sum(m for m, _ in shapes), shapes[0][1])  # the stacked matrix's range
     while lo < hi:  # the last knob whose shared cost fits
         mid = (lo + hi + 1) // 2
         if config.group_cost(shapes, mid, value_bytes)[unit] <= budget:

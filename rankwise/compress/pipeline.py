@@ -24,7 +24,7 @@ from torch import nn
 from rankwise._memory import trim
 from rankwise.calibrate import LayerStats
 from rankwise.calibrate.cache import CacheEntry, StatsCache, tensor_digest
-from rankwise.calibrate.stats import INPUT_KINDS, StatsObserver, iter_batches
+from rankwise.calibrate.stats import INPUT_KINDS, InputGroup, StatsObserver, input_groups, iter_batches
 from rankwise.compress.layer import check_finite, dense_row, factorise, factorise_shared
 from rankwise.compress.passes import Streams, capture, gradient_pass, needs_gradients, weight_scores
 from rankwise.methods import CompressConfig, method_for
@@ -246,23 +246,18 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
         missing = next(name for name in modules if name not in block_stats)
         raise ValueError(f"no calibration statistics for {missing} (precomputed or cached statistics are "
                          "incomplete; for a cache entry, delete it or pass --no-cache)")
-    groups: dict[int, list[tuple[str, nn.Module, LayerStats | None, int]]] = {}
-    for name, module in modules.items():
-        layer_stats = block_stats.get(name) if block_stats is not None else None
-        if own:  # this block's own statistics: free each input group's covariance once its last layer is done
-            block_stats.pop(name)
-        if layer_stats is not None and name in gradient_stats:
-            layer_stats.fisher_out.update(gradient_stats[name].fisher_out)  # the Fisher comes from the dense model
-            layer_stats.fisher_in.update(gradient_stats[name].fisher_in)
-        groups.setdefault(id(layer_stats) if layer_stats is not None else id(module), []).append(
-            (name, module, layer_stats, ranks[name]))
+    groups = input_groups(modules, block_stats)
+    if own:
+        del block_stats  # the groups hold this block's statistics now: each is freed once its group is done
+    work = [[(name, modules[name], add_fisher(group, gradient_stats), ranks[name]) for name in group.names]
+            for group in groups]
+    del groups  # the work items hold the statistics now, one list per input group
     if mapper is None:
         done = []
-        for group in groups.values():  # one group at a time, so each covariance is freed after its last layer
-            done += factorise_group(group, config=config, method=method)
-            group.clear()
+        while work:  # one input group at a time, dropped when done, so each covariance is freed after its layers
+            done += factorise_group(work.pop(0), config=config, method=method)
     else:
-        done = [item for result in mapper(factorise_group, list(groups.values()), {"config": config, "method": method})
+        done = [item for result in mapper(factorise_group, work, {"config": config, "method": method})
                 for item in result]
     rows = []
     for name, new, row in done:
@@ -316,6 +311,17 @@ def compress_block_group(source, blocks: Mapping[int, nn.Module], chosen: Mappin
         set_submodule(source.model, name, new)
         rows.append(row)
     return rows
+
+
+def add_fisher(group: InputGroup, gradient_stats: Mapping[str, LayerStats]) -> LayerStats | None:
+    """The group's statistics, given the dense model's Fisher sums of its layers (from the gradient pass), which the
+    Fisher-weighted methods read from them."""
+    if group.stats is not None:
+        for name in group.names:
+            if name in gradient_stats:
+                group.stats.fisher_out.update(gradient_stats[name].fisher_out)
+                group.stats.fisher_in.update(gradient_stats[name].fisher_in)
+    return group.stats
 
 
 def factorise_group(group: list[tuple[str, nn.Module, LayerStats | None, int]], *, config: CompressConfig,

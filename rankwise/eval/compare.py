@@ -25,6 +25,7 @@ from rankwise.eval.generate import complete
 from rankwise.eval.measure import count_params, peak_rss_mb, perplexity, prefill_throughput, targeted_bytes
 from rankwise.io.atomic import atomic_dir
 from rankwise.methods import CompressConfig, config_class
+from rankwise.nn import compressed_modules
 from rankwise.progress import progress_bar
 from rankwise.targets import find_targets
 
@@ -216,8 +217,6 @@ def storage_dtype_of(model: nn.Module, storage_dtype: str | torch.dtype | None) 
 
 def targeted_params_dense(model: nn.Module) -> int:
     """Floating-point parameters inside the targeted layers (dense or compressed), counted in ``model.parameters``."""
-    from rankwise.nn import compressed_modules
-
     layers = [*find_targets(model).values(), *compressed_modules(model).values()]
     return sum(p.numel() for m in layers for p in m.parameters())
 
@@ -285,8 +284,8 @@ def candidate_rows(config: CompressConfig | Anchor | None, *, model: nn.Module, 
                dtype.itemsize, **text)
     row.bits = config.bits
     row.kept = {layer.name: layer.params_after / layer.params_before for layer in report.layers}
-    if not eora_rank:
-        return [row]
+    if not eora_rank or any(not layer.grows_rank for layer in compressed_modules(candidate).values()):
+        return [row]  # a kind that cannot take a merged update gets no EoRA row (compare notes which)
     start = time.perf_counter()
     merge_(candidate, compensate(model, candidate, calibration, eora_rank, batch_size=batch_size, progress=False))
     seconds = report.seconds + time.perf_counter() - start
@@ -339,8 +338,8 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
         anchors = [HQQ(b, hqq_group) for b in hqq_bits]
     notes = []
     if eora_rank and anchors:
-        notes.append("no EoRA rows for the HQQ anchors: compensation needs each layer's effective weight, which "
-                     "rankwise.compensate does not read from HQQLinear")
+        notes.append("no EoRA rows for the HQQ anchors (HQQ's own layers); the hqq method, HQQ held in rankwise's "
+                     "format, takes EoRA")
     session = nullcontext() if ray_address is None else ray_session(ray_address)
     with session:  # connect before the calibration pass, so a bad address fails at once
         targets = find_targets(model)
@@ -368,6 +367,12 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
                                 progress=progress)
     (dense,), *candidates = groups
     rows = [row for group in candidates for row in group]
+    if eora_rank:
+        alone = [group[0].method for item, group in zip(items[1:], candidates, strict=True)
+                 if isinstance(item, CompressConfig) and len(group) == 1]
+        if alone:
+            notes.append(f"no EoRA row for {', '.join(alone)}: their layer kinds cannot merge a low-rank update "
+                         "(export the compensation as a PEFT adapter with rankwise compensate instead)")
     settings = {"dtype": str(dtype).removeprefix("torch."),
                 "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), **(settings or {})}
     return Comparison(dense, rows, settings=settings, calibration_s=calibration_s,

@@ -6,6 +6,8 @@
 * :func:`atomic_dir` builds the output under ``.<out>.tmp-<pid>-<host>-<random>`` (with a marker file inside, so
   loaders refuse it), and renames it into place only when the work finished; an output that appeared meanwhile is
   refused unless ``overwrite``.
+* :func:`claimed_out` is a job's guard: it refuses an existing output (unless ``overwrite``) or one that overlaps an
+  input, then holds the output's lock while the job runs.
 * Temporary and superseded directories whose owner process is gone (same host, pid no longer alive) are removed by
   the next run on the same output, with a warning naming them.
 """
@@ -230,3 +232,31 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def claimed_out(out: str | Path, overwrite: bool, *inputs: str | Path) -> Iterator[None]:
+    """Refuse an existing ``out`` unless ``overwrite`` and an ``out`` that is, is inside or contains a local input;
+    then hold ``out``'s write lock (:func:`claim`) for the block, so no other run writes it meanwhile."""
+    check_output_dir(out, overwrite)
+    if not out:
+        raise ValueError("--out must not be empty")
+    for where in inputs:
+        if Path(where).exists():
+            refuse_overlap(out, where)
+    with claim(out):
+        yield
+
+
+def check_report_path(report: str | Path | None, *inputs: str | Path | None) -> None:
+    """A JSON report's path (``--json-report``): its folder must exist, it must not be a directory or an input."""
+    if not report:
+        return
+    where = Path(report)
+    if where.is_dir():
+        raise ValueError(f"--json-report {report} is a directory; give a file path")
+    if not where.parent.is_dir():
+        raise ValueError(f"--json-report {report}: folder {where.parent} does not exist")
+    for item in inputs:
+        if item and Path(item).exists():
+            refuse_overlap(report, item, option="--json-report")

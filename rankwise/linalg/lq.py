@@ -4,7 +4,8 @@ Guo et al., "LQ-LoRA: Low-rank plus Quantized Matrix Decomposition for Efficient
 ICLR 2024, https://arxiv.org/abs/2311.12023. Starting from ``Q = 0``, alternate
 
 * ``L1 L2 = SVD_r(W - Q)`` (the best rank-``r`` fit of what the quantised part misses), then
-* ``Q = quant(W - L1 L2)`` (NF-``b`` with double-quantised block scales, :mod:`rankwise.linalg.quant`),
+* ``Q = quant(W - L1 L2)`` (NF-``b`` with double-quantised block scales, :mod:`rankwise.linalg.quant`, or HQQ's
+  group-wise affine quantisation, :mod:`rankwise.linalg.affine`),
 
 and stop as soon as the error ``||W - Q - L1 L2||_F`` no longer falls (or after ``iterations`` rounds). Neither step
 is guaranteed to lower the error (quantisation is not a projection: its scales move), which is why the paper stops on
@@ -36,10 +37,13 @@ from dataclasses import dataclass
 import torch
 
 from rankwise.linalg._checks import check_matrix, check_positive_int, check_rank, compute_dtype, make_generator
+from rankwise.linalg.affine import AffineQuant, hqq_quantize
 from rankwise.linalg.lowrank import LowRank
 from rankwise.linalg.quant import NFQuant, check_bits, nf_quantize
 from rankwise.linalg.svd import SVDSolver, truncated_svd
 from rankwise.linalg.whiten import Whitening, weighted_svd, whitened_svd
+
+QUANTISERS = ("nf", "hqq")
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class LQ:
             from; else empty.
     """
 
-    quant: NFQuant
+    quant: NFQuant | AffineQuant
     lowrank: LowRank
     errors: tuple[float, ...]
     kept: int
@@ -88,15 +92,17 @@ def lq_decompose(
     solver: str | SVDSolver = "randomized",
     generator: torch.Generator | int | None = None,
     scale_dtype: torch.dtype | None = None,
+    quantiser: str = "nf",
 ) -> LQ:
     """Decompose ``W ~= Q + L1 L2`` by LQ-LoRA's alternation.
 
     Args:
         W: ``(m, n)`` weight (outputs x inputs).
         rank: rank of the low-rank part, ``0 <= rank <= min(m, n)`` (0: plain NF quantisation).
-        bits: NF bits of ``Q``: 2, 3, 4 or 8.
-        block_size: entries per absmax block of ``Q`` (must divide ``m * n``).
-        scale_block: block scales per second-level group.
+        bits: bits of ``Q``'s codes: 2, 3, 4 or 8.
+        block_size: entries per absmax block of ``Q`` (``"nf"``), or per scale and zero point (``"hqq"``, a multiple
+            of 8); it must divide ``m * n``.
+        scale_block: block scales per second-level group (``"nf"`` only).
         iterations: the most alternation rounds (>= 1).
         whitening: the input covariance's square root (``C = X X^T = S S^T``): fit the low-rank part and measure
             the error in ``||E X||_F``.
@@ -107,6 +113,9 @@ def lq_decompose(
             refits use exact solvers.
         generator: seed of randomized solvers; every round draws from it, so a seed fixes the result.
         scale_dtype: dtype the scales' floating-point parts will be stored in (default ``W``'s).
+        quantiser: ``"nf"`` (NormalFloat with double-quantised absmax scales, :func:`~rankwise.linalg.nf_quantize`)
+            or ``"hqq"`` (HQQ's optimised scales and zero points, :func:`~rankwise.linalg.affine.hqq_quantize`; needs
+            the ``hqq`` package).
 
     Returns:
         :class:`LQ` with the pair of smallest error, computed in float32 (float64 for a float64 ``W``).
@@ -115,6 +124,8 @@ def lq_decompose(
     m, n = W.shape
     rank = check_rank(rank, min(m, n))
     bits = check_bits(bits)
+    if quantiser not in QUANTISERS:
+        raise ValueError(f"quantiser must be one of {', '.join(QUANTISERS)}, got {quantiser!r}")
     iterations = check_positive_int(iterations, "iterations", 1)
     if whitening is not None and (row_weights is not None or col_weights is not None):
         raise ValueError("whitening and row_weights/col_weights are two objectives; pass one")
@@ -130,14 +141,17 @@ def lq_decompose(
 
     empty = LowRank(A.new_zeros(m, 0), A.new_zeros(0), A.new_zeros(0, n))
 
-    def quantise(E: torch.Tensor) -> tuple[NFQuant, torch.Tensor]:
-        q = nf_quantize(E, bits, block_size=block_size, scale_block=scale_block, scale_dtype=scale_dtype or W.dtype)
+    def quantise(E: torch.Tensor) -> tuple[NFQuant | AffineQuant, torch.Tensor]:
+        if quantiser == "hqq":
+            q: NFQuant | AffineQuant = hqq_quantize(E, bits, group_size=block_size, scale_dtype=scale_dtype or W.dtype)
+        else:
+            q = nf_quantize(E, bits, block_size=block_size, scale_block=scale_block, scale_dtype=scale_dtype or W.dtype)
         return q, q.dequantize().to(dtype)
 
     # The paper's alternation in the Frobenius norm: L from Q, then Q from L, error after the Q step.
     Q = torch.zeros_like(A)
     errors: list[float] = []
-    best: tuple[NFQuant, LowRank] | None = None
+    best: tuple[NFQuant | AffineQuant, LowRank] | None = None
     kept = 0
     for t in range(iterations if rank > 0 else 1):  # at rank 0 the first round is the fixed point
         L = truncated_svd(A - Q, rank, solver=solver, generator=gen) if rank else empty

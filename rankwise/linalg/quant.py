@@ -70,15 +70,27 @@ def nf_codebook(bits: int, *, dtype: torch.dtype = torch.float32, device: torch.
     return _codebook64(check_bits(bits)).to(device=device, dtype=dtype, copy=True)
 
 
+MAX_CODE_BITS = 31  # codes fit an int32 while they are split
+
+
+def check_code_bits(bits: object) -> int:
+    """``bits`` if it is an integer in ``[1, 31]`` (a width :func:`pack_codes` packs), else a ``ValueError``."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= int(bits) <= MAX_CODE_BITS:
+        raise ValueError(f"bits must be an integer in [1, {MAX_CODE_BITS}], got {bits!r}")
+    return int(bits)
+
+
 def _planes(bits: int) -> tuple[int, ...]:
-    """Bit widths of the planes a ``bits``-bit code is split into: 3-bit codes are stored as a 2-bit plane (low
-    bits) and a 1-bit plane (high bit), so every plane packs whole codes into whole bytes."""
-    return (2, 1) if bits == 3 else (bits,)
+    """Bit widths of the planes a ``bits``-bit code is split into, low bits first: its binary decomposition into
+    8s, then a 4, a 2 and a 1 (3-bit codes: a 2-bit plane and a 1-bit plane; 9-bit: 8 and 1), so every plane
+    packs whole codes into whole bytes."""
+    eights, rest = divmod(bits, 8)
+    return (8,) * eights + tuple(width for width in (4, 2, 1) if rest & width)
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
     """Bytes :func:`pack_codes` uses for ``numel`` codes of ``bits`` bits (padded to a multiple of 8 codes)."""
-    return -(-numel // 8) * check_bits(bits)
+    return -(-numel // 8) * check_code_bits(bits)
 
 
 @functools.lru_cache(maxsize=8)
@@ -89,19 +101,21 @@ def _byte_fields(width: int) -> torch.Tensor:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack a flat tensor of codes in ``[0, 2^bits)`` into ``uint8``: exactly ``bits`` bits per code.
+    """Pack a flat tensor of codes in ``[0, 2^bits)`` (``1 <= bits <= 31``) into ``uint8``: exactly ``bits`` bits
+    per code.
 
-    Codes are zero-padded to a multiple of 8, split into bit planes (one plane for 2, 4 and 8 bits; a 2-bit plane
-    then a 1-bit plane for 3 bits) and each plane is packed little-endian (first code in the lowest bits).
+    Codes are zero-padded to a multiple of 8, split into bit planes (:func:`_planes`: one plane for 1, 2, 4 and 8
+    bits; a 2-bit then a 1-bit plane for 3 bits; 8-bit planes then the rest for wider codes) and each plane is
+    packed little-endian (first code in the lowest bits).
     """
-    bits = check_bits(bits)
+    bits = check_code_bits(bits)
     if codes.ndim != 1:
         raise ValueError(f"codes must be a flat tensor, got shape {tuple(codes.shape)}")
-    c = codes.to(torch.uint8)
+    c = codes.to(torch.uint8 if bits <= 8 else torch.int32)  # no wider than the codes need: packing is transient
     c = torch.cat([c, c.new_zeros(-c.numel() % 8)])
     out, low = [], 0
     for width in _planes(bits):
-        field = ((c >> low) & (2**width - 1)).view(-1, 8 // width)  # (bytes, codes per byte)
+        field = ((c >> low) & (2**width - 1)).to(torch.uint8).view(-1, 8 // width)  # (bytes, codes per byte)
         shifts = torch.arange(8 // width, dtype=torch.uint8, device=c.device) * width
         out.append((field << shifts).sum(1, dtype=torch.uint8))  # disjoint bit fields: the sum is an OR
         low += width
@@ -109,17 +123,20 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: the first ``numel`` codes as ``uint8`` (a table look-up per byte)."""
-    bits = check_bits(bits)
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes, as ``uint8`` for ``bits <= 8`` and ``int64``
+    beyond (a table look-up per byte)."""
+    bits = check_code_bits(bits)
     if packed.dtype != torch.uint8 or packed.ndim != 1 or packed.numel() != packed_nbytes(numel, bits):
         raise ValueError(f"packed must be a flat uint8 tensor of {packed_nbytes(numel, bits)} bytes for {numel} "
                          f"{bits}-bit codes, got {packed.dtype} {tuple(packed.shape)}")
     padded = packed.numel() * 8 // bits
+    wide = bits > 8
     codes, start, low = None, 0, 0
     for width in _planes(bits):
         nbytes = padded * width // 8
         table = _byte_fields(width).to(packed.device)
         field = table[packed[start:start + nbytes].long()].flatten()  # (padded,)
+        field = field.long() if wide else field
         codes = field if codes is None else codes | (field << low)
         start, low = start + nbytes, low + width
     assert codes is not None
@@ -247,3 +264,30 @@ def nf_quantize(W: torch.Tensor, bits: int, *, block_size: int = 64, scale_block
     levels = nf_codebook(bits, dtype=A.dtype, device=A.device)
     codes = torch.bucketize(normalised, (levels[1:] + levels[:-1]) / 2).to(torch.uint8)  # nearest level
     return NFQuant(codes.view(W.shape), scale_codes, steps, offset, bits, block_size, scale_block)
+
+
+INT8_MAX = 127
+
+
+def int8_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax int8 quantisation, one scale per row: ``X ~= codes * scale[:, None]``.
+
+    Args:
+        X: ``(rows, cols)`` floating-point matrix.
+
+    Returns:
+        ``(codes, scale)``: ``(rows, cols)`` ``int8`` codes in ``[-127, 127]`` and ``(rows,)`` scales in ``X``'s dtype
+        (an all-zero row has scale 0). The codes are chosen against the scales as rounded to that dtype.
+    """
+    if X.ndim != 2 or not X.is_floating_point():
+        raise ValueError(f"X must be a 2-D floating-point matrix, got {X.dtype} of shape {tuple(X.shape)}")
+    A = X.to(compute_dtype(X.dtype))
+    scale = (A.abs().amax(1) / INT8_MAX).to(X.dtype)  # (rows,), as stored
+    s = scale.to(A.dtype)[:, None]
+    codes = torch.where(s > 0, A / torch.where(s > 0, s, 1), 0).round().clamp(-INT8_MAX, INT8_MAX)
+    return codes.to(torch.int8), scale
+
+
+def int8_rows_decode(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The matrix :func:`int8_rows` codes stand for, in ``scale``'s dtype."""
+    return codes.to(scale.dtype) * scale[:, None]

@@ -8,6 +8,7 @@ import pkgutil
 
 from rankwise.methods.base import (
     CompressConfig,
+    LowRankConfig,
     MethodFn,
     config_class,
     method_for,
@@ -19,4 +20,5 @@ for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base":
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["CompressConfig", "MethodFn", "config_class", "method_for", "method_names", "register_method"]
+__all__ = ["CompressConfig", "LowRankConfig", "MethodFn", "config_class", "method_for", "method_names",
+           "register_method"]

@@ -14,11 +14,11 @@ import torch
 
 from rankwise.calibrate import LayerStats
 from rankwise.linalg import LowRank, weighted_svd
-from rankwise.methods.base import CompressConfig, register_method
+from rankwise.methods.base import LowRankConfig, register_method
 
 
 @dataclass(frozen=True)
-class ASVDConfig(CompressConfig):
+class ASVDConfig(LowRankConfig):
     """ASVD with the absolute-mean scaling.
 
     Attributes:

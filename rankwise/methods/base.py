@@ -15,7 +15,7 @@ import torch
 from rankwise.allocate import ALLOCATIONS, AllocationPolicy, allocation_policy
 from rankwise.calibrate import LayerStats
 from rankwise.linalg import LowRank
-from rankwise.nn import CompressedLinear
+from rankwise.nn import CompressedLinear, Int8LowRankLinear, LowRankLinear
 
 TARGET_GROUPS = ("attn", "mlp")
 UNITS = ("params", "bytes")
@@ -96,6 +96,10 @@ class CompressConfig:
         storage dtype, and is non-decreasing in ``knob``. Low-rank: ``r (m + n)`` values."""
         return Cost(knob * (m + n), knob * (m + n) * value_bytes)
 
+    def lowrank_layer(self, lr: LowRank, bias: torch.Tensor | None) -> CompressedLinear:
+        """The layer holding a factorisation this method returned (``"lowrank"``; see :class:`LowRankConfig`)."""
+        return LowRankLinear.from_lowrank(lr, bias)
+
     def knob_range(self, m: int, n: int) -> tuple[int, int]:
         """The smallest and largest knob this method accepts for an ``m x n`` matrix."""
         return 1, min(m, n)
@@ -145,6 +149,64 @@ class CompressConfig:
             else:
                 hi = mid - 1
         return lo
+
+
+class SharedAcrossBlocks:
+    """Mixin of cross-block method configs (fields ``group_size`` and ``shared``): blocks are taken ``group_size``
+    at a time, and in each group the projections whose leaf name is in ``shared`` are compressed together."""
+
+    group_size: int
+    shared: tuple[str, ...]
+
+    def check_sharing(self, least: int) -> None:
+        """One-line ``ValueError`` unless ``group_size >= least`` and ``shared`` is a tuple of names."""
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < least:
+            raise ValueError(f"group_size must be an integer >= {least} (consecutive blocks sharing), got "
+                             f"{self.group_size!r}")
+        if isinstance(self.shared, str) or not all(isinstance(s, str) and s for s in self.shared):
+            raise ValueError(f"shared must be a tuple of projection names such as q_proj, got {self.shared!r}")
+
+    def block_groups(self, n_blocks: int) -> list[list[int]]:
+        return [list(range(i, min(i + self.group_size, n_blocks))) for i in range(0, n_blocks, self.group_size)]
+
+    def share_key(self, name: str) -> str | None:
+        return name if self.group_size > 1 and name.rsplit(".", 1)[-1] in self.shared else None
+
+
+FACTOR_BITS = (8,)
+
+
+@dataclass(frozen=True)
+class LowRankConfig(CompressConfig):
+    """Base of the methods that return a truncated factorisation (:class:`~rankwise.linalg.LowRank`), written as
+    ``"lowrank"`` layers, or ``"lowrank_int8"`` ones with ``factor_bits=8``.
+
+    Attributes:
+        factor_bits: ``None``: the factors are floating-point values at the storage dtype; ``8``: int8 codes with one
+            floating-point scale per row of each factor (:class:`~rankwise.nn.Int8LowRankLinear`), so a budget in
+            bits buys about twice the rank. A ratio of parameters removed gives the same rank either way.
+    """
+
+    factor_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.factor_bits is not None and (not isinstance(self.factor_bits, int) or isinstance(self.factor_bits, bool)
+                                             or self.factor_bits not in FACTOR_BITS):
+            raise ValueError(f"factor_bits must be None (floating-point factors) or one of "
+                             f"{', '.join(map(str, FACTOR_BITS))}, got {self.factor_bits!r}")
+
+    def cost(self, m: int, n: int, knob: int, value_bytes: int) -> Cost:
+        """``r (m + n)`` values; with ``factor_bits=8`` one byte each plus ``m + r`` row scales at ``value_bytes``."""
+        if self.factor_bits == 8:
+            return Cost(knob * (m + n), knob * (m + n) + (m + knob) * value_bytes)
+        return super().cost(m, n, knob, value_bytes)
+
+    def lowrank_layer(self, lr: LowRank, bias: torch.Tensor | None) -> CompressedLinear:
+        """The layer holding ``lr`` (and ``bias``) as this config stores factors."""
+        if self.factor_bits == 8:
+            return Int8LowRankLinear.from_lowrank(lr, bias)
+        return super().lowrank_layer(lr, bias)
 
 
 def dense_cost(m: int, n: int, value_bytes: int) -> Cost:

@@ -20,16 +20,23 @@ from typing import ClassVar
 import torch
 
 from rankwise.calibrate import LayerStats
+from rankwise.calibrate.stats import pooled_second_moment
 from rankwise.linalg import LowRank, shared_basis, whitened_svd
-from rankwise.methods.base import CompressConfig, Cost, register_group_method, register_method
+from rankwise.methods.base import (
+    CompressConfig,
+    Cost,
+    SharedAcrossBlocks,
+    register_group_method,
+    register_method,
+)
 from rankwise.nn.shared import SharedBasisLinear
+from rankwise.targets import SHARED_PROJECTIONS
 
-SHARED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",  # Llama / Mistral / Qwen
-          "query", "key", "value", "fc1", "c_attn", "c_fc")  # BERT, OPT, GPT-2 (the intermediate.dense of BERT is not)
+SHARED = SHARED_PROJECTIONS
 
 
 @dataclass(frozen=True)
-class BasisSharingConfig(CompressConfig):
+class BasisSharingConfig(SharedAcrossBlocks, CompressConfig):
     """Basis Sharing across consecutive blocks.
 
     Attributes:
@@ -46,18 +53,9 @@ class BasisSharingConfig(CompressConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
-            raise ValueError(f"group_size must be an integer >= 2 (blocks sharing a basis), got {self.group_size!r}")
-        if isinstance(self.shared, str) or not all(isinstance(s, str) and s for s in self.shared):
-            raise ValueError(f"shared must be a tuple of projection names such as q_proj, got {self.shared!r}")
+        self.check_sharing(2)
         if isinstance(self.damp, bool) or not isinstance(self.damp, numbers.Real) or not self.damp >= 0.0:
             raise ValueError(f"damp must be a number >= 0, got {self.damp!r}")
-
-    def block_groups(self, n_blocks: int) -> list[list[int]]:
-        return [list(range(i, min(i + self.group_size, n_blocks))) for i in range(0, n_blocks, self.group_size)]
-
-    def share_key(self, name: str) -> str | None:
-        return name if name.rsplit(".", 1)[-1] in self.shared else None
 
     def group_cost(self, shapes: list[tuple[int, int]], knob: int, value_bytes: int) -> Cost:
         """One ``k x n`` basis plus each layer's ``m_i x k`` coefficients."""
@@ -80,9 +78,8 @@ def basis_sharing_group(names: list[str], weights: list[torch.Tensor], stats: li
     """The same projection of every block in a group: one basis (stored by the first layer), coefficients each."""
     if any(s is None or s.xxt is None for s in stats):
         raise ValueError(f"basis_sharing needs the input covariance of {', '.join(names)}")
-    C = sum(s.xxt for s in stats)  # (n, n): the summed second moment of every member's inputs
-    count = sum(s.count for s in stats)
-    basis, coefficients, _ = shared_basis(weights, C / max(count, 1), rank, damp=config.damp)
+    C = pooled_second_moment(stats)  # (n, n): every member's inputs together
+    basis, coefficients, _ = shared_basis(weights, C, rank, damp=config.damp)
     m0, n = weights[0].shape
     owner = SharedBasisLinear(n, m0, rank, bias=False, device=basis.device, dtype=weights[0].dtype)
     layers = [owner]

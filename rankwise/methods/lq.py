@@ -2,6 +2,8 @@
 Low-rank plus Quantized Matrix Decomposition for Efficient Language Model Finetuning", ICLR 2024,
 https://arxiv.org/abs/2311.12023.
 
+The quantiser is the paper's NormalFloat (``quantiser="nf"``, rankwise's own: no maintained library ships NF2/3/8) or
+HQQ (``quantiser="hqq"``: Badri and Shaji 2023, https://mobiusml.github.io/hqq_blog/, fitted by the ``hqq`` package).
 The knob is the rank ``r`` of the low-rank part; the quantised part's bits are a config field, so a budget in bits per
 weight (``bits=3.5`` with ``quant_bits=3``) buys each matrix the largest rank that fits on top of its NF-3 codes and
 scales. At rank 0 this is plain NF quantisation. Only a budget in bits makes sense here: every matrix keeps its
@@ -10,6 +12,7 @@ scales. At rank 0 this is plain NF quantisation. Only a budget in bits makes sen
 
 from __future__ import annotations
 
+import importlib.util
 import numbers
 from dataclasses import dataclass
 from typing import ClassVar
@@ -18,9 +21,11 @@ import torch
 
 from rankwise.calibrate import LayerStats
 from rankwise.linalg import SOLVERS
-from rankwise.linalg.lq import lq_decompose
+from rankwise.linalg.affine import INSTALL, affine_storage
+from rankwise.linalg.lq import QUANTISERS, lq_decompose
 from rankwise.linalg.quant import NF_BITS, check_layout, nf_storage
 from rankwise.methods.base import CompressConfig, Cost, register_method
+from rankwise.nn.affine import AffineLowRankLinear
 from rankwise.nn.lq import MAX_BLOCK, QuantLowRankLinear
 
 
@@ -33,11 +38,15 @@ class LQConfig(CompressConfig):
     """LQ-LoRA.
 
     Attributes:
-        quant_bits: NormalFloat bits of the quantised part: 2, 3, 4 or 8 (the paper mixes 2, 3 and 4).
-        block_size: weights per absmax scale (row-major blocks of the ``(out, in)`` matrix, which may span rows; it
-            must divide ``out * in``); 64 as in QLoRA and the paper.
+        quant_bits: bits of the quantised part's codes: 2, 3, 4 or 8 (the paper mixes 2, 3 and 4).
+        quantiser: ``"nf"``: NormalFloat levels with double-quantised absmax block scales, as in the paper (layer
+            kind ``"lq"``); ``"hqq"``: HQQ's optimised scale and zero point per group (layer kind ``"affine"``;
+            needs ``pip install 'rankwise[quant]'``).
+        block_size: weights per scale (row-major blocks of the ``(out, in)`` matrix, which may span rows; it must
+            divide ``out * in``); 64 as in QLoRA, the paper and HQQ's default. HQQ needs a multiple of 8.
         scale_block: block scales per second-level group: the scales are stored as 8-bit codes with one
-            floating-point step per group (and one offset per matrix); 256 as in the paper.
+            floating-point step per group (and one offset per matrix); 256 as in the paper. ``"nf"`` only: HQQ
+            stores each scale and zero point in floating point.
         iterations: the most alternations of ``L = SVD_r(W - Q)`` and ``Q = quant(W - L)``; the loop also stops when
             the error stops falling, and the best pair is kept.
         data_aware: fit the low-rank part by the whitened SVD of ``W - Q`` (minimising ``||(W - W') X||`` on the
@@ -51,12 +60,15 @@ class LQConfig(CompressConfig):
 
     Cost of an ``m x n`` matrix at rank ``r`` (``N = m n``): ``num_params = N + r (m + n)`` (the quantised weights are
     values; scales are not), and bytes ``= ceil(N / 8) * quant_bits`` (codes) ``+ N / block_size`` (8-bit scale codes)
-    ``+ (ceil(N / block_size / scale_block) + 1) * value_bytes`` (steps and offset) ``+ r (m + n) * value_bytes``.
+    ``+ (ceil(N / block_size / scale_block) + 1) * value_bytes`` (steps and offset) ``+ r (m + n) * value_bytes``;
+    with HQQ, ``ceil(N / 8) * quant_bits + 2 N / block_size * value_bytes`` (codes, scales and zeros) ``+ r (m + n) *
+    value_bytes``.
     """
 
     name: ClassVar[str] = "lq"
     units: ClassVar[tuple[str, ...]] = ("bytes",)  # every weight stays (quantised): only a budget in bits means much
     quant_bits: int = 3
+    quantiser: str = "nf"
     block_size: int = 64
     scale_block: int = 256
     iterations: int = 10
@@ -75,9 +87,17 @@ class LQConfig(CompressConfig):
         super().__post_init__()
         if not _is_int(self.quant_bits) or self.quant_bits not in NF_BITS:
             raise ValueError(f"quant_bits must be one of {', '.join(map(str, NF_BITS))}, got {self.quant_bits!r}")
+        if self.quantiser not in QUANTISERS:
+            raise ValueError(f"quantiser must be one of {', '.join(QUANTISERS)}, got {self.quantiser!r}")
         for field, value in (("block_size", self.block_size), ("scale_block", self.scale_block)):
             if not _is_int(value) or not 1 <= value <= MAX_BLOCK:
                 raise ValueError(f"{field} must be an integer in [1, {MAX_BLOCK}], got {value!r}")
+        if self.quantiser == "hqq":
+            if self.block_size % 8:
+                raise ValueError(f"block_size must be a multiple of 8 with quantiser='hqq' (HQQ's rule), got "
+                                 f"{self.block_size}")
+            if importlib.util.find_spec("hqq") is None:
+                raise ValueError(f"quantiser='hqq' needs the hqq package: {INSTALL}")
         if not _is_int(self.iterations) or self.iterations < 1:
             raise ValueError(f"iterations must be an integer >= 1, got {self.iterations!r}")
         for field, value in (("data_aware", self.data_aware), ("fisher", self.fisher)):
@@ -99,16 +119,19 @@ class LQConfig(CompressConfig):
         return 0, min(m, n)
 
     def cost(self, m: int, n: int, knob: int, value_bytes: int) -> Cost:
-        """Values ``m n + r (m + n)``; bytes: codes and scales (:func:`~rankwise.linalg.quant.nf_storage`) plus the
-        low-rank factors at ``value_bytes`` each."""
+        """Values ``m n + r (m + n)``; bytes: codes and scales (:func:`~rankwise.linalg.quant.nf_storage`, or
+        :func:`~rankwise.linalg.affine.affine_storage` with HQQ) plus the low-rank factors at ``value_bytes`` each."""
         check_layout(m * n, self.block_size, self.scale_block)
-        quantised = nf_storage(m * n, self.quant_bits, self.block_size, self.scale_block, value_bytes)
+        if self.quantiser == "hqq":
+            quantised = affine_storage(m * n, self.quant_bits, self.block_size, value_bytes)
+        else:
+            quantised = nf_storage(m * n, self.quant_bits, self.block_size, self.scale_block, value_bytes)
         return Cost(m * n + knob * (m + n), quantised + knob * (m + n) * value_bytes)
 
 
 @register_method(LQConfig)
 def lq(weight: torch.Tensor, stats: LayerStats | None, knob: int, config: LQConfig,
-       name: str) -> QuantLowRankLinear:
+       name: str) -> QuantLowRankLinear | AffineLowRankLinear:
     whitening = row_weights = col_weights = None
     if config.data_aware:
         if stats is None or stats.xxt is None:
@@ -121,5 +144,6 @@ def lq(weight: torch.Tensor, stats: LayerStats | None, knob: int, config: LQConf
     result = lq_decompose(weight, knob, bits=config.quant_bits, block_size=config.block_size,
                           scale_block=config.scale_block, iterations=config.iterations, whitening=whitening,
                           row_weights=row_weights, col_weights=col_weights, solver=config.solver,
-                          generator=config.seed, scale_dtype=weight.dtype)
-    return QuantLowRankLinear.from_lq(result, dtype=weight.dtype).to(weight.device)
+                          generator=config.seed, scale_dtype=weight.dtype, quantiser=config.quantiser)
+    kind = AffineLowRankLinear if config.quantiser == "hqq" else QuantLowRankLinear
+    return kind.from_lq(result, dtype=weight.dtype).to(weight.device)

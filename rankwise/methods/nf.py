@@ -27,6 +27,12 @@ class NFConfig(LQConfig):
     name: ClassVar[str] = "nf"
     iterations: int = 1
 
+    def __post_init__(self) -> None:
+        if self.quantiser != self.name:  # the hqq method is this one with HQQ's quantiser
+            raise ValueError(f"quantiser: the {self.name} method quantises with {self.name}, got {self.quantiser!r}; "
+                             "each quantiser alone is its own method (nf, hqq)")
+        super().__post_init__()
+
     def knob_range(self, m: int, n: int) -> tuple[int, int]:
         """Rank 0 only."""
         super().knob_range(m, n)

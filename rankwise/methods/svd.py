@@ -12,11 +12,11 @@ import torch
 
 from rankwise.calibrate import LayerStats
 from rankwise.linalg import LowRank, truncated_svd
-from rankwise.methods.base import CompressConfig, register_method
+from rankwise.methods.base import LowRankConfig, register_method
 
 
 @dataclass(frozen=True)
-class SVDConfig(CompressConfig):
+class SVDConfig(LowRankConfig):
     """Plain SVD truncation; ``solver`` picks the engine's solver (exact by default for compression)."""
 
     name: ClassVar[str] = "svd"

@@ -15,11 +15,11 @@ import torch
 
 from rankwise.calibrate import LayerStats
 from rankwise.linalg import LowRank, whitened_svd
-from rankwise.methods.base import CompressConfig, register_method
+from rankwise.methods.base import LowRankConfig, register_method
 
 
 @dataclass(frozen=True)
-class SVDLLMConfig(CompressConfig):
+class SVDLLMConfig(LowRankConfig):
     """SVD-LLM whitening.
 
     Attributes:

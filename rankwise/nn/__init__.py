@@ -1,6 +1,8 @@
 """Factorised layers that replace ``nn.Linear`` (and GPT-2's ``Conv1D``)."""
 
+from rankwise.nn.affine import AffineLowRankLinear
 from rankwise.nn.dictionary import DictionaryLinear
+from rankwise.nn.dictionary_q import Int8DictionaryLinear
 from rankwise.nn.kinds import (
     KINDS,
     CompressedLinear,
@@ -10,15 +12,20 @@ from rankwise.nn.kinds import (
     register_kind,
 )
 from rankwise.nn.linear import LowRankLinear, effective_weight, input_dim, is_linear_like, linear_weight
+from rankwise.nn.lowrank_int8 import Int8LowRankLinear
 from rankwise.nn.lq import QuantLowRankLinear
 from rankwise.nn.monarch import MonarchLinear
 from rankwise.nn.shared import SharedBasisLinear
+from rankwise.nn.shared_dictionary import SharedDictionaryLinear
 from rankwise.nn.train_layers import LOSTLinear, SLTrainLinear, SSTLinear, SSTSchedule, replace_linears
 
 __all__ = [
     "KINDS",
+    "AffineLowRankLinear",
     "CompressedLinear",
     "DictionaryLinear",
+    "Int8DictionaryLinear",
+    "Int8LowRankLinear",
     "LOSTLinear",
     "LowRankLinear",
     "MonarchLinear",
@@ -27,6 +34,7 @@ __all__ = [
     "SSTLinear",
     "SSTSchedule",
     "SharedBasisLinear",
+    "SharedDictionaryLinear",
     "compressed_modules",
     "effective_weight",
     "input_dim",

@@ -22,13 +22,69 @@ GATHER_LIMIT = 1 << 22
 multiplies by the dense ``(out, k)`` code matrix, which is faster and needs no such temporary."""
 
 
+def sparse_codes_forward(x: torch.Tensor, dictionary: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    """``codes @ (dictionary @ x) + bias`` for a ``(k, in)`` dictionary and ``(out, s)`` values at ``indices``: a
+    gather of the code products while they are small (decoding), else one product with the dense ``(out, k)``
+    code matrix."""
+    atoms = dictionary.shape[0]
+    z = F.linear(x, dictionary)  # (..., k)
+    if z.numel() // atoms * values.numel() <= GATHER_LIMIT:
+        y = (z[..., indices.long()] * values).sum(-1)  # (..., out, s) -> (..., out)
+        return y if bias is None else y + bias
+    return F.linear(z, scatter_codes(values, indices, atoms), bias)
+
+
 def index_dtype(atoms: int) -> torch.dtype:
     """The integer type of the stored atom indices for a dictionary of ``atoms`` atoms."""
     return torch.int16 if atoms <= INT16_ATOMS else torch.int32
 
 
+def index_error(indices: torch.Tensor, atoms: int) -> str | None:
+    """``None`` if ``indices`` is an integer tensor with every entry in ``[0, atoms)``, else what is wrong."""
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        return f"indices: must be integers, got {indices.dtype}"
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= atoms):
+        return f"indices: must lie in [0, atoms = {atoms}), got values in [{int(indices.min())}, " \
+               f"{int(indices.max())}]"
+    return None
+
+
+class CheckedIndices:
+    """Mixin of the dictionary kinds: atom indices outside ``[0, atoms)`` are refused with a ``ValueError`` naming
+    the layer, when a state dict is loaded (before anything is copied) and by :meth:`resolve` after transformers'
+    loading (which assigns tensors without ``load_state_dict``). A kind that stores its indices in another form
+    overrides :meth:`decoded_indices`."""
+
+    atoms: int
+    kind: str
+
+    def decoded_indices(self, stored: torch.Tensor) -> torch.Tensor | None:
+        """The atom indices a stored ``indices`` tensor holds (``None``: it has the wrong size, which the loader
+        itself refuses; a ``ValueError`` saying what is wrong with it otherwise)."""
+        return stored
+
+    def _refuse(self, stored: torch.Tensor, name: str) -> None:
+        try:
+            indices = self.decoded_indices(stored)
+        except ValueError as err:
+            raise ValueError(f"{self.kind} layer {name or '(root)'}: indices: {err}") from None
+        error = index_error(indices, self.atoms) if indices is not None else None
+        if error is not None:
+            raise ValueError(f"{self.kind} layer {name or '(root)'}: {error}")
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        if prefix + "indices" in state_dict:
+            self._refuse(state_dict[prefix + "indices"], prefix[:-1])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
+    def resolve(self, model: nn.Module) -> None:
+        super().resolve(model)  # type: ignore[misc]
+        self._refuse(self.indices, next((n for n, m in model.named_modules() if m is self), ""))  # type: ignore
+
+
 @register_kind("dictionary")
-class DictionaryLinear(CompressedLinear):
+class DictionaryLinear(CheckedIndices, CompressedLinear):
     """A linear map ``x -> codes @ (dictionary @ x) + bias`` with exactly ``s`` codes per output.
 
     ``dictionary`` is ``(k, in)``, ``values`` ``(out, s)`` and the buffer ``indices`` ``(out, s)`` (int16 for
@@ -92,33 +148,6 @@ class DictionaryLinear(CompressedLinear):
         """Stored values, ``k * in + out * s`` (+ bias): the indices are not counted, as in the paper."""
         return self.float_numel
 
-    @staticmethod
-    def index_error(indices: torch.Tensor, atoms: int) -> str | None:
-        """``None`` if ``indices`` is an integer tensor with every entry in ``[0, atoms)``, else what is wrong."""
-        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
-            return f"indices: must be integers, got {indices.dtype}"
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= atoms):
-            return f"indices: must lie in [0, atoms = {atoms}), got values in [{int(indices.min())}, " \
-                   f"{int(indices.max())}]"
-        return None
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "indices"
-        if key in state_dict:
-            error = self.index_error(state_dict[key], self.atoms)
-            if error is not None:
-                raise ValueError(f"dictionary layer {prefix[:-1] or '(root)'}: {error}")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def resolve(self, model: nn.Module) -> None:
-        """After loading (transformers' path, which assigns tensors without :meth:`load_state_dict`): refuse indices
-        outside ``[0, k)`` with a ``ValueError`` naming the layer."""
-        super().resolve(model)
-        error = self.index_error(self.indices, self.atoms)
-        if error is not None:
-            name = next((n for n, m in model.named_modules() if m is self), "")
-            raise ValueError(f"dictionary layer {name or '(root)'}: {error}")
-
     def codes(self) -> torch.Tensor:
         """The dense ``(out, k)`` code matrix."""
         return scatter_codes(self.values, self.indices, self.atoms)
@@ -128,11 +157,7 @@ class DictionaryLinear(CompressedLinear):
         return self.codes() @ self.dictionary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.linear(x, self.dictionary)  # (..., k)
-        if z.numel() // self.atoms * self.values.numel() <= GATHER_LIMIT:
-            y = (z[..., self.indices.long()] * self.values).sum(-1)  # (..., out, s) -> (..., out)
-            return y if self.bias is None else y + self.bias
-        return F.linear(z, self.codes(), self.bias)
+        return sparse_codes_forward(x, self.dictionary, self.values, self.indices, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, atoms={self.atoms}, " \

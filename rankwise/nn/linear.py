@@ -90,7 +90,7 @@ class LowRankLinear(CompressedLinear):
     @classmethod
     def check_spec(cls, in_features: int, out_features: int, spec: dict[str, Any]) -> str | None:
         if set(spec) != {"rank"}:
-            return f"{sorted(set(spec) ^ {'rank'})[0]}: a lowrank layer's spec is exactly {{rank}}"
+            return f"{sorted(set(spec) ^ {'rank'})[0]}: a {cls.kind} layer's spec is exactly {{rank}}"
         rank = spec["rank"]
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 2**24:
             return f"rank: must be an integer in [1, min(out_features, in_features)], got {rank!r}"

@@ -7,12 +7,14 @@ weight-only quantisation, so quantised-only rows of a comparison are this kind t
 from __future__ import annotations
 
 import numbers
+from abc import abstractmethod
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankwise.linalg.lowrank import LowRank
 from rankwise.linalg.lq import LQ
 from rankwise.linalg.quant import NF_BITS, nf_dequantize, packed_nbytes, scale_storage
 from rankwise.nn.kinds import CompressedLinear, register_kind
@@ -25,8 +27,56 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+class QuantPlusLowRank(CompressedLinear):
+    """Base of the kinds ``x -> x Q^T + up(down(x)) + bias``: a quantised matrix ``Q`` (decoded each call, nothing
+    kept) plus a rank-``rank`` correction ``up (m, r) @ down (r, n)`` in floating point. A subclass stores ``Q`` its
+    own way and implements :meth:`quantized_weight`; it calls :meth:`_init_lowrank` in ``__init__``.
+
+    ``num_params`` counts values, as LQ-LoRA does: the ``m n`` quantised weights, ``r (m + n)`` and the bias; codes'
+    packing and scales are overhead, counted in ``nbytes``.
+    """
+
+    grows_rank = True  # up/down/rank: EoRA and adapters merge by appending factors
+    rank: int
+
+    def _init_lowrank(self, rank: int, bias: bool, kw: dict[str, Any]) -> None:
+        self.rank = rank
+        self.up = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
+        self.down = nn.Parameter(torch.zeros(rank, self.in_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(self.out_features, **kw)) if bias else None
+
+    def _copy_lowrank(self, lowrank: LowRank, bias: torch.Tensor | None) -> None:
+        """Fill ``up``/``down`` from ``lowrank`` (singular values split evenly) and the bias."""
+        up, down = lowrank.factors(0.5)  # (m, r), (r, n)
+        with torch.no_grad():
+            self.up.copy_(up)
+            self.down.copy_(down)
+            if bias is not None:
+                self.bias.copy_(bias)
+
+    @property
+    def num_params(self) -> int:
+        """Stored values: the ``m n`` quantised weights, ``r (m + n)`` low-rank values and the bias."""
+        bias = self.bias.numel() if self.bias is not None else 0
+        return self.out_features * self.in_features + self.up.numel() + self.down.numel() + bias
+
+    @abstractmethod
+    def quantized_weight(self) -> torch.Tensor:
+        """The ``(out, in)`` decoded ``Q``, in the layer's floating-point dtype."""
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(out, in)`` matrix ``Q + up @ down``."""
+        return self.quantized_weight() + self.up @ self.down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.quantized_weight(), self.bias)
+        if self.rank:
+            y = y + F.linear(F.linear(x, self.down), self.up)
+        return y
+
+
 @register_kind("lq")
-class QuantLowRankLinear(CompressedLinear):
+class QuantLowRankLinear(QuantPlusLowRank):
     """``x -> x Q^T + up(down(x)) + bias``: an NF-``bits`` matrix ``Q`` plus a rank-``rank`` correction.
 
     Stored (``m = out_features``, ``n = in_features``, ``N = m n``):
@@ -44,8 +94,6 @@ class QuantLowRankLinear(CompressedLinear):
     Spec ``{"bits", "block_size", "scale_block", "rank"}``.
     """
 
-    grows_rank = True  # up/down/rank: EoRA and adapters merge by appending factors
-
     def __init__(self, in_features: int, out_features: int, bits: int, block_size: int, rank: int,
                  scale_block: int = 256, bias: bool = True, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -54,7 +102,7 @@ class QuantLowRankLinear(CompressedLinear):
         problem = self.check_spec(in_features, out_features, spec)
         if problem is not None:
             raise ValueError(problem)
-        self.bits, self.block_size, self.scale_block, self.rank = bits, block_size, scale_block, rank
+        self.bits, self.block_size, self.scale_block = bits, block_size, scale_block
         numel = in_features * out_features
         blocks, floats = scale_storage(numel, block_size, scale_block)
         kw = {"device": device, "dtype": dtype}
@@ -62,9 +110,7 @@ class QuantLowRankLinear(CompressedLinear):
         self.register_buffer("scale_codes", torch.zeros(blocks, dtype=torch.uint8, device=device))
         self.scale_steps = nn.Parameter(torch.zeros(floats - 1, **kw))
         self.scale_offset = nn.Parameter(torch.zeros(1, **kw))
-        self.up = nn.Parameter(torch.zeros(out_features, rank, **kw))
-        self.down = nn.Parameter(torch.zeros(rank, in_features, **kw))
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self._init_lowrank(rank, bias, kw)
 
     @classmethod
     def from_lq(cls, lq: LQ, *, dtype: torch.dtype, bias: torch.Tensor | None = None) -> QuantLowRankLinear:
@@ -75,16 +121,12 @@ class QuantLowRankLinear(CompressedLinear):
         device = q.codes.device
         layer = cls(in_features, out_features, q.bits, q.block_size, lq.lowrank.rank, q.scale_block,
                     bias is not None, device=device, dtype=dtype)
-        up, down = lq.lowrank.factors(0.5)  # (m, r), (r, n)
         with torch.no_grad():
             layer.codes.copy_(q.packed())
             layer.scale_codes.copy_(q.scale_codes)
             layer.scale_steps.copy_(q.scale_steps)
             layer.scale_offset.copy_(q.scale_offset)
-            layer.up.copy_(up)
-            layer.down.copy_(down)
-            if bias is not None:
-                layer.bias.copy_(bias)
+        layer._copy_lowrank(lq.lowrank, bias)
         return layer
 
     @classmethod
@@ -116,26 +158,10 @@ class QuantLowRankLinear(CompressedLinear):
     def spec(self) -> dict[str, Any]:
         return {"bits": self.bits, "block_size": self.block_size, "scale_block": self.scale_block, "rank": self.rank}
 
-    @property
-    def num_params(self) -> int:
-        """Stored values: the ``m n`` quantised weights, ``r (m + n)`` low-rank values and the bias."""
-        bias = self.bias.numel() if self.bias is not None else 0
-        return self.out_features * self.in_features + self.up.numel() + self.down.numel() + bias
-
     def quantized_weight(self) -> torch.Tensor:
         """The ``(out, in)`` decoded ``Q``, in the layer's floating-point dtype."""
         return nf_dequantize(self.codes, self.scale_codes, self.scale_steps, self.scale_offset, self.bits,
                              self.block_size, self.scale_block, (self.out_features, self.in_features))
-
-    def dense_weight(self) -> torch.Tensor:
-        """The ``(out, in)`` matrix ``Q + up @ down``."""
-        return self.quantized_weight() + self.up @ self.down
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.quantized_weight(), self.bias)
-        if self.rank:
-            y = y + F.linear(F.linear(x, self.down), self.up)
-        return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

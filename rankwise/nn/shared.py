@@ -9,7 +9,7 @@ quantizer), so the basis is counted, saved and trained once.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,69 @@ from torch import nn
 from rankwise.nn.kinds import CompressedLinear, register_kind
 
 
+class SharedTensor:
+    """Mixin of the kinds whose layers in a group read one tensor stored once, by the group's first layer (the
+    *owner*): a shared basis, a shared dictionary.
+
+    The owner's spec names no owner (``null``) and it holds the tensor as its parameter :attr:`shared_param`; every
+    other layer's spec field :attr:`owner_key` names the owner's dotted module name, and :meth:`resolve` links it
+    after loading. Nothing is copied, so the tensor is counted, saved and trained once.
+    """
+
+    shares_tensors = True
+    owner_key: ClassVar[str]  # the spec field naming the owner ("basis")
+    shared_param: ClassVar[str]  # the owner's parameter read by the group ("down")
+    what: ClassVar[str]  # the shared tensor in words, for messages ("shared basis")
+    same: ClassVar[tuple[str, ...]]  # spec fields owner and members agree on, besides in_features
+    owner_name: str | None
+    in_features: int
+
+    def _link(self, owner_name: str | None) -> None:
+        self.owner_name = owner_name
+        object.__setattr__(self, "_owner", None)  # the owner module, not registered (its tensor is counted there)
+
+    def share(self, owner: nn.Module) -> None:
+        """Read the shared tensor of ``owner`` (a layer of the same group that stores it)."""
+        if type(owner) is not type(self) or getattr(owner, self.shared_param) is None or any(
+                getattr(owner, key) != getattr(self, key) for key in (*self.same, "in_features")):
+            raise ValueError(f"a {self.what} must come from a layer that stores one of the same "
+                             f"{', '.join(self.same)} and inputs")
+        object.__setattr__(self, "_owner", owner)
+
+    def shared(self) -> torch.Tensor:
+        """The tensor this layer reads: its own when it is the owner, else the owner's."""
+        own = getattr(self, self.shared_param)
+        if own is not None:
+            return own
+        if self._owner is None:
+            raise RuntimeError(f"this layer reads the {self.what} of {self.owner_name!r}, which was never linked: "
+                               "load the model with rankwise (rankwise.load or from_pretrained after import rankwise)")
+        return getattr(self._owner, self.shared_param)
+
+    def resolve(self, model: nn.Module) -> None:
+        if self.owner_name is not None:
+            self.share(model.get_submodule(self.owner_name))
+
+    @classmethod
+    def check_together(cls, specs: dict[str, dict[str, Any]]) -> str | None:
+        kind = cls.kind  # type: ignore[attr-defined]
+        for name, spec in specs.items():
+            owner = spec.get(cls.owner_key) if spec["kind"] == kind else None
+            if owner is None:
+                continue
+            other = specs.get(owner)
+            if other is None or other["kind"] != kind or other.get(cls.owner_key) is not None:
+                return f"{name}.{cls.owner_key}: names {owner!r}, which is not a layer that stores a {cls.what}"
+            keys = (*cls.same, "in_features")
+            if any(other[key] != spec[key] for key in keys):
+                theirs = ", ".join(f"{key} {other[key]}" for key in keys)
+                ours = ", ".join(f"{key} {spec[key]}" for key in keys)
+                return f"{name}.{cls.owner_key}: {owner!r} stores a {cls.what} of {theirs}, this layer needs {ours}"
+        return None
+
+
 @register_kind("shared_basis")
-class SharedBasisLinear(CompressedLinear):
+class SharedBasisLinear(SharedTensor, CompressedLinear):
     """A rank-``k`` map whose input projection ``(k, in)`` is shared with other layers of the same model.
 
     Args:
@@ -29,7 +90,7 @@ class SharedBasisLinear(CompressedLinear):
         basis: ``None`` for the layer that stores the basis, else the dotted name of that layer.
     """
 
-    shares_tensors = True
+    owner_key, shared_param, what, same = "basis", "down", "shared basis", ("rank",)
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
                  basis: str | None = None, device: torch.device | str | None = None,
@@ -37,33 +98,23 @@ class SharedBasisLinear(CompressedLinear):
         super().__init__(in_features, out_features, device=device, dtype=dtype)
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        self.rank, self.basis_owner = rank, basis
+        self.rank = rank
+        self._link(basis)
         kw = {"device": device, "dtype": dtype}
         self.up = nn.Parameter(torch.zeros(out_features, rank, **kw))
         self.down = nn.Parameter(torch.empty(rank, in_features, **kw)) if basis is None else None
         if self.down is not None:
             nn.init.kaiming_uniform_(self.down, a=5**0.5)
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-        object.__setattr__(self, "_owner", None)  # the owner module, not registered (its basis is counted there)
 
-    def share(self, owner: SharedBasisLinear) -> None:
-        """Read the basis of ``owner`` (a layer of the same group that stores it)."""
-        if owner.down is None or owner.rank != self.rank or owner.in_features != self.in_features:
-            raise ValueError("a shared basis must come from a layer that stores one of the same rank and inputs")
-        object.__setattr__(self, "_owner", owner)
+    @property
+    def basis_owner(self) -> str | None:
+        """The dotted name of the layer storing the basis (``None``: this one)."""
+        return self.owner_name
 
     def basis(self) -> torch.Tensor:
         """The ``(k, in)`` basis this layer reads."""
-        if self.down is not None:
-            return self.down
-        if self._owner is None:
-            raise RuntimeError(f"this layer reads the shared basis of {self.basis_owner!r}, which was never linked: "
-                               "load the model with rankwise (rankwise.load or from_pretrained after import rankwise)")
-        return self._owner.down
-
-    def resolve(self, model: nn.Module) -> None:
-        if self.basis_owner is not None:
-            self.share(model.get_submodule(self.basis_owner))
+        return self.shared()
 
     @classmethod
     def check_spec(cls, in_features: int, out_features: int, spec: dict[str, Any]) -> str | None:
@@ -78,20 +129,6 @@ class SharedBasisLinear(CompressedLinear):
         if basis is not None and (not isinstance(basis, str) or not basis):
             return f"basis: must be null (this layer stores the basis) or the name of the layer that does, got " \
                    f"{basis!r}"
-        return None
-
-    @classmethod
-    def check_together(cls, specs: dict[str, dict[str, Any]]) -> str | None:
-        for name, spec in specs.items():
-            owner = spec.get("basis") if spec["kind"] == "shared_basis" else None
-            if owner is None:
-                continue
-            other = specs.get(owner)
-            if other is None or other["kind"] != "shared_basis" or other.get("basis") is not None:
-                return f"{name}.basis: names {owner!r}, which is not a layer that stores a shared basis"
-            if (other["rank"], other["in_features"]) != (spec["rank"], spec["in_features"]):
-                return (f"{name}.basis: {owner!r} stores a basis of rank {other['rank']} over {other['in_features']} "
-                        f"inputs, this layer needs rank {spec['rank']} over {spec['in_features']}")
         return None
 
     @classmethod

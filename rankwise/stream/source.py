@@ -133,8 +133,9 @@ class CheckpointSource:
                 shared = [n for n, spec in manifest.modules.items() if kind_class(spec.kind).shares_tensors]
                 if shared:
                     raise ValueError(f"{manifest.modules_file}: {shared[0]} and {len(shared) - 1} other layers share "
-                                     "tensors across blocks (basis_sharing), and streaming holds one block at a time; "
-                                     "load the model whole instead (without --stream)")
+                                     f"tensors across blocks (layer kind {manifest.modules[shared[0]].kind}), and "
+                                     "streaming holds one block at a time; load the model whole instead (without "
+                                     "--stream)")
                 with torch.device("meta"):
                     install_kinds(self.model, manifest)
         self.model.tie_weights()
