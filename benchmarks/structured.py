@@ -25,8 +25,8 @@ with ``--exact`` only whole recipes count, and any recipe of a method that takes
     .venv/bin/python benchmarks/structured.py --streamed --recipes svd_llm,lq --out /tmp/structured-streamed
 
 ``--streamed`` instead runs ``rankwise compress`` (streamed block by block from the checkpoint) for each listed
-recipe at ratio 0.2 (bits 3.5 for the bits-only methods, their own bits for nf) in a child process each, and
-reports its seconds and peak RSS (``os.wait4`` on the child).
+recipe at ratio 0.2 and at 3.5 bits (an empty ``--ratios`` or ``--bits`` drops that budget; nf and hqq at their own
+bits) in a child process each, and reports its seconds and peak RSS (``os.wait4`` on the child).
 """
 
 from __future__ import annotations
@@ -88,17 +88,18 @@ def plan(args, shapes: list[tuple[int, int]], value_bytes: int) -> tuple[list, l
         known = [r for r in keep if r.split("+")[0] in _registered()]
         ratio_recipes = [r for r in known if "params" in config_class(r.split("+")[0]).units]
         bits_recipes = [r for r in known if not r.startswith(("hqq", "nf"))]  # those two run at their own bits
-    todo: list[tuple[str, dict]] = [(r, {"ratio": x}) for r in ratio_recipes for x in args.ratios]
-    todo += [(f"nf+quant_bits={b}", {"own": True}) for b in OWN_BITS]
-    todo += [("hqq+quant_bits=3", {"own": True})]  # HQQ's 3-bit matrices in 3 bits per code, not its own 3.2
+    # (recipe, budget, the recipe as --recipes names it)
+    todo: list[tuple[str, dict, str]] = [(r, {"ratio": x}, r) for r in ratio_recipes for x in args.ratios]
+    todo += [(f"nf+quant_bits={b}", {"own": True}, f"nf+quant_bits={b}") for b in OWN_BITS]
+    todo += [("hqq+quant_bits=3", {"own": True}, "hqq+quant_bits=3")]  # HQQ 3-bit in 3 bits per code, not 3.2
     for bits in args.bits:
         todo += [(r if not r.startswith("lq") else f"{r}+quant_bits={quant_bits_for(bits)}"
-                  + (f"+iterations={args.lq_iterations}" if args.lq_iterations else ""), {"bits": bits})
+                  + (f"+iterations={args.lq_iterations}" if args.lq_iterations else ""), {"bits": bits}, r)
                  for r in bits_recipes]
     configs, notes, missing = [], [], set()
     named = dict(zip([f"m{k}" for k in range(len(shapes))], shapes, strict=True))
-    for recipe, budget in todo:
-        if not wanted(recipe, keep):
+    for recipe, budget, origin in todo:
+        if not wanted(origin, keep):
             continue
         method = recipe.split("+")[0]
         try:
@@ -323,7 +324,8 @@ def streamed(args, out: Path) -> None:
     from rankwise.targets import find_targets
 
     shapes = [tuple(m.weight.shape) for m in find_targets(load_model("smollm2").model).values()]
-    args.ratios, args.bits = [STREAMED_RATIO], [STREAMED_BITS]
+    # one budget each: ratio 0.2 and 3.5 bits, unless --ratios or --bits is given empty (then none of that kind)
+    args.ratios, args.bits = [STREAMED_RATIO] if args.ratios else [], [STREAMED_BITS] if args.bits else []
     configs, _, _, notes = plan(args, shapes, torch.bfloat16.itemsize)
     from rankwise.eval.compare import label
 

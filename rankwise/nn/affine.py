@@ -10,7 +10,6 @@ https://mobiusml.github.io/hqq_blog/.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
@@ -20,13 +19,9 @@ from rankwise.linalg.affine import AFFINE_BITS, AffineQuant, affine_dequantize
 from rankwise.linalg.lq import LQ
 from rankwise.linalg.quant import packed_nbytes
 from rankwise.nn.kinds import register_kind
-from rankwise.nn.lq import MAX_BLOCK, QuantPlusLowRank
+from rankwise.nn.lq import QuantPlusLowRank
 
 SPEC_KEYS = frozenset({"bits", "group_size", "rank"})
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @register_kind("affine")
@@ -45,6 +40,8 @@ class AffineLowRankLinear(QuantPlusLowRank):
     ``num_params`` counts values (:class:`~rankwise.nn.lq.QuantPlusLowRank`). Spec ``{"bits", "group_size",
     "rank"}``.
     """
+
+    spec_keys, block_key, code_bits = SPEC_KEYS, "group_size", AFFINE_BITS
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, rank: int,
                  bias: bool = True, *, device: torch.device | str | None = None,
@@ -77,24 +74,6 @@ class AffineLowRankLinear(QuantPlusLowRank):
             layer.zero.copy_(q.zero)
         layer._copy_lowrank(lq.lowrank, bias)
         return layer
-
-    @classmethod
-    def check_spec(cls, in_features: int, out_features: int, spec: dict[str, Any]) -> str | None:
-        if set(spec) != SPEC_KEYS:
-            keys = ", ".join(sorted(SPEC_KEYS))
-            return f"{sorted(set(spec) ^ SPEC_KEYS)[0]}: an affine layer's spec is exactly {{{keys}}}"
-        bits, group_size, rank = spec["bits"], spec["group_size"], spec["rank"]
-        if not _is_int(bits) or bits not in AFFINE_BITS:
-            return f"bits: must be one of {', '.join(map(str, AFFINE_BITS))}, got {bits!r}"
-        if not _is_int(group_size) or not 1 <= group_size <= MAX_BLOCK:
-            return f"group_size: must be an integer in [1, {MAX_BLOCK}], got {group_size!r}"
-        if (in_features * out_features) % group_size:
-            return (f"group_size: {group_size} does not divide the {out_features} x {in_features} = "
-                    f"{in_features * out_features} weights; it must")
-        if not _is_int(rank) or not 0 <= rank <= min(in_features, out_features):
-            return (f"rank: must be an integer in [0, min(out_features, in_features)] = "
-                    f"[0, {min(in_features, out_features)}], got {rank!r}")
-        return None
 
     @classmethod
     def from_spec(cls, in_features: int, out_features: int, bias: bool, spec: dict[str, Any], *,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 from abc import abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,33 @@ class QuantPlusLowRank(CompressedLinear):
 
     grows_rank = True  # up/down/rank: EoRA and adapters merge by appending factors
     rank: int
+    spec_keys: ClassVar[frozenset[str]]  # exactly these spec fields
+    block_key: ClassVar[str]  # the spec field of the weights per scale ("block_size", "group_size")
+    code_bits: ClassVar[tuple[int, ...]]  # the allowed "bits"
+
+    @classmethod
+    def check_spec(cls, in_features: int, out_features: int, spec: dict[str, Any]) -> str | None:
+        """The fields every such kind has (``bits``, its block field, ``rank``), then :meth:`check_more`."""
+        if set(spec) != cls.spec_keys:
+            keys = ", ".join(sorted(cls.spec_keys))
+            return f"{sorted(set(spec) ^ cls.spec_keys)[0]}: the {cls.kind} layer's spec is exactly {{{keys}}}"
+        bits, block, rank = spec["bits"], spec[cls.block_key], spec["rank"]
+        if not _is_int(bits) or bits not in cls.code_bits:
+            return f"bits: must be one of {', '.join(map(str, cls.code_bits))}, got {bits!r}"
+        if not _is_int(block) or not 1 <= block <= MAX_BLOCK:
+            return f"{cls.block_key}: must be an integer in [1, {MAX_BLOCK}], got {block!r}"
+        if (in_features * out_features) % block:
+            return (f"{cls.block_key}: {block} does not divide the {out_features} x {in_features} = "
+                    f"{in_features * out_features} weights; it must")
+        if not _is_int(rank) or not 0 <= rank <= min(in_features, out_features):
+            return (f"rank: must be an integer in [0, min(out_features, in_features)] = "
+                    f"[0, {min(in_features, out_features)}], got {rank!r}")
+        return cls.check_more(spec)
+
+    @classmethod
+    def check_more(cls, spec: dict[str, Any]) -> str | None:
+        """A subclass's own spec fields, checked after the common ones."""
+        return None
 
     def _init_lowrank(self, rank: int, bias: bool, kw: dict[str, Any]) -> None:
         self.rank = rank
@@ -94,6 +121,8 @@ class QuantLowRankLinear(QuantPlusLowRank):
     Spec ``{"bits", "block_size", "scale_block", "rank"}``.
     """
 
+    spec_keys, block_key, code_bits = SPEC_KEYS, "block_size", NF_BITS
+
     def __init__(self, in_features: int, out_features: int, bits: int, block_size: int, rank: int,
                  scale_block: int = 256, bias: bool = True, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -130,23 +159,10 @@ class QuantLowRankLinear(QuantPlusLowRank):
         return layer
 
     @classmethod
-    def check_spec(cls, in_features: int, out_features: int, spec: dict[str, Any]) -> str | None:
-        if set(spec) != SPEC_KEYS:
-            keys = ", ".join(sorted(SPEC_KEYS))
-            return f"{sorted(set(spec) ^ SPEC_KEYS)[0]}: an lq layer's spec is exactly {{{keys}}}"
-        bits, block_size, scale_block, rank = spec["bits"], spec["block_size"], spec["scale_block"], spec["rank"]
-        if not _is_int(bits) or bits not in NF_BITS:
-            return f"bits: must be one of {', '.join(map(str, NF_BITS))}, got {bits!r}"
-        if not _is_int(block_size) or not 1 <= block_size <= MAX_BLOCK:
-            return f"block_size: must be an integer in [1, {MAX_BLOCK}], got {block_size!r}"
-        if (in_features * out_features) % block_size:
-            return (f"block_size: {block_size} does not divide the {out_features} x {in_features} = "
-                    f"{in_features * out_features} weights; it must")
+    def check_more(cls, spec: dict[str, Any]) -> str | None:
+        scale_block = spec["scale_block"]
         if not _is_int(scale_block) or not 1 <= scale_block <= MAX_BLOCK:
             return f"scale_block: must be an integer in [1, {MAX_BLOCK}], got {scale_block!r}"
-        if not _is_int(rank) or not 0 <= rank <= min(in_features, out_features):
-            return (f"rank: must be an integer in [0, min(out_features, in_features)] = "
-                    f"[0, {min(in_features, out_features)}], got {rank!r}")
         return None
 
     @classmethod
