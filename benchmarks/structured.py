@@ -341,8 +341,8 @@ def streamed(args, out: Path) -> None:
             budget = f"{config.bits:g} bits" if config.bits is not None else f"ratio {config.ratio:g}"
             lines.append(f"| {label(config)} | {budget} | {seconds:.1f} | {peak:,.0f} | {error or 'ok'} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "".join(f"\n- {n}" for n in notes) + "\n- HQQ rows are not rankwise methods: not " \
-        "streamed.\n"
+    text = ("\n".join(lines) + "".join(f"\n- {n}" for n in notes)
+            + "\n- The HQQ anchor rows (HQQ's own layers) are not rankwise methods: not streamed.\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "structured_streamed.md").write_text(text)
     print(text)
