@@ -95,3 +95,21 @@ def test_adapt_model_saves_the_adapter_it_evaluated(tiny_dir, text, tmp_path):
     with pytest.raises(ValueError, match="unknown adapter method 'nope'"):
         adapt_model(str(tiny_dir), "nope", tmp_path / "n", config=config, data=str(text), progress=False)
     assert not (tmp_path / "n").exists() and not (tmp_path / "n.checkpoint").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"out": ""}, "out is required"),
+    ({"seq_len": 0}, r"seq_len must be an integer >= 2 \(tokens per window\), got 0"),
+    ({"eval_samples": 0}, r"eval_samples must be an integer >= 1 \(held-out windows\), got 0"),
+])
+def test_jobs_refuse_bad_settings_before_touching_anything(tmp_path, kwargs, message):
+    """One-line errors before any file is written or model read (the CLI's typer limits do not guard the library)."""
+    args = {"out": tmp_path / "o", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        heal_model(tmp_path / "missing", args.pop("out"), config=TrainConfig(steps=1), **args)
+    args = {"out": tmp_path / "o", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        adapt_model(tmp_path / "missing", "lora", args.pop("out"), config=TrainConfig(steps=1), **args)
+    with pytest.raises(ValueError, match=r"rank must be an integer >= 1, got 0"):
+        adapt_model(tmp_path / "missing", "lora", tmp_path / "o", config=TrainConfig(steps=1), rank=0)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("*.checkpoint"))
