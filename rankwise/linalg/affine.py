@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from rankwise.linalg._checks import compute_dtype
-from rankwise.linalg.quant import pack_codes, packed_nbytes, unpack_codes
+from rankwise.linalg.quant import PackedCodes, packed_nbytes, unpack_codes
 
 AFFINE_BITS = (2, 3, 4, 8)
 INSTALL = "pip install 'rankwise[quant]'"
@@ -60,7 +60,7 @@ def affine_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
 
 
 @dataclass(frozen=True)
-class AffineQuant:
+class AffineQuant(PackedCodes):
     """An affine-quantised ``(m, n)`` matrix.
 
     Attributes:
@@ -75,14 +75,6 @@ class AffineQuant:
     zero: torch.Tensor
     bits: int
     group_size: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.codes.shape[0], self.codes.shape[1]
-
-    def packed(self) -> torch.Tensor:
-        """The codes as stored: ``bits`` bits each in a flat ``uint8`` tensor."""
-        return pack_codes(self.codes.flatten(), self.bits)
 
     def dequantize(self) -> torch.Tensor:
         """The ``(m, n)`` matrix the codes stand for, in the scales' dtype."""

@@ -172,8 +172,23 @@ def dequantize_scales(codes: torch.Tensor, steps: torch.Tensor, offset: torch.Te
     return offset + codes.to(steps.dtype) * steps[group]
 
 
+class PackedCodes:
+    """What every quantised-matrix result shares: ``(m, n)`` unpacked ``codes`` of ``bits`` bits each."""
+
+    codes: torch.Tensor
+    bits: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1]
+
+    def packed(self) -> torch.Tensor:
+        """The codes as stored: ``bits`` bits each in a flat ``uint8`` tensor (:func:`pack_codes`)."""
+        return pack_codes(self.codes.flatten(), self.bits)
+
+
 @dataclass(frozen=True)
-class NFQuant:
+class NFQuant(PackedCodes):
     """An NF-``bits`` quantised ``(m, n)`` matrix.
 
     Attributes:
@@ -191,14 +206,6 @@ class NFQuant:
     bits: int
     block_size: int
     scale_block: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.codes.shape[0], self.codes.shape[1]
-
-    def packed(self) -> torch.Tensor:
-        """The codes as stored: ``bits`` bits each in a flat ``uint8`` tensor (:func:`pack_codes`)."""
-        return pack_codes(self.codes.flatten(), self.bits)
 
     def dequantize(self) -> torch.Tensor:
         """The ``(m, n)`` matrix the codes stand for, in the dtype of the scales (as :func:`nf_dequantize`)."""
