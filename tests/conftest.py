@@ -17,6 +17,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Tests never read calibration statistics cached by an earlier run (or by the user): one fresh cache per session.
 os.environ["RANKWISE_CALIBRATION_CACHE"] = tempfile.mkdtemp(prefix="rankwise-test-calibration-")
 atexit.register(shutil.rmtree, os.environ["RANKWISE_CALIBRATION_CACHE"], ignore_errors=True)
+os.environ["RANKWISE_LATENCY_CACHE"] = tempfile.mkdtemp(prefix="rankwise-test-latency-")
+atexit.register(shutil.rmtree, os.environ["RANKWISE_LATENCY_CACHE"], ignore_errors=True)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

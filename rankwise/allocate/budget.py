@@ -3,7 +3,8 @@
 Every matrix ``k`` (shape ``m x n``) offers components ``i = 1..min(m, n)`` with a score ``s_ki`` (non-increasing in
 ``i``). A global threshold ``t`` keeps, in every matrix, the leading components with ``s_ki >= t``; ``t`` is the
 smallest threshold whose total parameter count fits the budget. A matrix whose kept rank reaches its break-even rank
-is kept dense (it costs ``m n``, which factorising could not beat).
+is kept dense (it costs ``m n``, which factorising could not beat); with a *limit* per matrix (the rank from which a
+factor pair is no faster than dense, :mod:`rankwise.allocate.latency`) it is kept dense from that rank on.
 
 Scores:
 
@@ -25,13 +26,14 @@ import torch
 from rankwise.linalg import break_even_rank
 
 
-def layer_params(m: int, n: int, rank: int) -> int:
-    """Parameters of an ``m x n`` matrix kept at ``rank`` (dense once factorising stops saving)."""
-    return m * n if rank >= break_even_rank(m, n) or rank >= min(m, n) else rank * (m + n)
+def layer_params(m: int, n: int, rank: int, limit: int | None = None) -> int:
+    """Parameters of an ``m x n`` matrix kept at ``rank`` (dense once factorising stops saving, or from ``limit``)."""
+    dense_from = break_even_rank(m, n) if limit is None else min(limit, break_even_rank(m, n))
+    return m * n if rank >= dense_from or rank >= min(m, n) else rank * (m + n)
 
 
 def threshold_ranks(scores: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int]], budget: int,
-                    *, min_rank: int = 1) -> dict[str, int]:
+                    *, min_rank: int = 1, limits: Mapping[str, int] | None = None) -> dict[str, int]:
     """Ranks from the global threshold that keeps the most parameters within ``budget``.
 
     Args:
@@ -39,11 +41,13 @@ def threshold_ranks(scores: Mapping[str, torch.Tensor], shapes: Mapping[str, tup
         shapes: name -> ``(m, n)``.
         budget: total parameters allowed over all these matrices.
         min_rank: no matrix goes below this rank.
+        limits: name -> the rank from which the matrix is kept dense (below its break-even rank); none by default.
 
     Raises:
         ValueError: even ``min_rank`` everywhere exceeds the budget.
     """
-    floor = sum(layer_params(*shapes[k], min_rank) for k in scores)
+    limits = limits or {}
+    floor = sum(layer_params(*shapes[k], min_rank, limits.get(k)) for k in scores)
     if floor > budget:
         raise ValueError(f"the budget of {budget:,} parameters cannot be met: even rank {min_rank} in every matrix "
                          f"keeps {floor:,}; lower the ratio")
@@ -57,7 +61,7 @@ def threshold_ranks(scores: Mapping[str, torch.Tensor], shapes: Mapping[str, tup
         return out
 
     def total(ranks: Mapping[str, int]) -> int:
-        return sum(layer_params(*shapes[k], r) for k, r in ranks.items())
+        return sum(layer_params(*shapes[k], r, limits.get(k)) for k, r in ranks.items())
 
     candidates = torch.cat([s.double().flatten() for s in scores.values()]).unique()  # ascending
     lo, hi = 0, candidates.numel() - 1  # the highest threshold keeps the fewest parameters

@@ -52,18 +52,20 @@ class AllocationPolicy:
     def needs_scores(self) -> bool:
         return self.score is not None
 
-    def shares(self, shapes: Shapes, kept: float, scores: Mapping[str, torch.Tensor] | None = None
-               ) -> dict[str, float]:
-        """The fraction of its dense cost each matrix may keep (``1.0``: dense), ``kept`` on average."""
+    def shares(self, shapes: Shapes, kept: float, scores: Mapping[str, torch.Tensor] | None = None,
+               limits: Mapping[str, int] | None = None) -> dict[str, float]:
+        """The fraction of its dense cost each matrix may keep (``1.0``: dense), ``kept`` on average; ``limits``
+        (name -> rank) keeps a matrix dense from that rank on (see :mod:`rankwise.allocate.latency`)."""
         if self.even:
             return {name: kept for name in shapes}
-        ranks = self.ranks(shapes, 1.0 - kept, scores)
+        ranks = self.ranks(shapes, 1.0 - kept, scores, limits)
         return {name: layer_params(m, n, ranks[name]) / (m * n) if name in ranks else 1.0
                 for name, (m, n) in shapes.items()}
 
-    def ranks(self, shapes: Shapes, ratio: float, scores: Mapping[str, torch.Tensor] | None = None
-              ) -> dict[str, int]:
+    def ranks(self, shapes: Shapes, ratio: float, scores: Mapping[str, torch.Tensor] | None = None,
+              limits: Mapping[str, int] | None = None) -> dict[str, int]:
         """Rank per matrix; a matrix missing from the result stays dense."""
+        limits = limits or {}
         if self.score is None:
             assert self.rank_fn is not None
             ranks = dict(self.rank_fn(shapes, ratio))
@@ -71,12 +73,13 @@ class AllocationPolicy:
             if bad:
                 raise ValueError(f"allocation {self.name!r} returned an invalid rank for {bad[0]!r}: ranks must be "
                                  "ints >= 1 keyed by targeted layer names")
-            return {n: r for n, r in ranks.items() if r < min(shapes[n])}
+            return {n: r for n, r in ranks.items() if r < min(min(shapes[n]), limits.get(n, r + 1))}
         if scores is None or set(scores) != set(shapes):
             raise ValueError(f"allocation {self.name!r} needs a score for every targeted matrix")
         budget = int((1.0 - ratio) * sum(m * n for m, n in shapes.values()))
-        ranks = threshold_ranks(scores, shapes, budget)
-        return {n: r for n, r in ranks.items() if r < break_even_rank(*shapes[n]) and r < min(shapes[n])}
+        ranks = threshold_ranks(scores, shapes, budget, limits=limits)
+        return {n: r for n, r in ranks.items()
+                if r < min(break_even_rank(*shapes[n]), limits.get(n, r + 1)) and r < min(shapes[n])}
 
 
 def _welore(_name: str, weight: torch.Tensor, _stats: LayerStats | None) -> torch.Tensor:

@@ -85,6 +85,54 @@ def comma_list(value: str, name: str, cast: Callable[[str], Any] = str) -> list[
         raise ValueError(f"{name} must be a comma-separated list of numbers, got {value!r}") from None
 
 
+SpeedOpt = Annotated[bool, typer.Option("--speed", help="also time decode (KV cache, greedy) and prefill: tokens/s "
+                                        "and peak memory")]
+FuseOpt = Annotated[bool, typer.Option("--fuse", help="run low-rank layers that read one input (q/k/v, gate/up) "
+                                       "down-projecting in one matmul")]
+CompileOpt = Annotated[str | None, typer.Option("--compile", metavar="MODE", help="time decoding under "
+                                                "torch.compile: default, reduce-overhead (CUDA graphs on a GPU) or "
+                                                "max-autotune")]
+NewTokensOpt = Annotated[int, typer.Option("--new-tokens", min=1, help="tokens generated per timed decode")]
+DecodeBatchOpt = Annotated[str, typer.Option("--decode-batches", help="comma list of decode batch sizes")]
+PrefillOpt = Annotated[str, typer.Option("--prefill", help="comma list of prefill shapes BATCHxTOKENS")]
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """What ``--speed`` times, checked before any model is read."""
+
+    decode_batches: tuple[int, ...]
+    prefill_shapes: tuple[tuple[int, int], ...]
+    new_tokens: int
+    compile: str | None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"decode_batches": self.decode_batches, "prefill_shapes": self.prefill_shapes,
+                "new_tokens": self.new_tokens, "compile": self.compile}
+
+
+def speed_settings(speed: bool, decode_batches: str, prefill: str, new_tokens: int, compile: str | None,
+                   device: str) -> SpeedSettings | None:
+    """The ``--speed`` settings, or ``None`` without ``--speed`` (then ``--compile`` is refused: it only times)."""
+    from rankwise.eval.speed import check_compile
+
+    if not speed:
+        if compile is not None:
+            raise ValueError("--compile applies to the timings: add --speed")
+        return None
+    batches = comma_list(decode_batches, "--decode-batches", int)
+    shapes = []
+    for item in comma_list(prefill, "--prefill"):
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--prefill takes BATCHxTOKENS items such as 1x512, got {item!r}")
+        shapes.append((int(parts[0]), int(parts[1])))
+    if any(b < 1 for b in batches):
+        raise ValueError(f"--decode-batches must be integers >= 1, got {decode_batches!r}")
+    check_compile(compile, torch.device(device))
+    return SpeedSettings(tuple(batches), tuple(shapes), new_tokens, compile)
+
+
 @dataclass
 class Workload:
     model: Any

@@ -13,13 +13,19 @@ from rankwise.allocate import ALLOCATIONS
 from rankwise.cli.common import (
     BatchOpt,
     CalibOpt,
+    CompileOpt,
     DatasetOpt,
+    DecodeBatchOpt,
     DeviceOpt,
     EvalOpt,
+    FuseOpt,
     ModelArg,
+    NewTokensOpt,
     NoCacheOpt,
     OverwriteOpt,
+    PrefillOpt,
     SeqLenOpt,
+    SpeedOpt,
     TextOpt,
     ThreadsOpt,
     TrustOpt,
@@ -27,6 +33,7 @@ from rankwise.cli.common import (
     one_line_errors,
     prepare,
     say,
+    speed_settings,
     stats_cache,
 )
 from rankwise.methods.base import recipe_options
@@ -88,6 +95,12 @@ def compare(
         "weight its format stores (needs pip install 'rankwise\\[quant]')")] = None,
     hqq_group: Annotated[int, typer.Option("--hqq-group", min=8, help="weights per HQQ scale and zero (a multiple "
                                            "of 8)")] = 64,
+    speed: SpeedOpt = False,
+    fuse: FuseOpt = False,
+    compile: CompileOpt = None,
+    new_tokens: NewTokensOpt = 64,
+    decode_batches: DecodeBatchOpt = "1,8",
+    prefill: PrefillOpt = "1x512,1x2048",
 ) -> None:
     """Compare compression methods across ratios on MODEL; writes a Markdown table and a PNG plot. An encoder is
     compared by embedding cosine to the dense model and retrieval on --eval-samples held-out pydoc topics."""
@@ -105,6 +118,7 @@ def compare(
     from rankwise.methods import CompressConfig, config_class
     from rankwise.methods.base import parse_recipe
 
+    timing = speed_settings(speed, decode_batches, prefill, new_tokens, compile, device)
     method_list = comma_list(methods, "--methods")
     default_ratios = [] if bits else [0.1, 0.2, 0.3, 0.4]  # with --bits, only the ratios asked for
     ratio_list = default_ratios if ratios is None else comma_list(ratios, "--ratios", float)
@@ -141,8 +155,9 @@ def compare(
     except ValueError:
         encoder = False  # a missing model is reported where a causal LM's is, after the --ray check
     if encoder:
-        if prompts or eora_rank or ray is not None or hqq_list:
-            raise ValueError(f"{model} is an encoder: --prompt, --eora-rank, --ray and --hqq-bits are for causal LMs")
+        if prompts or eora_rank or ray is not None or hqq_list or timing is not None or fuse:
+            raise ValueError(f"{model} is an encoder: --prompt, --eora-rank, --ray, --hqq-bits, --speed and --fuse "
+                             "are for causal LMs")
         with claimed_out(out, overwrite, model):
             raw = load_text(text, dataset=dataset)
             work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code, raw)
@@ -166,7 +181,8 @@ def compare(
             result = run(work.model, work.calibration, work.evaluation, configs, eora_rank=eora_rank,
                          batch_size=batch_size, settings=settings, ray_address=ray, prompts=prompts,
                          tokenizer=work.tokenizer, max_new_tokens=max_new_tokens, cache=stats_cache(no_cache),
-                         speed_repeats=speed_repeats, hqq_bits=hqq_list, hqq_group=hqq_group)
+                         speed_repeats=speed_repeats, hqq_bits=hqq_list, hqq_group=hqq_group,
+                         speed=timing.kwargs() if timing is not None else None, fuse=fuse)
         result.save(out, overwrite=overwrite)
     for note in result.notes:
         say(f"note: {note}")

@@ -53,6 +53,9 @@ def compress(
     update_u: Annotated[bool, typer.Option("--update-u", help="refit the left factor by least squares")] = False,
     overwrite: OverwriteOpt = False,
     show_layers: Annotated[bool, typer.Option("--show-layers", help="print the per-layer table")] = False,
+    objective: Annotated[str | None, typer.Option(
+        "--objective", help="low-rank methods: size (factorise wherever it stores less) or speed (only where the "
+        "factor pair is also faster at decode on this machine; timed once per shape and cached)")] = None,
     text: TextOpt = None,
     dataset: DatasetOpt = None,
     seq_len: SeqLenOpt = 256,
@@ -76,6 +79,7 @@ def compress(
     A safetensors checkpoint (the default model, a local directory, a hub id) is streamed block by block, so models
     larger than memory compress; other models are loaded whole.
     """
+    import dataclasses
     import json
     import math
     from pathlib import Path
@@ -91,9 +95,14 @@ def compress(
     if export not in ("factored", "dense"):
         raise ValueError(f"--export must be 'factored' or 'dense', got {export!r}")
     config_cls = config_class(method)
+    fields = parse_settings(config_cls, settings or [])
+    if objective is not None:
+        if "objective" not in {f.name for f in dataclasses.fields(config_cls)}:
+            raise ValueError(f"--objective applies to the low-rank methods ({', '.join(objective_methods())}); "
+                             f"{method} has none")
+        fields["objective"] = objective
     config = config_cls(ratio=ratio, bits=bits, targets=tuple(comma_list(targets, "--targets")),
-                        allocation=allocation, sequential=sequential, update_u=update_u,
-                        **parse_settings(config_cls, settings or []))
+                        allocation=allocation, sequential=sequential, update_u=update_u, **fields)
     if not math.isfinite(activation_mb):
         raise ValueError(f"--activation-mb must be a finite number of MB, got {activation_mb}")
     setup(device, threads)
@@ -122,3 +131,12 @@ def compress(
             say(f"note: {fallbacks} layers had a covariance that was not positive definite (ridge or eigen "
                 "fallback used)")
     say(f"saved {export} model to {out}")
+
+
+def objective_methods() -> list[str]:
+    """The registered methods whose config takes an ``objective`` (the low-rank ones)."""
+    import dataclasses
+
+    from rankwise.methods import config_class, method_names
+
+    return [m for m in method_names() if "objective" in {f.name for f in dataclasses.fields(config_class(m))}]

@@ -13,13 +13,19 @@ import typer
 from rankwise.cli.common import (
     ActivationOpt,
     BatchOpt,
+    CompileOpt,
     DatasetOpt,
+    DecodeBatchOpt,
     DeviceOpt,
     DtypeOpt,
     EvalOpt,
+    FuseOpt,
     ModelArg,
+    NewTokensOpt,
     OffloadOpt,
+    PrefillOpt,
     SeqLenOpt,
+    SpeedOpt,
     TextOpt,
     ThreadsOpt,
     TrustOpt,
@@ -28,6 +34,7 @@ from rankwise.cli.common import (
     prepare,
     say,
     setup,
+    speed_settings,
     windows,
 )
 
@@ -64,6 +71,12 @@ def evaluate(
     calib_samples: Annotated[int, typer.Option(
         "--calib-samples", min=0, help="encoders: the held-out pairs start after this many calibration windows of "
         "--seq-len tokens (as compress took them)")] = 32,
+    speed: SpeedOpt = False,
+    fuse: FuseOpt = False,
+    compile: CompileOpt = None,
+    new_tokens: NewTokensOpt = 64,
+    decode_batches: DecodeBatchOpt = "1,8",
+    prefill: PrefillOpt = "1x512,1x2048",
 ) -> None:
     """Evaluate MODEL (dense or a rankwise directory) on held-out windows from the end of the text, and with
     --tasks on lm-eval tasks. An encoder is evaluated by retrieval on held-out pydoc topics (first paragraph as the
@@ -81,6 +94,7 @@ def evaluate(
     parse_dtype(dtype)
     if not math.isfinite(activation_mb):
         raise ValueError(f"--activation-mb must be a finite number of MB, got {activation_mb}")
+    timing = speed_settings(speed, decode_batches, prefill, new_tokens, compile, device)
     task_names = manager = None
     if tasks is None:
         for option, value in (("--task-dir", task_dir), ("--limit", limit), ("--num-fewshot", num_fewshot)):
@@ -97,9 +111,11 @@ def evaluate(
     raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
     path, source = resolve(model)
     if is_encoder_dir(path):
-        if stream or task_names is not None:
-            raise ValueError(f"{'--stream' if stream else '--tasks'} needs a causal LM; {model} is an encoder, "
-                             "evaluated in memory by embedding cosine and retrieval")
+        if stream or task_names is not None or timing is not None or fuse:
+            option = ("--stream" if stream else "--tasks" if task_names is not None else "--speed"
+                      if timing is not None else "--fuse")
+            raise ValueError(f"{option} needs a causal LM; {model} is an encoder, evaluated in memory by embedding "
+                             "cosine and retrieval")
         result = evaluate_encoder_spec(model, raw, calib_samples * seq_len, eval_samples, reference=reference,
                                        batch_size=batch_size, device=device, trust_remote_code=trust_remote_code)
         if as_json:
@@ -112,6 +128,9 @@ def evaluate(
     if stream is None:
         big = isinstance(path, Path) and weights_bytes(path) > 0.5 * psutil.virtual_memory().available
         stream = task_names is None and big
+    if stream and (timing is not None or fuse):
+        raise ValueError(f"{'--speed times' if timing is not None else '--fuse runs'} the whole model in memory, "
+                         "which a streamed evaluation never holds: drop --stream (or run on a machine the model fits)")
     if stream:
         if not (isinstance(path, Path) and weights_bytes(path) > 0):
             raise ValueError(f"--stream needs a local directory with safetensors weights, got {model!r}")
@@ -126,7 +145,15 @@ def evaluate(
         source, text_name = work.source, work.text_name
         if dtype is not None:
             work.model.to(parse_dtype(dtype))
+        if fuse:
+            from rankwise.nn.fused import fuse_inputs_
+
+            fuse_inputs_(work.model)
         result = run(work.model, work.evaluation, batch_size=batch_size, progress=not as_json)
+        if timing is not None:
+            from rankwise.eval.speed import measure_speed
+
+            result.speed = measure_speed(work.model, **timing.kwargs()).to_dict()
         if task_names is not None:
             from rankwise.eval.tasks import evaluate_tasks
 

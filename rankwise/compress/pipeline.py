@@ -162,6 +162,22 @@ def cache_entry(cache: StatsCache, source, plan: Plan, batches: list[torch.Tenso
         gradient_kinds=sorted(plan.gradient_kinds), allocation=config.allocation if plan.gradient_kinds else None)
 
 
+def speed_limits(config: CompressConfig, shapes: dict[str, tuple[int, int]], source,
+                 report: CompressionReport) -> dict[str, int] | None:
+    """With ``objective="speed"``: per matrix, the rank from which its factor pair is no faster than dense on the
+    device and dtype the model runs in (:func:`rankwise.allocate.latency.rank_limits`), noted in the report."""
+    if getattr(config, "objective", "size") != "speed":
+        return None
+    from rankwise.allocate.latency import rank_limits
+
+    limits = rank_limits(shapes, device=source.device, dtype=source.dtype)
+    by_shape = {f"{m}x{n}": limits[name] for name, (m, n) in shapes.items()}
+    report.notes.append("objective speed: factorised only below the rank where a factor pair stops being faster "
+                        f"than dense at decode on {source.device.type} ({source.dtype}), per out x in shape: "
+                        + ", ".join(f"{k} below {v}" for k, v in sorted(by_shape.items())))
+    return limits
+
+
 def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats: Mapping[str, LayerStats] | None,
                 entry: CacheEntry | None, report: CompressionReport, mapper: Mapper | None,
                 progress: bool) -> CompressionReport:
@@ -184,8 +200,9 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
         scores = weight_scores(source, plan.by_block, policy, stats, progress=progress)
     source.release_rest()
     inside = plan.inside
-    ranks = choose_knobs(config, inside, policy.shares(inside, config.kept_fraction(plan.value_bytes), scores),
-                         plan.value_bytes)
+    limits = speed_limits(config, inside, source, report)
+    ranks = choose_knobs(config, inside, policy.shares(inside, config.kept_fraction(plan.value_bytes), scores,
+                                                       limits), plan.value_bytes, limits)
     dense = [name for name in plan.names if name not in ranks]
     if dense:
         report.notes.append(f"kept dense ({len(dense)}): {', '.join(dense)}")

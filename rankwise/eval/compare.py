@@ -23,9 +23,11 @@ from rankwise.compress import compress_
 from rankwise.distributed import map_on_ray, ray_session
 from rankwise.eval.generate import complete
 from rankwise.eval.measure import count_params, peak_rss_mb, perplexity, prefill_throughput, targeted_bytes
+from rankwise.eval.speed import measure_speed
 from rankwise.io.atomic import atomic_dir
 from rankwise.methods import CompressConfig, config_class
 from rankwise.nn import compressed_modules
+from rankwise.nn.fused import fuse_inputs_, unfuse_
 from rankwise.progress import progress_bar
 from rankwise.targets import find_targets
 
@@ -46,6 +48,7 @@ class CompareRow:
     kept: dict[str, float] = field(default_factory=dict)  # layer -> fraction of its parameters kept
     bits: float | None = None  # the budget in bits per targeted weight, when the row had one instead of a ratio
     completions: list[str] = field(default_factory=list)  # greedy completions of the comparison's prompts
+    speed: dict[str, Any] | None = None  # decode / prefill timings with --speed (SpeedResult.to_dict())
 
 
 @dataclass
@@ -81,7 +84,34 @@ class Comparison:
                 f"{r.tokens_per_s / self.dense.tokens_per_s:.2f}x | {r.compress_s:.1f} | "
                 f"{r.rss_mb:,.0f} |")
         side = self._side_by_side()
-        return head + "\n".join(lines) + (f"\n{side}" if side else "")
+        speed = self._speed_table()
+        return head + "\n".join(lines) + (f"\n\n{speed}" if speed else "") + (f"\n{side}" if side else "")
+
+    def _speed_table(self) -> str:
+        """Decode and prefill tokens/s of every timed row and their ratio to dense (empty without ``--speed``)."""
+        if not self.dense.speed:
+            return ""
+        ref = self.dense.speed
+        batches, shapes = list(ref["decode_tokens_per_s"]), list(ref["prefill_tokens_per_s"])
+        how = (f"Speed ({ref['device']}, {ref['threads']} threads"
+               + (f", decoding compiled ({ref['compile']})" if ref["compile"] else "")
+               + (", low-rank input groups fused" if self.settings.get("fuse") else "")
+               + f"): decode {ref['new_tokens']} new tokens with the KV cache, greedy, best of {ref['repeats']}.")
+        head = ["method", "ratio or bits", *[f"decode b{b} tok/s" for b in batches],
+                *[f"prefill {x} tok/s" for x in shapes], *[f"decode b{b} vs dense" for b in batches],
+                *[f"prefill {x} vs dense" for x in shapes], "peak memory MB"]
+        lines = [how, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in [self.dense, *self.rows]:
+            if not r.speed:
+                continue
+            dec, pre = r.speed["decode_tokens_per_s"], r.speed["prefill_tokens_per_s"]
+            budget = f"{r.bits:g} bits" if r.bits is not None else f"{r.ratio:g}"
+            cells = [r.method, budget, *[f"{dec[b]:,.1f}" for b in batches], *[f"{pre[x]:,.0f}" for x in shapes],
+                     *[f"{dec[b] / ref['decode_tokens_per_s'][b]:.2f}x" for b in batches],
+                     *[f"{pre[x] / ref['prefill_tokens_per_s'][x]:.2f}x" for x in shapes],
+                     f"{r.speed['peak_mb']:,.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
 
     def _side_by_side(self) -> str:
         """Each prompt's completion by every model, one table per prompt (empty without prompts)."""
@@ -122,6 +152,30 @@ class Comparison:
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
+    def plot_speed(self, path: Path) -> None:
+        """Perplexity against decode tokens/s at the first timed batch size, every timed row."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        batch = next(iter(self.dense.speed["decode_tokens_per_s"]))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in [self.dense, *self.rows]:
+            if r.speed:
+                x = r.speed["decode_tokens_per_s"][batch]
+                ax.scatter(x, r.perplexity, s=30)
+                at = f" @ {r.bits:g} bits" if r.bits is not None else f" @ {r.ratio:g}" if r.ratio else ""
+                ax.annotate(f"{r.method}{at}", (x, r.perplexity), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set_xlabel(f"decode tokens/s (batch {batch}, KV cache, greedy)")
+        ax.set_ylabel("perplexity (held-out)")
+        ax.set_title(f"{self.settings.get('model')}: perplexity vs decode speed")
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
     def plot_ranks(self, path: Path) -> None:
         """Fraction of parameters kept per layer (model order), one line per row: where each allocation spends."""
         import matplotlib
@@ -144,13 +198,15 @@ class Comparison:
 
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
         """Write ``comparison.md``, ``comparison.png`` (perplexity vs ratio), ``comparison_bits.png`` (perplexity vs
-        bits per targeted weight), ``ranks.png`` (allocation per layer) and ``comparison.json`` atomically into
-        ``out``."""
+        bits per targeted weight), ``ranks.png`` (allocation per layer), with timings ``comparison_speed.png``
+        (perplexity vs decode tokens/s), and ``comparison.json`` atomically into ``out``."""
         with atomic_dir(out, overwrite) as tmp:
             (tmp / "comparison.md").write_text(self.to_markdown() + "\n")
             self.plot(tmp / "comparison.png")
             self.plot(tmp / "comparison_bits.png", x="bits")
             self.plot_ranks(tmp / "ranks.png")
+            if self.dense.speed:
+                self.plot_speed(tmp / "comparison_speed.png")
             data = {"settings": self.settings, "calibration_s": self.calibration_s, "stats_cached": self.stats_cached,
                     "notes": self.notes, "dense": asdict(self.dense),
                     "rows": [asdict(r) for r in self.rows], "peak_rss_mb": peak_rss_mb()}
@@ -170,16 +226,23 @@ def score(model: nn.Module, evaluation: torch.Tensor, *, batch_size: int = 8, sp
 
 def _row(model: nn.Module, name: str, ratio: float, evaluation: torch.Tensor, dense_targeted: int,
          seconds: float, batch_size: int, value_bytes: int, prompts: Sequence[str] = (), tokenizer: Any = None,
-         max_new_tokens: int = 32, speed_repeats: int = 5) -> CompareRow:
+         max_new_tokens: int = 32, speed_repeats: int = 5, speed: Mapping[str, Any] | None = None,
+         fuse: bool = False) -> CompareRow:
     rss = psutil.Process().memory_info().rss / 2**20
     total, targeted = count_params(model)
-    ppl, tps, texts = score(model, evaluation, batch_size=batch_size, speed_repeats=speed_repeats, prompts=prompts,
-                            tokenizer=tokenizer, max_new_tokens=max_new_tokens)
+    if fuse:
+        fuse_inputs_(model)
+    try:
+        ppl, tps, texts = score(model, evaluation, batch_size=batch_size, speed_repeats=speed_repeats,
+                                prompts=prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
+        timed = measure_speed(model, repeats=min(speed_repeats, 3), **speed).to_dict() if speed is not None else None
+    finally:
+        unfuse_(model)
     stored = targeted_bytes(model, value_bytes)
     rest = sum(p.numel() for p in model.parameters()) - targeted_params_dense(model)
     return CompareRow(name, ratio, ppl, targeted, dense_targeted - targeted, total, tps, seconds, rss,
                       weights_mb=(stored + rest * value_bytes) / 1e6, bits_per_weight=8 * stored / dense_targeted,
-                      completions=texts)
+                      completions=texts, speed=timed)
 
 
 def declared_dtype(model: nn.Module) -> torch.dtype:
@@ -261,7 +324,8 @@ def candidate_rows(config: CompressConfig | Anchor | None, *, model: nn.Module, 
                    evaluation: torch.Tensor, stats: Mapping[str, LayerStats], dense_targeted: int, eora_rank: int = 0,
                    batch_size: int = 8, prompts: Sequence[str] = (), tokenizer: Any = None,
                    max_new_tokens: int = 32, speed_repeats: int = 5,
-                   storage_dtype: str | torch.dtype | None = None) -> list[CompareRow]:
+                   storage_dtype: str | torch.dtype | None = None, speed: Mapping[str, Any] | None = None,
+                   fuse: bool = False) -> list[CompareRow]:
     """Compress a copy of ``model`` with ``config`` and evaluate it: one row, two with ``eora_rank > 0``.
 
     ``model`` is left untouched; ``stats`` are the dense model's statistics, shared by every config. ``config=None``
@@ -273,9 +337,11 @@ def candidate_rows(config: CompressConfig | Anchor | None, *, model: nn.Module, 
     text = {"prompts": prompts, "tokenizer": tokenizer, "max_new_tokens": max_new_tokens,
             "speed_repeats": speed_repeats}
     if config is None:
-        return [_row(model, "dense", 0.0, evaluation, dense_targeted, 0.0, batch_size, dtype.itemsize, **text)]
+        return [_row(model, "dense", 0.0, evaluation, dense_targeted, 0.0, batch_size, dtype.itemsize, **text,
+                     speed=speed)]
     if not isinstance(config, CompressConfig):
         return config.rows(model, evaluation, value_bytes=dtype.itemsize, batch_size=batch_size, **text)
+    text.update(speed=speed, fuse=fuse)
     candidate = copy.deepcopy(model)
     needs_data = config.sequential or config.update_u
     report = compress_(candidate, config, calibration if needs_data else None, stats=stats, batch_size=batch_size,
@@ -298,7 +364,7 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
             ray_address: str | None = None, prompts: Sequence[str] = (), tokenizer: Any = None,
             max_new_tokens: int = 32, cache: str | Path | None = None, speed_repeats: int = 5,
             storage_dtype: str | torch.dtype | None = None, hqq_bits: Sequence[int] = (),
-            hqq_group: int = 64) -> Comparison:
+            hqq_group: int = 64, speed: Mapping[str, Any] | None = None, fuse: bool = False) -> Comparison:
     """Compress a copy of ``model`` with every config and evaluate each on ``evaluation``.
 
     With ``prompts`` (and the ``tokenizer``) every row also holds each prompt's greedy completion, shown side by
@@ -322,6 +388,10 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
         hqq_bits: also a row of HQQ quantisation (:class:`~rankwise.eval.anchors.HQQ`, the optional
             ``rankwise[quant]`` extra) at each of these bits, after the configs' rows, at the bits its format stores.
         hqq_group: weights per HQQ scale and zero.
+        speed: also time every row's decode and prefill (the keyword arguments of
+            :func:`~rankwise.eval.speed.measure_speed`, e.g. ``{}`` for its defaults), shown in a second table with
+            each row's ratio to dense; the HQQ anchors are not timed (HQQ's own layers).
+        fuse: run each compressed row with its low-rank input groups fused (:func:`rankwise.nn.fused.fuse_inputs_`).
 
     Raises:
         ValueError: ``hqq_bits`` without the ``hqq`` package (one line naming the extra), a bad storage dtype or
@@ -357,7 +427,7 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
         shared = {"model": model, "calibration": calibration, "evaluation": evaluation, "stats": stats,
                   "dense_targeted": dense_targeted, "eora_rank": eora_rank, "batch_size": batch_size,
                   "prompts": list(prompts), "tokenizer": tokenizer, "max_new_tokens": max_new_tokens,
-                  "speed_repeats": speed_repeats, "storage_dtype": dtype}
+                  "speed_repeats": speed_repeats, "storage_dtype": dtype, "speed": speed, "fuse": fuse}
         items = [None, *configs, *anchors]  # None: the dense model
         if ray_address is None:
             groups = [candidate_rows(c, **shared) for c in progress_bar(items, "dense, recipes x ratios",
@@ -373,7 +443,9 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
         if alone:
             notes.append(f"no EoRA row for {', '.join(alone)}: their layer kinds cannot merge a low-rank update "
                          "(export the compensation as a PEFT adapter with rankwise compensate instead)")
-    settings = {"dtype": str(dtype).removeprefix("torch."),
+    if speed is not None and anchors:
+        notes.append("the HQQ anchors are not timed (HQQ's own layers)")
+    settings = {"dtype": str(dtype).removeprefix("torch."), "fuse": fuse,
                 "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), **(settings or {})}
     return Comparison(dense, rows, settings=settings, calibration_s=calibration_s,
                       stats_cached=entry is not None and entry.hit, notes=notes)

@@ -30,6 +30,7 @@ class EvalResult:
     peak_rss_mb: float
     model_mb: float
     storage: dict[str, Any] | None = None  # the directory's size on disk (see :func:`storage`), when one was read
+    speed: dict[str, Any] | None = None  # decode and prefill timings (:class:`~rankwise.eval.speed.SpeedResult`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,7 +40,8 @@ class EvalResult:
         return (f"perplexity {self.perplexity:.3f} on {self.windows} windows x {self.seq_len} tokens "
                 f"({self.eval_tokens:,} predicted tokens); params {self.params_total:,} total, "
                 f"{self.params_targeted:,} in attention/MLP projections; prefill {speed}; "
-                f"model {self.model_mb:.1f} MB, peak RSS {self.peak_rss_mb:.0f} MB" + describe_storage(self.storage))
+                f"model {self.model_mb:.1f} MB, peak RSS {self.peak_rss_mb:.0f} MB" + describe_storage(self.storage)
+                + (f"\n{describe_speed(self.speed)}" if self.speed else ""))
 
 
 def storage(path: Any) -> dict[str, Any] | None:
@@ -63,6 +65,12 @@ def storage(path: Any) -> dict[str, Any] | None:
         out.update(bytes_dense=report.get("bytes_dense"), bits_per_targeted_weight=report.get(
             "bits_per_targeted_weight"))
     return out
+
+
+def describe_speed(speed: dict[str, Any]) -> str:
+    from rankwise.eval.speed import SpeedResult
+
+    return SpeedResult(**speed).describe()
 
 
 def describe_storage(found: dict[str, Any] | None) -> str:

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import numbers
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -174,6 +174,7 @@ class SharedAcrossBlocks:
 
 
 FACTOR_BITS = (8,)
+OBJECTIVES = ("size", "speed")
 
 
 @dataclass(frozen=True)
@@ -185,9 +186,15 @@ class LowRankConfig(CompressConfig):
         factor_bits: ``None``: the factors are floating-point values at the storage dtype; ``8``: int8 codes with one
             floating-point scale per row of each factor (:class:`~rankwise.nn.Int8LowRankLinear`), so a budget in
             bits buys about twice the rank. A ratio of parameters removed gives the same rank either way.
+        objective: ``"size"``: a matrix is factorised whenever its rank stores fewer values than the dense matrix;
+            ``"speed"``: only where the factor pair is also faster at decode on the machine compressing (one token
+            through the dense matrix and through pairs of each rank, timed once per shape and cached,
+            :mod:`rankwise.allocate.latency`); a matrix whose rank would not be faster stays dense and the budget
+            is met by the others.
     """
 
     factor_bits: int | None = None
+    objective: str = "size"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -195,6 +202,11 @@ class LowRankConfig(CompressConfig):
                                              or self.factor_bits not in FACTOR_BITS):
             raise ValueError(f"factor_bits must be None (floating-point factors) or one of "
                              f"{', '.join(map(str, FACTOR_BITS))}, got {self.factor_bits!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "speed" and self.factor_bits is not None:
+            raise ValueError("objective='speed' times floating-point factor pairs; it cannot be combined with "
+                             "factor_bits (int8 factors are dequantised per call)")
 
     def cost(self, m: int, n: int, knob: int, value_bytes: int) -> Cost:
         """``r (m + n)`` values; with ``factor_bits=8`` one byte each plus ``m + r`` row scales at ``value_bytes``."""
@@ -215,21 +227,24 @@ def dense_cost(m: int, n: int, value_bytes: int) -> Cost:
 
 
 def choose_knobs(config: CompressConfig, shapes: dict[str, tuple[int, int]], fractions: dict[str, float],
-                 value_bytes: int) -> dict[str, int]:
+                 value_bytes: int, limits: Mapping[str, int] | None = None) -> dict[str, int]:
     """Each matrix's knob under the budget: matrix ``k`` may keep ``fractions[k]`` of its dense cost (from the
     allocation policy; ``1.0`` keeps it dense), and the total may not exceed ``config``'s budget.
 
     A matrix gets the largest knob whose cost fits its share; one whose share is below the method's smallest
     representation gets that smallest one, and the shares of the others shrink until the total fits. A matrix
-    whose knob would cost as much as the dense matrix is left out of the result (kept dense).
+    whose knob would cost as much as the dense matrix, or reaches its entry in ``limits`` (the rank from which a
+    factor pair is no faster, ``objective="speed"``), is left out of the result (kept dense).
 
     Raises:
         ValueError: even the smallest representation of every matrix exceeds the budget.
     """
     unit = config.unit
+    limits = limits or {}
     dense = {k: dense_cost(*shapes[k], value_bytes)[unit] for k in shapes}
     total = config.kept_fraction(value_bytes) * sum(dense.values())
-    lowest = {k: config.cost(*shapes[k], config.knob_range(*shapes[k])[0], value_bytes)[unit] for k in shapes}
+    lowest = {k: config.cost(*shapes[k], config.knob_range(*shapes[k])[0], value_bytes)[unit]
+              if config.knob_range(*shapes[k])[0] < limits.get(k, math.inf) else dense[k] for k in shapes}
     floor = sum(min(lowest[k], dense[k]) for k in shapes)
     if floor > total:
         what = f"{config.bits} bits per weight" if config.bits is not None else f"ratio {config.ratio}"
@@ -242,6 +257,7 @@ def choose_knobs(config: CompressConfig, shapes: dict[str, tuple[int, int]], fra
         knobs: dict[str, int] = {}
         spent: dict[str, float] = {}
         flexible: list[str] = []  # matrices whose knob fits their share: their share can shrink
+        below: dict[str, float] = {}  # kept dense at or above their limit: the cost just below it
         for k, (m, n) in shapes.items():
             if budgets[k] >= dense[k]:  # a full share: dense (no representation saves anything there)
                 flexible.append(k)
@@ -253,15 +269,21 @@ def choose_knobs(config: CompressConfig, shapes: dict[str, tuple[int, int]], fra
             else:
                 knob = config.knob_range(m, n)[0]
             cost = config.cost(m, n, knob, value_bytes)[unit]
-            if cost >= dense[k]:
+            limit = limits.get(k, math.inf)
+            if cost >= dense[k] or knob >= limit:
                 spent[k] = dense[k]
+                if knob >= limit > config.knob_range(m, n)[0]:  # if the budget needs it: factorised below the limit
+                    below[k] = config.cost(m, n, limit - 1, value_bytes)[unit]
+                elif knob >= limit and k in flexible:  # no rank is fast enough: dense whatever the budget
+                    flexible.remove(k)
             else:
                 knobs[k], spent[k] = knob, cost
         if sum(spent.values()) <= total:
             return knobs
         fixed = sum(spent[k] for k in shapes if k not in flexible)
-        scale = min(0.999, max(0.0, total - fixed) / max(sum(spent[k] for k in flexible), 1e-300))
-        budgets.update({k: spent[k] * scale for k in flexible})
+        basis = {k: below.get(k, spent[k]) for k in flexible}
+        scale = min(0.999, max(0.0, total - fixed) / max(sum(basis.values()), 1e-300))
+        budgets.update({k: basis[k] * scale for k in flexible})
     raise ValueError(f"could not meet the budget for {config.name}; lower the ratio or raise bits")
 
 

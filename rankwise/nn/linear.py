@@ -58,6 +58,8 @@ class LowRankLinear(CompressedLinear):
     """
 
     grows_rank = True
+    # Set by :func:`rankwise.nn.fused.fuse_inputs_`: the group whose one matmul computes this layer's ``down(x)``.
+    input_group = None
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
@@ -111,7 +113,9 @@ class LowRankLinear(CompressedLinear):
         return self.up @ self.down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.down), self.up, self.bias)
+        if self.input_group is None or torch.compiler.is_compiling():
+            return F.linear(F.linear(x, self.down), self.up, self.bias)
+        return F.linear(self.input_group.down(self, x), self.up, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
