@@ -75,14 +75,50 @@ def test_fused_group_recomputes_for_another_input_and_after_weights_change():
             x @ attn.k_proj.down.T, attn.k_proj.up, attn.k_proj.bias))
 
 
-def test_fused_model_trains_exactly_and_copies():
+def _linear_calls(model, ids) -> int:
+    calls = []
+    real = torch.nn.functional.linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    torch.nn.functional.linear = counting
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        torch.nn.functional.linear = real
+    return len(calls)
+
+
+def test_a_fused_group_projects_down_in_one_matmul():
+    model = _compressed()
+    ids = tiny_tokens(1, 8, seed=5)
+    unfused = _linear_calls(model, ids)
+    groups = fuse_inputs_(model)
+    saved = sum(len(g) - 1 for g in groups)  # one matmul per group instead of one per member
+    assert saved == 2 * (2 + 1) and _linear_calls(model, ids) == unfused - saved
+    with torch.inference_mode():  # inference tensors have no version counter: recognised by identity
+        torch.testing.assert_close(model(ids).logits, copy.deepcopy(model)(ids).logits)
+
+
+def test_fused_model_trains_exactly_copies_and_pickles(tmp_path):
     model = _compressed()
     reference = copy.deepcopy(model)
     fuse_inputs_(model)
     copied = copy.deepcopy(model)
-    q = copied.model.layers[0].self_attn.q_proj
-    assert q.input_group is not None and q.input_group.members[0] is q  # the copy's group holds the copy's layers
+    attn = copied.model.layers[0].self_attn
+    assert attn.q_proj.input_group.members[0] is attn.q_proj  # the copy's group holds the copy's layers
+    assert attn.q_proj.input_group is attn.k_proj.input_group is attn.v_proj.input_group
     ids = tiny_tokens(2, 16, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+        model(ids)  # caches filled (a weak reference among them): pickling drops them
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
     for m in (model, reference):
         m(ids, labels=ids).loss.backward()
     for (name, p), (_, r) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
@@ -115,6 +151,14 @@ def test_decode_generates_exactly_the_tokens_timed(monkeypatch):
     assert lengths == [6, 6, 6, 1, 1]  # warm-up, 2 x (new + 1), 2 x 1
 
 
+def test_compiled_decode_is_timed_and_the_model_restored():
+    model = _compressed()
+    result = measure_speed(model, decode_batches=(1,), prefill_shapes=(), new_tokens=3, repeats=1,
+                           compile="default")
+    assert result.compile == "default" and result.decode_tokens_per_s[1] > 0
+    assert "forward" not in model.__dict__  # the compiled forward is gone again
+
+
 def test_bad_speed_settings_are_refused():
     with pytest.raises(ValueError, match="compile mode must be one of"):
         check_compile("fastest", torch.device("cpu"))
@@ -134,7 +178,8 @@ def test_crossing_interpolates_where_the_pair_stops_being_faster():
 
     assert crossing([10, 20, 30], [5.0, 6.0, 7.0], 10.0, 40) == 40  # always faster: up to the break-even rank
     assert crossing([10, 20, 30], [11.0, 12.0, 13.0], 10.0, 40) == 0  # never faster
-    assert crossing([10, 20, 30], [8.0, 12.0, 14.0], 10.0, 40) == 16  # 8 -> 12 crosses 10 halfway, at rank 15
+    assert crossing([10, 20, 30], [8.0, 12.0, 14.0], 10.0, 40) == 15  # 8 -> 12 reaches 10 halfway, at rank 15
+    assert crossing([10, 20, 30], [8.0, 9.0, 14.0], 10.0, 40) == 22  # 9 -> 14 reaches 10 a fifth of the way
 
 
 def test_rank_limits_are_measured_once_and_cached(tmp_path, monkeypatch):
@@ -156,14 +201,8 @@ def test_rank_limits_are_measured_once_and_cached(tmp_path, monkeypatch):
     assert all(0 <= v <= 64 * 32 // 96 for v in first.values())
     assert latency.rank_limits(shapes) == first and len(timed) == 2  # read back, nothing timed again
     latency.rank_limits({"d": (16, 32)})
-    assert len(timed) == 3 and set(json_keys(latency.cache_file(torch.device("cpu"), torch.float32, 1))) == {
-        "64x32", "32x32", "16x32"}
-
-
-def json_keys(path):
-    import json
-
-    return json.loads(path.read_text())
+    cached = json.loads(latency.cache_file(torch.device("cpu"), torch.float32, 1).read_text())
+    assert len(timed) == 3 and set(cached) == {"64x32", "32x32", "16x32"}
 
 
 def test_limits_keep_slow_ranks_dense_and_meet_the_budget():
@@ -248,6 +287,8 @@ def test_eval_and_compare_time_decode_and_prefill(tiny_dir, tmp_path):
     (["eval", "{model}", "--speed", "--decode-batches", "1,x"], "--decode-batches must be a comma-separated list"),
     (["eval", "{model}", "--speed", "--stream"], "--speed times the whole model in memory"),
     (["eval", "{model}", "--fuse", "--stream"], "--fuse runs the whole model in memory"),
+    (["eval", "{model}", "--speed", "--fuse", "--compile", "default"], "--fuse and --compile do not combine"),
+    (["compare", "{model}", "--speed", "--ray", "local", "--out", "{tmp}/o"], "--speed and --ray do not combine"),
     (["compress", "{model}", "--method", "monarch", "--objective", "speed", "--out", "{tmp}/o"],
      "--objective applies to the low-rank methods"),
     (["compress", "{model}", "--objective", "fast", "--out", "{tmp}/o"], "objective must be one of size, speed"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
@@ -110,7 +111,7 @@ def crossing(ranks: list[int], lowrank_us: list[float], dense_us: float, top: in
         return top
     k = faster.index(False)  # first grid rank that is not faster
     r0, r1, t0, t1 = ranks[k - 1], ranks[k], lowrank_us[k - 1], lowrank_us[k]
-    return max(r0 + 1, min(r1, int(r0 + (dense_us - t0) / max(t1 - t0, 1e-12) * (r1 - r0)) + 1))
+    return max(r0 + 1, min(r1, r0 + math.ceil((dense_us - t0) / max(t1 - t0, 1e-12) * (r1 - r0))))
 
 
 def rank_limits(shapes: Mapping[str, tuple[int, int]], *, device: torch.device | str = "cpu",

@@ -112,10 +112,13 @@ class SpeedSettings:
 
 
 def speed_settings(speed: bool, decode_batches: str, prefill: str, new_tokens: int, compile: str | None,
-                   device: str) -> SpeedSettings | None:
+                   device: str, fuse: bool = False) -> SpeedSettings | None:
     """The ``--speed`` settings, or ``None`` without ``--speed`` (then ``--compile`` is refused: it only times)."""
     from rankwise.eval.speed import check_compile
 
+    if fuse and compile is not None:
+        raise ValueError("--fuse and --compile do not combine: compiled, the low-rank layers run unfused (inductor "
+                         "schedules the matmuls itself); time one or the other")
     if not speed:
         if compile is not None:
             raise ValueError("--compile applies to the timings: add --speed")

@@ -88,8 +88,8 @@ def compare(
         "--prompt", help="also complete this text with every model, side by side (repeat for several)")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens per completion")] = 32,
     no_cache: NoCacheOpt = False,
-    speed_repeats: Annotated[int, typer.Option("--speed-repeats", min=1, help="timed prefill passes per row (the "
-                                               "fastest counts)")] = 5,
+    speed_repeats: Annotated[int, typer.Option("--speed-repeats", min=1, help="timed runs of each timing per row "
+                                               "(prefill, and with --speed decode too; the fastest counts)")] = 5,
     hqq_bits: Annotated[str | None, typer.Option(
         "--hqq-bits", help="also rows of HQQ quantisation at these bits (comma list of 2, 3, 4, 8), at the bits per "
         "weight its format stores (needs pip install 'rankwise\\[quant]')")] = None,
@@ -118,7 +118,10 @@ def compare(
     from rankwise.methods import CompressConfig, config_class
     from rankwise.methods.base import parse_recipe
 
-    timing = speed_settings(speed, decode_batches, prefill, new_tokens, compile, device)
+    timing = speed_settings(speed, decode_batches, prefill, new_tokens, compile, device, fuse)
+    if timing is not None and ray is not None:
+        raise ValueError("--speed and --ray do not combine: rows timed side by side on Ray workers would slow each "
+                         "other down; time them in one process")
     method_list = comma_list(methods, "--methods")
     default_ratios = [] if bits else [0.1, 0.2, 0.3, 0.4]  # with --bits, only the ratios asked for
     ratio_list = default_ratios if ratios is None else comma_list(ratios, "--ratios", float)

@@ -94,7 +94,7 @@ def evaluate(
     parse_dtype(dtype)
     if not math.isfinite(activation_mb):
         raise ValueError(f"--activation-mb must be a finite number of MB, got {activation_mb}")
-    timing = speed_settings(speed, decode_batches, prefill, new_tokens, compile, device)
+    timing = speed_settings(speed, decode_batches, prefill, new_tokens, compile, device, fuse)
     task_names = manager = None
     if tasks is None:
         for option, value in (("--task-dir", task_dir), ("--limit", limit), ("--num-fewshot", num_fewshot)):

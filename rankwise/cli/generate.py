@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from rankwise.cli.common import DeviceOpt, ModelArg, ThreadsOpt, TrustOpt, one_line_errors, say, setup
+from rankwise.cli.common import DeviceOpt, FuseOpt, ModelArg, ThreadsOpt, TrustOpt, one_line_errors, say, setup
 
 
 @one_line_errors
@@ -18,6 +18,7 @@ def generate(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
+    fuse: FuseOpt = False,
 ) -> None:
     """Complete each --prompt with MODEL greedily (deterministic) and print prompt and completion."""
     from rankwise.arch import is_encoder
@@ -33,6 +34,10 @@ def generate(
     if is_encoder(loaded.model):
         raise ValueError(f"generate needs a causal LM; {model} is an encoder ({type(loaded.model).__name__}): "
                          "evaluate it with rankwise eval")
+    if fuse:
+        from rankwise.nn.fused import fuse_inputs_
+
+        fuse_inputs_(loaded.model)
     for text, completion in zip(prompt, complete(loaded.model, loaded.tokenizer, prompt,
                                                   max_new_tokens=max_new_tokens, chat=chat), strict=True):
         say(f"### {text}\n{completion.strip()}\n")

@@ -48,6 +48,7 @@ class Plan:
     gradient_kinds: frozenset[str]  # statistics of the gradient pass (empty: no such pass)
     block_kinds: frozenset[str]  # input statistics collected per block
     value_bytes: int  # bytes of one floating-point value as stored: what budgets in bytes count
+    limits: dict[str, int] | None = None  # objective "speed": the rank from which each matrix stays dense
 
     @property
     def inside(self) -> dict[str, tuple[int, int]]:
@@ -91,8 +92,10 @@ def make_plan(source, config: CompressConfig, filter_fn: FilterFn | None, *, has
     plan = Plan(config, by_block, outside, {n: tuple(linear_weight(m).shape) for n, m in targets.items()},
                 {n: (m.bias.numel() if m.bias is not None else 0) for n, m in targets.items()},
                 gradient_kinds, block_kinds, value_bytes)
+    plan.limits = speed_limits(config, plan.inside, source)
     if by_block:  # the budget is representable, checked before any weight is read
-        choose_knobs(config, plan.inside, dict.fromkeys(plan.inside, config.kept_fraction(value_bytes)), value_bytes)
+        choose_knobs(config, plan.inside, dict.fromkeys(plan.inside, config.kept_fraction(value_bytes)), value_bytes,
+                     plan.limits)
     return plan
 
 
@@ -162,20 +165,22 @@ def cache_entry(cache: StatsCache, source, plan: Plan, batches: list[torch.Tenso
         gradient_kinds=sorted(plan.gradient_kinds), allocation=config.allocation if plan.gradient_kinds else None)
 
 
-def speed_limits(config: CompressConfig, shapes: dict[str, tuple[int, int]], source,
-                 report: CompressionReport) -> dict[str, int] | None:
+def speed_limits(config: CompressConfig, shapes: dict[str, tuple[int, int]], source) -> dict[str, int] | None:
     """With ``objective="speed"``: per matrix, the rank from which its factor pair is no faster than dense on the
-    device and dtype the model runs in (:func:`rankwise.allocate.latency.rank_limits`), noted in the report."""
-    if getattr(config, "objective", "size") != "speed":
+    device and in the dtype the model computes in (:func:`rankwise.allocate.latency.rank_limits`)."""
+    if not config.speed_limited or not shapes:
         return None
     from rankwise.allocate.latency import rank_limits
 
-    limits = rank_limits(shapes, device=source.device, dtype=source.dtype)
-    by_shape = {f"{m}x{n}": limits[name] for name, (m, n) in shapes.items()}
-    report.notes.append("objective speed: factorised only below the rank where a factor pair stops being faster "
-                        f"than dense at decode on {source.device.type} ({source.dtype}), per out x in shape: "
-                        + ", ".join(f"{k} below {v}" for k, v in sorted(by_shape.items())))
-    return limits
+    return rank_limits(shapes, device=source.device, dtype=source.dtype)
+
+
+def speed_note(plan: Plan, source) -> str:
+    """The report's note of the speed limits, per ``out x in`` shape."""
+    by_shape = {f"{m}x{n}": plan.limits[name] for name, (m, n) in plan.inside.items()}
+    return ("objective speed: factorised only below the rank where a factor pair stops being faster than dense at "
+            f"decode on {source.device.type} ({str(source.dtype).removeprefix('torch.')}), per out x in shape: "
+            + ", ".join(f"{k} below {v}" for k, v in sorted(by_shape.items())))
 
 
 def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats: Mapping[str, LayerStats] | None,
@@ -200,7 +205,9 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
         scores = weight_scores(source, plan.by_block, policy, stats, progress=progress)
     source.release_rest()
     inside = plan.inside
-    limits = speed_limits(config, inside, source, report)
+    limits = plan.limits
+    if limits is not None:
+        report.notes.append(speed_note(plan, source))
     ranks = choose_knobs(config, inside, policy.shares(inside, config.kept_fraction(plan.value_bytes), scores,
                                                        limits), plan.value_bytes, limits)
     dense = [name for name in plan.names if name not in ranks]

@@ -1,4 +1,4 @@
-"""Measure models: perplexity on held-out text, parameters, prefill throughput, memory; compare methods."""
+"""Measure models: perplexity on held-out text, parameters, decode and prefill speed, memory; compare methods."""
 
 from rankwise.eval.generate import complete
 from rankwise.eval.measure import (
@@ -9,5 +9,7 @@ from rankwise.eval.measure import (
     perplexity,
     prefill_throughput,
 )
+from rankwise.eval.speed import SpeedResult, measure_speed
 
-__all__ = ["EvalResult", "complete", "count_params", "evaluate", "peak_rss_mb", "perplexity", "prefill_throughput"]
+__all__ = ["EvalResult", "SpeedResult", "complete", "count_params", "evaluate", "measure_speed", "peak_rss_mb",
+           "perplexity", "prefill_throughput"]

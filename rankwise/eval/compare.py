@@ -99,7 +99,7 @@ class Comparison:
                + f"): decode {ref['new_tokens']} new tokens with the KV cache, greedy, best of {ref['repeats']}.")
         head = ["method", "ratio or bits", *[f"decode b{b} tok/s" for b in batches],
                 *[f"prefill {x} tok/s" for x in shapes], *[f"decode b{b} vs dense" for b in batches],
-                *[f"prefill {x} vs dense" for x in shapes], "peak memory MB"]
+                *[f"prefill {x} vs dense" for x in shapes], f"memory MB ({ref['memory_is']})"]
         lines = [how, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in [self.dense, *self.rows]:
             if not r.speed:
@@ -109,7 +109,7 @@ class Comparison:
             cells = [r.method, budget, *[f"{dec[b]:,.1f}" for b in batches], *[f"{pre[x]:,.0f}" for x in shapes],
                      *[f"{dec[b] / ref['decode_tokens_per_s'][b]:.2f}x" for b in batches],
                      *[f"{pre[x] / ref['prefill_tokens_per_s'][x]:.2f}x" for x in shapes],
-                     f"{r.speed['peak_mb']:,.0f}"]
+                     f"{r.speed['memory_mb']:,.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -235,7 +235,7 @@ def _row(model: nn.Module, name: str, ratio: float, evaluation: torch.Tensor, de
     try:
         ppl, tps, texts = score(model, evaluation, batch_size=batch_size, speed_repeats=speed_repeats,
                                 prompts=prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
-        timed = measure_speed(model, repeats=min(speed_repeats, 3), **speed).to_dict() if speed is not None else None
+        timed = measure_speed(model, **{"repeats": speed_repeats, **speed}).to_dict() if speed is not None else None
     finally:
         unfuse_(model)
     stored = targeted_bytes(model, value_bytes)

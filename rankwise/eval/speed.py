@@ -12,6 +12,7 @@ compilation serves every step; ``mode="reduce-overhead"`` adds CUDA graphs on a 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import shutil
 import time
@@ -37,8 +38,9 @@ class SpeedResult:
     threads: int
     device: str
     compile: str | None
-    weights_mb: float  # bytes of the parameters and buffers as held in memory
-    peak_mb: float  # peak resident memory of the process so far (CPU), or peak allocated device memory (CUDA)
+    weights_mb: float  # parameters and buffers as held in memory, MB (1e6 bytes)
+    memory_mb: float  # see memory_is: peak allocated while timed (CUDA), or resident after timing (CPU), MB
+    memory_is: str
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,7 +51,8 @@ class SpeedResult:
         prefill = ", ".join(f"{n}: {v:,.0f}" for n, v in self.prefill_tokens_per_s.items())
         how = f"{self.device}, {self.threads} threads" + (f", compiled ({self.compile})" if self.compile else "")
         return (f"decode tokens/s ({self.new_tokens} new, KV cache, greedy) {decode}; prefill tokens/s {prefill}; "
-                f"{how}; weights in memory {self.weights_mb:,.1f} MB, peak memory {self.peak_mb:,.0f} MB"
+                f"{how}; weights in memory {self.weights_mb:,.1f} MB, memory {self.memory_mb:,.0f} MB "
+                f"({self.memory_is})"
                 + "".join(f"; {n}" for n in self.notes))
 
 
@@ -97,16 +100,30 @@ def decode_tokens_per_s(model: nn.Module, batch_size: int = 1, *, new_tokens: in
     ids = _ids(model, (batch_size, prompt_tokens), seed, device)
     pad = model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id
     pad = pad[0] if isinstance(pad, list) else pad
-    extra = {"cache_implementation": "static"} if static_cache else {}
+
+    cache = None
+    if static_cache:  # one cache, reset before each run: fixed shapes and addresses for the compiled graph
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=prompt_tokens + new_tokens + 1)
 
     def generate(n: int) -> None:
+        extra = {}
+        if cache is not None:
+            cache.reset()
+            extra["cache"] = cache
+        # disable_compile: transformers compiles decoding by itself on a GPU with a static cache; what runs here is
+        # the model as given (compiled by measure_speed when asked), never a graph cached on another model
         model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                       min_new_tokens=n, pad_token_id=pad if pad is not None else 0, **extra)
+                       min_new_tokens=n, pad_token_id=pad if pad is not None else 0, disable_compile=True, **extra)
 
     generate(new_tokens + 1)  # warm-up (and, compiled, the compilation)
     long = _best(lambda: generate(new_tokens + 1), repeats, device)
     short = _best(lambda: generate(1), repeats, device)
-    return batch_size * new_tokens / max(long - short, 1e-9)
+    if long <= short:
+        raise ValueError(f"decode timing is noise: {new_tokens + 1} new tokens took no longer than 1 "
+                         f"({long:.4f} s vs {short:.4f} s); time more tokens")
+    return batch_size * new_tokens / (long - short)
 
 
 @torch.no_grad()
@@ -149,7 +166,7 @@ def measure_speed(model: nn.Module, *, decode_batches: Sequence[int] = (1, 8),
         ValueError: a model without ``generate``, a bad compile mode or a machine that cannot compile, an empty
             list of batches, or a length below 1.
     """
-    from rankwise.eval.measure import peak_rss_mb
+    import psutil
 
     if not callable(getattr(model, "generate", None)):
         raise ValueError("speed is measured on causal language models (with generate); this model has none")
@@ -167,24 +184,34 @@ def measure_speed(model: nn.Module, *, decode_batches: Sequence[int] = (1, 8),
         notes.append(f"prefill lengths above the model's {longest} positions skipped")
     prefill = {f"{b}x{n}": prefill_tokens_per_s(model, n, b, repeats=repeats, seed=seed) for b, n in shapes}
     own_forward = model.__dict__.get("forward")  # normally none: forward is the class's method
+    dynamo_settings = contextlib.nullcontext()
     if compile is not None:
+        # a fresh compilation per model, and an error rather than a silent eager fallback at dynamo's limit
+        torch._dynamo.reset()
+        dynamo_settings = torch._dynamo.config.patch(recompile_limit=32, fail_on_recompile_limit_hit=True)
         model.forward = torch.compile(model.forward, mode=compile)
         if device.type == "cpu" and compile == "reduce-overhead":
             notes.append("reduce-overhead adds CUDA graphs on a GPU only; on CPU it compiles like default")
     try:
-        decode = {b: decode_tokens_per_s(model, b, new_tokens=new_tokens, prompt_tokens=prompt_tokens,
-                                         repeats=repeats, static_cache=compile is not None, seed=seed)
-                  for b in decode_batches}
+        with dynamo_settings:
+            decode = {b: decode_tokens_per_s(model, b, new_tokens=new_tokens, prompt_tokens=prompt_tokens,
+                                             repeats=repeats, static_cache=compile is not None, seed=seed)
+                      for b in decode_batches}
     except torch._dynamo.exc.BackendCompilerFailed as err:  # e.g. a compiler that cannot build inductor's kernels
-        raise RuntimeError(f"torch.compile failed on this machine ({type(err.inner_exception).__name__}); run "
-                           "without --compile") from None
+        raise ValueError(f"torch.compile failed on this machine ({type(err.inner_exception).__name__}); run "
+                         "without --compile") from None
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        raise ValueError("torch.compile recompiled this model more than 32 times; its decode cannot be timed "
+                         "compiled (run without --compile)") from None
     finally:
         if compile is not None and own_forward is None:
             del model.forward
         elif compile is not None:
             model.forward = own_forward
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e6
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
-    threads = torch.get_num_threads()
-    return SpeedResult(decode, prefill, new_tokens, prompt_tokens, repeats, threads, str(device), compile, weights,
-                       peak, notes)
+    if device.type == "cuda":
+        memory, what = torch.cuda.max_memory_allocated(device) / 1e6, "peak allocated on the GPU while timed"
+    else:
+        memory, what = psutil.Process().memory_info().rss / 1e6, "resident after timing (the process's)"
+    return SpeedResult(decode, prefill, new_tokens, prompt_tokens, repeats, torch.get_num_threads(), str(device),
+                       compile, weights, memory, what, notes)

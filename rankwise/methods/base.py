@@ -104,6 +104,12 @@ class CompressConfig:
         """The smallest and largest knob this method accepts for an ``m x n`` matrix."""
         return 1, min(m, n)
 
+    @property
+    def speed_limited(self) -> bool:
+        """Whether a matrix is factorised only at ranks faster than dense (``objective="speed"`` of the low-rank
+        methods; see :mod:`rankwise.allocate.latency`)."""
+        return False
+
     def block_groups(self, n_blocks: int) -> list[list[int]]:
         """Decoder blocks compressed together: one each, unless a cross-block method groups them (then its
         :func:`register_group_method` function receives the same projection of every block in a group)."""
@@ -214,6 +220,10 @@ class LowRankConfig(CompressConfig):
             return Cost(knob * (m + n), knob * (m + n) + (m + knob) * value_bytes)
         return super().cost(m, n, knob, value_bytes)
 
+    @property
+    def speed_limited(self) -> bool:
+        return self.objective == "speed"
+
     def lowrank_layer(self, lr: LowRank, bias: torch.Tensor | None) -> CompressedLinear:
         """The layer holding ``lr`` (and ``bias``) as this config stores factors."""
         if self.factor_bits == 8:
@@ -248,6 +258,10 @@ def choose_knobs(config: CompressConfig, shapes: dict[str, tuple[int, int]], fra
     floor = sum(min(lowest[k], dense[k]) for k in shapes)
     if floor > total:
         what = f"{config.bits} bits per weight" if config.bits is not None else f"ratio {config.ratio}"
+        slow = sum(1 for k in shapes if lowest[k] >= dense[k] and k in limits)
+        if slow:
+            what += (f" with objective 'speed' ({slow} matrices stay dense: no rank of theirs is faster than "
+                     "dense on this machine)")
         least = 8 * value_bytes * floor / sum(dense.values()) if unit == "bytes" else 1 - floor / sum(dense.values())
         allowed = f"at least {least:.3f} bits" if unit == "bytes" else f"a ratio of at most {least:.3f}"
         raise ValueError(f"the budget of {what} is below what {config.name} can represent for these layers: "
@@ -284,7 +298,8 @@ def choose_knobs(config: CompressConfig, shapes: dict[str, tuple[int, int]], fra
         basis = {k: below.get(k, spent[k]) for k in flexible}
         scale = min(0.999, max(0.0, total - fixed) / max(sum(basis.values()), 1e-300))
         budgets.update({k: basis[k] * scale for k in flexible})
-    raise ValueError(f"could not meet the budget for {config.name}; lower the ratio or raise bits")
+    raise ValueError(f"could not meet the budget for {config.name}; lower the ratio or raise bits"
+                     + (" (or use objective 'size': 'speed' keeps slow ranks dense)" if limits else ""))
 
 
 class MethodFn(Protocol):

@@ -3,6 +3,7 @@
 from rankwise.nn.affine import AffineLowRankLinear
 from rankwise.nn.dictionary import DictionaryLinear
 from rankwise.nn.dictionary_q import Int8DictionaryLinear
+from rankwise.nn.fused import fuse_inputs_, unfuse_
 from rankwise.nn.kinds import (
     KINDS,
     CompressedLinear,
@@ -37,6 +38,7 @@ __all__ = [
     "SharedDictionaryLinear",
     "compressed_modules",
     "effective_weight",
+    "fuse_inputs_",
     "input_dim",
     "is_linear_like",
     "kind_class",
@@ -44,4 +46,5 @@ __all__ = [
     "model_num_params",
     "register_kind",
     "replace_linears",
+    "unfuse_",
 ]

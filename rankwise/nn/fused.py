@@ -20,41 +20,74 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _version(t: torch.Tensor) -> int:
+    """``t``'s version counter; ``-1`` for an inference tensor, which has none (recognised by identity alone)."""
+    return -1 if t.is_inference() else t._version
+
+
 class InputGroup:
     """The shared down-projection of the low-rank layers that read one input."""
 
     def __init__(self, members: list[nn.Module]) -> None:
         self.members = members
+        self._clear()
+
+    def _clear(self) -> None:
         self._weight: torch.Tensor | None = None
-        self._versions: tuple[Any, ...] = ()
+        self._key: tuple[Any, ...] = ()
         self._input: weakref.ref | None = None
         self._input_version = -1
         self._parts: tuple[torch.Tensor, ...] = ()
+        self._served: set[int] = set()  # members that took their slice of the cached product
         self._product_of: torch.Tensor | None = None  # the fused weight the cached parts were computed with
 
     def _fused_weight(self) -> torch.Tensor:
-        versions = tuple((m.down._version, m.down.data_ptr(), m.down.shape) for m in self.members)
-        if self._weight is None or versions != self._versions:
+        key = tuple((_version(m.down), m.down.data_ptr(), m.down.shape, m.down.dtype, m.down.device)
+                    for m in self.members)
+        if self._weight is None or key != self._key:
             self._weight = torch.cat([m.down.detach() for m in self.members])  # (sum of ranks, in)
-            self._versions = versions
+            self._key = key
         return self._weight
 
     def down(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``member.down`` applied to ``x``: a slice of the group's one product when ``x`` is the group's input."""
+        """``member.down`` applied to ``x``: a slice of the group's one product when ``x`` is the group's input.
+
+        The product is dropped once every member has taken its slice, so a forward pass holds at most one group's
+        product at a time. An inference tensor (``torch.inference_mode``) has no version counter: it is recognised
+        by identity alone."""
         if torch.is_grad_enabled() and any(m.down.requires_grad for m in self.members):
             return F.linear(x, member.down)
         weight = self._fused_weight()
+        index = self.members.index(member)
         seen = self._input() if self._input is not None else None
-        if seen is not x or x._version != self._input_version or weight is not self._product_of:
+        version = _version(x)
+        if (seen is not x or version != self._input_version or weight is not self._product_of
+                or index in self._served):
             h = F.linear(x, weight)  # (..., sum of ranks)
             self._parts = h.split([m.rank for m in self.members], dim=-1)
-            self._input, self._input_version, self._product_of = weakref.ref(x), x._version, weight
-        return self._parts[self.members.index(member)]
+            self._input, self._input_version, self._product_of = weakref.ref(x), version, weight
+            self._served = set()
+        part = self._parts[index]
+        self._served.add(index)
+        if len(self._served) == len(self.members):
+            self._parts, self._input = (), None
+        return part
 
     def __deepcopy__(self, memo: dict) -> InputGroup:
         from copy import deepcopy
 
-        return InputGroup(deepcopy(self.members, memo))  # caches are not copied
+        group = InputGroup.__new__(InputGroup)
+        memo[id(self)] = group  # the members' copies point back at this one group
+        group.members = deepcopy(self.members, memo)
+        group._clear()  # caches are not copied
+        return group
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"members": self.members}  # pickling drops the caches (and the weak reference)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.members = state["members"]
+        self._clear()
 
 
 def _shared_inputs(model: nn.Module, layers: dict[str, nn.Module]) -> list[list[str]]:
