@@ -128,7 +128,7 @@ def test_fused_model_trains_exactly_copies_and_pickles(tmp_path):
 
 def test_speed_reports_every_batch_and_length():
     model = _compressed()
-    result = measure_speed(model, decode_batches=(1, 2), prefill_shapes=((1, 16), (2, 8), (1, 4096)), new_tokens=4,
+    result = measure_speed(model, decode_batches=(1, 2), prefill_shapes=((1, 16), (2, 8), (1, 4096)), new_tokens=12,
                            repeats=1)
     assert set(result.decode_tokens_per_s) == {1, 2} and set(result.prefill_tokens_per_s) == {"1x16", "2x8"}
     assert all(v > 0 for v in [*result.decode_tokens_per_s.values(), *result.prefill_tokens_per_s.values()])
@@ -153,7 +153,7 @@ def test_decode_generates_exactly_the_tokens_timed(monkeypatch):
 
 def test_compiled_decode_is_timed_and_the_model_restored():
     model = _compressed()
-    result = measure_speed(model, decode_batches=(1,), prefill_shapes=(), new_tokens=3, repeats=1,
+    result = measure_speed(model, decode_batches=(1,), prefill_shapes=(), new_tokens=12, repeats=2,
                            compile="default")
     assert result.compile == "default" and result.decode_tokens_per_s[1] > 0
     assert "forward" not in model.__dict__  # the compiled forward is gone again
@@ -220,6 +220,8 @@ def test_limits_keep_slow_ranks_dense_and_meet_the_budget():
                        for k in shapes)
             assert kept <= 0.7 * dense
     assert "k" not in choose_knobs(config, shapes, dict.fromkeys(shapes, 0.7), 4, {"k": 0})
+    with pytest.raises(ValueError, match="with objective 'speed' \\(3 matrices stay dense"):
+        choose_knobs(config, shapes, dict.fromkeys(shapes, 0.7), 4, dict.fromkeys(shapes, 0))
 
 
 def test_speed_objective_in_the_policy_and_the_pipeline(monkeypatch):
@@ -257,10 +259,15 @@ def _cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-SMALL_SPEED = ["--speed", "--new-tokens", "3", "--decode-batches", "1,2", "--prefill", "1x16,2x8"]
+SMALL_SPEED = ["--speed", "--new-tokens", "12", "--decode-batches", "1,2", "--prefill", "1x16,2x8"]
 
 
-def test_eval_and_compare_time_decode_and_prefill(tiny_dir, tmp_path):
+def test_eval_and_compare_time_decode_and_prefill(tiny_dir, tmp_path, monkeypatch):
+    from rankwise.allocate import latency
+
+    # the tiny model's matrices are so small that on a loaded machine no factor pair may time faster than dense
+    # (then the budget is refused, tested above): fix the limits, so this test checks the commands, not the machine
+    monkeypatch.setattr(latency, "rank_limits", lambda shapes, **kw: {n: min(s) for n, s in shapes.items()})
     out = tmp_path / "c"
     result = _cli("compress", tiny_dir, "--method", "svd_llm", "--ratio", "0.3", "--objective", "speed",
                   "--out", out, "--seq-len", "16", "--calib-samples", "4")
