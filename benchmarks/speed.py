@@ -9,7 +9,8 @@ down in one matmul, :func:`rankwise.nn.fused.fuse_inputs_`) and, with ``--compil
 under ``torch.compile`` (``compiled``; the dense model too). The dense model is timed first and again last, and
 every speed-up is against the mean of those two dense timings of the same variant (eager or compiled).
 
-A recipe is ``method[+allocation][+field=value]...@ratio``, e.g. ``svd_llm+loss@0.2``.
+A recipe is ``method[+allocation][+field=value]...@ratio``, e.g. ``svd_llm+loss@0.2`` or ``modegpt@0.2`` (smaller
+dense matrices: nothing to fuse, so no fused variant).
 
     .venv/bin/python benchmarks/speed.py --out /tmp/speed
     .venv/bin/python benchmarks/speed.py --recipes svd_llm+loss@0.2 --compile --out /tmp/speed-compiled
@@ -57,8 +58,12 @@ def timed(model, args, variant: str) -> dict:
     return result.to_dict()
 
 
-def variants(args, dense: bool) -> list[str]:
-    return ["eager"] + ([] if dense else ["fused"]) + (["compiled"] if args.compile else [])
+def variants(args, model) -> list[str]:
+    """Eager, fused where the model has low-rank layers to fuse, compiled with ``--compile``."""
+    from rankwise.nn import LowRankLinear
+
+    fusable = any(isinstance(m, LowRankLinear) for m in model.modules())
+    return ["eager"] + (["fused"] if fusable else []) + (["compiled"] if args.compile else [])
 
 
 def table(rows: list[dict], dense: dict[str, dict], args) -> str:
@@ -152,7 +157,7 @@ def main() -> None:
                "removed": dense_targeted - kept, "compress_s": seconds,
                "weights_mb": (targeted_bytes(candidate, 2) + rest) / 1e6, "speed": {}}
         print(f"{name} @ {ratio:g}: perplexity {row['perplexity']:.3f}", flush=True)
-        for variant in variants(args, candidate is model):
+        for variant in variants(args, candidate):
             row["speed"][variant] = timed(candidate, args, variant)
         return row
 
@@ -161,12 +166,12 @@ def main() -> None:
     for _, config in configs:
         candidate = copy.deepcopy(model)
         start = time.perf_counter()
-        needs_data = config.sequential or config.update_u
+        needs_data = config.sequential or config.update_u or config.needs_influence
         compress_(candidate, config, calibration if needs_data else None, stats=stats, progress=False,
                   save_dtype=torch.bfloat16)
         rows.append(row_of(label(config), config.ratio, candidate, time.perf_counter() - start))
         del candidate
-    last = {variant: timed(model, args, variant) for variant in variants(args, True)}
+    last = {variant: timed(model, args, variant) for variant in variants(args, model)}
     dense = {}  # each variant's dense reference: the mean of its first and last timing
     for variant, speed in first["speed"].items():
         again = last[variant]

@@ -38,7 +38,8 @@ def _logits(model, dtype=torch.float32):
 
 @pytest.mark.parametrize("method,allocation,sequential,update_u",
                          [(m, *o) for m in svd_family() for o in OPTIONS]
-                         + [(m, "loss", False, False) for m in structured_methods()])
+                         + [(m, "uniform" if config_class(m).structured else "loss", False, False)
+                            for m in structured_methods()])
 def test_streamed_checkpoint_equals_in_memory(tmp_path, method, allocation, sequential, update_u):
     config = config_class(method)(**budget(method), allocation=allocation, sequential=sequential, update_u=update_u)
     tokens = tiny_tokens(8)

@@ -130,7 +130,7 @@ class CompressedLoraLinear(lora_layer.Linear):
         self._appended: list[int] = []  # ranks appended to the base layer by merge, in order
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        return module.in_features, module.out_features
+        return module.io_shape
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device | None,
                                                                                torch.dtype | None]:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from rankwise.adapt.train import LossFn, TrainConfig, TrainResult, causal_lm_loss, train
-from rankwise.nn import LowRankLinear
+from rankwise.nn import LowRankLinear, NarrowLinear
 
 TRAINABLE = ("factors", "linear")
 
@@ -36,7 +36,7 @@ class HealConfig:
 
     distill: float = 1.0  # weight of the KL term to the teacher in [0, 1]; 0 trains on next-token loss only
     temperature: float = 1.0  # softmax temperature of the distillation
-    trainable: str = "factors"  # factors: LowRankLinear up/down only; linear: every linear layer in the blocks
+    trainable: str = "factors"  # factors: LowRankLinear up/down and narrow matrices; linear: every linear layer
 
     def __post_init__(self) -> None:
         if not 0 <= self.distill <= 1:
@@ -53,13 +53,13 @@ def mark_trainable(model: nn.Module, trainable: str) -> list[str]:
     names = []
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear) or (trainable == "linear" and isinstance(module, nn.Linear)
+        if isinstance(module, LowRankLinear | NarrowLinear) or (trainable == "linear" and isinstance(module, nn.Linear)
                                                   and module is not output):
             module.requires_grad_(True)
             names.append(name)
     if not names:
-        raise ValueError("the model has no LowRankLinear layer to heal; pass a compressed model (rankwise compress "
-                         "... --export factored)")
+        raise ValueError("the model has no LowRankLinear or narrow layer to heal; pass a compressed model "
+                         "(rankwise compress ... --export factored)")
     return names
 
 

@@ -68,7 +68,7 @@ def info(
     if as_json:
         say(json.dumps(data, indent=1))
         return
-    say(f"{path}: {data['model_class']} ({data['dtype']}), {data['factorised_layers']} factorised layers")
+    say(f"{path}: {data['model_class']} ({data['dtype']}), {data['factorised_layers']} compressed layers")
     if data["method"] is not None and data["bits_budget"] is not None:
         say(f"method {data['method']} at a budget of {data['bits_budget']:g} bits per targeted weight")
     elif data["method"] is not None:
@@ -83,7 +83,8 @@ def info(
         + "; layer kinds: " + ", ".join(f"{k} x{n}" for k, n in data["kinds"].items()))
     for note in data["notes"]:
         say(f"note: {note}")
-    say("ranks: " + ", ".join(f"{bucket}: {count}" for bucket, count in data["rank_histogram"].items()))
+    if data["rank_histogram"]:  # kinds with a rank (low-rank, quantised + low-rank); narrow layers have none
+        say("ranks: " + ", ".join(f"{bucket}: {count}" for bucket, count in data["rank_histogram"].items()))
     origin = data["provenance"]
     if not origin:
         say("provenance: not recorded (written by rankwise.save without it, or by an older rankwise)")

@@ -123,6 +123,29 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
     return scores, kept
 
 
+def influence_pass(source, streams: Streams, *, progress: bool = True) -> list[float]:
+    """Each block's influence ``1 - mean cos(x_in, x_out)`` over the calibration tokens (ShortGPT's block influence,
+    MoDeGPT's allocation score), running the dense blocks on stream ``"scoring"`` (dropped at the end)."""
+    store, device = streams.store, source.device
+    scores = []
+    for i in progress_bar(range(len(source.blocks)), "block influence", enabled=progress):
+        block = source.load(i)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for b in range(len(streams.batches)):
+                h = store.get(("scoring", b)).to(device)
+                out = run_block(block, streams.call(b, i, device), h)
+                cos = torch.nn.functional.cosine_similarity(h.float(), out.float(), dim=-1)  # (batch, tokens)
+                total += float((1.0 - cos).sum(dtype=torch.float64))
+                count += cos.numel()
+                store.put(("scoring", b), out)
+        source.release(i)
+        scores.append(total / max(count, 1))
+    for b in range(len(streams.batches)):
+        store.drop(("scoring", b))
+    return scores
+
+
 def weight_scores(source, targets: Mapping[int, list[str]], policy: AllocationPolicy,
                   stats: Mapping[str, LayerStats] | None, *, progress: bool = True) -> dict[str, torch.Tensor]:
     """Scores from the weights alone (data-free policies) or from precomputed statistics, block by block."""

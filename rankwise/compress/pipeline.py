@@ -26,7 +26,14 @@ from rankwise.calibrate import LayerStats
 from rankwise.calibrate.cache import CacheEntry, StatsCache, tensor_digest
 from rankwise.calibrate.stats import INPUT_KINDS, InputGroup, StatsObserver, input_groups, iter_batches
 from rankwise.compress.layer import check_finite, dense_row, factorise, factorise_shared
-from rankwise.compress.passes import Streams, capture, gradient_pass, needs_gradients, weight_scores
+from rankwise.compress.passes import (
+    Streams,
+    capture,
+    gradient_pass,
+    influence_pass,
+    needs_gradients,
+    weight_scores,
+)
 from rankwise.methods import CompressConfig, method_for
 from rankwise.methods.base import choose_knobs
 from rankwise.nn import linear_weight, model_num_params
@@ -49,6 +56,7 @@ class Plan:
     block_kinds: frozenset[str]  # input statistics collected per block
     value_bytes: int  # bytes of one floating-point value as stored: what budgets in bytes count
     limits: dict[str, int] | None = None  # objective "speed": the rank from which each matrix stays dense
+    influence: bool = False  # a structured method's block-influence pass runs first
 
     @property
     def inside(self) -> dict[str, tuple[int, int]]:
@@ -68,6 +76,7 @@ def make_plan(source, config: CompressConfig, filter_fn: FilterFn | None, *, has
     if any(len(g) > 1 for g in config.block_groups(len(source.blocks))) and (config.sequential or config.update_u):
         raise ValueError(f"method {config.name!r} compresses groups of blocks together from the dense model's "
                          "statistics: sequential and update_u are not supported with it")
+    config.check_model(source.model)
     if (config.sequential or config.update_u) and not has_data:
         raise ValueError("sequential and update_u need calibration data")
     policy = config.policy
@@ -93,7 +102,13 @@ def make_plan(source, config: CompressConfig, filter_fn: FilterFn | None, *, has
                 {n: (m.bias.numel() if m.bias is not None else 0) for n, m in targets.items()},
                 gradient_kinds, block_kinds, value_bytes)
     plan.limits = speed_limits(config, plan.inside, source)
-    if by_block:  # the budget is representable, checked before any weight is read
+    if config.needs_influence:
+        if not has_data:
+            raise ValueError(f"method {config.name!r} allocates per block by block influence, which needs "
+                             "calibration data")
+        plan.influence = True
+    config.kept_fraction(value_bytes)  # a budget of a kind the method takes
+    if by_block and not config.structured:  # the budget is representable, checked before any weight is read
         choose_knobs(config, plan.inside, dict.fromkeys(plan.inside, config.kept_fraction(value_bytes)), value_bytes,
                      plan.limits)
     return plan
@@ -121,7 +136,8 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
     policy = config.policy
     report = CompressionReport(config.name, config.ratio, sum(p.numel() for p in source.model.parameters()),
                                bits=config.bits, value_bytes=plan.value_bytes)
-    report.notes.append(f"allocation {policy.name}" + (", sequential" if config.sequential else "")
+    report.notes.append((f"per-block budgets {'influence' if plan.influence else 'uniform'}" if config.structured
+                         else f"allocation {policy.name}") + (", sequential" if config.sequential else "")
                         + (", left factor refit" if config.update_u else ""))
     # Streams the per-block pass reads: precomputed statistics replace the dense stream outside sequential mode.
     entry = cache_entry(cache, source, plan, batches) if cache is not None and stats is None and batches else None
@@ -133,7 +149,7 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
     cached_blocks = hit and not config.sequential
     main = ("compressed",) if config.sequential else (() if stats is not None or cached_blocks else ("dense",))
     wanted = main + (("original",) if config.sequential and config.update_u else ())
-    wanted += ("scoring",) if plan.gradient_kinds and not hit else ()
+    wanted += ("scoring",) if (plan.gradient_kinds or plan.influence) and not hit else ()
     streams = capture(source, batches, store, wanted) if batches and wanted else None
     try:
         report = _run_blocks(source, sink, plan, method, streams, stats, entry, report, mapper, progress)
@@ -158,11 +174,13 @@ def cache_entry(cache: StatsCache, source, plan: Plan, batches: list[torch.Tenso
         return None
     parts = ([] if config.sequential else [f"block-{i}" for i in range(len(source.blocks))])
     parts += ["scores", "gradient"] if plan.gradient_kinds else []
+    parts += ["influence"] if plan.influence else []
     return cache.open(
         parts, **cache.model_key(source), tokens=tensor_digest((str(b), t) for b, t in enumerate(batches)),
         dtype=str(source.dtype), device=source.device.type, targets=plan.names,
         block_kinds=None if config.sequential else sorted(plan.block_kinds),
-        gradient_kinds=sorted(plan.gradient_kinds), allocation=config.allocation if plan.gradient_kinds else None)
+        gradient_kinds=sorted(plan.gradient_kinds), allocation=config.allocation if plan.gradient_kinds else None,
+        influence=plan.influence)
 
 
 def speed_limits(config: CompressConfig, shapes: dict[str, tuple[int, int]], source) -> dict[str, int] | None:
@@ -203,13 +221,30 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
             entry.write_stats("gradient", gradient_stats)
     elif policy.needs_scores:
         scores = weight_scores(source, plan.by_block, policy, stats, progress=progress)
+    keeps = None
+    if config.structured:
+        influence = None
+        if plan.influence and hit:
+            influence = entry.read("influence")[0]["influence"].tolist()
+        elif plan.influence:
+            influence = influence_pass(source, streams, progress=progress)
+            if entry is not None:
+                entry.write("influence", {"influence": torch.tensor(influence, dtype=torch.float64)})
+        targeted = sorted(plan.by_block)  # the budget is spread over the blocks that have targets
+        keeps = dict(zip(targeted, config.block_keeps(
+            [influence[i] for i in targeted] if influence is not None else None, len(targeted)), strict=True))
+        report.notes.append("kept per block: " + " ".join(f"{keeps[i]:.2f}" for i in targeted)
+                            + (" (block influence)" if influence is not None else ""))
     source.release_rest()
     inside = plan.inside
     limits = plan.limits
     if limits is not None:
         report.notes.append(speed_note(plan, source))
-    ranks = choose_knobs(config, inside, policy.shares(inside, config.kept_fraction(plan.value_bytes), scores,
-                                                       limits), plan.value_bytes, limits)
+    if config.structured:
+        ranks = dict.fromkeys(inside, 0)
+    else:
+        ranks = choose_knobs(config, inside, policy.shares(inside, config.kept_fraction(plan.value_bytes), scores,
+                                                           limits), plan.value_bytes, limits)
     dense = [name for name in plan.names if name not in ranks]
     if dense:
         report.notes.append(f"kept dense ({len(dense)}): {', '.join(dense)}")
@@ -228,7 +263,8 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
         if len(group) == 1:
             (i,) = group
             rows = compress_block(source, blocks[i], i, chosen[i], ranks, plan, method, streams, block_stats[i],
-                                  gradient_stats, mapper, record=records[i])
+                                  gradient_stats, mapper, record=records[i],
+                                  keep=keeps.get(i) if keeps is not None else None)
         else:
             rows = compress_block_group(source, blocks, chosen, ranks, plan, method, streams, block_stats, records)
         report.layers.extend(rows)
@@ -249,9 +285,11 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
 def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: Mapping[str, int], plan: Plan,
                    method, streams: Streams | None, stats: Mapping[str, LayerStats] | None,
                    gradient_stats: Mapping[str, LayerStats], mapper: Mapper | None = None, *,
-                   record: Callable[[Mapping[str, LayerStats]], None] | None = None) -> list:
+                   record: Callable[[Mapping[str, LayerStats]], None] | None = None,
+                   keep: float | None = None) -> list:
     """Calibrate block ``i`` on its stream, factorise its chosen targets in place, advance the streams.
-    ``record`` receives the block's own statistics as soon as they are collected (for the cache)."""
+    ``record`` receives the block's own statistics as soon as they are collected (for the cache); a structured
+    method narrows the block's modules to ``keep`` of their width instead."""
     config, device = plan.config, source.device
     modules = {name: source.model.get_submodule(name) for name in chosen}
     for name, module in modules.items():
@@ -270,6 +308,9 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
         missing = next(name for name in modules if name not in block_stats)
         raise ValueError(f"no calibration statistics for {missing} (precomputed or cached statistics are "
                          "incomplete; for a cache entry, delete it or pass --no-cache)")
+    if config.structured:
+        done = method(source.model, modules, block_stats, keep, config)
+        return _finish_block(source, block, i, modules, done, plan, streams, main, device)
     groups = input_groups(modules, block_stats)
     if own:
         del block_stats  # the groups hold this block's statistics now: each is freed once its group is done
@@ -283,13 +324,20 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
     else:
         done = [item for result in mapper(factorise_group, work, {"config": config, "method": method})
                 for item in result]
+    return _finish_block(source, block, i, modules, done, plan, streams, main, device)
+
+
+def _finish_block(source, block: nn.Module, i: int, modules: Mapping[str, nn.Module], done: list, plan: Plan,
+                  streams: Streams | None, main: str, device: torch.device) -> list:
+    """Put the new layers in place (``None``: kept dense), then advance the compressed stream (sequential)."""
     rows = []
     for name, new, row in done:
-        set_submodule(source.model, name, new)
+        if new is not None:
+            set_submodule(source.model, name, new)
         rows.append(row)
     order = {name: k for k, name in enumerate(modules)}
     rows.sort(key=lambda row: order[row.name])
-    if config.sequential and streams is not None:
+    if plan.config.sequential and streams is not None:
         with torch.no_grad():
             for b in range(len(streams.batches)):
                 h = streams.store.get((main, b)).to(device)

@@ -343,7 +343,7 @@ def candidate_rows(config: CompressConfig | Anchor | None, *, model: nn.Module, 
         return config.rows(model, evaluation, value_bytes=dtype.itemsize, batch_size=batch_size, **text)
     text.update(speed=speed, fuse=fuse)
     candidate = copy.deepcopy(model)
-    needs_data = config.sequential or config.update_u
+    needs_data = config.sequential or config.update_u or config.needs_influence
     report = compress_(candidate, config, calibration if needs_data else None, stats=stats, batch_size=batch_size,
                        progress=False, save_dtype=dtype)
     row = _row(candidate, label(config), config.ratio, evaluation, dense_targeted, report.seconds, batch_size,

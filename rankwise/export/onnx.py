@@ -53,11 +53,12 @@ class OnnxLayout:
         model_type: the Hugging Face ``model_type`` of the exported model.
         num_layers: decoder layers, one ``(key, value)`` pair of cache tensors each.
         kv_heads: key/value heads per layer (the cache's dimension 1).
-        head_dim: per-head width (the cache's dimension 3).
+        head_dim: per-head width (the cache's dimension 3) of the first layer.
         dtype: the floating dtype of the weights, logits and cache (``"float32"``...).
         inputs: graph input names, in order.
         outputs: graph output names, in order.
         files: the files holding the graph and its weights.
+        head_dims: per-layer head widths where layers differ (a MoDeGPT-narrowed model), else empty.
     """
 
     model_type: str
@@ -68,6 +69,11 @@ class OnnxLayout:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     files: tuple[str, ...]
+    head_dims: tuple[int, ...] = ()
+
+    def layer_head_dim(self, layer: int) -> int:
+        """The cache width of decoder layer ``layer``."""
+        return self.head_dims[layer] if self.head_dims else self.head_dim
 
     @property
     def past_names(self) -> tuple[str, ...]:
@@ -87,7 +93,7 @@ class OnnxLayout:
         data = json.loads(path.read_text())
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}")
-        fields = {k: data[k] for k in cls.__dataclass_fields__}
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data or k != "head_dims"}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
@@ -220,14 +226,14 @@ def export_onnx(model: nn.Module, out: str | Path, *, tokenizer: Any = None, ove
     with torch.no_grad():
         present = flat_cache(model(input_ids=probe, use_cache=True).past_key_values)
     num_layers, (_, kv_heads, _, head_dim) = len(present) // 2, present[0].shape
+    widths = [int(t.shape[-1]) for t in present]  # per layer (key, value): narrowed attentions differ
     inputs, outputs = io_names(num_layers)
     batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     total = torch.export.Dim("total")
     example = (torch.zeros(2, 4, dtype=torch.long, device=device),
                torch.ones(2, _PAST_EXAMPLE + 4, dtype=torch.long, device=device),
                torch.arange(_PAST_EXAMPLE, _PAST_EXAMPLE + 4, device=device).expand(2, 4),
-               *(torch.zeros(2, kv_heads, _PAST_EXAMPLE, head_dim, dtype=dtype, device=device)
-                 for _ in range(2 * num_layers)))
+               *(torch.zeros(2, kv_heads, _PAST_EXAMPLE, width, dtype=dtype, device=device) for width in widths))
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
                tuple({0: batch, 2: past_len} for _ in range(2 * num_layers)))
     with atomic_dir(out, overwrite) as tmp:
@@ -250,7 +256,8 @@ def export_onnx(model: nn.Module, out: str | Path, *, tokenizer: Any = None, ove
         program.save(str(tmp / ONNX_FILE), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
         files = tuple(f for f in (ONNX_FILE, f"{ONNX_FILE}.data") if (tmp / f).is_file())
         layout = OnnxLayout(getattr(model.config, "model_type", ""), num_layers, int(kv_heads), int(head_dim),
-                            str(dtype).removeprefix("torch."), inputs, outputs, files)
+                            str(dtype).removeprefix("torch."), inputs, outputs, files,
+                            tuple(widths[::2]) if len(set(widths)) > 1 else ())
         (tmp / ONNX_MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, **asdict(layout)}, indent=1))
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:

@@ -70,8 +70,9 @@ class OnnxCausalLM:
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         """Past keys and values of length 0, for the first step."""
-        shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)
-        return [np.zeros(shape, _NUMPY_DTYPES[self.layout.dtype]) for _ in self.layout.past_names]
+        dtype = _NUMPY_DTYPES[self.layout.dtype]
+        return [np.zeros((batch, self.layout.kv_heads, 0, self.layout.layer_head_dim(k // 2)), dtype)
+                for k in range(len(self.layout.past_names))]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]
              ) -> tuple[np.ndarray, list[np.ndarray]]:

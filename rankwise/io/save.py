@@ -41,6 +41,7 @@ from rankwise.io.manifest import (
 )
 from rankwise.io.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter
 from rankwise.nn import compressed_modules, linear_weight
+from rankwise.nn.narrow import restore_attentions_
 from rankwise.targets import set_submodule
 
 
@@ -176,15 +177,16 @@ def dense_state(module: nn.Module, model_type: str = "") -> dict[str, torch.Tens
             del state[key]
         weight = m.dense_weight().detach()  # (out, in)
         state[prefix + "weight"] = (weight.T if model_type == "gpt2" else weight).contiguous()
-        if getattr(m, "bias", None) is not None:
-            state[prefix + "bias"] = m.bias.detach()
+        bias = m.dense_bias()
+        if bias is not None:
+            state[prefix + "bias"] = bias.detach()
     return state
 
 
 def densify_(model: nn.Module) -> nn.Module:
     """Replace every compressed layer of ``model`` by the dense layer it stands for (in place); returns ``model``."""
     for name, m in compressed_modules(model).items():
-        bias = getattr(m, "bias", None)
+        bias = m.dense_bias()
         weight = m.dense_weight().detach()
         lin = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=weight.device,
                         dtype=weight.dtype)
@@ -193,6 +195,7 @@ def densify_(model: nn.Module) -> nn.Module:
             if bias is not None:
                 lin.bias.copy_(bias)
         set_submodule(model, name, _as_conv1d(lin) if _original_kind(model, name) == "Conv1D" else lin)
+    restore_attentions_(model)  # narrowed attentions (MoDeGPT) back to their full head dimension
     return model
 
 

@@ -39,6 +39,12 @@ from rankwise.linalg.sketch import (
     nystrom,
     sketch_lstsq,
 )
+from rankwise.linalg.structured import (
+    nystrom_columns,
+    ridge_leverage_scores,
+    rope_pair_selection,
+    whitened_value_output,
+)
 from rankwise.linalg.svd import SOLVERS, subspace_basis, svd_flip, truncated_svd
 from rankwise.linalg.whiten import Whitening, refit_left, weighted_svd, whiten, whitened_svd
 
@@ -70,12 +76,15 @@ __all__ = [
     "nf_dequantize",
     "nf_quantize",
     "nystrom",
+    "nystrom_columns",
     "omp",
     "pack_codes",
     "rank_for_energy",
     "rank_for_params_kept",
     "refit_left",
     "resolve_rank",
+    "ridge_leverage_scores",
+    "rope_pair_selection",
     "saves_params",
     "shared_basis",
     "sketch_lstsq",
@@ -89,4 +98,5 @@ __all__ = [
     "whitened_dictionary",
     "whitened_monarch_project",
     "whitened_svd",
+    "whitened_value_output",
 ]

@@ -63,6 +63,9 @@ class CompressConfig:
     needs: ClassVar[frozenset[str]] = frozenset()  # calibration statistics: "xxt", "abs", "fisher"
     knob: ClassVar[str] = "rank"  # the integer size knob the budget sets per matrix, as reports name it
     units: ClassVar[tuple[str, ...]] = UNITS  # budgets it takes: "params" (ratio), "bytes" (bits)
+    # Structured methods narrow whole modules of a block together (a :func:`register_block_method` function) at a
+    # per-block kept fraction, instead of compressing each matrix at its own knob.
+    structured: ClassVar[bool] = False
 
     @property
     def policy(self) -> AllocationPolicy:
@@ -108,6 +111,16 @@ class CompressConfig:
     def speed_limited(self) -> bool:
         """Whether a matrix is factorised only at ranks faster than dense (``objective="speed"`` of the low-rank
         methods; see :mod:`rankwise.allocate.latency`)."""
+        return False
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """A one-line ``ValueError`` if this method cannot compress ``model`` (checked at plan time, before any
+        weight is read); every model is accepted by default."""
+
+    @property
+    def needs_influence(self) -> bool:
+        """Whether compressing first measures every block's influence on the calibration data (the per-block
+        budgets of a structured method), so calibration data is needed even with precomputed statistics."""
         return False
 
     def block_groups(self, n_blocks: int) -> list[list[int]]:
@@ -314,13 +327,18 @@ _REGISTRY: dict[type[CompressConfig], MethodFn] = {}
 _BY_NAME: dict[str, type[CompressConfig]] = {}
 
 
-def register_method(config_cls: type[CompressConfig]) -> Callable[[MethodFn], MethodFn]:
-    """Register ``fn`` as the implementation for ``config_cls``; names must be lowercase and unique."""
+def _check_name(config_cls: type[CompressConfig]) -> str:
     name = config_cls.name
     if not name or name != name.lower() or not name.replace("_", "").isalnum():
         raise ValueError(f"method name must be a non-empty lowercase identifier, got {name!r}")
     if name in _BY_NAME and _BY_NAME[name] is not config_cls:
         raise ValueError(f"method name {name!r} is already registered")
+    return name
+
+
+def register_method(config_cls: type[CompressConfig]) -> Callable[[MethodFn], MethodFn]:
+    """Register ``fn`` as the implementation for ``config_cls``; names must be lowercase and unique."""
+    name = _check_name(config_cls)
 
     def decorator(fn: MethodFn) -> MethodFn:
         _REGISTRY[config_cls] = fn
@@ -351,6 +369,32 @@ def group_method_for(config: CompressConfig) -> GroupFn:
     return _GROUP_REGISTRY[type(config)]
 
 
+BlockFn = Callable[..., list]
+_BLOCK_REGISTRY: dict[type[CompressConfig], BlockFn] = {}
+
+
+def register_block_method(config_cls: type[CompressConfig]) -> Callable[[BlockFn], BlockFn]:
+    """Register ``fn(model, modules, stats, keep, config) -> [(name, new layer or None, report row)]`` narrowing
+    one block's targeted modules to ``keep`` of their width, for a ``structured`` method ``config_cls`` (which also
+    defines ``check_model(model)``, ``needs_influence`` and ``block_keeps(influence, n_blocks)``)."""
+    if not config_cls.structured:
+        raise ValueError(f"{config_cls.__name__} must set structured = True to register a block method")
+    name = _check_name(config_cls)
+
+    def decorator(fn: BlockFn) -> BlockFn:
+        _BLOCK_REGISTRY[config_cls] = fn
+        _BY_NAME[name] = config_cls
+        return fn
+
+    return decorator
+
+
+def block_method_for(config: CompressConfig) -> BlockFn:
+    if type(config) not in _BLOCK_REGISTRY:
+        raise ValueError(f"method {config.name!r} is structured but registered no block function")
+    return _BLOCK_REGISTRY[type(config)]
+
+
 def method_names() -> list[str]:
     return sorted(_BY_NAME)
 
@@ -362,7 +406,10 @@ def config_class(name: str) -> type[CompressConfig]:
     return _BY_NAME[name]
 
 
-def method_for(config: CompressConfig) -> MethodFn:
+def method_for(config: CompressConfig) -> MethodFn | BlockFn:
+    """The function compressing with ``config``: per matrix, or per block for a structured method."""
+    if type(config) in _BLOCK_REGISTRY:
+        return _BLOCK_REGISTRY[type(config)]
     if type(config) not in _REGISTRY:
         raise ValueError(f"no method registered for {type(config).__name__}; valid methods: "
                          f"{', '.join(method_names())}")

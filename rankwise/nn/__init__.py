@@ -16,6 +16,7 @@ from rankwise.nn.linear import LowRankLinear, effective_weight, input_dim, is_li
 from rankwise.nn.lowrank_int8 import Int8LowRankLinear
 from rankwise.nn.lq import QuantLowRankLinear
 from rankwise.nn.monarch import MonarchLinear
+from rankwise.nn.narrow import NarrowLinear, narrow_attention_, restore_attention_
 from rankwise.nn.shared import SharedBasisLinear
 from rankwise.nn.shared_dictionary import SharedDictionaryLinear
 from rankwise.nn.train_layers import LOSTLinear, SLTrainLinear, SSTLinear, SSTSchedule, replace_linears
@@ -30,6 +31,7 @@ __all__ = [
     "LOSTLinear",
     "LowRankLinear",
     "MonarchLinear",
+    "NarrowLinear",
     "QuantLowRankLinear",
     "SLTrainLinear",
     "SSTLinear",
@@ -44,7 +46,9 @@ __all__ = [
     "kind_class",
     "linear_weight",
     "model_num_params",
+    "narrow_attention_",
     "register_kind",
     "replace_linears",
+    "restore_attention_",
     "unfuse_",
 ]

@@ -110,6 +110,15 @@ class CompressedLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The ``(out, in)`` matrix this layer applies."""
 
+    def dense_bias(self) -> torch.Tensor | None:
+        """The ``(out,)`` bias of the dense slot, or ``None``."""
+        return self.bias
+
+    @property
+    def io_shape(self) -> tuple[int, int]:
+        """``(inputs, outputs)`` of the forward pass: the slot's shape, except for kinds that narrow it."""
+        return self.in_features, self.out_features
+
     @property
     def num_params(self) -> int:
         """Stored values: parameters and persistent buffers, each counted once."""

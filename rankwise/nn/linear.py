@@ -36,9 +36,9 @@ def linear_weight(module: nn.Module, tensor: torch.Tensor | None = None) -> torc
 
 
 def input_dim(module: nn.Module) -> int:
-    """Input features of a linear-like layer or a :class:`LowRankLinear`."""
+    """Input features a linear-like or compressed layer reads (a narrowed layer's own width, not its slot's)."""
     if isinstance(module, CompressedLinear):
-        return module.in_features
+        return module.io_shape[0]
     return linear_weight(module).shape[1]
 
 

@@ -29,7 +29,7 @@ from rankwise.io.checkpoint import (
 from rankwise.io.manifest import read_manifest
 from rankwise.io.save import install_kinds, is_compressed_dir
 from rankwise.io.sentence import read_pooling
-from rankwise.nn.kinds import kind_class
+from rankwise.nn.kinds import CompressedLinear, kind_class
 from rankwise.stream.blocks import block_of, decoder_blocks
 
 __all__ = ["DTYPES", "CheckpointSource", "ModelSource", "parse_dtype"]
@@ -211,6 +211,9 @@ class CheckpointSource:
     def load(self, i: int) -> nn.Module:
         for name, tensor in self._read(self._names(i)):
             _set_tensor(self.model, name, tensor)
+        for module in self.blocks[i].modules():  # links that need the values (a narrowed attention's head width)
+            if isinstance(module, CompressedLinear):
+                module.resolve(self.model)
         return self.blocks[i]
 
     def release(self, i: int) -> None:
