@@ -62,6 +62,8 @@ class CompressedLinear(nn.Module):
     grows_rank: ClassVar[bool] = False
     # Layers of this kind may read tensors stored by another layer (see :meth:`resolve`), possibly in another block.
     shares_tensors: ClassVar[bool] = False
+    # The streamed checkpoint reader (one block at a time) can load layers of this kind.
+    streamable: ClassVar[bool] = True
     in_features: int
     out_features: int
 

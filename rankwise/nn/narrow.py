@@ -18,7 +18,7 @@ those pairs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,8 @@ class NarrowLinear(CompressedLinear):
     MLP's three projections and an attention's four together). Layer kind ``"narrow"``, spec
     ``{"rows": rows, "cols": cols}``; the index tensors are stored bytes but not counted as parameters.
     """
+
+    streamable: ClassVar[bool] = False  # its positions are integer buffers, which the streamed reader does not load
 
     def __init__(self, in_features: int, out_features: int, rows: int, cols: int, bias: bool = False, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:

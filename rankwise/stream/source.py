@@ -29,7 +29,7 @@ from rankwise.io.checkpoint import (
 from rankwise.io.manifest import read_manifest
 from rankwise.io.save import install_kinds, is_compressed_dir
 from rankwise.io.sentence import read_pooling
-from rankwise.nn.kinds import CompressedLinear, kind_class
+from rankwise.nn.kinds import kind_class
 from rankwise.stream.blocks import block_of, decoder_blocks
 
 __all__ = ["DTYPES", "CheckpointSource", "ModelSource", "parse_dtype"]
@@ -136,6 +136,12 @@ class CheckpointSource:
                                      f"tensors across blocks (layer kind {manifest.modules[shared[0]].kind}), and "
                                      "streaming holds one block at a time; load the model whole instead (without "
                                      "--stream)")
+                narrow = [n for n, spec in manifest.modules.items() if not kind_class(spec.kind).streamable]
+                if narrow:
+                    raise ValueError(f"{manifest.modules_file}: {narrow[0]} and {len(narrow) - 1} other layers are "
+                                     f"{manifest.modules[narrow[0]].kind} layers, which the streamed reader cannot "
+                                     "load (their positions are integer buffers); load the model whole instead "
+                                     "(without --stream)")
                 with torch.device("meta"):
                     install_kinds(self.model, manifest)
         self.model.tie_weights()
@@ -211,9 +217,6 @@ class CheckpointSource:
     def load(self, i: int) -> nn.Module:
         for name, tensor in self._read(self._names(i)):
             _set_tensor(self.model, name, tensor)
-        for module in self.blocks[i].modules():  # links that need the values (a narrowed attention's head width)
-            if isinstance(module, CompressedLinear):
-                module.resolve(self.model)
         return self.blocks[i]
 
     def release(self, i: int) -> None:
