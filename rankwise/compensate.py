@@ -89,7 +89,7 @@ def _pairs(base: nn.Module, compressed: nn.Module) -> dict[str, tuple[torch.Tens
             raise ValueError(f"the compressed model does not match the base model: it has no layer {name}") from None
         if not (isinstance(other, CompressedLinear) or is_linear_like(other)):
             raise ValueError(f"layer {name} of the compressed model is a {type(other).__name__}, not a linear layer")
-        if isinstance(other, CompressedLinear) and other.io_shape != (other.in_features, other.out_features):
+        if isinstance(other, CompressedLinear) and other.narrowed:
             raise ValueError(f"layer {name} is a {other.kind} layer narrowed to {other.io_shape[1]} x "
                              f"{other.io_shape[0]} (structured compression such as modegpt): EoRA adapts layers of "
                              "the original shape; train a PEFT LoRA adapter on it instead")

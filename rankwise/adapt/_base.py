@@ -72,8 +72,7 @@ class SeedLayer(nn.Module, BaseTunerLayer):
                             f"{type(base_layer).__name__}")
         if isinstance(base_layer, CompressedLinear) and self.compressed_refusal is not None:
             raise ValueError(f"{config.peft_name} cannot adapt a compressed layer: {self.compressed_refusal}")
-        if isinstance(base_layer, CompressedLinear) and base_layer.io_shape != (base_layer.in_features,
-                                                                                base_layer.out_features):
+        if isinstance(base_layer, CompressedLinear) and base_layer.narrowed:
             raise ValueError(f"{config.peft_name} cannot adapt a {base_layer.kind} layer narrowed by structured "
                              "compression (modegpt); use plain LoRA (rankwise adapt --method lora)")
         self.base_layer = base_layer

@@ -107,10 +107,9 @@ def make_plan(source, config: CompressConfig, filter_fn: FilterFn | None, *, has
             raise ValueError(f"method {config.name!r} allocates per block by block influence, which needs "
                              "calibration data")
         plan.influence = True
-    config.kept_fraction(value_bytes)  # a budget of a kind the method takes
+    kept = config.kept_fraction(value_bytes)  # refuses a budget of a kind the method does not take
     if by_block and not config.structured:  # the budget is representable, checked before any weight is read
-        choose_knobs(config, plan.inside, dict.fromkeys(plan.inside, config.kept_fraction(value_bytes)), value_bytes,
-                     plan.limits)
+        choose_knobs(config, plan.inside, dict.fromkeys(plan.inside, kept), value_bytes, plan.limits)
     return plan
 
 

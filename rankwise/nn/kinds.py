@@ -122,6 +122,11 @@ class CompressedLinear(nn.Module):
         return self.in_features, self.out_features
 
     @property
+    def narrowed(self) -> bool:
+        """Whether the forward pass reads or writes fewer features than the slot (structured compression)."""
+        return self.io_shape != (self.in_features, self.out_features)
+
+    @property
     def num_params(self) -> int:
         """Stored values: parameters and persistent buffers, each counted once."""
         return sum(t.numel() for t in self._stored())

@@ -219,8 +219,7 @@ def narrow_attention_from_layers_(attention: nn.Module) -> None:
         ValueError: the four projections are not narrowed consistently.
     """
     q, k, v, o = (getattr(attention, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    heads = q.out_features // attention.head_dim if not hasattr(attention, "original_head_dim") else \
-        q.out_features // attention.original_head_dim
+    heads = q.out_features // getattr(attention, "original_head_dim", attention.head_dim)
     kv_heads = k.out_features * heads // q.out_features
     if not all(isinstance(p, NarrowLinear) for p in (q, k, v, o)) or q.rows % heads:
         raise ValueError("a narrowed attention needs its q, k, v and o projections all narrowed, q by a whole "
