@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/rankwise compare --recipes svd_llm,svd_llm+loss+seq --ratios 0.2 --calib-samples 16 \
+	$(VENV)/bin/rankwise compare --recipes svd_llm,best --ratios 0.2 --calib-samples 16 \
 		--eval-samples 16 --max-new-tokens 24 --speed-repeats 2 --out demo-out --overwrite \
 		--prompt "The difference between a list and a tuple in Python is" \
 		--prompt "To read a file line by line, you can"

@@ -1,10 +1,11 @@
 """Healing the default model compressed with the best recipe, within a 10-minute budget on this CPU.
 
 Usage:
-    python benchmarks/heal_smollm2.py [--ratios 0.2,0.4] [--work-dir /tmp/rankwise-heal] [--steps N] [--extra ARGS]
+    python benchmarks/heal_smollm2.py [--ratios 0.2,0.4] [--recipe best] [--work-dir /tmp/rankwise-heal] [--steps N]
+        [--extra ARGS]
 
-For each ratio: ``rankwise compress smollm2 --method svd_llm --allocation loss --sequential --ratio R`` (skipped if
-the work dir already holds it), then ``rankwise heal`` with its defaults (distilling the dense model), each a child
+For each ratio: ``rankwise compress smollm2 --recipe RECIPE --ratio R`` (skipped if the work dir already holds it),
+then ``rankwise heal`` with its defaults (distilling the dense model), each a child
 process whose wall time and peak RSS (``ru_maxrss`` from ``os.wait4``) are measured. Perplexity is on the last
 ``--eval-samples`` x 256 tokens of the pydoc topics, which neither calibration (the first 32 windows) nor healing
 (every window before the held-out ones) reads. Prints a Markdown table and writes ``heal_smollm2.png`` (held-out
@@ -38,6 +39,7 @@ def run_child(cmd: list[str], log: Path) -> tuple[int, int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.2,0.4")
+    parser.add_argument("--recipe", default="best", help="what to compress with (rankwise compress --recipe)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/rankwise-heal"))
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="override heal's default --steps")
@@ -48,11 +50,10 @@ def main() -> None:
     rankwise = str(Path(sys.executable).with_name("rankwise"))
     rows = []
     for ratio in (float(r) for r in args.ratios.split(",")):
-        compressed = args.work_dir / f"loss-seq-{ratio}"
+        compressed = args.work_dir / f"{args.recipe}-{ratio}"
         if not compressed.is_dir():
-            code, _, _ = run_child([rankwise, "compress", "smollm2", "--method", "svd_llm", "--allocation", "loss",
-                                    "--sequential", "--ratio", str(ratio), "--out", str(compressed)],
-                                   args.work_dir / f"compress-{ratio}.log")
+            code, _, _ = run_child([rankwise, "compress", "smollm2", "--recipe", args.recipe, "--ratio", str(ratio),
+                                    "--out", str(compressed)], args.work_dir / f"compress-{ratio}.log")
             if code:
                 sys.exit(f"compress at {ratio} failed; see {args.work_dir}/compress-{ratio}.log")
         report = args.work_dir / f"heal-{ratio}.json"
@@ -63,7 +64,7 @@ def main() -> None:
         if code:
             sys.exit(f"heal at {ratio} failed; see {args.work_dir}/heal-{ratio}.log")
         rows.append((ratio, json.loads(report.read_text()), rss, wall))
-    print(f"Healing `svd_llm --allocation loss --sequential` on SmolLM2-135M; held-out perplexity on the last "
+    print(f"Healing `--recipe {args.recipe}` on SmolLM2-135M; held-out perplexity on the last "
           f"{args.eval_samples} x 256 tokens of the pydoc topics; wall time and peak RSS of the whole `rankwise heal` "
           "process (loading both models, evaluating before and after, training, saving).\n")
     print("| ratio | steps x windows | trained weights | dense ppl | before | after | before / dense | "

@@ -32,6 +32,15 @@ def layer_params(m: int, n: int, rank: int, limit: int | None = None) -> int:
     return m * n if rank >= dense_from or rank >= min(m, n) else rank * (m + n)
 
 
+def check_floor(names, shapes: Mapping[str, tuple[int, int]], budget: int, min_rank: int,
+                limits: Mapping[str, int]) -> None:
+    """A ``ValueError`` saying by how much ``budget`` is missed when even ``min_rank`` everywhere exceeds it."""
+    floor = sum(layer_params(*shapes[k], min_rank, limits.get(k)) for k in names)
+    if floor > budget:
+        raise ValueError(f"the budget of {budget:,} parameters cannot be met: even rank {min_rank} in every matrix "
+                         f"keeps {floor:,} ({floor - budget:,} too many); lower the ratio")
+
+
 def threshold_ranks(scores: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int]], budget: int,
                     *, min_rank: int = 1, limits: Mapping[str, int] | None = None) -> dict[str, int]:
     """Ranks from the global threshold that keeps the most parameters within ``budget``.
@@ -47,10 +56,7 @@ def threshold_ranks(scores: Mapping[str, torch.Tensor], shapes: Mapping[str, tup
         ValueError: even ``min_rank`` everywhere exceeds the budget.
     """
     limits = limits or {}
-    floor = sum(layer_params(*shapes[k], min_rank, limits.get(k)) for k in scores)
-    if floor > budget:
-        raise ValueError(f"the budget of {budget:,} parameters cannot be met: even rank {min_rank} in every matrix "
-                         f"keeps {floor:,}; lower the ratio")
+    check_floor(scores, shapes, budget, min_rank, limits)
 
     def ranks_at(t: float) -> dict[str, int]:
         out = {}

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from rankwise.allocate.budget import layer_params, loss_scores, threshold_ranks, welore_scores
+from rankwise.allocate.drank import drank_ranks
 from rankwise.allocate.uniform import uniform_ranks
+from rankwise.allocate.zero_sum import zero_sum_ranks, zero_sum_scores
 from rankwise.calibrate import LayerStats
 from rankwise.linalg import break_even_rank
 
@@ -40,6 +42,9 @@ class AllocationPolicy:
         kinds: calibration statistics ``score`` needs (subset of ``xxt``, ``gout``); empty for data-free scores.
         rank_fn: ranks from the shapes and ratio, for policies without scores.
         even: every matrix keeps the same share (uniform allocation).
+        select: ``(scores, shapes, budget, limits=...) -> ranks`` turning the scores into ranks under a budget of
+            kept parameters; ``None``: the global threshold of :func:`~rankwise.allocate.threshold_ranks` (scores
+            non-increasing per matrix).
     """
 
     name: str
@@ -47,6 +52,7 @@ class AllocationPolicy:
     kinds: frozenset[str] = frozenset()
     rank_fn: RankFn | None = None
     even: bool = False
+    select: Callable[..., dict[str, int]] | None = None
 
     @property
     def needs_scores(self) -> bool:
@@ -77,7 +83,7 @@ class AllocationPolicy:
         if scores is None or set(scores) != set(shapes):
             raise ValueError(f"allocation {self.name!r} needs a score for every targeted matrix")
         budget = int((1.0 - ratio) * sum(m * n for m, n in shapes.values()))
-        ranks = threshold_ranks(scores, shapes, budget, limits=limits)
+        ranks = (self.select or threshold_ranks)(scores, shapes, budget, limits=limits)
         return {n: r for n, r in ranks.items()
                 if r < min(break_even_rank(*shapes[n]), limits.get(n, r + 1)) and r < min(shapes[n])}
 
@@ -93,10 +99,25 @@ def _loss(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Te
     return loss_scores(stats.whitening().right_multiply(weight.detach().float()), sensitivity)
 
 
+def _zero_sum(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+    if stats is None or name not in stats.grad_sum:
+        raise ValueError("allocation 'zs' needs calibration data: the input covariances and the loss gradient of "
+                         "every weight (statistics kinds 'xxt' and 'grad')")
+    return zero_sum_scores(weight, stats.whitening(), stats.grad_sum[name])
+
+
+def _drank(_name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+    if stats is None:
+        raise ValueError("allocation 'drank' needs calibration data (the input covariances)")
+    return torch.linalg.svdvals(stats.whitening().right_multiply(weight.detach().float())).double().pow(2)
+
+
 ALLOCATIONS: dict[str, AllocationPolicy] = {
     "uniform": AllocationPolicy("uniform", rank_fn=uniform_ranks, even=True),
     "welore": AllocationPolicy("welore", score=_welore),
     "loss": AllocationPolicy("loss", score=_loss, kinds=frozenset({"xxt", "gout"})),
+    "zs": AllocationPolicy("zs", score=_zero_sum, kinds=frozenset({"xxt", "grad"}), select=zero_sum_ranks),
+    "drank": AllocationPolicy("drank", score=_drank, kinds=frozenset({"xxt"}), select=drank_ranks),
 }
 
 

@@ -99,7 +99,7 @@ def pack(stats: Mapping[str, LayerStats]) -> tuple[dict[str, torch.Tensor], dict
             value = getattr(s, attr)
             if value is not None:
                 tensors[f"{k}.{attr}"] = value.detach().cpu().contiguous()
-        for attr in ("fisher_out", "fisher_in"):
+        for attr in ("fisher_out", "fisher_in", "grad_sum"):
             for name, value in getattr(s, attr).items():
                 tensors[f"{k}.{attr}.{name}"] = value.detach().cpu().contiguous()
         meta.append({"members": members, "n": s.n, "count": s.count, "grad_out": s.grad_out,
@@ -115,7 +115,7 @@ def unpack(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> 
                        grad_tokens={n: int(v) for n, v in group["grad_tokens"].items()})
         for attr in ("xxt", "abs_sum", "cross"):
             setattr(s, attr, tensors.get(f"{k}.{attr}"))
-        for attr in ("fisher_out", "fisher_in"):
+        for attr in ("fisher_out", "fisher_in", "grad_sum"):
             prefix = f"{k}.{attr}."
             getattr(s, attr).update({key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)})
         for name in group["members"]:

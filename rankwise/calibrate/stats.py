@@ -27,9 +27,9 @@ from rankwise.linalg import Whitening, whiten
 from rankwise.nn import input_dim, linear_weight
 from rankwise.progress import progress_bar
 
-KINDS = ("xxt", "abs", "fisher", "gout")
+KINDS = ("xxt", "abs", "fisher", "gout", "grad")
 INPUT_KINDS = frozenset({"xxt", "abs"})
-GRADIENT_KINDS = frozenset({"fisher", "gout"})
+GRADIENT_KINDS = frozenset({"fisher", "gout", "grad"})
 
 
 @dataclass
@@ -45,6 +45,7 @@ class LayerStats:
     cross: torch.Tensor | None = None  # (n, n) float64, sum of x_original x_compressed^T (sequential mode)
     grad_out: dict[str, float] = field(default_factory=dict)  # module name -> sum over tokens of ||dL/dy||^2
     grad_tokens: dict[str, int] = field(default_factory=dict)  # module name -> tokens behind grad_out
+    grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> (out, in) float32, sum of dL/dW
     _whitening: dict[float, Whitening] = field(default_factory=dict, repr=False)
 
     @property
@@ -102,6 +103,11 @@ class LayerStats:
         sq = linear_weight(module, module.weight.grad).detach().double().pow(2)  # (out, in)
         for sums, part in ((self.fisher_out, sq.sum(1)), (self.fisher_in, sq.sum(0))):
             sums[name] = part if name not in sums else sums[name].add_(part)
+
+    def add_grad(self, name: str, module: nn.Module) -> None:
+        """Add the gradient of ``module``'s weight (one batch's loss) to :attr:`grad_sum`."""
+        g = linear_weight(module, module.weight.grad).detach().float()  # (out, in)
+        self.grad_sum[name] = g if name not in self.grad_sum else self.grad_sum[name].add_(g)
 
     def add_grad_out(self, name: str, grad: torch.Tensor) -> None:
         g = grad.detach().float()
@@ -236,6 +242,12 @@ class StatsObserver:
             if name in self.stats and module.weight.grad is not None:
                 self.stats[name].add_fisher(name, module)
 
+    def add_grad(self) -> None:
+        """Accumulate the weight gradients of the last backward pass into the gradient sums."""
+        for name, module in self.modules.items():
+            if name in self.stats and module.weight.grad is not None:
+                self.stats[name].add_grad(name, module)
+
     def leads(self) -> Iterator[tuple[str, LayerStats]]:
         """``(leader name, shared stats)`` for each input group."""
         return ((name, s) for name, s in self.stats.items() if self.leader.get(name) == name)
@@ -259,7 +271,7 @@ def collect_stats(
         data: token ids ``(samples, seq_len)`` or an iterable of such batches.
         modules: name -> linear-like module to observe.
         kinds: any of ``"xxt"`` (input second moment), ``"abs"`` (mean |x|), ``"fisher"`` (diagonal Fisher row
-            and column sums), ``"gout"`` (output-gradient energy).
+            and column sums), ``"gout"`` (output-gradient energy), ``"grad"`` (the loss gradient of each weight).
         batch_size: windows per forward pass when ``data`` is a tensor.
         progress: show a progress bar.
     """
@@ -290,6 +302,8 @@ def collect_stats(
                     loss.backward()
                     if "fisher" in kinds:
                         observer.add_fisher()
+                    if "grad" in kinds:
+                        observer.add_grad()
                 else:
                     with torch.no_grad():
                         body(input_ids=batch)

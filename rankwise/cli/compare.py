@@ -36,7 +36,7 @@ from rankwise.cli.common import (
     speed_settings,
     stats_cache,
 )
-from rankwise.methods.base import recipe_options
+from rankwise.methods.base import NAMED_RECIPES, recipe_options
 
 
 class Toggle(StrEnum):
@@ -65,6 +65,8 @@ def compare(
                            ] = "uniform",
     sequential: Annotated[Toggle, typer.Option("--sequential", help="rows without, with, or both")] = Toggle.off,
     update_u: Annotated[Toggle, typer.Option("--update-u", help="rows without, with, or both")] = Toggle.off,
+    anchored: Annotated[Toggle, typer.Option("--anchored", help="svd_llm rows without, with, or both the anchored "
+                                             "fit to the original outputs (sequential rows only)")] = Toggle.off,
     eora_rank: Annotated[int, typer.Option("--eora-rank", help="also add rows with EoRA of this rank (0: none)")
                          ] = 0,
     overwrite: OverwriteOpt = False,
@@ -82,8 +84,8 @@ def compare(
     trust_remote_code: TrustOpt = False,
     recipe_list: Annotated[str | None, typer.Option(
         "--recipes", help="comma list of recipes written like row labels, e.g. svd_llm,svd_llm+loss+seq,"
-        f"monarch+whiten=false (options: {recipe_options()}); replaces --methods, --allocations, --sequential, "
-        "--update-u")] = None,
+        f"monarch+whiten=false (options: {recipe_options()}), or a named recipe ({', '.join(NAMED_RECIPES)}); "
+        "replaces --methods, --allocations, --sequential, --update-u, --anchored")] = None,
     prompt: Annotated[list[str] | None, typer.Option(
         "--prompt", help="also complete this text with every model, side by side (repeat for several)")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens per completion")] = 32,
@@ -146,10 +148,10 @@ def compare(
         configs += [parse_recipe(r, bits=b) for r in comma_list(recipe_list, "--recipes") for b in bits_list]
     else:
         configs = recipes(method_list, ratio_list, allocations=allocation_list, sequential=sequential.values,
-                          update_u=update_u.values)
+                          update_u=update_u.values, anchored=anchored.values)
         configs += [dataclasses.replace(c, bits=b) for c in recipes(
             method_list, [0.2], allocations=allocation_list, sequential=sequential.values,
-            update_u=update_u.values) for b in bits_list]
+            update_u=update_u.values, anchored=anchored.values) for b in bits_list]
     prompts = list(prompt or [])
     if any(not p.strip() for p in prompts):
         raise ValueError("--prompt must not be empty")

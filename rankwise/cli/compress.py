@@ -28,6 +28,7 @@ from rankwise.cli.common import (
     setup,
     stats_cache,
 )
+from rankwise.methods.base import NAMED_RECIPES
 
 ALLOCATION_NAMES = ", ".join(ALLOCATIONS)
 
@@ -36,6 +37,10 @@ ALLOCATION_NAMES = ", ".join(ALLOCATIONS)
 def compress(
     model: ModelArg = "smollm2",
     method: Annotated[str, typer.Option("--method", help="compression method (see --help of compare)")] = "svd_llm",
+    recipe: Annotated[str | None, typer.Option(
+        "--recipe", help=f"a named recipe ({', '.join(f'{k} = {v}' for k, v in NAMED_RECIPES.items())}) or one "
+        "written like a compare row label (svd_llm+loss+seq); replaces --method, --allocation, --sequential, "
+        "--update-u, --anchored")] = None,
     ratio: Annotated[float, typer.Option("--ratio", help="fraction of targeted parameters removed, in (0, 1)")] = 0.2,
     bits: Annotated[float | None, typer.Option("--bits", help="budget in average stored bits per targeted weight "
                                                "(indices and scales counted) instead of --ratio")] = None,
@@ -51,6 +56,9 @@ def compress(
     sequential: Annotated[bool, typer.Option("--sequential", help="calibrate each block on compressed activations")
                           ] = False,
     update_u: Annotated[bool, typer.Option("--update-u", help="refit the left factor by least squares")] = False,
+    anchored: Annotated[bool, typer.Option("--anchored", help="svd_llm with --sequential: fit each layer to the "
+                                           "original model's outputs from the compressed model's inputs (AA-SVD)")
+                        ] = False,
     overwrite: OverwriteOpt = False,
     show_layers: Annotated[bool, typer.Option("--show-layers", help="print the per-layer table")] = False,
     objective: Annotated[str | None, typer.Option(
@@ -88,21 +96,36 @@ def compress(
     from rankwise.io.atomic import refuse_overlap
     from rankwise.io.models import checkpoint_dir, resolve
     from rankwise.methods import config_class
-    from rankwise.methods.base import parse_settings
+    from rankwise.methods.base import parse_recipe, parse_settings
 
     if not out:
         raise ValueError("--out is required: the directory to write the compressed model to")
     if export not in ("factored", "dense"):
         raise ValueError(f"--export must be 'factored' or 'dense', got {export!r}")
-    config_cls = config_class(method)
-    fields = parse_settings(config_cls, settings or [])
+    if recipe is not None:
+        given = [flag for flag, on in (("--method", method != "svd_llm"), ("--allocation", allocation != "uniform"),
+                                       ("--sequential", sequential), ("--update-u", update_u),
+                                       ("--anchored", anchored)) if on]
+        if given:
+            raise ValueError(f"--recipe replaces {', '.join(given)}: give one or the other")
+        base = parse_recipe(recipe, ratio)
+        config_cls, method = type(base), base.name
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+                  if f.init and f.name not in ("ratio", "bits", "targets")}
+    else:
+        config_cls = config_class(method)
+        fields = {"allocation": allocation, "sequential": sequential, "update_u": update_u}
+        if anchored:
+            if "anchored" not in {f.name for f in dataclasses.fields(config_cls)}:
+                raise ValueError(f"--anchored applies to svd_llm; {method} has no anchored fit")
+            fields["anchored"] = True
+    fields.update(parse_settings(config_cls, settings or []))
     if objective is not None:
         if "objective" not in {f.name for f in dataclasses.fields(config_cls)}:
             raise ValueError(f"--objective applies to the low-rank methods ({', '.join(objective_methods())}); "
                              f"{method} has none")
         fields["objective"] = objective
-    config = config_cls(ratio=ratio, bits=bits, targets=tuple(comma_list(targets, "--targets")),
-                        allocation=allocation, sequential=sequential, update_u=update_u, **fields)
+    config = config_cls(ratio=ratio, bits=bits, targets=tuple(comma_list(targets, "--targets")), **fields)
     if not math.isfinite(activation_mb):
         raise ValueError(f"--activation-mb must be a finite number of MB, got {activation_mb}")
     setup(device, threads)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rankwise.calibrate import LayerStats
-from rankwise.calibrate.stats import relative_output_error
+from rankwise.calibrate.stats import InputGroup, relative_output_error
 from rankwise.linalg import LowRank, refit_left
 from rankwise.methods import CompressConfig, MethodFn
 from rankwise.nn import CompressedLinear, linear_weight
@@ -30,12 +30,17 @@ def factorise(name: str, module: nn.Module, stats: LayerStats | None, knob: int,
     fallback, notes = False, ""
     if isinstance(result, LowRank):
         lr = result
+        refit_note = ""
         if config.update_u and stats is not None and stats.xxt is not None:
             U = refit_left(weight, lr.Vh, stats.covariance, stats.cross_covariance)  # (m, r)
-            lr = LowRank((U / lr.S.clamp_min(torch.finfo(lr.S.dtype).tiny)).to(weight.dtype), lr.S, lr.Vh, lr.info,
-                         lr.whitening_fallback)
+            if U is None:
+                refit_note = "left-factor refit skipped (singular system): factors kept as truncated"
+            else:
+                lr = LowRank((U / lr.S.clamp_min(torch.finfo(lr.S.dtype).tiny)).to(weight.dtype), lr.S, lr.Vh,
+                             lr.info, lr.whitening_fallback)
         new: CompressedLinear = config.lowrank_layer(lr, bias).to(weight.device)
-        fallback, notes = lr.whitening_fallback, describe(lr.info)
+        fallback = lr.whitening_fallback
+        notes = "; ".join(n for n in (describe(lr.info), refit_note) if n)
     elif isinstance(result, CompressedLinear):
         if config.update_u:
             raise ValueError(f"update_u refits a low-rank left factor; method {config.name!r} builds "
@@ -58,6 +63,9 @@ def dense_row(name: str, shape: tuple[int, int], bias: int, why: str = "kept den
 
 
 def describe(info: Mapping[str, object]) -> str:
+    if info.get("anchored") is False:
+        return ("anchored fit skipped (the compressed inputs' covariance is not positive definite): plain whitened "
+                "truncation")
     wh = info.get("whitening")
     if isinstance(wh, Mapping) and wh.get("method") == "eigh":
         return f"covariance not positive definite: eigen-decomposition, {wh['clamped']} eigenvalues clamped"
@@ -98,3 +106,21 @@ def factorise_shared(names: list[str], modules: list[nn.Module], stats: list[Lay
                           knob=config.knob, floats_after=new.float_numel, fixed_bytes_after=new.fixed_nbytes)
         out.append((name, new, row))
     return out
+
+
+def add_fisher(group: InputGroup, gradient_stats: Mapping[str, LayerStats]) -> LayerStats | None:
+    """The group's statistics, given the dense model's Fisher sums of its layers (from the gradient pass), which the
+    Fisher-weighted methods read from them."""
+    if group.stats is not None:
+        for name in group.names:
+            if name in gradient_stats:
+                group.stats.fisher_out.update(gradient_stats[name].fisher_out)
+                group.stats.fisher_in.update(gradient_stats[name].fisher_in)
+    return group.stats
+
+
+def factorise_group(group: list[tuple[str, nn.Module, LayerStats | None, int]], *, config: CompressConfig,
+                    method) -> list[tuple[str, nn.Module, object]]:
+    """Factorise the layers that read one input (they share its statistics and whitening): ``(name, new, row)``."""
+    return [(name, *factorise(name, module, layer_stats, rank, config, method))
+            for name, module, layer_stats, rank in group]

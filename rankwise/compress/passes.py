@@ -69,6 +69,8 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
         ``(scores, stats)``: per target, the policy's scores (empty if it has none) and the gradient statistics
         (Fisher sums, output-gradient energy; input covariances are dropped once scored).
     """
+    if not needs_gradients(kinds):
+        return _forward_scores(source, targets, streams, kinds, policy, progress=progress), {}
     blocks, store, device = source.blocks, streams.store, source.device
     n, nb = len(blocks), len(streams.batches)
     for i in progress_bar(range(n), "gradient pass: forward", enabled=progress):
@@ -94,7 +96,7 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
         for p in block.parameters():
             p.requires_grad_(False)
         for module in mine.values():
-            module.weight.requires_grad_("fisher" in kinds)
+            module.weight.requires_grad_(bool(kinds & {"fisher", "grad"}))
         try:
             with StatsObserver(mine, kinds) as observer:
                 for b in range(nb):
@@ -104,6 +106,8 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
                         out.backward(store.get(("grad", b)).to(device))
                     if "fisher" in kinds:
                         observer.add_fisher()
+                    if "grad" in kinds:
+                        observer.add_grad()
                     for module in mine.values():
                         module.weight.grad = None
                     store.put(("grad", b), h.grad)
@@ -121,6 +125,26 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
     for b in range(nb):
         store.drop(("grad", b))
     return scores, kept
+
+
+def _forward_scores(source, targets: Mapping[int, list[str]], streams: Streams, kinds: frozenset[str],
+                    policy: AllocationPolicy, *, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Scores that need input statistics but no gradients: the dense model forward, one block at a time."""
+    store, device = streams.store, source.device
+    scores: dict[str, torch.Tensor] = {}
+    for i in progress_bar(range(len(source.blocks)), "scoring pass", enabled=progress):
+        block = source.load(i)
+        mine = {name: source.model.get_submodule(name) for name in targets.get(i, [])}
+        with torch.no_grad(), StatsObserver(mine, kinds) as observer:
+            for b in range(len(streams.batches)):
+                h = store.get(("scoring", b)).to(device)
+                store.put(("scoring", b), run_block(block, streams.call(b, i, device), h))
+        for name, module in mine.items():
+            scores[name] = policy.score(name, linear_weight(module).detach(), observer.stats.get(name)).cpu()
+        source.release(i)
+    for b in range(len(streams.batches)):
+        store.drop(("scoring", b))
+    return scores
 
 
 def influence_pass(source, streams: Streams, *, progress: bool = True) -> list[float]:

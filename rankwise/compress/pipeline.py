@@ -8,7 +8,8 @@ far larger than memory (:func:`compress_checkpoint`): a *source* materialises on
 
 * non-sequential: each block is calibrated on the dense model's activations (the dense block's outputs feed the next
   block);
-* ``sequential``: each block is calibrated on the activations of the blocks already compressed; with ``update_u`` an
+* ``sequential``: each block is calibrated on the activations of the blocks already compressed, one input group at a
+  time (:mod:`rankwise.compress.staged`); with ``update_u`` or ``anchored`` an
   original (dense) stream runs alongside for the paired statistics ``X Xh^T``.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,8 +25,8 @@ from torch import nn
 from rankwise._memory import trim
 from rankwise.calibrate import LayerStats
 from rankwise.calibrate.cache import CacheEntry, StatsCache, tensor_digest
-from rankwise.calibrate.stats import INPUT_KINDS, InputGroup, StatsObserver, input_groups, iter_batches
-from rankwise.compress.layer import check_finite, dense_row, factorise, factorise_shared
+from rankwise.calibrate.stats import INPUT_KINDS, StatsObserver, input_groups, iter_batches
+from rankwise.compress.layer import add_fisher, check_finite, dense_row, factorise, factorise_group, factorise_shared
 from rankwise.compress.passes import (
     Streams,
     capture,
@@ -34,6 +35,7 @@ from rankwise.compress.passes import (
     needs_gradients,
     weight_scores,
 )
+from rankwise.compress.staged import compress_staged
 from rankwise.methods import CompressConfig, method_for
 from rankwise.methods.base import choose_knobs
 from rankwise.nn import linear_weight, model_num_params
@@ -57,6 +59,8 @@ class Plan:
     value_bytes: int  # bytes of one floating-point value as stored: what budgets in bytes count
     limits: dict[str, int] | None = None  # objective "speed": the rank from which each matrix stays dense
     influence: bool = False  # a structured method's block-influence pass runs first
+    refined: list[tuple[float, float]] = field(default_factory=list)  # per block: output error before/after
+    call_groups: dict[tuple, list[list[str]]] = field(default_factory=dict)  # block-relative input groups by call
 
     @property
     def inside(self) -> dict[str, tuple[int, int]]:
@@ -94,8 +98,8 @@ def make_plan(source, config: CompressConfig, filter_fn: FilterFn | None, *, has
     gradient_kinds = frozenset()
     if stats is None:
         gradient_kinds = (policy.kinds | (config.needs & {"fisher"}))
-        if not needs_gradients(gradient_kinds):
-            gradient_kinds = frozenset()
+        if not needs_gradients(gradient_kinds) and not (policy.needs_scores and policy.kinds):
+            gradient_kinds = frozenset()  # no pass: scores from the weights alone
     block_kinds = frozenset((config.needs & INPUT_KINDS) | {"xxt"}) if has_data else frozenset()
     value_bytes = (value_dtype or linear_weight(next(iter(targets.values()))).dtype).itemsize
     plan = Plan(config, by_block, outside, {n: tuple(linear_weight(m).shape) for n, m in targets.items()},
@@ -137,6 +141,7 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
                                bits=config.bits, value_bytes=plan.value_bytes)
     report.notes.append((f"per-block budgets {'influence' if plan.influence else 'uniform'}" if config.structured
                          else f"allocation {policy.name}") + (", sequential" if config.sequential else "")
+                        + (", anchored to the original outputs" if getattr(config, "anchored", False) else "")
                         + (", left factor refit" if config.update_u else ""))
     # Streams the per-block pass reads: precomputed statistics replace the dense stream outside sequential mode.
     entry = cache_entry(cache, source, plan, batches) if cache is not None and stats is None and batches else None
@@ -147,7 +152,7 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
         report.notes.append(f"calibration statistics read from the cache ({entry.path})")
     cached_blocks = hit and not config.sequential
     main = ("compressed",) if config.sequential else (() if stats is not None or cached_blocks else ("dense",))
-    wanted = main + (("original",) if config.sequential and config.update_u else ())
+    wanted = main + (("original",) if config.paired else ())
     wanted += ("scoring",) if (plan.gradient_kinds or plan.influence) and not hit else ()
     streams = capture(source, batches, store, wanted) if batches and wanted else None
     try:
@@ -277,6 +282,12 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
         report.layers.append(dense_row(name, plan.shapes[name], plan.biases[name]))
     order = {name: k for k, name in enumerate(plan.names + plan.outside)}
     report.layers.sort(key=lambda layer: order[layer.name])
+    if plan.refined:
+        gains = sorted(after / before for before, after in plan.refined if before > 0)
+        report.notes.append(f"block refinement ({config.refine_epochs} epochs per block): calibration output error "
+                            f"x{gains[len(gains) // 2]:.3f} in the median block (best x{gains[0]:.3f}, worst "
+                            f"x{gains[-1]:.3f}); the per-layer errors are the closed form's, before it"
+                            if gains else "block refinement: nothing to refine")
     report.params_total_after = model_num_params(source.model)
     return report
 
@@ -296,7 +307,7 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
     block_stats: Mapping[str, LayerStats] | None = stats
     main = "compressed" if config.sequential else "dense"
     own = streams is not None and (main, 0) in streams.store
-    if own:
+    if own and not (config.sequential and not config.structured):
         # every target of the block is observed when recording (a later run at another ratio may compress a layer
         # this one keeps dense), only the chosen ones otherwise
         observed = modules if record is None else {n: source.model.get_submodule(n) for n in plan.by_block.get(i, [])}
@@ -309,6 +320,9 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
                          "incomplete; for a cache entry, delete it or pass --no-cache)")
     if config.structured:
         done = method(source.model, modules, block_stats, keep, config)
+        return _finish_block(source, block, i, modules, done, plan, streams, main, device)
+    if config.sequential and own:
+        done = compress_staged(source, block, i, modules, plan, streams, ranks, gradient_stats, method, mapper)
         return _finish_block(source, block, i, modules, done, plan, streams, main, device)
     groups = input_groups(modules, block_stats)
     if own:
@@ -384,49 +398,13 @@ def compress_block_group(source, blocks: Mapping[int, nn.Module], chosen: Mappin
     return rows
 
 
-def add_fisher(group: InputGroup, gradient_stats: Mapping[str, LayerStats]) -> LayerStats | None:
-    """The group's statistics, given the dense model's Fisher sums of its layers (from the gradient pass), which the
-    Fisher-weighted methods read from them."""
-    if group.stats is not None:
-        for name in group.names:
-            if name in gradient_stats:
-                group.stats.fisher_out.update(gradient_stats[name].fisher_out)
-                group.stats.fisher_in.update(gradient_stats[name].fisher_in)
-    return group.stats
-
-
-def factorise_group(group: list[tuple[str, nn.Module, LayerStats | None, int]], *, config: CompressConfig,
-                    method) -> list[tuple[str, nn.Module, object]]:
-    """Factorise the layers that read one input (they share its statistics and whitening): ``(name, new, row)``."""
-    return [(name, *factorise(name, module, layer_stats, rank, config, method))
-            for name, module, layer_stats, rank in group]
-
-
 def _observe(block: nn.Module, i: int, modules: Mapping[str, nn.Module], plan: Plan, streams: Streams, main: str,
              device: torch.device) -> dict[str, LayerStats]:
-    """Run the (still dense) block on the main stream collecting statistics; the dense stream advances here, and the
-    original stream (paired mode) alongside, adding ``X Xh^T`` to each input group."""
-    store, paired = streams.store, ("original", 0) in streams.store
-    with torch.no_grad(), StatsObserver(modules, plan.block_kinds, record=paired) as observer:
+    """Run the (still dense) block on the main stream collecting statistics; the dense stream advances here."""
+    store = streams.store
+    with torch.no_grad(), StatsObserver(modules, plan.block_kinds) as observer:
         for b in range(len(streams.batches)):
-            call = streams.call(b, i, device)
-            out = run_block(block, call, store.get((main, b)).to(device))
+            out = run_block(block, streams.call(b, i, device), store.get((main, b)).to(device))
             if main == "dense":
                 store.put((main, b), out)
-            if paired:
-                store.put(("original", b), _run_paired(block, call, store.get(("original", b)).to(device), observer))
     return observer.stats
-
-
-def _run_paired(block: nn.Module, call, hidden: torch.Tensor, observer: StatsObserver) -> torch.Tensor:
-    def cross(lead: str):
-        return lambda _m, args: observer.stats[lead].add_cross(args[0], observer.last_inputs[lead])
-
-    handles = [observer.modules[lead].register_forward_pre_hook(cross(lead)) for lead, _ in observer.leads()]
-    observer.paused = True
-    try:
-        return run_block(block, call, hidden)
-    finally:
-        observer.paused = False
-        for h in handles:
-            h.remove()

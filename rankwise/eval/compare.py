@@ -26,6 +26,7 @@ from rankwise.eval.measure import count_params, peak_rss_mb, perplexity, prefill
 from rankwise.eval.speed import measure_speed
 from rankwise.io.atomic import atomic_dir
 from rankwise.methods import CompressConfig, config_class
+from rankwise.methods.base import FLAG_OPTIONS
 from rankwise.nn import compressed_modules
 from rankwise.nn.fused import fuse_inputs_, unfuse_
 from rankwise.progress import progress_bar
@@ -294,20 +295,31 @@ def label(config: CompressConfig, eora_rank: int = 0) -> str:
     if config.update_u:
         parts.append("+upd")
     base = {f.name for f in dataclasses.fields(CompressConfig)}
+    flags = {key: flag for flag, (key, value) in FLAG_OPTIONS.items() if value is True}
     for f in dataclasses.fields(config):  # method-specific fields that differ from their defaults
         value = getattr(config, f.name)
         if f.name not in base and value != f.default:
-            parts.append(f"+{f.name}={value}")
+            parts.append(f"+{flags[f.name]}" if value is True and f.name in flags else f"+{f.name}={value}")
     if eora_rank:
         parts.append(f"+eora{eora_rank}")
     return " ".join(parts)
 
 
 def recipes(methods: list[str], ratios: list[float], *, allocations: tuple[str, ...] = ("uniform",),
-            sequential: tuple[bool, ...] = (False,), update_u: tuple[bool, ...] = (False,)) -> list[CompressConfig]:
-    """The cross product of methods, allocations, sequential and update options, and ratios, as configs."""
-    return [config_class(m)(ratio=r, allocation=a, sequential=s, update_u=u)
-            for m in methods for a in allocations for s in sequential for u in update_u for r in ratios]
+            sequential: tuple[bool, ...] = (False,), update_u: tuple[bool, ...] = (False,),
+            anchored: tuple[bool, ...] = (False,)) -> list[CompressConfig]:
+    """The cross product of methods, allocations, sequential, update and anchored options, and ratios, as configs
+    (anchored rows only where they mean something: sequential ones)."""
+    if True in anchored and True not in sequential:
+        raise ValueError("--anchored on fits the original outputs from the compressed model's inputs, which needs "
+                         "sequential rows: add --sequential on (or both)")
+    if True in anchored:
+        lacking = [m for m in methods if "anchored" not in {f.name for f in dataclasses.fields(config_class(m))}]
+        if lacking:
+            raise ValueError(f"--anchored applies to methods with an anchored fit (svd_llm), not {', '.join(lacking)}")
+    return [config_class(m)(ratio=r, allocation=a, sequential=s, update_u=u, **({"anchored": True} if c else {}))
+            for m in methods for a in allocations for s in sequential for u in update_u for c in anchored
+            if s or not c for r in ratios]
 
 
 class Anchor(Protocol):
@@ -413,9 +425,7 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
     session = nullcontext() if ray_address is None else ray_session(ray_address)
     with session:  # connect before the calibration pass, so a bad address fails at once
         targets = find_targets(model)
-        kinds = set().union(*(c.needs for c in configs)) | {"xxt"}
-        if any(c.allocation == "loss" for c in configs):
-            kinds.add("gout")
+        kinds = set().union(*(c.needs | c.policy.kinds for c in configs if isinstance(c, CompressConfig))) | {"xxt"}
         start = time.perf_counter()
         stats, entry = collect_stats_cached(StatsCache(cache) if cache is not None else None, model, calibration,
                                             targets, kinds=kinds, batch_size=batch_size, progress=progress)

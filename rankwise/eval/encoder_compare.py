@@ -114,9 +114,7 @@ def compare_encoder(model: nn.Module, tokenizer: Any, calibration: torch.Tensor,
     :func:`rankwise.eval.compare.compare`; ``model`` is left untouched.
     """
     targets = find_targets(model)
-    kinds = set().union(*(c.needs for c in configs)) | {"xxt"}
-    if any(c.allocation == "loss" for c in configs):
-        kinds.add("gout")
+    kinds = set().union(*(c.needs | c.policy.kinds for c in configs)) | {"xxt"}
     start = time.perf_counter()
     stats, entry = collect_stats_cached(StatsCache(cache) if cache is not None else None, model, calibration,
                                         targets, kinds=kinds, batch_size=batch_size, progress=progress)

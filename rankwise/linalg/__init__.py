@@ -46,7 +46,7 @@ from rankwise.linalg.structured import (
     whitened_value_output,
 )
 from rankwise.linalg.svd import SOLVERS, subspace_basis, svd_flip, truncated_svd
-from rankwise.linalg.whiten import Whitening, refit_left, weighted_svd, whiten, whitened_svd
+from rankwise.linalg.whiten import Whitening, anchored_svd, refit_left, weighted_svd, whiten, whitened_svd
 
 __all__ = [
     "LQ",
@@ -64,6 +64,7 @@ __all__ = [
     "SparseDictionary",
     "SparseSignSketch",
     "Whitening",
+    "anchored_svd",
     "break_even_rank",
     "fwht",
     "lq_decompose",

@@ -2,6 +2,8 @@
 
 * :func:`whitened_svd` minimises ``||(W - W') X||_F`` given ``C = X X^T`` (the SVD-LLM objective,
   Wang et al. 2024, https://arxiv.org/abs/2403.07378): with ``C = S S^T``, ``W' = [W S]_r S^-1``.
+* :func:`anchored_svd` minimises ``||W X - W' Xh||_F``: the original layer's outputs from the inputs a partly
+  compressed model gives it (AA-SVD, https://arxiv.org/abs/2604.02119), from ``Xh Xh^T`` and ``X Xh^T`` only.
 * :func:`weighted_svd` minimises ``||diag(a) (W - W') diag(b)||_F`` in closed form, covering Fisher-weighted SVD
   (FWSVD, Hsu et al. 2022, https://arxiv.org/abs/2207.00112: row weights) and activation-aware SVD
   (ASVD, Yuan et al. 2023, https://arxiv.org/abs/2312.05821: column weights).
@@ -70,6 +72,13 @@ class Whitening:
         if self.roots is None:
             return torch.linalg.solve_triangular(self.basis, M, upper=False, left=False)
         return (M / self.roots) @ self.basis.mT
+
+    def right_solve_transpose(self, M: torch.Tensor) -> torch.Tensor:
+        """``M @ S^-T`` without forming the inverse (``S^-T = L^-T``, or ``Q diag(1 / roots)``)."""
+        M = M.to(self.basis.dtype)
+        if self.roots is None:
+            return torch.linalg.solve_triangular(self.basis.mT, M, upper=True, left=False)
+        return (M @ self.basis) / self.roots
 
     @property
     def inverse(self) -> torch.Tensor:
@@ -256,17 +265,18 @@ def weighted_svd(
 
 
 def refit_left(W: torch.Tensor, Vh: torch.Tensor, C: torch.Tensor, cross: torch.Tensor | None = None, *,
-               ridge: float = 1e-10) -> torch.Tensor:
+               ridge: float = 1e-10) -> torch.Tensor | None:
     """Least-squares left factor for a fixed right factor: ``argmin_U ||W X - U Vh Xh||_F``.
 
     Closed form ``U = W (X Xh^T) Vh^T (Vh Xh Xh^T Vh^T)^-1`` from second moments only: ``C = Xh Xh^T`` and
     ``cross = X Xh^T`` (``None`` means ``Xh = X``, i.e. ``cross = C``). With ``Xh`` the activations of an already
     compressed model and ``X`` the original ones, this also corrects errors from earlier layers (the update step of
-    SVD-LLM, Wang et al. 2024, https://arxiv.org/abs/2403.07378). ``ridge`` (relative to the mean diagonal of the
-    ``r x r`` system) keeps it solvable and, when larger, keeps the fit out of directions the data barely spans.
+    SVD-LLM, Wang et al. 2024, https://arxiv.org/abs/2403.07378). ``ridge`` is relative to the mean diagonal of the
+    ``r x r`` system; a system still singular or too ill-conditioned to trust after it is refused (``None``).
 
     Returns:
-        ``(m, r)`` in ``W``'s dtype.
+        ``(m, r)`` in ``W``'s dtype, or ``None`` when the ``r x r`` system is singular or the solution is not finite
+        (the caller keeps the factors it had).
     """
     W = check_matrix(W, "W")
     Vh64, C64 = Vh.double(), C.double()
@@ -275,6 +285,64 @@ def refit_left(W: torch.Tensor, Vh: torch.Tensor, C: torch.Tensor, cross: torch.
     rhs = Vh64 @ cross64.mT @ W.double().mT  # (r, m)
     ridge = ridge * float(gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    L, info = torch.linalg.cholesky_ex(gram + ridge * eye)
-    Ut = torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(gram, rhs).solution
-    return Ut.mT.to(W.dtype)  # (m, r)
+    L = _cholesky(gram + ridge * eye, 1e-8)  # None when singular or too ill-conditioned to trust
+    if L is None or not float(gram.diagonal().max()) > 0:
+        return None
+    Ut = torch.cholesky_solve(rhs, L)
+    return Ut.mT.to(W.dtype) if bool(torch.isfinite(Ut).all()) else None  # (m, r)
+
+
+def anchored_svd(
+    W: torch.Tensor,
+    C: torch.Tensor | Whitening,
+    cross: torch.Tensor,
+    rank: RankSpec,
+    *,
+    weight: float = 1.0,
+    damp: float = 0.0,
+    solver: str | SVDSolver = "gram",
+    generator: torch.Generator | int | None = None,
+) -> LowRank:
+    """Rank-``rank`` ``W'`` minimising ``||W X - W' Xh||_F``: the original outputs ``W X`` reproduced from the inputs
+    ``Xh`` a partly compressed model gives this layer (AA-SVD's anchored objective).
+
+    With ``C = Xh Xh^T = S S^T`` and ``P = X Xh^T``, the unconstrained minimiser is ``W* = W P C^-1`` and
+    ``||W X - W' Xh||^2 = const + ||(W* - W') S||^2``, so ``W' = [W P S^-T]_r S^-1`` (the whitened truncation of
+    ``W*``; with ``Xh = X`` it is :func:`whitened_svd`). Needs a Cholesky factor of ``C`` (after :func:`whiten`'s
+    ridge for large ``n``, a ridge regression): ``W*`` inverts it, and a clamped eigen-decomposition would blow up the
+    directions the compressed inputs do not span; then this is :func:`whitened_svd` of ``W`` itself, and
+    ``info["anchored"]`` is ``False``.
+
+    ``W*`` is a full ``n x n`` regression from the compressed inputs to the original outputs; estimated from few
+    tokens per input dimension it fits the calibration text's noise. ``weight`` ``a < 1`` shrinks the target towards
+    the layer's own outputs, ``||W (a X + (1 - a) Xh) - W' Xh||``: ``W' = [a W P S^-T + (1 - a) W S]_r S^-1``
+    (``a = 0`` is :func:`whitened_svd`).
+
+    Args:
+        W: ``(m, n)`` weight (outputs x inputs).
+        C: ``(n, n)`` second moment of the compressed model's inputs ``Xh``, or its :class:`Whitening`.
+        cross: ``(n, n)`` ``X Xh^T`` (original x compressed inputs of the same tokens, same scale as ``C``).
+        weight: ``a`` in [0, 1], the weight of the original outputs in the target.
+        rank, damp, solver, generator: as for :func:`whitened_svd`.
+
+    Reference: Kumar et al., AA-SVD (2026), https://arxiv.org/abs/2604.02119.
+    """
+    W = check_matrix(W, "W")
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight!r}")
+    wh = as_whitening(W, C, damp)
+    if cross.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"cross must have shape (n, n) = {(W.shape[1], W.shape[1])} to match W {tuple(W.shape)}, "
+                         f"got {tuple(cross.shape)}")
+    if wh.roots is not None:  # a clamped eigen-decomposition: no inverse to regress with
+        lr = whitened_svd(W, wh, rank, solver=solver, generator=generator)
+        return LowRank(lr.U, lr.S, lr.Vh, {**lr.info, "anchored": False}, lr.whitening_fallback)
+    dtype = compute_dtype(W.dtype)
+    W64 = W.to(device=wh.basis.device, dtype=torch.float64)
+    A = wh.right_solve_transpose(W64 @ cross.double())  # (m, n) W* S = W P S^-T
+    if weight < 1.0:
+        A.mul_(weight).add_(wh.right_multiply(W64), alpha=1.0 - weight)  # + (1 - a) W S, as C S^-T = S
+    lr = truncated_svd(A.to(dtype), rank, solver=solver, generator=generator)
+    Vh = wh.right_solve(lr.Vh)  # (r, n), float64
+    info = {**lr.info, "whitening": wh.describe(), "anchored": True}
+    return LowRank(lr.U.to(W.device, W.dtype), lr.S.to(W.device, W.dtype), Vh.to(W.device, W.dtype), info)

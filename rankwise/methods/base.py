@@ -118,6 +118,12 @@ class CompressConfig:
         weight is read); every model is accepted by default."""
 
     @property
+    def paired(self) -> bool:
+        """Whether sequential compression also runs the original (dense) model alongside, for the paired
+        statistics ``X Xh^T`` (original x compressed inputs) a fit towards the original outputs needs."""
+        return self.sequential and self.update_u
+
+    @property
     def needs_influence(self) -> bool:
         """Whether compressing first measures every block's influence on the calibration data (the per-block
         budgets of a structured method), so calibration data is needed even with precomputed statistics."""
@@ -469,7 +475,13 @@ def _parse_value(tp: Any, text: str, what: str) -> Any:
     raise ValueError(f"{what}: {text!r} is not a valid {_type_text(tp)}")
 
 
-FLAG_OPTIONS = {"seq": ("sequential", True), "upd": ("update_u", True)}
+FLAG_OPTIONS = {"seq": ("sequential", True), "upd": ("update_u", True), "anc": ("anchored", True)}
+
+NAMED_RECIPES = {
+    "best": "svd_llm+loss+seq+anc",
+}
+"""Recipes reachable by one name (``rankwise compress --recipe best``, ``compare --recipes best``): ``best`` is the
+best training-free recipe measured on the default model (benchmarks/RESULTS.md, "The 2025-2026 records")."""
 
 
 def recipe_options() -> str:
@@ -479,9 +491,12 @@ def recipe_options() -> str:
 
 def parse_recipe(text: str, ratio: float | None = None, *, bits: float | None = None) -> CompressConfig:
     """A recipe written like a row label, e.g. ``svd_llm+loss+seq`` or ``monarch+whiten=False``: the method, then
-    options (see :func:`recipe_options`), at ``ratio`` or at a budget of ``bits`` per targeted weight."""
+    options (see :func:`recipe_options`), at ``ratio`` or at a budget of ``bits`` per targeted weight; or a name
+    of :data:`NAMED_RECIPES` (``best``)."""
+    text = NAMED_RECIPES.get(text.strip(), text)
     method, *options = [part.strip() for part in text.split("+")]
     config_cls = config_class(method)
+    own = {f.name for f in dataclasses.fields(config_cls)}
     fields: dict[str, Any] = {}
     settings = []
     for option in options:
@@ -489,6 +504,10 @@ def parse_recipe(text: str, ratio: float | None = None, *, bits: float | None = 
             fields["allocation"] = option
         elif option in FLAG_OPTIONS:
             key, value = FLAG_OPTIONS[option]
+            if key not in own:
+                with_it = [n for n in method_names() if key in {f.name for f in dataclasses.fields(config_class(n))}]
+                raise ValueError(f"recipe {text!r}: option {option!r} ({key}) applies to {', '.join(with_it)}, not "
+                                 f"{method}")
             fields[key] = value
         elif "=" in option:
             settings.append(option)

@@ -1,0 +1,318 @@
+"""The 2025-2026 records (issue 21): the anchored closed form (AA-SVD), the left-factor refit's guarantee,
+sequential compression one input group at a time, and the ZS-SVD and D-Rank allocations."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from rankwise.allocate import layer_params
+from rankwise.allocate.drank import QK_TAX, drank_ranks, effective_rank
+from rankwise.allocate.zero_sum import zero_sum_ranks, zero_sum_scores
+from rankwise.compress import compress_
+from rankwise.compress.staged import call_order_groups
+from rankwise.linalg import anchored_svd, refit_left, whiten, whitened_svd
+from rankwise.methods.svd_llm import SVDLLMConfig
+from rankwise.targets import find_targets
+from tests.tiny_models import tiny_model, tiny_tokens
+
+
+def paired(n: int = 24, tokens: int = 400, m: int = 16, seed: int = 0):
+    """Original inputs ``X``, drifted compressed-model inputs ``Xh`` of the same tokens, and a weight."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5 + torch.eye(n, dtype=torch.float64)
+    scale = torch.linspace(3, 0.1, n, dtype=torch.float64)[:, None]
+    X = torch.randn(n, tokens, generator=g, dtype=torch.float64) * scale
+    Xh = 0.8 * X + 0.3 * (mix @ X) + 0.05 * torch.randn(n, tokens, generator=g, dtype=torch.float64)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    return X, Xh, W
+
+
+def objective(W, X, Xh, Wp) -> float:
+    return float((W @ X - Wp @ Xh).pow(2).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_refit_never_increases_the_objective_it_minimises(seed):
+    X, Xh, W = paired(seed=seed)
+    C, cross = Xh @ Xh.T, X @ Xh.T
+    for rank in (2, 6, 12):
+        lr = whitened_svd(W, C, rank)
+        before = objective(W, X, Xh, lr.to_dense())
+        U = refit_left(W, lr.Vh, C, cross)
+        after = objective(W, X, Xh, U @ lr.Vh)
+        assert after <= before * (1 + 1e-9)
+        # and it is the least-squares optimum for this right factor: any perturbation of U is worse
+        for _ in range(3):
+            assert objective(W, X, Xh, (U + 1e-3 * torch.randn_like(U)) @ lr.Vh) >= after
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_anchored_svd_is_the_rank_constrained_optimum(seed):
+    X, Xh, W = paired(seed=seed)
+    C, cross = Xh @ Xh.T, X @ Xh.T
+    for rank in (3, 8):
+        lr = anchored_svd(W, C, cross, rank)
+        assert lr.rank == rank and lr.info["anchored"] is True
+        best = objective(W, X, Xh, lr.to_dense())
+        plain = whitened_svd(W, C, rank)
+        refit = refit_left(W, plain.Vh, C, cross) @ plain.Vh
+        assert best <= objective(W, X, Xh, refit) * (1 + 1e-9) <= objective(W, X, Xh, plain.to_dense()) * (1 + 1e-9)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(5):  # no nearby rank-r matrix does better
+            L = lr.U * lr.S + 1e-3 * torch.randn(lr.U.shape, generator=g, dtype=lr.U.dtype)
+            R = lr.Vh + 1e-3 * torch.randn(lr.Vh.shape, generator=g, dtype=lr.Vh.dtype)
+            assert objective(W, X, Xh, L @ R) >= best
+    # full rank: the least-squares map from Xh to the original outputs
+    full = anchored_svd(W, C, cross, W.shape[0]).to_dense()
+    lstsq = torch.linalg.lstsq(Xh.T, (W @ X).T).solution.T
+    torch.testing.assert_close(full, lstsq, atol=1e-8, rtol=1e-6)
+    # a weight a < 1 fits the target W (a X + (1 - a) Xh): the same as the full fit with that cross moment
+    for a in (0.0, 0.3):
+        torch.testing.assert_close(anchored_svd(W, C, cross, 4, weight=a).to_dense(),
+                                   anchored_svd(W, C, a * cross + (1 - a) * C, 4).to_dense(), atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(anchored_svd(W, C, cross, 4, weight=0.0).to_dense(), whitened_svd(W, C, 4).to_dense(),
+                               atol=1e-9, rtol=1e-7)
+    with pytest.raises(ValueError, match="weight must be in"):
+        anchored_svd(W, C, cross, 4, weight=1.5)
+    # without drift it is SVD-LLM's whitened truncation
+    torch.testing.assert_close(anchored_svd(W, X @ X.T, X @ X.T, 5).to_dense(), whitened_svd(W, X @ X.T, 5).to_dense(),
+                               atol=1e-9, rtol=1e-7)
+
+
+def test_singular_systems_fall_back_and_say_so():
+    X, Xh, W = paired(tokens=10)  # 10 tokens for 24 inputs: the compressed inputs' covariance is singular
+    C, cross = Xh @ Xh.T, X @ Xh.T
+    lr = anchored_svd(W, C, cross, 4)
+    assert lr.info["anchored"] is False and lr.whitening_fallback
+    torch.testing.assert_close(lr.to_dense(), whitened_svd(W, C, 4).to_dense())
+    assert whiten(C).method != "cholesky"
+    Vh = torch.ones(3, W.shape[1], dtype=W.dtype)  # rank-1 right factor: singular 3 x 3 system
+    full = X @ X.T + torch.eye(X.shape[0], dtype=X.dtype)
+    assert refit_left(W, Vh, full) is None
+    assert refit_left(W, torch.eye(3, W.shape[1], dtype=W.dtype), full) is not None
+
+
+def test_staged_groups_follow_the_call_order():
+    model = tiny_model("llama")
+    block = model.model.layers[0]
+    modules = {n: m for n, m in find_targets(model).items() if n.startswith("model.layers.0.")}
+    captured = {}
+
+    def capture(_m, args, kwargs):
+        captured.update(args=args, kwargs=kwargs)
+
+    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        model(tiny_tokens(1))
+    handle.remove()
+    groups = call_order_groups(block, dict(reversed(list(modules.items()))),
+                               lambda: block(*captured["args"], **captured["kwargs"]))
+    short = [[n.split(".")[-1] for n in g] for g in groups]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def test_sequential_calibrates_each_group_on_the_compressed_groups_before_it():
+    """The output projection of block 0 is fitted to the attention output of the *compressed* q/k/v: its whitened
+    truncation on those inputs is what the staged pipeline wrote."""
+    tokens = tiny_tokens(32)
+    model = tiny_model("llama")
+    compress_(model, SVDLLMConfig(ratio=0.4, sequential=True), tokens, progress=False)
+    reference = tiny_model("llama")
+    attn = reference.model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(attn, name, copy.deepcopy(getattr(model.model.layers[0].self_attn, name)))
+    xs = []
+    handle = attn.o_proj.register_forward_pre_hook(lambda _m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for batch in tokens.split(4):
+            reference.model(batch)
+    handle.remove()
+    X = torch.cat(xs).double()
+    o = model.model.layers[0].self_attn.o_proj
+    expected = whitened_svd(attn.o_proj.weight.detach(), X.T @ X / X.shape[0], o.rank).to_dense()
+    torch.testing.assert_close(o.dense_weight().detach(), expected.float(), atol=2e-4, rtol=1e-3)
+
+
+def test_staged_sequential_with_eager_attention_and_full_batches():
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="eager").eval()
+    report = compress_(model, SVDLLMConfig(ratio=0.3, sequential=True, anchored=True), tiny_tokens(16),
+                       batch_size=4, progress=False)
+    assert 0.3 <= report.removed_fraction <= 0.31
+
+
+def test_original_stream_crosses_a_block_without_targets():
+    """Block 0 kept dense: block 1's original and compressed inputs are the same, so its first group's anchored fit
+    is the plain one (were the original stream not advanced through block 0, they would differ)."""
+    tokens = tiny_tokens(48)
+    skip0 = lambda name, _m: ".layers.0." not in name  # noqa: E731
+    fits = []
+    for anchored in (False, True):
+        model = tiny_model("llama")
+        compress_(model, SVDLLMConfig(ratio=0.3, sequential=True, anchored=anchored, anchor=1.0), tokens,
+                  filter_fn=skip0, progress=False)
+        fits.append(model.model.layers[1].self_attn.q_proj.dense_weight().detach())
+        assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    torch.testing.assert_close(fits[0], fits[1], atol=1e-5, rtol=1e-4)
+
+
+def test_anchored_sequential_runs_and_is_reported():
+    tokens = tiny_tokens(48)
+    model = tiny_model("llama")
+    report = compress_(model, SVDLLMConfig(ratio=0.3, sequential=True, anchored=True), tokens, progress=False)
+    assert "anchored to the original outputs" in report.notes[0]
+    assert 0.3 <= report.removed_fraction <= 0.31
+    with torch.no_grad():
+        assert bool(torch.isfinite(model(tiny_tokens(2)).logits).all())
+    with pytest.raises(ValueError, match=r"anchored=True .* also set sequential=True"):
+        SVDLLMConfig(ratio=0.3, anchored=True)
+    with pytest.raises(ValueError, match=r"anchor must be the weight of the original outputs in \(0, 1\]"):
+        SVDLLMConfig(ratio=0.3, sequential=True, anchored=True, anchor=0.0)
+
+
+def test_anchored_sequential_tracks_the_dense_model_better_on_calibration():
+    tokens = tiny_tokens(48, seq_len=32)
+    dense = tiny_model("llama")
+    with torch.no_grad():
+        target = dense.model(tokens).last_hidden_state
+    errors = {}
+    for anchored in (False, True):
+        model = tiny_model("llama")
+        config = SVDLLMConfig(ratio=0.4, sequential=True, anchored=anchored, anchor=1.0)
+        compress_(model, config, tokens, progress=False)
+        with torch.no_grad():
+            errors[anchored] = float((model.model(tokens).last_hidden_state - target).pow(2).mean())
+    assert errors[True] < errors[False]
+
+
+def test_zero_sum_score_is_minus_sigma_times_the_loss_derivative():
+    """Reference: ``d_i = -s_i dL/ds_i``, the derivative taken by autograd through ``W = U diag(s) V^T S^-1``."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    X = torch.randn(9, 50, generator=g, dtype=torch.float64)
+    Y = torch.randn(6, 50, generator=g, dtype=torch.float64)
+
+    def loss(w):
+        return torch.tanh(w @ X - Y).pow(2).mean()
+
+    Wg = W.clone().requires_grad_(True)
+    loss(Wg).backward()
+    wh = whiten(X @ X.T / 50)
+    scores = zero_sum_scores(W, wh, Wg.grad)
+    U, s, Vh = torch.linalg.svd(wh.right_multiply(W), full_matrices=False)
+    s = s.clone().requires_grad_(True)
+    loss(wh.right_solve(U @ torch.diag(s) @ Vh)).backward()
+    torch.testing.assert_close(scores, -s.detach() * s.grad, atol=1e-10, rtol=1e-8)
+
+
+def test_zero_sum_removal_order_keeps_the_running_sum_balanced():
+    shapes = {"a": (4, 100), "b": (4, 100)}  # rank 1 costs 104, rank 2 208; from the break-even rank 3 on, 400
+    scores = {"a": torch.tensor([5.0, 1.0, 0.3, 0.2]), "b": torch.tensor([5.0, 1.0, -0.1, 0.25])}
+    # sum 0: a's +0.2; sum > 0 but no negative tail: b's +0.25 (smaller than a's +0.3); sum 0.45: b's -0.1, and
+    # b at rank 2 brings the total to 608
+    assert zero_sum_ranks(scores, shapes, 608) == {"a": 3, "b": 2}
+    assert zero_sum_ranks(scores, shapes, 416) == {"a": 2, "b": 2}  # then a's +0.3
+    with pytest.raises(ValueError, match=r"cannot be met: even rank 1 in every matrix keeps 208 \(8 too many\)"):
+        zero_sum_ranks(scores, shapes, 200)
+
+
+def test_effective_rank_and_drank_allocation():
+    assert effective_rank(torch.ones(7)) == pytest.approx(7.0)
+    assert effective_rank(torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1.0)
+    shapes = {f"layers.{i}.mlp.up_proj": (64, 32) for i in range(3)}
+    shapes |= {f"layers.{i}.self_attn.q_proj": (32, 32) for i in range(2)} | {f"layers.{i}.self_attn.v_proj": (16, 32)
+                                                                         for i in range(2)}
+    flat, steep = torch.ones(32), torch.tensor([0.5**i for i in range(32)])
+    scores = {k: (flat if ".0." in k else steep).clone() for k in shapes}
+    budget = int(0.6 * sum(m * n for m, n in shapes.values()))
+    ranks = drank_ranks(scores, shapes, budget)
+    total = sum(layer_params(*shapes[k], r) for k, r in ranks.items())
+    assert budget - 96 <= total  # within one rank of the most expensive matrix
+    assert ranks["layers.0.mlp.up_proj"] > ranks["layers.1.mlp.up_proj"]  # the flat spectrum gets more rank
+    assert ranks["layers.0.self_attn.q_proj"] > ranks["layers.1.self_attn.q_proj"]
+    assert total <= budget
+
+
+def test_drank_moves_query_and_key_rank_to_the_values(monkeypatch):
+    import rankwise.allocate.drank as drank
+
+    shapes = {f"layers.{i}.attn.{p}": (16 if p == "v_proj" else 32, 32) for i in range(2) for p in ("q_proj", "v_proj")}
+    scores = {k: torch.tensor([0.8**i for i in range(32)]) for k in shapes}
+    budget = int(0.5 * sum(m * n for m, n in shapes.values()))
+    taxed = drank_ranks(scores, shapes, budget)
+    monkeypatch.setattr(drank, "QK_TAX", 0.0)
+    untaxed = drank_ranks(scores, shapes, budget)
+    assert QK_TAX == 0.2
+    assert all(taxed[k] < untaxed[k] for k in shapes if "q_proj" in k)
+    assert all(taxed[k] > untaxed[k] for k in shapes if "v_proj" in k)
+
+
+@pytest.mark.parametrize("allocation", ["zs", "drank"])
+@pytest.mark.parametrize("ratio", [0.2, 0.4])
+def test_record_allocations_meet_the_budget(allocation, ratio):
+    model = tiny_model("llama")
+    report = compress_(model, SVDLLMConfig(ratio=ratio, allocation=allocation), tiny_tokens(16), progress=False)
+    assert ratio <= report.removed_fraction <= ratio + 0.01
+    uniform = compress_(tiny_model("llama"), SVDLLMConfig(ratio=ratio), tiny_tokens(16), progress=False)
+    assert [layer.rank for layer in report.layers] != [layer.rank for layer in uniform.layers]
+    assert f"allocation {allocation}" in report.notes[0]
+
+
+def test_block_refinement_lowers_each_blocks_calibration_error():
+    tokens = tiny_tokens(16)
+    model = tiny_model("llama")
+    plain = tiny_model("llama")
+    config = SVDLLMConfig(ratio=0.4, sequential=True, anchored=True, refine_epochs=2, refine_lr=1e-3)
+    report = compress_(model, config, tokens, progress=False)
+    compress_(plain, SVDLLMConfig(ratio=0.4, sequential=True, anchored=True), tokens, progress=False)
+    note = next(n for n in report.notes if n.startswith("block refinement (2 epochs per block)"))
+    assert float(note.split("best x", 1)[1].split(",")[0]) < 1.0
+    # block 0 sees the same inputs in both runs: its factors differ by the refinement alone
+    assert not torch.allclose(model.model.layers[0].mlp.down_proj.up, plain.model.layers[0].mlp.down_proj.up)
+    assert model.model.layers[1].mlp.down_proj.bias is None
+    with pytest.raises(ValueError, match=r"refine_epochs .* also set sequential=True"):
+        SVDLLMConfig(ratio=0.3, refine_epochs=1)
+
+
+def run_cli(*args):
+    from typer.testing import CliRunner
+
+    from rankwise.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_recipe_best_and_anchored_rows(tiny_dir, tmp_path):
+    from rankwise.methods.base import NAMED_RECIPES, parse_recipe
+
+    small = ["--seq-len", "16", "--calib-samples", "8"]
+    result = run_cli("compress", tiny_dir, "--recipe", "best", "--ratio", "0.3", "--out", tmp_path / "b", *small)
+    assert result.exit_code == 0, result.output
+    expected = parse_recipe(NAMED_RECIPES["best"], 0.3)
+    config = json.loads((tmp_path / "b" / "rankwise.json").read_text())["provenance"]["options"]
+    assert expected.sequential and expected.anchored
+    for key in ("allocation", "sequential", "anchored", "anchor"):
+        assert config[key] == getattr(expected, key), key
+    bad = run_cli("compress", tiny_dir, "--recipe", "best", "--sequential", "--out", tmp_path / "o", *small)
+    assert bad.exit_code == 2 and "--recipe replaces --sequential" in bad.output
+    bad = run_cli("compress", tiny_dir, "--method", "svd", "--anchored", "--sequential", "--out", tmp_path / "o")
+    assert bad.exit_code == 2 and "--anchored applies to svd_llm" in bad.output
+    result = run_cli("compare", tiny_dir, "--methods", "svd_llm", "--allocations", "uniform,zs", "--sequential", "on",
+                     "--anchored", "both", "--ratios", "0.3", "--eval-samples", "4", "--out", tmp_path / "cmp",
+                     "--speed-repeats", "1", *small)
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    for row in ("| svd_llm +seq |", "| svd_llm +seq +anc |", "| svd_llm +zs +seq |", "| svd_llm +zs +seq +anc |"):
+        assert row in table
+    bad = run_cli("compare", tiny_dir, "--recipes", "svd+anc", "--out", tmp_path / "o")
+    assert bad.exit_code == 2 and "option 'anc' (anchored) applies to svd_llm, not svd" in bad.output
+    bad = run_cli("compare", tiny_dir, "--methods", "svd_llm", "--anchored", "on", "--out", tmp_path / "o")
+    assert bad.exit_code == 2 and "needs sequential rows: add --sequential on" in bad.output
