@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["auto_class", "is_encoder", "is_encoder_config", "model_kind"]
+__all__ = ["auto_class", "context_length", "is_encoder", "is_encoder_config", "model_kind"]
 
 
 @functools.cache
@@ -66,3 +66,13 @@ def auto_class(config: Any) -> Any:
     from transformers import AutoModel, AutoModelForCausalLM
 
     return AutoModel if is_encoder_config(config) else AutoModelForCausalLM
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence (prompt and generated tokens) a Hugging Face ``config``'s positions allow, when it
+    says (``max_position_embeddings``, ``n_positions`` or ``max_sequence_length``); ``None`` otherwise."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rankwise._errors import os_errors
 from rankwise.calibrate import LayerStats, collect_stats
 from rankwise.calibrate.stats import relative_output_error
 from rankwise.io.atomic import atomic_dir
@@ -183,15 +184,21 @@ def export_peft(compensation: Compensation, out: str | Path, *, base_model_name:
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
     with atomic_dir(out, overwrite) as tmp:
         config.save_pretrained(tmp)
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        with os_errors(out):  # a full disk: an OSError naming the output, not safetensors' own error
+            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     return Path(out)
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+def load_adapter(model: nn.Module, adapter_dir: str | Path, *, verify: bool = True) -> nn.Module:
     """``PeftModel.from_pretrained``: rankwise's compressed layers are LoRA targets like ``nn.Linear`` once
-    :mod:`rankwise.adapt.compressed` has hooked into PEFT (importing rankwise arranges it)."""
+    :mod:`rankwise.adapt.compressed` has hooked into PEFT (importing rankwise arranges it). With ``verify``, the
+    adapter directory is checked against its ``SHA256SUMS`` first (:func:`~rankwise.io.integrity.verify_dir`)."""
     from peft import PeftModel
 
     import rankwise.adapt.compressed  # noqa: F401 (the PEFT hooks, in case peft was imported before rankwise)
+    from rankwise.io.integrity import verify_dir
+
+    if verify and Path(adapter_dir).is_dir():
+        verify_dir(adapter_dir)
 
     return PeftModel.from_pretrained(model, str(adapter_dir))

@@ -13,13 +13,14 @@ T = TypeVar("T")
 
 
 def progress_bar(items: Iterable[T], description: str, *, enabled: bool = True) -> Iterator[T]:
-    """Yield ``items`` while drawing a bar on stderr (rich hides it automatically when output is not a terminal)."""
-    if not enabled:
+    """Yield ``items`` while drawing a bar on stderr (only on a terminal: elsewhere nothing is drawn)."""
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:  # off a terminal rich would still end the bar with a blank line
         yield from items
         return
     total = len(items) if isinstance(items, Sized) else None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
+    with Progress(*columns, transient=True, console=console) as bar:
         task = bar.add_task(description, total=total)
         for item in items:
             yield item
@@ -39,10 +40,11 @@ class _StepBar:
 @contextlib.contextmanager
 def step_bar(description: str, total: int, *, start: int = 0, enabled: bool = True) -> Iterator[_StepBar]:
     """A bar for a loop of ``total`` steps that shows the latest metrics (loss, tokens/s ...) beside it."""
-    if not enabled:
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:
         yield _StepBar(None, None)
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[metrics]}"))
-    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
+    with Progress(*columns, transient=True, console=console) as bar:
         yield _StepBar(bar, bar.add_task(description, total=total, completed=start, metrics=""))

@@ -15,6 +15,7 @@ from rankwise.adapt.job import adapt_model
 from rankwise.adapt.train import TrainConfig, evaluate_loss, training_windows
 from rankwise.compress.job import compress_model
 from rankwise.eval.measure import count_params, perplexity
+from rankwise.io.integrity import verify_dir
 from rankwise.io.manifest import read_manifest
 from rankwise.io.models import load_tokenizer
 from rankwise.methods.svd_llm import SVDLLMConfig
@@ -66,6 +67,7 @@ def test_heal_model_saves_what_it_reports(tiny_dir, text, compressed, tmp_path):
     assert json.loads(report.read_text()) == json.loads(json.dumps(result.to_dict()))
     assert len(result.training.losses) == 4
     assert not (tmp_path / "h.checkpoint").exists()
+    assert (verify_dir(out).against, verify_dir(out).unlisted) == ("SHA256SUMS", [])  # every file checksummed
     assert lines[0].startswith("held-out perplexity") and lines[1].startswith("healed 4 steps")
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
         heal_model(compressed, out, config=config, base=str(tiny_dir), text=str(text), seq_len=SEQ,
@@ -92,6 +94,7 @@ def test_adapt_model_saves_the_adapter_it_evaluated(tiny_dir, text, tmp_path):
     assert result.training.evals[-1][1] != result.training.evals[0][1]  # it trained
     assert lines[0].startswith("lora rank 4:") and "held-out loss" in lines[0]
     assert not (tmp_path / "a.checkpoint").exists()
+    assert (verify_dir(tmp_path / "a").against, verify_dir(tmp_path / "a").unlisted) == ("SHA256SUMS", [])
     with pytest.raises(ValueError, match="unknown adapter method 'nope'"):
         adapt_model(str(tiny_dir), "nope", tmp_path / "n", config=config, data=str(text), progress=False)
     assert not (tmp_path / "n").exists() and not (tmp_path / "n.checkpoint").exists()

@@ -75,7 +75,7 @@ def test_resume_refuses_another_model_or_other_settings(tmp_path):
         train(_lm(), ids, TrainConfig(**{**CONFIG.__dict__, "lr": 5e-4}), checkpoint_dir=tmp_path, resume=True,
               progress=False)
     train(_lm(), ids, CONFIG, checkpoint_dir=tmp_path, progress=False, identity={"method": "pissa"})
-    with pytest.raises(ValueError, match=r"another run \(method differ\)"):
+    with pytest.raises(ValueError, match=r"another run \(what differs: method\)"):
         train(_lm(), ids, CONFIG, checkpoint_dir=tmp_path, resume=True, progress=False, identity={"method": "lora"})
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable"):

@@ -114,7 +114,7 @@ def test_a_manifest_naming_a_missing_basis_is_a_one_line_error(tmp_path):
     config_file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=rf"config.json: field 'quantization_config.modules.{member}.basis' names "
                        r"'model.layers.1.mlp.down_proj', which is not a layer that stores a shared basis"):
-        rankwise.load(tmp_path / "out")
+        rankwise.load(tmp_path / "out", verify=False)  # past the checksum: validation alone refuses it
 
 
 def test_sequential_is_refused_before_any_work():

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from rankwise.calibrate import collect_stats
-from rankwise.calibrate.cache import StatsCache, checkpoint_digest, pack, unpack
+from rankwise.calibrate.cache import StatsCache, pack, unpack
 from rankwise.compress import compress_, compress_checkpoint
 from rankwise.methods import config_class
 from rankwise.methods.svd_llm import SVDLLMConfig
@@ -182,15 +184,59 @@ def test_a_failed_run_leaves_no_entry(tmp_path, monkeypatch):
     assert [p for p in tmp_path.iterdir() if p.name != "weights"] == []
 
 
-def test_streamed_checkpoint_uses_the_cache_and_its_digest_is_memoised(tmp_path, tiny_dir):
+def test_streamed_checkpoint_uses_the_cache(tmp_path, tiny_dir):
     tokens = tiny_tokens(8)
     config = config_class("svd_llm")(ratio=0.3, allocation="loss")
     compress_checkpoint(tiny_dir, config, tokens, tmp_path / "a", progress=False, cache=tmp_path / "cache")
     report = compress_checkpoint(tiny_dir, config.__class__(ratio=0.5, allocation="loss"), tokens, tmp_path / "b",
                                  progress=False, cache=tmp_path / "cache")
     assert any("read from the cache" in note for note in report.notes)
-    memo = list((tmp_path / "cache" / "weights").iterdir())
-    assert len(memo) == 1 and memo[0].read_text().strip() == checkpoint_digest(tiny_dir)
+
+
+def _edit_in_place_keeping_times(file: Path, tensor: str) -> None:
+    """Halve one value of ``tensor`` inside the safetensors ``file``, writing through the same inode, then put the
+    size and modification time back as they were: what a time-preserving copy or sync tool leaves."""
+    import struct
+
+    before = file.stat()
+    raw = file.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_len])
+    start = 8 + header_len + header[tensor]["data_offsets"][0]
+    assert header[tensor]["dtype"] == "F32"
+    (value,) = struct.unpack("<f", raw[start:start + 4])
+    with file.open("r+b") as fh:
+        fh.seek(start)
+        fh.write(struct.pack("<f", value / 2 if value else 1.0))
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = file.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                                    "model.norm.weight", "model.embed_tokens.weight"])
+def test_in_place_edit_with_times_kept_is_never_a_stale_hit(tmp_path, tiny_dir, tensor):
+    """The statistics of a checkpoint edited in place (same path, size, modification time and inode) are not
+    read from the cache, wherever the edit is (a target, a block's last layer, outside the blocks): the output
+    equals a run without the cache on the edited weights."""
+    from safetensors.torch import load_file
+
+    work = tmp_path / "model"
+    shutil.copytree(tiny_dir, work)
+    tokens = tiny_tokens(8)
+    config = config_class("svd_llm")(ratio=0.3, allocation="loss")
+    compress_checkpoint(work, config, tokens, tmp_path / "first", progress=False, cache=tmp_path / "cache")
+    _edit_in_place_keeping_times(work / "model.safetensors", tensor)
+    report = compress_checkpoint(work, config, tokens, tmp_path / "cached", progress=False, cache=tmp_path / "cache")
+    assert not any("read from the cache" in note for note in report.notes)
+    compress_checkpoint(work, config, tokens, tmp_path / "fresh", progress=False)
+    cached = load_file(tmp_path / "cached" / "model.safetensors")
+    fresh = load_file(tmp_path / "fresh" / "model.safetensors")
+    first = load_file(tmp_path / "first" / "model.safetensors")
+    assert cached.keys() == fresh.keys()
+    assert all(torch.equal(cached[k], fresh[k]) for k in fresh)
+    assert not all(torch.equal(first[k], fresh[k]) for k in fresh)  # the edit did change the result
+    assert not any(p.name.startswith("weights") for p in (tmp_path / "cache").iterdir())  # nothing kept by file
 
 
 def test_pack_roundtrip_keeps_shared_groups():

@@ -92,7 +92,8 @@ def test_non_finite_weights_named(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "bad")
     result = run("compress", tmp_path / "bad", "--out", tmp_path / "o", *SMALL)
     assert result.exit_code == 2
-    assert "layer model.layers.0.self_attn.o_proj has non-finite weights" in result.output
+    assert ("tensor 'model.layers.0.self_attn.o_proj.weight' in " f"{tmp_path / 'bad' / 'model.safetensors'} holds 1 "
+            "NaN or Inf values") in result.output
     assert not (tmp_path / "o").exists()
 
 
@@ -130,7 +131,10 @@ def test_deleted_manifest_is_an_error_not_a_perplexity(tiny_dir, tmp_path):
     assert run("compress", tiny_dir, "--method", "svd_llm", "--out", out, *SMALL).exit_code == 0
     (out / "rankwise.json").unlink()  # config.json's quantization_config still describes the layers
     result = run("eval", out, "--json", "--seq-len", "16", "--eval-samples", "4")
+    assert result.exit_code == 2 and "rankwise.json is listed in SHA256SUMS but missing" in result.output
+    result = run("eval", out, "--json", "--seq-len", "16", "--eval-samples", "4", "--no-verify")
     assert result.exit_code == 0 and "perplexity" in result.output, result.output
+    (out / "SHA256SUMS").unlink()  # from here on, validation alone must refuse the damage
     config = json.loads((out / "config.json").read_text())
     del config["quantization_config"]
     (out / "config.json").write_text(json.dumps(config))

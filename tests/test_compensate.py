@@ -13,6 +13,7 @@ from rankwise.calibrate import LayerStats
 from rankwise.compensate import compensate, eora, export_peft, load_adapter, merge_
 from rankwise.compress import compress_
 from rankwise.io import save
+from rankwise.io.integrity import verify_dir
 from rankwise.methods.svd import SVDConfig
 from rankwise.nn import LowRankLinear
 from rankwise.targets import find_targets
@@ -49,6 +50,7 @@ def test_compensation_reduces_error_and_merge_matches_adapter(pair, tmp_path):
     assert all(result.error_after[n] < result.error_before[n] for n in result.adapters)
     export_peft(result, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert (verify_dir(tmp_path / "adapter").against, verify_dir(tmp_path / "adapter").unlisted) == ("SHA256SUMS", [])
     with_adapter = load_adapter(copy.deepcopy(compressed), tmp_path / "adapter")
     merged = copy.deepcopy(compressed)
     merge_(merged, result)

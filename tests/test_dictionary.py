@@ -316,7 +316,7 @@ def test_save_and_load_round_trip_and_refuse_corrupt_indices(tmp_path):
     state[key][0, 0] = -1
     save_file(state, shard, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"dictionary layer {key.removesuffix('.indices')}: indices: must lie in"):
-        load(tmp_path / "out")
+        load(tmp_path / "out", verify=False)  # past the checksum: validation alone refuses it
 
 
 def test_float_indices_are_refused_at_load():

@@ -137,6 +137,6 @@ def test_sharing_across_blocks_stores_each_dictionary_once_buys_atoms_and_reload
     config_file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=rf"config.json: field 'quantization_config.modules.{member}.dictionary' "
                        r"names 'model.layers.1.mlp.down_proj', which is not a layer that stores a shared dictionary"):
-        rankwise.load(tmp_path / "m")
+        rankwise.load(tmp_path / "m", verify=False)  # past the checksum: validation alone refuses it
     with pytest.raises(ValueError, match="value_bits=8 with group_size > 1 is not implemented"):
         config_class("dictionary")(group_size=2, value_bits=8)

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from rankwise.compress import compress_
 from rankwise.eval.stream import streamed_perplexity
 from rankwise.io import load, save
+from rankwise.io.integrity import SUMS
 from rankwise.io.manifest import MANIFEST
 from rankwise.methods.svd_llm import SVDLLMConfig
 from rankwise.nn import KINDS
@@ -54,6 +55,13 @@ def original(tmp_path_factory):
     log = os.environ.get("RANKWISE_MUTATION_LOG")
     if log:
         Path(log).write_text(json.dumps(dict(OUTCOMES), indent=1, sort_keys=True))
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """A copy without ``SHA256SUMS``: a directory whose checksums were dropped (an older rankwise wrote it, or it
+    was edited on purpose), where validation alone must refuse the damage."""
+    shutil.copytree(src, dst)
+    (dst / SUMS).unlink()
 
 
 def _outcome(path: Path, x: torch.Tensor, logits: torch.Tensor, ppl: float, kind: str) -> str:
@@ -158,7 +166,7 @@ def test_mutated_manifest_loads_identically_or_fails_in_one_line(original, data)
     kind, mutated = _mutate_manifest(data, _read_layout(path))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "m"
-        shutil.copytree(path, work)
+        _copy(path, work)
         if isinstance(mutated, bytes):
             (work / (MANIFEST if data.draw(st.booleans(), label="garbled file") else "config.json")
              ).write_bytes(mutated)
@@ -218,9 +226,38 @@ def test_mutated_checkpoint_loads_identically_or_fails_in_one_line(original, dat
     path, x, logits, ppl = original
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "m"
-        shutil.copytree(path, work)
+        _copy(path, work)
         kind = _mutate_weights(data, work / WEIGHTS)
         _outcome(work, x, logits, ppl, f"checkpoint {kind}")
+
+
+@settings(max_examples=max(10, EXAMPLES // 2), deadline=None, derandomize=EXAMPLES <= 100, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_any_byte_flip_in_a_checksummed_directory_is_refused(original, data):
+    """With ``SHA256SUMS`` in place, one flipped bit anywhere in any file (weights, config, manifest, tokenizer) is
+    refused by both loaders, even where the result would still parse (a weight 0.0718 read as 0.0359)."""
+    path, x, logits, ppl = original
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "m"
+        shutil.copytree(path, work)
+        files = sorted(p for p in work.rglob("*") if p.is_file() and p.name != SUMS)
+        file = data.draw(st.sampled_from(files), label="file")
+        raw = bytearray(file.read_bytes())
+        at = data.draw(st.integers(0, len(raw) - 1), label="offset")
+        raw[at] ^= 1 << data.draw(st.integers(0, 7), label="bit")
+        file.write_bytes(bytes(raw))
+        assert _outcome(work, x, logits, ppl, f"bit flip in {file.name}") == "error"
+
+
+def test_checksum_error_names_the_file(original, tmp_path):
+    work = tmp_path / "m"
+    shutil.copytree(original[0], work)
+    (work / "config.json").write_text((work / "config.json").read_text() + " ")
+    with pytest.raises(ValueError, match=rf"{work / 'config.json'} does not match its SHA-256 in SHA256SUMS"):
+        load(work)
+    with torch.no_grad():  # validation alone accepts the harmless edit
+        assert torch.equal(load(work, verify=False)(original[1]).logits, original[2])
 
 
 @pytest.mark.parametrize("edit,message,file", [
@@ -248,7 +285,7 @@ def test_mutated_checkpoint_loads_identically_or_fails_in_one_line(original, dat
 def test_manifest_errors_name_file_and_field(original, tmp_path, edit, message, file):
     path = original[0]
     work = tmp_path / "m"
-    shutil.copytree(path, work)
+    _copy(path, work)
     manifest = _read_layout(work)
     edit(manifest)
     _write_layout(work, manifest)
@@ -263,7 +300,7 @@ def test_manifest_errors_name_file_and_field(original, tmp_path, edit, message, 
 ])
 def test_quantization_config_version_and_fields_are_checked(original, tmp_path, edit, message):
     work = tmp_path / "m"
-    shutil.copytree(original[0], work)
+    _copy(original[0], work)
     config = json.loads((work / "config.json").read_text())
     edit(config["quantization_config"])
     (work / "config.json").write_text(json.dumps(config))
@@ -273,7 +310,7 @@ def test_quantization_config_version_and_fields_are_checked(original, tmp_path, 
 
 def test_unmutated_copy_loads_identically(original, tmp_path):
     """The control for the property tests: an intact copy must load to the same output through both loaders."""
-    shutil.copytree(original[0], tmp_path / "m")
+    _copy(original[0], tmp_path / "m")
     assert _outcome(tmp_path / "m", *original[1:], "control") == "identical"
 
 
@@ -282,7 +319,7 @@ def test_unmutated_copy_loads_identically(original, tmp_path):
     lambda c: c.update(model_type="gpt2"), lambda c: c.pop("hidden_size"),
 ])
 def test_tampered_config_is_refused_in_one_line(original, tmp_path, edit):
-    shutil.copytree(original[0], tmp_path / "m")
+    _copy(original[0], tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     edit(config)
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
@@ -293,7 +330,7 @@ def test_factorised_tensors_without_manifest_are_refused(original, tmp_path):
     from rankwise.io.models import load_model
 
     work = tmp_path / "m"
-    shutil.copytree(original[0], work)
+    _copy(original[0], work)
     (work / MANIFEST).unlink()  # the layer list in config.json is enough (save_pretrained writes no rankwise.json)
     with torch.no_grad():
         assert torch.equal(load(work)(original[1]).logits, original[2])

@@ -18,6 +18,7 @@ import rankwise  # noqa: E402
 from rankwise.cli import app  # noqa: E402
 from rankwise.export import OnnxCausalLM, export_onnx, max_logit_diff  # noqa: E402
 from rankwise.export.onnx import ONNX_FILE  # noqa: E402
+from rankwise.io.integrity import verify_dir  # noqa: E402
 from rankwise.nn import LowRankLinear  # noqa: E402
 from tests.tiny_models import VOCAB, tiny_model, tiny_tokenizer, tiny_tokens  # noqa: E402
 
@@ -57,6 +58,7 @@ def test_cli_prints_sizes_and_check(exported):
     out, output = exported
     size = (out / ONNX_FILE).stat().st_size
     assert f"{ONNX_FILE} {size / 1e6:,.1f} MB" in output
+    assert (verify_dir(out).against, verify_dir(out).unlisted) == ("SHA256SUMS", [])  # every file checksummed
     diff = float(re.search(r"max \|logit difference\| .*: (\S+)", output).group(1))
     assert 0 <= diff < TOL
 
@@ -119,6 +121,7 @@ def test_dense_format_reloads_with_transformers(compressed, tmp_path):
     result = run("export", root / "compressed", "--format", "dense", "--out", out)
     assert result.exit_code == 0, result.output
     assert "dense safetensors" in result.output
+    assert (verify_dir(out).against, verify_dir(out).unlisted) == ("SHA256SUMS", [])
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = tiny_tokens(2, 16)
     with torch.no_grad():

@@ -152,7 +152,7 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
                base: str = "smollm2", text: str | None = None, dataset: str | None = None, seq_len: int = 256,
                eval_samples: int = 32, device: str = "cpu", resume: bool = False, overwrite: bool = False,
                json_report: str | Path | None = None, trust_remote_code: bool = False, progress: bool = True,
-               say: Callable[[str], None] | None = None) -> HealResult:
+               say: Callable[[str], None] | None = None, verify: bool = True) -> HealResult:
     """Heal the compressed directory ``compressed`` and save a compressed model with the same ranks and parameter
     count to ``out``: fine-tune its factors on ``text`` (a file; default: the standard library's pydoc topics) or
     ``dataset``, distilling the dense model ``base``.
@@ -168,7 +168,9 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
         options: distillation weight, temperature and which weights train (default: :class:`HealConfig`).
         base: the dense model ``compressed`` came from (the teacher): ``"smollm2"``, a directory, a ``.gguf`` file
             or a hub id; not loaded when ``options.distill == 0``.
-        resume: continue from ``OUT.checkpoint`` (same model, data and settings).
+        resume: continue from ``OUT.checkpoint``: the compressed and ``base`` models (by hashes of their weights'
+            bytes), data and settings must be the first run's, checked before anything is evaluated.
+        verify: check the models' files against their checksums (see :func:`rankwise.io.models.load_model`).
         json_report: also write the settings, perplexities, losses and evaluations as JSON to this file.
         progress: draw the training progress bar.
         say: called with each line worth printing (the perplexities before training, the result after).
@@ -183,7 +185,9 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
     """
     from rankwise.adapt.train import (
         check_job,
+        check_resume,
         digest,
+        model_digest,
         remove_training_checkpoint,
         training_checkpoint,
         training_windows,
@@ -212,20 +216,24 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
     text_name = text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
     manifest = read_manifest(compressed)
     with claimed_out(out, overwrite, compressed, base):
-        student = load_model(compressed, device=device, trust_remote_code=trust_remote_code).model
-        teacher = (load_model(base, device=device, trust_remote_code=trust_remote_code).model
+        student = load_model(compressed, device=device, trust_remote_code=trust_remote_code, verify=verify).model
+        teacher = (load_model(base, device=device, trust_remote_code=trust_remote_code, verify=verify).model
                    if options.distill > 0 else None)
         if teacher is not None and teacher.get_output_embeddings().weight.shape != \
                 student.get_output_embeddings().weight.shape:
             raise ValueError(f"--base {base!r} does not match {compressed!r}: their vocabularies differ; pass the "
                              "model it was compressed from")
+        # what a resumed run must share with the first (the models by content, wherever they are), checked first
+        identity = {"weights": model_digest(student), "teacher": model_digest(teacher) if teacher is not None
+                    else None, "distill": options.distill, "temperature": options.temperature,
+                    "trainable": options.trainable, "data": digest(train_ids)}
+        if resume:
+            check_resume(checkpoint, config, identity)
         before = perplexity(student, evaluation, batch_size=8)
         dense = perplexity(teacher, evaluation, batch_size=8) if teacher is not None else None
         tell(f"held-out perplexity ({eval_samples} x {seq_len} tokens of {text_name}): compressed {before:.3f}"
              + (f", dense {dense:.3f} ({before / dense:.2f}x)" if dense else ""))
         checkpoint.mkdir(exist_ok=True)
-        identity = {"compressed": str(Path(compressed).resolve()), "base": base, "distill": options.distill,
-                    "temperature": options.temperature, "weights": options.trainable, "data": digest(train_ids)}
         training = heal_(student, train_ids, config, options, teacher=teacher, eval_ids=evaluation,
                          checkpoint_dir=checkpoint, resume=resume, progress=progress, eval_first=False,
                          identity=identity)

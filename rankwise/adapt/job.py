@@ -30,7 +30,7 @@ def adapt_model(model: str, method: str, out: str | Path, *, config: TrainConfig
                 alpha: float | None = None, targets: list[str] | None = None, data: str | None = None,
                 seq_len: int = 256, eval_samples: int = 16, merge: bool = False, device: str = "cpu",
                 resume: bool = False, overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
-                say: Callable[[str], None] | None = None) -> AdaptResult:
+                say: Callable[[str], None] | None = None, verify: bool = True) -> AdaptResult:
     """Train a ``method`` adapter of rank ``rank`` on ``model`` with the windows of ``seq_len`` tokens of ``data``
     (a text file; default: the standard library's pydoc topics) and save it, or with ``merge`` the model with the
     adapter folded in, to ``out``.
@@ -50,9 +50,11 @@ def adapt_model(model: str, method: str, out: str | Path, *, config: TrainConfig
             the adapter's initialisation, its ``batch_size`` the pre-pass.
         alpha: the adapter's scale numerator (default: the method's).
         targets: module names to adapt (default: every linear layer but the output head).
-        resume: continue from ``OUT.checkpoint`` (same model, data and settings).
+        resume: continue from ``OUT.checkpoint``: the model (by a hash of its weights' bytes), data and settings
+            must be the first run's, checked before the adapter is initialised.
         progress: draw the training progress bar.
         say: called with the line worth printing once training ends (trainable parameters, time, held-out loss).
+        verify: check the model's files against their checksums (see :func:`rankwise.io.models.load_model`).
         Others: as for :func:`~rankwise.compress.job.compress_model`.
 
     Returns:
@@ -64,12 +66,15 @@ def adapt_model(model: str, method: str, out: str | Path, *, config: TrainConfig
     """
     import tempfile
 
+    from rankwise._errors import os_errors
     from rankwise.adapt.compressed import check_mergeable
     from rankwise.adapt.methods import add_adapter
     from rankwise.adapt.methods import method as adapter_method
     from rankwise.adapt.train import (
         check_job,
+        check_resume,
         digest,
+        model_digest,
         remove_training_checkpoint,
         train,
         training_checkpoint,
@@ -93,7 +98,12 @@ def adapt_model(model: str, method: str, out: str | Path, *, config: TrainConfig
     tokenizer = load_tokenizer(path, trust_remote_code)
     train_ids, evaluation = training_windows(tokenizer, raw, seq_len, eval_samples, config.batch_size, "--data")
     with claimed_out(out, overwrite, model):
-        base = load_model(model, device=device, trust_remote_code=trust_remote_code).model
+        base = load_model(model, device=device, trust_remote_code=trust_remote_code, verify=verify).model
+        # what a resumed run must share with the first, checked before any data-driven initialisation runs
+        identity = {"weights": model_digest(base), "method": method, "rank": rank, "alpha": alpha,
+                    "targets": targets, "data": digest(train_ids)}
+        if resume:
+            check_resume(checkpoint, config, identity)
         peft_model = add_adapter(base, method, rank, alpha=alpha, targets=targets, seed=config.seed, data=train_ids,
                                  batch_size=config.batch_size)
         if merge:
@@ -108,15 +118,13 @@ def adapt_model(model: str, method: str, out: str | Path, *, config: TrainConfig
                 finally:
                     adapter_config.init_lora_weights = init
             checkpoint.mkdir(exist_ok=True)
-            identity = {"model": model, "method": method, "rank": rank, "alpha": alpha, "targets": targets,
-                        "data": digest(train_ids)}
             training = train(peft_model, train_ids, config, eval_ids=evaluation, checkpoint_dir=checkpoint,
                              resume=resume, progress=progress, identity=identity)
             first, last = training.evals[0][1], training.evals[-1][1]
             tell(f"{method} rank {rank}: {training.trainable:,} trainable parameters, {config.steps} steps in "
                  f"{training.seconds:.0f} s ({training.seconds_per_step:.2f} s/step); held-out loss {first:.4f} -> "
                  f"{last:.4f} (perplexity {math.exp(first):.3f} -> {math.exp(last):.3f})")
-            with atomic_dir(out, overwrite) as tmp:
+            with atomic_dir(out, overwrite) as tmp, os_errors(out):  # a full disk: one OSError line
                 if merge and compressed:  # still factorised: a compressed directory
                     inner = save(peft_model.merge_and_unload(), tmp / "merged")
                     for item in inner.iterdir():

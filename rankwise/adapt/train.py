@@ -11,6 +11,7 @@ progress bar with loss and tokens/s, and evaluation every ``eval_every`` steps.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankwise._errors import first_line
 from rankwise.calibrate.cache import tensor_digest
 
 CHECKPOINT = "trainer_state.pt"
@@ -128,6 +130,57 @@ def fingerprint(model: nn.Module) -> str:
 def digest(*tensors: torch.Tensor) -> str:
     """A short hash of tensors' bytes (e.g. the training windows, which a resumed run must share)."""
     return tensor_digest((str(k), t) for k, t in enumerate(tensors))[:16]
+
+
+def model_digest(model: nn.Module) -> str:
+    """A SHA-256 over every tensor of ``model``'s state (names, dtypes, shapes and bytes): the content identity a
+    resumed run checks, whatever path the model was loaded from."""
+    return tensor_digest(sorted(model.state_dict().items()))
+
+
+# How a resume refusal names each identity field (fields not listed are named as they are).
+_IDENTITY_WORDS = {"weights": "the model's weights", "teacher": "the --base model's weights",
+                   "data": "the training windows", "config": "the training settings"}
+
+
+def _read_state(path: Path, *, mmap: bool = False) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # whatever made it unreadable, the answer is the same
+        raise ValueError(f"--resume: {path} is not a readable rankwise training checkpoint ({type(err).__name__})"
+                         ) from None
+    if not isinstance(state, dict) or state.get("format") != 1:
+        raise ValueError(f"--resume: {path} is not a rankwise training checkpoint")
+    return state
+
+
+def _compare(path: Path, state: dict, config: TrainConfig, identity: dict) -> None:
+    if state.get("config") != _identity(config):
+        saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+        changed = sorted(k for k, v in _identity(config).items() if saved.get(k) != v)
+        raise ValueError(f"--resume: the checkpoint was trained with different settings ({', '.join(changed)}); "
+                         "resume with the same ones")
+    saved = state.get("identity", {})
+    current = json.loads(json.dumps(identity))
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: {path} is not a rankwise training checkpoint (its identity is damaged)")
+    if "weights" not in saved and ("model" in saved or "compressed" in saved):
+        raise ValueError(f"--resume: {path} was written by an older rankwise, which recorded the model by its path "
+                         "rather than its content; start a new run")
+    if saved != current:
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        raise ValueError(f"--resume: {path} comes from another run (what differs: "
+                         f"{', '.join(_IDENTITY_WORDS.get(k, k) for k in changed)}); resume with the same model, "
+                         "method, data and options, or start a new run")
+
+
+def check_resume(checkpoint_dir: str | Path, config: TrainConfig, identity: dict) -> None:
+    """Refuse, before any work that depends on it (an adapter's data-driven initialisation, an evaluation), a
+    resume whose saved settings or identity (the model's content hash, the data's ...) differ from this run's."""
+    path = Path(checkpoint_dir) / CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"--resume: no checkpoint at {path}")
+    _compare(path, _read_state(path, mmap=True), config, identity)
 
 
 def _order(n: int, steps: int, per_step: int, seed: int) -> torch.Tensor:
@@ -273,6 +326,9 @@ def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedu
     try:
         torch.save(state, tmp)  # straight to disk: the optimizer state is not held twice in memory
         tmp.replace(path)
+    except RuntimeError as err:  # torch's writer reports a full disk as "PytorchStreamWriter failed writing ..."
+        tmp.unlink(missing_ok=True)
+        raise OSError(errno.EIO, f"could not write the training state ({first_line(err)})", str(path)) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -280,26 +336,11 @@ def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedu
 
 def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: object, config: TrainConfig,
              result: TrainResult, identity: dict) -> int:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # whatever made it unreadable, the answer is the same
-        raise ValueError(f"--resume: {path} is not a readable rankwise training checkpoint ({type(err).__name__})"
-                         ) from None
-    if not isinstance(state, dict) or state.get("format") != 1:
-        raise ValueError(f"--resume: {path} is not a rankwise training checkpoint")
+    state = _read_state(path)
     if state["fingerprint"] != fingerprint(model):
         raise ValueError(f"--resume: {path} was written for another model or adapter (its trainable parameters "
                          "differ in names, shapes or dtypes); start a new run or pick the matching checkpoint")
-    if state["config"] != _identity(config):
-        changed = sorted(k for k, v in _identity(config).items() if state["config"].get(k) != v)
-        raise ValueError(f"--resume: the checkpoint was trained with different settings ({', '.join(changed)}); "
-                         "resume with the same ones")
-    saved = state.get("identity", {})
-    current = json.loads(json.dumps(identity))
-    if saved != current:
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        raise ValueError(f"--resume: the checkpoint comes from another run ({', '.join(changed)} differ); resume with "
-                         "the same model, method, data and options, or start a new run")
+    _compare(path, state, config, identity)
     params = trainable_parameters(model)
     with torch.no_grad():
         for name, value in state["params"].items():

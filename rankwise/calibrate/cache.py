@@ -2,7 +2,8 @@
 another method that reads the same statistics) skips the forward and backward passes.
 
 An entry is a directory ``<root>/<key>`` named by a SHA-256 over everything the statistics depend on: the model's
-weights (a content hash), the calibration token ids, the batch size, the statistic kinds, the observed layers, the
+weights (a content hash of the files' full bytes, computed on every run, never remembered by file name, size or
+time), the calibration token ids, the batch size, the statistic kinds, the observed layers, the
 dtype and device, and this file's format version. Inside: one safetensors file per part (a decoder block's
 statistics, the gradient pass's scores ...) and ``manifest.json`` listing every file with its size and SHA-256.
 
@@ -16,11 +17,9 @@ statistics, the gradient pass's scores ...) and ``manifest.json`` listing every 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -33,19 +32,11 @@ from safetensors.torch import save_file
 from rankwise._errors import first_line
 from rankwise.calibrate.stats import LayerStats, check_kinds, collect_stats, input_groups, iter_batches
 from rankwise.io.atomic import make_scratch_dir, remove_dead_scratch
+from rankwise.io.integrity import sha256_file
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-_CHUNK = 1 << 24
 _EMPTY = "__empty__"
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -57,36 +48,6 @@ def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
         if t.numel():
             digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
-
-
-def checkpoint_digest(path: str | Path, memo_dir: Path | None = None) -> str:
-    """SHA-256 over a checkpoint directory's ``config.json`` and safetensors files (their full contents).
-
-    Hashing gigabytes takes seconds, so the result is remembered in ``memo_dir`` keyed by each file's path, size,
-    modification time and inode: an unchanged checkpoint is hashed once; a rewritten one is hashed again.
-    """
-    path = Path(path).absolute()
-    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("config.json"))
-    if not files:
-        raise ValueError(f"{path} holds no safetensors weights to identify the model by")
-    stamp = hashlib.sha256(json.dumps([(str(f), f.stat().st_size, f.stat().st_mtime_ns, f.stat().st_ino)
-                                       for f in files]).encode()).hexdigest()
-    memo = memo_dir / f"weights-{stamp}.sha256" if memo_dir is not None else None
-    if memo is not None and memo.is_file():
-        known = memo.read_text().strip()
-        if len(known) == 64:
-            return known
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.name}\0{_sha256_file(file)}\0".encode())
-    value = digest.hexdigest()
-    if memo is not None:
-        with contextlib.suppress(OSError):
-            memo_dir.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_name(f"{memo.name}.{os.getpid()}")
-            tmp.write_text(value + "\n")
-            tmp.replace(memo)
-    return value
 
 
 def pack(stats: Mapping[str, LayerStats]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -179,7 +140,7 @@ class CacheEntry:
                 return f"{file} is missing"
             if path.stat().st_size != info.get("bytes"):
                 return f"{file} has {path.stat().st_size} bytes, the manifest says {info.get('bytes')}"
-            if _sha256_file(path) != info.get("sha256"):
+            if sha256_file(path) != info.get("sha256"):
                 return f"{file} does not match its checksum"
         return None
 
@@ -209,7 +170,7 @@ class CacheEntry:
             payload = {k: v.detach().cpu().contiguous() for k, v in tensors.items()} or {_EMPTY: torch.zeros(0)}
             file = self._scratch / f"{part}.safetensors"
             save_file(payload, file, metadata=dict(metadata or {}))
-            self._written[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256_file(file)}
+            self._written[file.name] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
         except Exception as err:  # an unwritable or full cache must never stop the compression
             self._give_up(err)
 
@@ -268,11 +229,12 @@ class StatsCache:
             remove_dead_scratch(self.root, stem)
 
     def model_key(self, source: Any) -> dict[str, str]:
-        """The identity of a block source's model: a content hash of its checkpoint files (``config.json``
-        included), or of the tensors and config of a model in memory."""
-        path = getattr(source, "path", None)
-        if path is not None:
-            return {"weights": checkpoint_digest(path, self.root / "weights")}
+        """The identity of a block source's model: a content hash of its checkpoint files (``config.json`` and the
+        weights, read in full every time: an edit that keeps a file's size and times still changes the key), or of
+        the tensors and config of a model in memory."""
+        identity = getattr(source, "content_identity", None)
+        if identity is not None:
+            return {"weights": identity()}
         return model_identity(source.model)
 
 

@@ -10,6 +10,7 @@ from rankwise.cli.common import (
     BatchOpt,
     DeviceOpt,
     ModelArg,
+    NoVerifyOpt,
     OverwriteOpt,
     SeqLenOpt,
     ThreadsOpt,
@@ -55,6 +56,7 @@ def adapt(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Train a METHOD adapter of RANK on MODEL for STEPS steps on --data and save it to OUT.
 
@@ -74,5 +76,5 @@ def adapt(
     setup(device, threads)
     adapt_model(model, method, out, config=config, rank=rank, alpha=alpha, targets=target_list, data=data,
                 seq_len=seq_len, eval_samples=eval_samples, merge=merge, device=device, resume=resume,
-                overwrite=overwrite, trust_remote_code=trust_remote_code, say=say)
+                overwrite=overwrite, trust_remote_code=trust_remote_code, say=say, verify=not no_verify)
     say(f"saved {'merged model' if merge else 'adapter'} to {out}")

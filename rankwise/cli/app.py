@@ -19,6 +19,7 @@ from rankwise.cli import export as export_cmd
 from rankwise.cli import generate as generate_cmd
 from rankwise.cli import heal as heal_cmd
 from rankwise.cli import info as info_cmd
+from rankwise.cli import verify as verify_cmd
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
@@ -54,7 +55,7 @@ class OneLineGroup(TyperGroup):
 
 app = typer.Typer(cls=OneLineGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Low-rank compression of language models: compress, evaluate, compare, compensate, generate, "
-                  "info; heal a compressed model; adapt a model with an adapter.")
+                  "info, verify; heal a compressed model; adapt a model with an adapter.")
 app.command("compress")(compress_cmd.compress)
 app.command("eval")(evaluate_cmd.evaluate)
 app.command("compare")(compare_cmd.compare)
@@ -64,6 +65,7 @@ app.command("info")(info_cmd.info)
 app.command("heal")(heal_cmd.heal)
 app.command("adapt")(adapt_cmd.adapt)
 app.command("export")(export_cmd.export)
+app.command("verify")(verify_cmd.verify)
 
 
 def _terminate(signum: int, _frame: Any) -> None:

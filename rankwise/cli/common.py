@@ -38,6 +38,8 @@ OffloadOpt = Annotated[str | None, typer.Option("--offload-dir", help="where blo
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="neither read nor write cached calibration statistics "
                                           "(kept in $RANKWISE_CALIBRATION_CACHE, default "
                                           "~/.cache/rankwise/calibration)")]
+NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="skip checking the input's files against their "
+                                           "checksums (SHA256SUMS, or a Hugging Face cache's blob names)")]
 ActivationOpt = Annotated[float, typer.Option("--activation-mb", min=0,
                                               help="activations kept in memory before spilling")]
 
@@ -147,7 +149,8 @@ class Workload:
 
 
 def prepare(model: str, text: str | None, dataset: str | None, seq_len: int, calib: int, evaluation: int,
-            device: str, threads: int | None, trust_remote_code: bool = False, raw: str | None = None) -> Workload:
+            device: str, threads: int | None, trust_remote_code: bool = False, raw: str | None = None,
+            verify: bool = True) -> Workload:
     """Cut the text (``raw`` if already read) into disjoint calibration and evaluation windows, then load the
     model: the text and the tokenizer are checked first, so their errors never wait for a model load."""
     from rankwise.io.models import load_model, load_tokenizer, resolve
@@ -157,7 +160,7 @@ def prepare(model: str, text: str | None, dataset: str | None, seq_len: int, cal
     path, _ = resolve(model)
     calibration, evaluation_ids, text_name = windows(load_tokenizer(path, trust_remote_code), raw, text, dataset,
                                                      seq_len, calib, evaluation)
-    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code, verify=verify)
     return Workload(loaded.model, loaded.tokenizer, loaded.source, calibration, evaluation_ids, text_name)
 
 

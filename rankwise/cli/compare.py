@@ -22,6 +22,7 @@ from rankwise.cli.common import (
     ModelArg,
     NewTokensOpt,
     NoCacheOpt,
+    NoVerifyOpt,
     OverwriteOpt,
     PrefillOpt,
     SeqLenOpt,
@@ -90,6 +91,7 @@ def compare(
         "--prompt", help="also complete this text with every model, side by side (repeat for several)")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens per completion")] = 32,
     no_cache: NoCacheOpt = False,
+    no_verify: NoVerifyOpt = False,
     speed_repeats: Annotated[int, typer.Option("--speed-repeats", min=1, help="timed runs of each timing per row "
                                                "(prefill, and with --speed decode too; the fastest counts)")] = 5,
     hqq_bits: Annotated[str | None, typer.Option(
@@ -114,6 +116,7 @@ def compare(
     from rankwise.eval.compare import recipes
     from rankwise.eval.embedding import held_out_pairs, is_encoder_dir
     from rankwise.eval.encoder_compare import compare_encoder
+    from rankwise.eval.generate import check_generation, check_prompts
     from rankwise.io.atomic import claimed_out
     from rankwise.io.models import resolve
     from rankwise.io.sentence import max_seq_length
@@ -155,6 +158,8 @@ def compare(
     prompts = list(prompt or [])
     if any(not p.strip() for p in prompts):
         raise ValueError("--prompt must not be empty")
+    if prompts:
+        check_prompts(prompts, "--prompt")
     try:
         encoder = is_encoder_dir(resolve(model)[0])
     except ValueError:
@@ -165,7 +170,8 @@ def compare(
                              "are for causal LMs")
         with claimed_out(out, overwrite, model):
             raw = load_text(text, dataset=dataset)
-            work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code, raw)
+            work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code, raw,
+                           verify=not no_verify)
             pairs = held_out_pairs(work.tokenizer, raw, calib_samples * seq_len, eval_samples)
             settings = {"model": work.source, "text": work.text_name, "seq_len": seq_len, "calib": calib_samples,
                         "pairs": len(pairs)}
@@ -177,10 +183,12 @@ def compare(
         say(result.to_markdown())
         say(f"\nwrote {out}/comparison.md, comparison.png, comparison.json")
         return
+    if prompts:  # room for the completions in the model's context, before anything is compressed
+        check_generation(model, prompts, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code)
     with claimed_out(out, overwrite, model):
         with nullcontext() if ray is None else ray_session(ray):  # a bad address fails before the model loads
             work = prepare(model, text, dataset, seq_len, calib_samples, eval_samples, device, threads,
-                           trust_remote_code)
+                           trust_remote_code, verify=not no_verify)
             settings = {"model": work.source, "text": work.text_name, "seq_len": seq_len, "calib": calib_samples,
                         "eval": eval_samples, "prompts": prompts}
             result = run(work.model, work.calibration, work.evaluation, configs, eora_rank=eora_rank,

@@ -11,6 +11,7 @@ from rankwise.cli.common import (
     CalibOpt,
     DatasetOpt,
     DeviceOpt,
+    NoVerifyOpt,
     OverwriteOpt,
     SeqLenOpt,
     TextOpt,
@@ -39,6 +40,7 @@ def compensate(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Compute EoRA compensation for COMPRESSED against --base; write a PEFT LoRA adapter (or a merged model)."""
     from rankwise.compensate import check_compatible, export_peft, merge_with_report
@@ -50,8 +52,9 @@ def compensate(
     if not out:
         raise ValueError("--out is required: the directory to write the adapter (or merged model) to")
     with claimed_out(out, overwrite, compressed, base):
-        work = prepare(compressed, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code)
-        original = load_model(base, device=device, trust_remote_code=trust_remote_code).model
+        work = prepare(compressed, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code,
+                       verify=not no_verify)
+        original = load_model(base, device=device, trust_remote_code=trust_remote_code, verify=not no_verify).model
         check_compatible(original, work.model)
         result = run(original, work.model, work.calibration, rank, batch_size=batch_size)
         say(result.summary())

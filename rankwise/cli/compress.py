@@ -16,6 +16,7 @@ from rankwise.cli.common import (
     DtypeOpt,
     ModelArg,
     NoCacheOpt,
+    NoVerifyOpt,
     OffloadOpt,
     OverwriteOpt,
     SeqLenOpt,
@@ -77,6 +78,7 @@ def compress(
     json_report: Annotated[str | None, typer.Option("--json-report", help="also write the report as JSON here")
                            ] = None,
     trust_remote_code: TrustOpt = False,
+    no_verify: NoVerifyOpt = False,
     ray: Annotated[str | None, typer.Option(
         "--ray", metavar="ADDRESS", help="fan each block's factorisations out to Ray workers: 'local', 'auto' or "
         "HOST:PORT (needs pip install 'rankwise\\[ray]')")] = None,
@@ -136,7 +138,8 @@ def compress(
     report = compress_model(model, config, out, text=text, dataset=dataset, seq_len=seq_len,
                             calib_samples=calib_samples, batch_size=batch_size, device=device, dtype=dtype,
                             export=export, overwrite=overwrite, activation_mb=activation_mb, offload_dir=offload_dir,
-                            trust_remote_code=trust_remote_code, ray=ray, cache=stats_cache(no_cache))
+                            trust_remote_code=trust_remote_code, ray=ray, cache=stats_cache(no_cache),
+                            verify=not no_verify)
     if json_report:
         from rankwise.io.atomic import write_text_atomic
 

@@ -22,6 +22,7 @@ from rankwise.cli.common import (
     FuseOpt,
     ModelArg,
     NewTokensOpt,
+    NoVerifyOpt,
     OffloadOpt,
     PrefillOpt,
     SeqLenOpt,
@@ -57,6 +58,7 @@ def evaluate(
     offload_dir: OffloadOpt = None,
     activation_mb: ActivationOpt = 1024,
     trust_remote_code: TrustOpt = False,
+    no_verify: NoVerifyOpt = False,
     tasks: Annotated[str | None, typer.Option(
         "--tasks", help="also run these lm-eval tasks (comma list, e.g. arc_easy,hellaswag,piqa,winogrande; needs "
         "pip install 'rankwise\\[eval]')")] = None,
@@ -117,7 +119,8 @@ def evaluate(
             raise ValueError(f"{option} needs a causal LM; {model} is an encoder, evaluated in memory by embedding "
                              "cosine and retrieval")
         result = evaluate_encoder_spec(model, raw, calib_samples * seq_len, eval_samples, reference=reference,
-                                       batch_size=batch_size, device=device, trust_remote_code=trust_remote_code)
+                                       batch_size=batch_size, device=device, trust_remote_code=trust_remote_code,
+                                       verify=not no_verify)
         if as_json:
             say(json.dumps({**result.to_dict(), "model": source, "reference": reference}))
         else:
@@ -138,10 +141,11 @@ def evaluate(
                                            eval_samples)
         ppl, src = streamed_perplexity(path, evaluation, batch_size=batch_size, device=device, dtype=dtype,
                                        activation_mb=activation_mb, offload_dir=offload_dir, progress=not as_json,
-                                       trust_remote_code=trust_remote_code)
+                                       trust_remote_code=trust_remote_code, verify=not no_verify)
         result = result_for(src.model, evaluation, ppl, None)
     else:
-        work = prepare(model, text, dataset, seq_len, 0, eval_samples, device, threads, trust_remote_code, raw)
+        work = prepare(model, text, dataset, seq_len, 0, eval_samples, device, threads, trust_remote_code, raw,
+                       verify=not no_verify)
         source, text_name = work.source, work.text_name
         if dtype is not None:
             work.model.to(parse_dtype(dtype))

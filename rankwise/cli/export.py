@@ -11,6 +11,7 @@ import typer
 
 from rankwise.cli.common import (
     ModelArg,
+    NoVerifyOpt,
     OverwriteOpt,
     SeqLenOpt,
     TextOpt,
@@ -45,6 +46,7 @@ def export(
     overwrite: OverwriteOpt = False,
     threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Export MODEL (a rankwise directory, a dense model, the default model) to OUT.
 
@@ -73,7 +75,7 @@ def export(
         if check:  # the text and tokenizer are checked before the model loads
             _, held_out, _ = windows(load_tokenizer(path, trust_remote_code), load_text(text), text, None, seq_len,
                                      0, check_samples)
-        loaded = load_model(model, trust_remote_code=trust_remote_code)
+        loaded = load_model(model, trust_remote_code=trust_remote_code, verify=not no_verify)
         params = sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values())
         if fmt == "onnx":
             from rankwise.export import check_exportable, export_onnx
@@ -121,6 +123,6 @@ def _check(model: Any, out: str, fmt: str, held_out: torch.Tensor, threads: int 
         return max_logit_diff(model, OnnxCausalLM(out, threads=threads), held_out)
     from rankwise.io.models import load_model
 
-    reloaded = load_model(out, trust_remote_code=trust_remote_code).model
+    reloaded = load_model(out, trust_remote_code=trust_remote_code, verify=False).model  # written just now
     with torch.no_grad():
         return max(float((reloaded(w[None]).logits - model(w[None]).logits).abs().max()) for w in held_out)

@@ -6,7 +6,17 @@ from typing import Annotated
 
 import typer
 
-from rankwise.cli.common import DeviceOpt, FuseOpt, ModelArg, ThreadsOpt, TrustOpt, one_line_errors, say, setup
+from rankwise.cli.common import (
+    DeviceOpt,
+    FuseOpt,
+    ModelArg,
+    NoVerifyOpt,
+    ThreadsOpt,
+    TrustOpt,
+    one_line_errors,
+    say,
+    setup,
+)
 
 
 @one_line_errors
@@ -18,19 +28,22 @@ def generate(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
+    no_verify: NoVerifyOpt = False,
     fuse: FuseOpt = False,
 ) -> None:
     """Complete each --prompt with MODEL greedily (deterministic) and print prompt and completion."""
     from rankwise.arch import is_encoder
-    from rankwise.eval.generate import complete
+    from rankwise.eval.generate import check_generation, check_prompts, complete
     from rankwise.io.models import load_model
 
     if not prompt:
         raise ValueError("give at least one --prompt TEXT")
     if any(not p.strip() for p in prompt):
         raise ValueError("--prompt must not be empty")
+    check_prompts(prompt, "--prompt")
     setup(device, threads)
-    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    check_generation(model, prompt, max_new_tokens=max_new_tokens, chat=chat, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code, verify=not no_verify)
     if is_encoder(loaded.model):
         raise ValueError(f"generate needs a causal LM; {model} is an encoder ({type(loaded.model).__name__}): "
                          "evaluate it with rankwise eval")

@@ -10,6 +10,7 @@ from rankwise.cli.common import (
     BatchOpt,
     DatasetOpt,
     DeviceOpt,
+    NoVerifyOpt,
     OverwriteOpt,
     SeqLenOpt,
     TextOpt,
@@ -54,6 +55,7 @@ def heal(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Heal COMPRESSED: fine-tune its factors on the text (minus the held-out windows), distilling --base, and
     save a compressed model with the same ranks and parameter count to OUT.
@@ -72,5 +74,5 @@ def heal(
     setup(device, threads)
     heal_model(compressed, out, config=config, options=options, base=base, text=text, dataset=dataset,
                seq_len=seq_len, eval_samples=eval_samples, device=device, resume=resume, overwrite=overwrite,
-               json_report=json_report, trust_remote_code=trust_remote_code, say=say)
+               json_report=json_report, trust_remote_code=trust_remote_code, say=say, verify=not no_verify)
     say(f"saved healed compressed model to {out}")

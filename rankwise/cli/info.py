@@ -11,12 +11,52 @@ import typer
 
 from rankwise.cli.common import one_line_errors, say
 
+_NUMBERS = ("ratio", "bits", "bits_per_targeted_weight", "bytes_dense")
+_COUNTS = ("params_total_before", "params_total_after", "params_targeted_before", "params_targeted_after")
+_LISTS = ("notes", "layers")
+
+
+def check_report(manifest: Any) -> dict[str, Any]:
+    """The manifest's ``report`` (``{}`` when none), its fields that :func:`describe` and :func:`info` show checked:
+    a one-line ``ValueError`` naming the file and the field otherwise (a hand-edited or damaged ``rankwise.json``)."""
+    report = manifest.report or {}
+
+    def bad(name: str, expected: str) -> ValueError:
+        got = f"is {report[name]!r}" if name in report else "is missing"
+        return ValueError(f"{manifest.file}: field 'report.{name}' {got}; expected {expected}")
+
+    def given(name: str) -> bool:
+        return report.get(name) is not None
+
+    if given("method") and not isinstance(report["method"], str):
+        raise bad("method", "a method name")
+    for name in _NUMBERS:
+        if given(name) and (not isinstance(report[name], int | float) or isinstance(report[name], bool)):
+            raise bad(name, "a number")
+    for name in _COUNTS:
+        if given(name) and (not isinstance(report[name], int) or isinstance(report[name], bool) or report[name] < 0):
+            raise bad(name, "a whole number >= 0")
+    for name in _LISTS:
+        if given(name) and not isinstance(report[name], list):
+            raise bad(name, "a list")
+    if given("method") and not given("bits") and not given("ratio"):
+        raise bad("ratio", "a number (or 'report.bits', a budget in bits)")
+    if given("params_targeted_after"):  # shown with the targeted and total counts it is compared to
+        for name in _COUNTS:
+            if not given(name):
+                raise bad(name, "a whole number >= 0")
+    return report
+
 
 def describe(manifest: Any) -> dict[str, Any]:
-    """Plain data about a validated manifest: method, ratio, options, parameters, rank histogram, provenance."""
+    """Plain data about a validated manifest: method, ratio, options, parameters, rank histogram, provenance.
+
+    Raises:
+        ValueError: a report field of the wrong type (see :func:`check_report`).
+    """
     from rankwise.io.shards import weights_bytes
 
-    report = manifest.report or {}
+    report = check_report(manifest)
     layers = report.get("layers") or []
     ranks = [spec.rank for spec in manifest.modules.values() if spec.rank is not None]
     before, after = report.get("params_targeted_before"), report.get("params_targeted_after")

@@ -120,6 +120,7 @@ def compress_checkpoint(
     save_dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     extras: Callable[[Path], Any] | None = None,
+    verify: bool = True,
 ) -> CompressionReport:
     """Compress a safetensors checkpoint directory into ``out`` without ever holding the whole model in memory.
 
@@ -150,6 +151,8 @@ def compress_checkpoint(
         max_shard_size: the largest output shard (transformers' ``max_shard_size`` convention).
         extras: called with the temporary output directory before it is renamed into place (files of the
             caller's, inside the atomic write).
+        verify: check ``path``'s files against its checksums when it has them (``SHA256SUMS``, a Hugging Face
+            cache's blob names), before any block is read.
 
     Raises:
         ValueError: one line, for a damaged checkpoint (see :class:`~rankwise.stream.CheckpointSource`), an
@@ -158,7 +161,7 @@ def compress_checkpoint(
     if export not in ("factored", "dense"):
         raise ValueError(f"export must be 'factored' or 'dense', got {export!r}")
     refuse_overlap(out, path)
-    source = CheckpointSource(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    source = CheckpointSource(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, verify=verify)
     out = Path(out)
     offload = check_offload_dir(offload_dir if offload_dir is not None else out.absolute().parent)
     with (atomic_dir(out, overwrite) as tmp, ActivationStore(int(activation_mb * 2**20), offload) as store,

@@ -22,7 +22,7 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
                    device: str = "cpu", dtype: str | None = None, export: str = "factored", overwrite: bool = False,
                    activation_mb: float = 1024, offload_dir: str | Path | None = None,
                    trust_remote_code: bool = False, ray: str | None = None, cache: str | Path | None = None,
-                   progress: bool = True) -> CompressionReport:
+                   progress: bool = True, verify: bool = True) -> CompressionReport:
     """Compress ``model`` with ``config``, calibrated on the first ``calib_samples`` windows of ``seq_len`` tokens
     of ``text`` (a file; default: the standard library's pydoc topics) or of ``dataset``, and save it to ``out``.
 
@@ -34,6 +34,8 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
             declared dtype.
         export: ``"factored"`` (the compressed layers) or ``"dense"`` (a plain checkpoint of the same weights).
         cache: a directory for calibration statistics (see :mod:`rankwise.calibrate.cache`).
+        verify: check the model's files against their checksums where it has them (``SHA256SUMS``, a Hugging Face
+            cache's blob names) before any block is compressed.
         Others: as for :func:`~rankwise.compress.compress_checkpoint`.
 
     Returns:
@@ -77,9 +79,9 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
                                        device=device, export=export, overwrite=overwrite, batch_size=batch_size,
                                        activation_mb=activation_mb, offload_dir=offload_dir,
                                        trust_remote_code=trust_remote_code, ray=ray, provenance=origin,
-                                       cache=cache, extras=sentence_files, progress=progress)
+                                       cache=cache, extras=sentence_files, progress=progress, verify=verify)
         calibration = calibration_windows(load_tokenizer(resolve(model)[0], trust_remote_code))
-        loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+        loaded = load_model(model, device=device, trust_remote_code=trust_remote_code, verify=verify)
         if dtype is not None:
             loaded.model.to(parse_dtype(dtype))
         report = compress_(loaded.model, config, calibration, batch_size=batch_size, activation_mb=activation_mb,

@@ -194,21 +194,21 @@ def is_encoder_dir(path: str | Path) -> bool:
 
 
 def evaluate_encoder_spec(model: str, raw: str, calibration_tokens: int, pairs: int, *, reference: str | None = None,
-                          batch_size: int = 16, device: str = "cpu", trust_remote_code: bool = False
-                          ) -> EncoderResult:
+                          batch_size: int = 16, device: str = "cpu", trust_remote_code: bool = False,
+                          verify: bool = True) -> EncoderResult:
     """:func:`evaluate_encoder` of the model at ``model`` (a directory or hub id) on at most ``pairs`` held-out
     pairs (:func:`held_out_pairs`), with the embedding cosine to ``reference`` when given; texts are truncated to
     the model's ``max_seq_length`` (sentence-transformers config; 256 without one)."""
     from rankwise.io.models import load_model, resolve
     from rankwise.io.sentence import max_seq_length
 
-    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code, verify=verify)
     chosen = held_out_pairs(loaded.tokenizer, raw, calibration_tokens, pairs)
     where = resolve(model)[0]
     max_length = (max_seq_length(where) if isinstance(where, Path) else None) or 256
     ref = None
     if reference is not None:
-        dense = load_model(reference, device=device, trust_remote_code=trust_remote_code)
+        dense = load_model(reference, device=device, trust_remote_code=trust_remote_code, verify=verify)
         _, ref = evaluate_encoder(dense.model, dense.tokenizer, chosen, max_length=max_length, batch_size=batch_size)
         del dense
     return evaluate_encoder(loaded.model, loaded.tokenizer, chosen, reference=ref, max_length=max_length,

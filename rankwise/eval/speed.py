@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankwise.arch import context_length
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
@@ -144,12 +146,7 @@ def prefill_tokens_per_s(model: nn.Module, seq_len: int, batch_size: int = 1, *,
 
 def max_positions(model: nn.Module) -> int | None:
     """The longest sequence the model's positions allow, when its config says."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
+    return context_length(getattr(model, "config", None))
 
 
 def measure_speed(model: nn.Module, *, decode_batches: Sequence[int] = (1, 8),

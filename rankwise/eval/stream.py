@@ -15,18 +15,20 @@ from rankwise.stream import ActivationStore, CheckpointSource, capture_calls, fi
 def streamed_perplexity(path: str | Path, windows: torch.Tensor, *, batch_size: int = 8,
                         device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                         activation_mb: float = 1024, offload_dir: str | Path | None = None,
-                        progress: bool = False, trust_remote_code: bool = False) -> tuple[float, CheckpointSource]:
+                        progress: bool = False, trust_remote_code: bool = False,
+                        verify: bool = True) -> tuple[float, CheckpointSource]:
     """``exp`` of the mean next-token NLL over ``windows``, holding one decoder block in memory at a time.
 
     Equal (up to float rounding) to :func:`~rankwise.eval.perplexity` of the loaded model. Works on dense Hugging
-    Face checkpoints and on rankwise directories (factored or dense export).
+    Face checkpoints and on rankwise directories (factored or dense export). With ``verify``, the files are checked
+    against the directory's checksums first (see :class:`~rankwise.stream.CheckpointSource`).
 
     Returns:
         ``(perplexity, source)``; the source's skeleton (on ``meta``) gives parameter counts.
     """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be token ids of shape (n, seq_len >= 2), got {tuple(windows.shape)}")
-    source = CheckpointSource(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    source = CheckpointSource(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, verify=verify)
     batches = list(windows.split(batch_size))
     with ActivationStore(int(activation_mb * 2**20), offload_dir) as store:
         source.load_rest()

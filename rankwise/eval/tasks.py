@@ -20,6 +20,8 @@ from typing import Any
 
 from torch import nn
 
+from rankwise._errors import first_line
+
 
 def _lm_eval():
     try:
@@ -32,12 +34,42 @@ def _lm_eval():
 
 
 def task_manager(include: Sequence[str | Path] = ()) -> Any:
-    """lm-eval's task index, with the task YAML files under each ``include`` directory added."""
+    """lm-eval's task index, with the task YAML files under each ``include`` directory added.
+
+    Raises:
+        ValueError: an ``include`` that is not a directory, or a YAML file under it that does not parse (lm-eval
+            would skip it silently, and its task would then be reported unknown).
+    """
     _, _, TaskManager = _lm_eval()
     for path in include:
         if not Path(path).is_dir():
             raise ValueError(f"--task-dir {str(path)!r} is not a directory of lm-eval task YAML files")
+        for file in sorted(Path(path).glob("**/*.yaml")):  # the files lm-eval reads
+            if not _IGNORED_DIRS.intersection(file.parts):
+                check_yaml(file)
     return TaskManager(include_path=[str(p) for p in include] or None)
+
+
+_IGNORED_DIRS = frozenset({"__pycache__", ".ipynb_checkpoints"})  # skipped by lm-eval's task index
+
+
+def check_yaml(file: Path) -> None:
+    """Refuse a task file that is not YAML, naming the file and where the parser stopped. Only the syntax is
+    checked: tags such as lm-eval's ``!function`` are left to lm-eval."""
+    import yaml
+
+    try:
+        with file.open("rb") as fh:
+            yaml.compose(fh, Loader=yaml.SafeLoader)  # one document, tags unresolved (what lm-eval's loader parses)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = err.problem or first_line(err)
+        if err.context and problem.startswith("but "):  # "expected a single document ..., but found another"
+            problem = f"{err.context}, {problem}"
+        raise ValueError(f"{file} is not valid YAML ({where}{problem})") from None
+    except yaml.YAMLError as err:  # bytes that are not text, control characters
+        raise ValueError(f"{file} is not valid YAML ({first_line(err)})") from None
 
 
 def check_tasks(names: Sequence[str], manager: Any) -> list[str]:

@@ -49,12 +49,18 @@ class OnnxCausalLM:
         threads: onnxruntime intra-op threads (default: onnxruntime's, one per physical core).
         spinning: let idle onnxruntime threads spin-wait for the next step (its default: lowest latency, but the
             spinning threads take the cores from anything else running in the process, such as torch).
+        verify: check the directory's files against its ``SHA256SUMS`` first.
     """
 
-    def __init__(self, directory: str | Path, threads: int | None = None, spinning: bool = True) -> None:
+    def __init__(self, directory: str | Path, threads: int | None = None, spinning: bool = True,
+                 verify: bool = True) -> None:
         import onnxruntime as ort
 
+        from rankwise.io.integrity import verify_dir
+
         self.directory = Path(directory)
+        if verify:  # rankwise's export wrote SHA256SUMS: a damaged model.onnx is named, not run
+            verify_dir(self.directory)
         self.layout = OnnxLayout.read(self.directory)
         if self.layout.dtype not in _NUMPY_DTYPES:
             raise ValueError(f"{self.directory}: dtype {self.layout.dtype!r} cannot be fed from numpy; export the "

@@ -8,6 +8,7 @@
   refused unless ``overwrite``.
 * :func:`claimed_out` is a job's guard: it refuses an existing output (unless ``overwrite``) or one that overlaps an
   input, then holds the output's lock while the job runs.
+* A finished output ends with ``SHA256SUMS`` (:mod:`rankwise.io.integrity`), checked whenever it is loaded.
 * Temporary and superseded directories whose owner process is gone (same host, pid no longer alive) are removed by
   the next run on the same output, with a warning naming them.
 """
@@ -30,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rankwise._errors import RankwiseWarning
+from rankwise.io.integrity import write_sums
 
 WRITING = ".rankwise-writing"  # marker inside an output that is still being written
 _SCRATCH = re.compile(r"^(?P<stem>.+)(?P<kind>\.tmp-|\.old-|-activations-)(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-\w+$")
@@ -178,8 +180,9 @@ def claim(out: str | Path) -> Iterator[Path]:
 def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``out`` only if the block finishes without error.
 
-    The output is locked for the duration (:func:`claim`), leftovers of dead runs on it are removed first, and an
-    output that appeared while the block ran is refused unless ``overwrite``.
+    The finished directory gets ``SHA256SUMS``, the checksum of every file in it (:mod:`rankwise.io.integrity`),
+    which loading verifies. The output is locked for the duration (:func:`claim`), leftovers of dead runs on it are
+    removed first, and an output that appeared while the block ran is refused unless ``overwrite``.
     """
     out = check_output_dir(out, overwrite)
     with claim(out):
@@ -193,6 +196,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
                 raise ValueError(f"output directory {str(out)!r} appeared while this run was writing it; "
                                  "pass --overwrite to replace it")
             (tmp / WRITING).unlink()
+            write_sums(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

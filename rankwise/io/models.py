@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from rankwise._errors import first_line
+from rankwise._errors import first_line, os_errors
 from rankwise.io.atomic import atomic_dir
 from rankwise.io.checkpoint import check_model_dir, refuse_factored_without_manifest, refuse_remote_code, weight_map
+from rankwise.io.integrity import check_finite_parameters, hub_snapshot, sha256_file, verify_dir
 from rankwise.io.save import is_compressed_dir, load
 
 GGUF_MAGIC = b"GGUF"
@@ -51,13 +52,26 @@ def default_gguf() -> Path:
     return files[0]
 
 
+_GGUF_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def _gguf_digest(gguf: Path) -> str:
+    """The SHA-256 of a GGUF file, read once per process (a command resolves its model several times)."""
+    st = gguf.stat()
+    key = (str(gguf.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _GGUF_DIGESTS:
+        _GGUF_DIGESTS[key] = sha256_file(gguf)
+    return _GGUF_DIGESTS[key]
+
+
 def _gguf_cache(gguf: Path, dtype: torch.dtype) -> Path:
-    """Convert a GGUF file to a safetensors HF directory once; return the cached directory."""
+    """Convert a GGUF file to a safetensors HF directory once; return the cached directory (with ``SHA256SUMS``,
+    verified whenever it is loaded)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}|declared-bf16".encode()
-                         ).hexdigest()[:16]
+    # keyed by the file's content (0.1 s for the default model), never by its name or times: a GGUF replaced in
+    # place gets its own conversion
+    key = hashlib.sha256(f"{_gguf_digest(gguf)}|{dtype}|declared-bf16".encode()).hexdigest()[:16]
     out = cache_root() / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         return out
@@ -77,7 +91,7 @@ def _gguf_cache(gguf: Path, dtype: torch.dtype) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True) as tmp, os_errors(out):
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         # The tensors stay float32 (the dequantised values exactly); config.json declares bfloat16, the dtype
@@ -174,7 +188,7 @@ def refuse_incomplete(info: dict[str, Any], what: str) -> None:
 
 
 def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", trust_remote_code: bool = False) -> LoadedModel:
+               device: str | torch.device = "cpu", trust_remote_code: bool = False, verify: bool = True) -> LoadedModel:
     """Load ``(model, tokenizer)``.
 
     Args:
@@ -183,6 +197,11 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.flo
             network or a local hub cache).
         dtype: parameter dtype for dense models.
         trust_remote_code: allow a model that ships its own Python code (``auto_map``); refused by default.
+        verify: check a local directory's files against its ``SHA256SUMS`` (every directory rankwise writes has
+            one) or, for a Hugging Face cache snapshot (a hub id's included), against the SHA-256 names of its
+            blobs.
+
+    Every parameter is checked for NaN and Inf once loaded.
 
     An encoder (a BERT-family config, :func:`rankwise.arch.is_encoder_config`; e.g. a sentence-transformers
     directory, whose Hugging Face model is the directory itself or its Transformer module's folder) loads as the
@@ -198,6 +217,8 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.flo
 
     path, source = resolve(spec, dtype)
     if isinstance(path, Path) and path.is_dir():
+        if verify:
+            verify_dir(path)  # a sentence-transformers directory's list covers its modules' folders too
         path = transformer_dir(path)
     tokenizer = load_tokenizer(path, trust_remote_code)
     local = isinstance(path, Path) and path.is_dir()
@@ -208,7 +229,7 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.flo
         except ValueError:
             config = None  # a broken or remote-code config: the causal-LM path reports it, as before
     if local and is_compressed_dir(path):
-        model = load(path, device=device, trust_remote_code=trust_remote_code)
+        model = load(path, device=device, trust_remote_code=trust_remote_code, verify=False)  # verified above
     elif config is not None and is_encoder_config(config):
         check_model_dir(path)
         if any(path.glob("*.safetensors")):
@@ -221,7 +242,14 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.flo
         refuse_incomplete(info, str(spec))
         model = model.to(device).eval()
     else:
+        cached = hub_snapshot(path) if verify and isinstance(path, str) else None
+        if cached is not None:  # a hub model already downloaded: its blobs are checked before they are read
+            verify_dir(cached)
         model = _load_dense(path, spec, dtype, trust_remote_code).to(device).eval()
+        fetched = hub_snapshot(path) if verify and isinstance(path, str) and cached is None else None
+        if fetched is not None:  # downloaded just now: checked before the model is returned
+            verify_dir(fetched)
+    check_finite_parameters(model, str(spec if spec is not None else source))
     pooling = read_pooling(path) if local and is_encoder(model) else None
     if pooling is not None:
         setattr(model.config, POOLING_ATTR, pooling)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise._errors import first_line
+from rankwise._errors import first_line, os_errors
 from rankwise.io.atomic import atomic_dir
 from rankwise.io.checkpoint import (
     SAFETENSORS_DTYPES,
@@ -28,6 +28,7 @@ from rankwise.io.checkpoint import (
     parameter_groups,
     weight_map,
 )
+from rankwise.io.integrity import check_finite_parameters, verify_dir
 from rankwise.io.manifest import (
     DTYPES,
     FORMAT_VERSION,
@@ -125,8 +126,9 @@ def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, report: An
         writer = ShardWriter(tmp, dtype=dtype, max_shard_size=max_shard_size)
         state = dense_state(model, getattr(model.config, "model_type", "")) if export == "dense" else \
             unique_state(model)
-        writer.add(state.items())
-        writer.finish()
+        with os_errors(out):  # a full disk is the OSError it is, naming the output, not a safetensors traceback
+            writer.add(state.items())
+            writer.finish()
         write_config(model, tmp, dtype, factored=export == "factored")
         if hasattr(report, "record_storage"):
             report.record_storage(tmp, dtype)
@@ -217,13 +219,14 @@ def _as_conv1d(lin: nn.Linear) -> nn.Module:
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", trust_remote_code: bool = False,
          device_map: str | dict[str, Any] | None = None, max_memory: dict[Any, Any] | None = None,
-         offload_dir: str | Path | None = None) -> nn.Module:
+         offload_dir: str | Path | None = None, verify: bool = True) -> nn.Module:
     """Load a directory written by :func:`save` (factored format) as the same Hugging Face model class.
 
-    Everything is checked before it is used: the manifest against its schema and the architecture, and the
-    weights against the manifest (no tensor missing, none unexpected, each of the right shape and dtype, read from
-    the safetensors headers), so a damaged directory raises a one-line ``ValueError`` naming the file and never
-    yields randomly initialised layers.
+    Everything is checked before it is used: every file against the directory's ``SHA256SUMS`` (with ``verify``;
+    a directory without one, e.g. from an older rankwise, is not checked), the manifest against its schema and the
+    architecture, and the weights against the manifest (no tensor missing, none unexpected, each of the right
+    shape and dtype, read from the safetensors headers), so a damaged directory raises a one-line ``ValueError``
+    naming the file and never yields randomly initialised layers.
 
     Args:
         path: the directory.
@@ -233,6 +236,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", trust_remote_c
             blocks that fit nowhere go to ``offload_dir`` on disk and are read back as they run.
         max_memory: accelerate's per-device limits for ``device_map="auto"``, e.g. ``{"cpu": "2GiB"}``.
         offload_dir: folder for disk-offloaded weights (required when anything is offloaded).
+        verify: check the files' checksums first (:func:`rankwise.io.integrity.verify_dir`).
     """
     from accelerate import init_empty_weights
 
@@ -241,6 +245,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", trust_remote_c
     if not is_compressed_dir(path):
         raise ValueError(f"{str(path)!r} is not a rankwise directory (no {MANIFEST}, no rankwise "
                          "quantization_config in config.json); load it with transformers")
+    if verify:
+        verify_dir(path)
     manifest = read_manifest(path)
     config = load_config(path, trust_remote_code)
     wmap = weight_map(path)
@@ -251,7 +257,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", trust_remote_c
     skeleton.tie_weights()
     _check_tensors(path, wmap, skeleton)
     del skeleton
-    return _from_pretrained(path, manifest, trust_remote_code, device, device_map, max_memory, offload_dir)
+    model = _from_pretrained(path, manifest, trust_remote_code, device, device_map, max_memory, offload_dir)
+    check_finite_parameters(model, str(path))
+    return model
 
 
 def _from_pretrained(path: Path, manifest: Manifest, trust_remote_code: bool, device: str | torch.device,

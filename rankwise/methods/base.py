@@ -448,6 +448,8 @@ def parse_settings(config_cls: type[CompressConfig], pairs: list[str]) -> dict[s
         if not sep or key not in own:
             raise ValueError(f"--set {pair!r}: expected NAME=VALUE with NAME one of {config_cls.name}'s fields: "
                              f"{listing}")
+        if key in out:
+            raise ValueError(f"--set {key} is given twice; give each setting once")
         out[key] = _parse_value(hints[key], text.strip(), f"--set {key}")
     return out
 
@@ -499,7 +501,15 @@ def parse_recipe(text: str, ratio: float | None = None, *, bits: float | None = 
     own = {f.name for f in dataclasses.fields(config_cls)}
     fields: dict[str, Any] = {}
     settings = []
+    setter: dict[str, str] = {}  # field -> the option that set it: each field is set once
     for option in options:
+        key = ("allocation" if option in ALLOCATIONS else FLAG_OPTIONS[option][0] if option in FLAG_OPTIONS
+               else option.partition("=")[0].strip().replace("-", "_"))
+        if key in setter:
+            repeated = (f"option {option!r} is repeated" if setter[key] == option
+                        else f"options {setter[key]!r} and {option!r} both set {key}")
+            raise ValueError(f"recipe {text!r}: {repeated}; give each option once")
+        setter[key] = option
         if option in ALLOCATIONS:
             fields["allocation"] = option
         elif option in FLAG_OPTIONS:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankwise._errors import os_errors
 from rankwise.io.save import dense_state, unique_state, write_config, write_manifest
 from rankwise.io.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter
 
@@ -38,17 +39,21 @@ class ShardSink:
         self.out, self.blocks_name, self.export, self.model_type = Path(out), blocks_name, export, model_type
         self.dtype = dtype
         self.writer = ShardWriter(self.out, dtype=dtype, max_shard_size=max_shard_size, stream=True)
+        self.target = _destination(self.out)  # what errors name: the output, not its temporary directory
 
     def write_block(self, i: int, block: nn.Module) -> None:
         state = dense_state(block, self.model_type) if self.export == "dense" else unique_state(block)
-        self.writer.add((f"{self.blocks_name}.{i}.{k}", v) for k, v in state.items())
+        with os_errors(self.target):  # a full disk: an OSError (errno, message), not safetensors' own error
+            self.writer.add((f"{self.blocks_name}.{i}.{k}", v) for k, v in state.items())
 
     def write_rest(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self.writer.add(tensors)
+        with os_errors(self.target):
+            self.writer.add(tensors)
 
     def finish(self, model: nn.Module, report: Any = None, tokenizer: Any = None,
                provenance: dict[str, Any] | None = None) -> None:
-        self.writer.finish()
+        with os_errors(self.target):
+            self.writer.finish()
         write_config(model, self.out, self.dtype, factored=self.export == "factored")
         if hasattr(report, "record_storage"):
             report.record_storage(self.out, self.dtype)
@@ -56,3 +61,10 @@ class ShardSink:
             write_manifest(model, self.out, self.dtype, report, provenance)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.out)
+
+
+def _destination(tmp: Path) -> Path:
+    """The output a temporary directory of :func:`~rankwise.io.atomic.atomic_dir` (``.<name>.tmp-<owner>``) becomes;
+    any other directory is itself."""
+    stem, sep, _ = tmp.name.rpartition(".tmp-")
+    return tmp.parent / stem[1:] if sep and stem.startswith(".") and len(stem) > 1 else tmp

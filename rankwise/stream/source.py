@@ -26,6 +26,7 @@ from rankwise.io.checkpoint import (
     refuse_factored_without_manifest,
     weight_map,
 )
+from rankwise.io.integrity import Verification, checksums_available, content_identity
 from rankwise.io.manifest import read_manifest
 from rankwise.io.save import install_kinds, is_compressed_dir
 from rankwise.io.sentence import read_pooling
@@ -96,19 +97,30 @@ class CheckpointSource:
         dtype: parameter dtype (default: the checkpoint's own).
 
         trust_remote_code: allow a checkpoint that ships its own model code (``auto_map``); refused otherwise.
+        verify: check the files against the directory's ``SHA256SUMS`` (or its Hugging Face cache blob names) when
+            it has them, before any block is read (:mod:`rankwise.io.integrity`).
+
+    Every tensor is checked for NaN and Inf as it is read.
 
     Raises:
         ValueError: one line naming the file, for a missing or invalid config or manifest, a missing, truncated or
             unreadable shard, an index naming a missing file or tensor, or a checkpoint whose tensors do not match
-            the architecture (missing, unexpected, or of another shape).
+            the architecture (missing, unexpected, or of another shape), a file that does not match its checksum,
+            or a tensor holding NaN or Inf.
     """
 
     def __init__(self, path: str | Path, *, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None, trust_remote_code: bool = False) -> None:
+                 dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+                 verify: bool = True) -> None:
         from accelerate import init_empty_weights
 
         self.path = Path(path)
         check_model_dir(self.path)
+        self.verify = verify
+        self.verification: Verification | None = None
+        self._identity: str | None = None
+        if verify and checksums_available(self.path):  # one read: the check, and the identity a cache may ask for
+            self._identity, self.verification = content_identity(self.path)
         if not (self.path / "config.json").is_file():
             raise ValueError(f"{self.path}/config.json is missing: not a Hugging Face checkpoint directory")
         self.config = load_config(self.path, trust_remote_code)
@@ -158,6 +170,13 @@ class CheckpointSource:
     @property
     def input_device(self) -> torch.device:
         return self.device
+
+    def content_identity(self) -> str:
+        """SHA-256 over the full bytes of the checkpoint's config, manifest and weights (read once per source)."""
+        if self._identity is None:
+            self._identity, verification = content_identity(self.path, verify=self.verify)
+            self.verification = self.verification or verification
+        return self._identity
 
     def _stored_name(self, name: str, prefix: str) -> str | None:
         if name in self.weight_map:
@@ -212,7 +231,12 @@ class CheckpointSource:
                     if self.stored_dtype is not None and stored != self.stored_dtype:
                         raise ValueError(f"tensor {self.keys[name]!r} in {self.path / file} is {info.get_dtype()}, "
                                          f"its rankwise.json says {self.stored_dtype}")
-                    yield name, f.get_tensor(self.keys[name]).to(self.dtype)
+                    tensor = f.get_tensor(self.keys[name])
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        bad = int((~torch.isfinite(tensor)).sum())
+                        raise ValueError(f"tensor {self.keys[name]!r} in {self.path / file} holds {bad:,} NaN or Inf "
+                                         f"values (of {tensor.numel():,}); the checkpoint is damaged")
+                    yield name, tensor.to(self.dtype)
 
     def load(self, i: int) -> nn.Module:
         for name, tensor in self._read(self._names(i)):
