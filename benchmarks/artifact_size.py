@@ -20,7 +20,7 @@ from pathlib import Path
 LIBRARY = """
 import sys, torch
 from rankwise.calibrate import load_text, split_windows
-from rankwise.compress import compress_checkpoint
+from rankwise.compression import compress_checkpoint
 from rankwise.io.models import checkpoint_dir, load_tokenizer
 from rankwise.methods.svd_llm import SVDLLMConfig
 path, _ = checkpoint_dir("smollm2")

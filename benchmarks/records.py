@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from rankwise.calibrate import load_text
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.eval import peak_rss_mb
 from rankwise.eval.compare import label
 from rankwise.eval.measure import perplexity

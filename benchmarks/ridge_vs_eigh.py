@@ -18,7 +18,7 @@ import torch
 
 import rankwise
 from rankwise.calibrate import load_text, split_windows
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.eval import perplexity
 from rankwise.methods.svd_llm import SVDLLMConfig
 

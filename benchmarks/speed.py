@@ -130,7 +130,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from rankwise.calibrate import collect_stats, load_text, split_windows
-    from rankwise.compress import compress_
+    from rankwise.compression import compress_
     from rankwise.eval.compare import label
     from rankwise.eval.measure import count_params, peak_rss_mb, perplexity, targeted_bytes
     from rankwise.io.models import load_model

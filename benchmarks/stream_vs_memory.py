@@ -20,7 +20,7 @@ import torch
 IN_MEMORY = """
 import sys, torch, rankwise
 from rankwise.calibrate import load_text, split_windows
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.methods.svd_llm import SVDLLMConfig
 allocation, sequential, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
 loaded = rankwise.load_model()

@@ -16,7 +16,9 @@ _install_hf_format()  # transformers loads compressed directories once rankwise 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "compress_": "rankwise.compress",
+    "compress": "rankwise.api",
+    "Compressed": "rankwise.api",
+    "compress_": "rankwise.compression",
     "CompressionReport": "rankwise.report",
     "load": "rankwise.io",
     "save": "rankwise.io",

@@ -13,7 +13,7 @@ import rankwise
 from rankwise.adapt.heal import HealConfig, heal_model
 from rankwise.adapt.job import adapt_model
 from rankwise.adapt.train import TrainConfig, evaluate_loss, training_windows
-from rankwise.compress.job import compress_model
+from rankwise.compression.job import compress_model
 from rankwise.eval.measure import count_params, perplexity
 from rankwise.io.integrity import verify_dir
 from rankwise.io.manifest import read_manifest

@@ -10,7 +10,7 @@ import torch
 
 from rankwise.adapt.heal import HealConfig, distillation_loss, heal_
 from rankwise.adapt.train import CHECKPOINT, TrainConfig, TrainingDivergedError, causal_lm_loss, train
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.eval.measure import count_params
 from rankwise.methods.svd_llm import SVDLLMConfig
 from rankwise.nn import LowRankLinear

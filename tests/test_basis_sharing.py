@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 import rankwise
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.linalg import shared_basis, whitened_svd
 from rankwise.methods.basis_sharing import BasisSharingConfig
 from rankwise.methods.svd_llm import SVDLLMConfig
@@ -152,7 +152,7 @@ def test_streamed_evaluation_of_a_shared_model_is_refused_with_a_reason(tmp_path
 
 
 def test_streamed_dense_export_equals_the_in_memory_model(tmp_path):
-    from rankwise.compress import compress_checkpoint
+    from rankwise.compression import compress_checkpoint
     from tests.tiny_models import tiny_tokenizer
 
     src = tmp_path / "src"

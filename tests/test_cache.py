@@ -13,7 +13,7 @@ import torch
 
 from rankwise.calibrate import collect_stats
 from rankwise.calibrate.cache import StatsCache, pack, unpack
-from rankwise.compress import compress_, compress_checkpoint
+from rankwise.compression import compress_, compress_checkpoint
 from rankwise.methods import config_class
 from rankwise.methods.svd_llm import SVDLLMConfig
 from rankwise.targets import find_targets
@@ -173,7 +173,7 @@ def test_unwritable_cache_still_compresses_with_a_note(tmp_path, monkeypatch, wh
 
 
 def test_a_failed_run_leaves_no_entry(tmp_path, monkeypatch):
-    import rankwise.compress.pipeline as pipeline
+    import rankwise.compression.pipeline as pipeline
 
     def boom(*_args, **_kwargs):
         raise RuntimeError("killed")

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from rankwise.calibrate import LayerStats
 from rankwise.compensate import compensate, eora, export_peft, load_adapter, merge_
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.io import save
 from rankwise.io.integrity import verify_dir
 from rankwise.methods.svd import SVDConfig

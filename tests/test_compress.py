@@ -7,7 +7,7 @@ import torch
 
 from rankwise.calibrate import collect_stats
 from rankwise.calibrate.stats import input_groups
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.methods import CompressConfig, config_class, method_names
 from rankwise.methods.svd import SVDConfig
 from rankwise.methods.svd_llm import SVDLLMConfig
@@ -192,7 +192,7 @@ def test_singular_covariance_falls_back_and_is_reported():
 
 def test_relative_output_error_is_the_output_error_on_the_calibration_inputs():
     from rankwise.calibrate import LayerStats
-    from rankwise.compress import relative_output_error
+    from rankwise.compression import relative_output_error
 
     g = torch.Generator().manual_seed(0)
     W, Wa = torch.randn(40, 24, generator=g), torch.randn(40, 24, generator=g) * 0.1

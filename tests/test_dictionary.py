@@ -300,7 +300,7 @@ def test_out_of_range_indices_are_refused_after_loading_in_place():
 def test_save_and_load_round_trip_and_refuse_corrupt_indices(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from rankwise.compress import compress_
+    from rankwise.compression import compress_
     from rankwise.io.save import load, save
     from tests.tiny_models import tiny_model, tiny_tokens
 

@@ -53,7 +53,7 @@ def test_int8_layer_stores_its_cost_and_stays_close_to_the_float_layer():
 def test_int8_values_buy_more_atoms_and_less_error_at_the_same_bits(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rankwise.compress import compress_
+    from rankwise.compression import compress_
     from rankwise.io.save import save
     from tests.tiny_models import tiny_model, tiny_tokens
 
@@ -103,7 +103,7 @@ def test_sharing_across_blocks_stores_each_dictionary_once_buys_atoms_and_reload
     from transformers import AutoModelForCausalLM
 
     import rankwise
-    from rankwise.compress import compress_
+    from rankwise.compression import compress_
     from rankwise.io.save import save
     from rankwise.nn import SharedDictionaryLinear, compressed_modules
     from tests.tiny_models import tiny_model, tiny_tokens

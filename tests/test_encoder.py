@@ -17,8 +17,8 @@ from rankwise.arch import is_encoder, is_encoder_config
 from rankwise.calibrate import collect_stats, default_text
 from rankwise.calibrate.objective import check_pair_batch, contrastive_loss, pool
 from rankwise.cli import app
-from rankwise.compress import compress_, compress_checkpoint
-from rankwise.compress.passes import capture, gradient_pass
+from rankwise.compression import compress_, compress_checkpoint
+from rankwise.compression.passes import capture, gradient_pass
 from rankwise.eval.embedding import _split_topic, evaluate_encoder, held_out_pairs, retrieval, topic_pairs
 from rankwise.io.sentence import copy_sentence_files, read_pooling, transformer_dir
 from rankwise.methods import config_class, method_names

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.eval.stream import streamed_perplexity
 from rankwise.io import load, save
 from rankwise.io.integrity import SUMS

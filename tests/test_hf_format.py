@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import rankwise
-from rankwise.compress import compress_, compress_checkpoint
+from rankwise.compression import compress_, compress_checkpoint
 from rankwise.io import load, save
 from rankwise.methods.svd import SVDConfig
 from rankwise.methods.svd_llm import SVDLLMConfig

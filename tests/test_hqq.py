@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from rankwise.compensate import compensate, merge_
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.io import save
 from rankwise.linalg import lq_decompose
 from rankwise.linalg.affine import affine_storage, hqq_quantize

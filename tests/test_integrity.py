@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import rankwise
 from rankwise.cli import app
-from rankwise.compress import compress_checkpoint
+from rankwise.compression import compress_checkpoint
 from rankwise.io.integrity import SUMS, content_identity, read_sums, verify_dir, write_sums
 from rankwise.io.models import load_model
 from rankwise.methods.svd_llm import SVDLLMConfig

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import rankwise
 from rankwise.calibrate import load_text, split_windows
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.io import load, save
 from rankwise.io.atomic import atomic_dir
 from rankwise.io.models import load_model

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.io import save
 from rankwise.linalg import truncated_svd
 from rankwise.linalg.quant import int8_rows, int8_rows_decode

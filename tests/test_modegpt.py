@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import rankwise
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.io.save import densify_
 from rankwise.linalg import nystrom_columns, ridge_leverage_scores, rope_pair_selection, whitened_value_output
 from rankwise.methods import config_class

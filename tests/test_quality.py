@@ -7,7 +7,7 @@ import torch
 
 from rankwise.allocate import layer_params, threshold_ranks
 from rankwise.calibrate import collect_stats
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.methods.svd import SVDConfig
 from rankwise.methods.svd_llm import SVDLLMConfig
 from rankwise.nn import LowRankLinear, effective_weight, linear_weight

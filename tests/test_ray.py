@@ -121,7 +121,7 @@ def test_cli_compare_on_ray(local_ray, tmp_path):
 @pytest.mark.parametrize("name,options", [("svd_llm", {}), ("fwsvd", {}), ("svd_llm", {"sequential": True,
                                                                                       "update_u": True})])
 def test_block_factorisations_on_ray_equal_the_serial_ones(local_ray, one_thread, name, options):
-    from rankwise.compress import compress_
+    from rankwise.compression import compress_
 
     calib, x = tiny_tokens(8, 32, seed=1), tiny_tokens(2, 16, seed=3)
     serial, fanned = tiny_model("llama"), tiny_model("llama")

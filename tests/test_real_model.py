@@ -10,7 +10,7 @@ import torch
 
 import rankwise
 from rankwise.calibrate import load_text, split_windows
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.eval import perplexity
 from rankwise.io.models import load_model
 from rankwise.methods.svd import SVDConfig
@@ -58,7 +58,7 @@ def test_default_model_artifact_is_bf16_smaller_and_loads_natively(tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from rankwise.compress import compress_checkpoint
+    from rankwise.compression import compress_checkpoint
     from rankwise.io.models import checkpoint_dir
 
     path, _ = checkpoint_dir("smollm2")
@@ -81,7 +81,7 @@ def test_real_encoder_compresses_and_loads_with_automodel(tmp_path):
 
     from transformers import AutoModel
 
-    from rankwise.compress import compress_checkpoint
+    from rankwise.compression import compress_checkpoint
     from rankwise.eval.embedding import embed, embedding_cosine, topic_pairs
     from rankwise.io.models import load_tokenizer
 

@@ -12,8 +12,8 @@ import torch
 from rankwise.allocate import layer_params
 from rankwise.allocate.drank import QK_TAX, drank_ranks, effective_rank
 from rankwise.allocate.zero_sum import zero_sum_ranks, zero_sum_scores
-from rankwise.compress import compress_
-from rankwise.compress.staged import call_order_groups
+from rankwise.compression import compress_
+from rankwise.compression.staged import call_order_groups
 from rankwise.linalg import anchored_svd, refit_left, whiten, whitened_svd
 from rankwise.methods.svd_llm import SVDLLMConfig
 from rankwise.targets import find_targets

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.eval.measure import count_params
 from rankwise.eval.speed import COMPILE_MODES, check_compile, decode_tokens_per_s, measure_speed
 from rankwise.methods.svd_llm import SVDLLMConfig

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import rankwise
 from rankwise.calibrate import collect_stats
-from rankwise.compress import compress_, compress_checkpoint
+from rankwise.compression import compress_, compress_checkpoint
 from rankwise.methods import config_class
 from rankwise.methods.fwsvd import FWSVDConfig
 from rankwise.methods.svd_llm import SVDLLMConfig

@@ -174,7 +174,7 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
         json_report: also write the settings, perplexities, losses and evaluations as JSON to this file.
         progress: draw the training progress bar.
         say: called with each line worth printing (the perplexities before training, the result after).
-        Others: as for :func:`~rankwise.compress.job.compress_model`.
+        Others: as for :func:`~rankwise.compression.job.compress_model`.
 
     Returns:
         The :class:`HealResult`; its ``provenance`` is the one saved in ``out/rankwise.json``.

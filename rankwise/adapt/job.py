@@ -55,7 +55,7 @@ def adapt_model(model: str, method: str, out: str | Path, *, config: TrainConfig
         progress: draw the training progress bar.
         say: called with the line worth printing once training ends (trainable parameters, time, held-out loss).
         verify: check the model's files against their checksums (see :func:`rankwise.io.models.load_model`).
-        Others: as for :func:`~rankwise.compress.job.compress_model`.
+        Others: as for :func:`~rankwise.compression.job.compress_model`.
 
     Returns:
         The :class:`AdaptResult`; its ``summary`` is also stored in ``out/rankwise_adapt.json``.

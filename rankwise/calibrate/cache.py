@@ -13,15 +13,27 @@ statistics, the gradient pass's scores ...) and ``manifest.json`` listing every 
   reported, removed and recomputed, never read.
 * A cache root that cannot be written (read-only, full disk) disables caching for the run, with a note; the
   compression itself goes on.
+
+The cache is capped (:data:`DEFAULT_MAX_GB`, or ``$RANKWISE_CACHE_MAX_GB`` in gigabytes, read when a
+:class:`StatsCache` is made). After an entry is committed, the least recently used entries are evicted until the
+total fits. "Used" is committed or read: each entry holds an empty file ``last-used`` whose modification time is
+set at both. A run holds a shared ``flock`` on that file while it reads the entry, and eviction takes it exclusively
+without waiting, so an entry another run is reading stays; eviction renames an entry away whole (to scratch) before
+removing it, never touches scratch, and never the entries this run used. An entry larger than the whole cap is
+kept, with a note saying which variable to raise. :func:`list_entries` and :func:`clear` back ``rankwise cache``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
+import os
 import shutil
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +42,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rankwise._errors import first_line
+from rankwise.calibrate.cache_store import (
+    MANIFEST,
+    MAX_GB_ENV,
+    USED,
+    cache_cap,
+    evict,
+    format_bytes,
+    list_entries,
+    remove_dead_scratches,
+)
 from rankwise.calibrate.stats import LayerStats, check_kinds, collect_stats, input_groups, iter_batches
-from rankwise.io.atomic import make_scratch_dir, remove_dead_scratch
+from rankwise.io.atomic import make_scratch_dir
 from rankwise.io.integrity import sha256_file
 
 FORMAT = 1
-MANIFEST = "manifest.json"
 _EMPTY = "__empty__"
 
 
@@ -92,7 +113,8 @@ class CacheEntry:
     :attr:`note` (say it to the user).
     """
 
-    def __init__(self, root: Path, key: Mapping[str, Any]) -> None:
+    def __init__(self, root: Path, key: Mapping[str, Any], *,
+                 after_commit: Callable[[CacheEntry], str | None] | None = None) -> None:
         self.root = root
         self.key = json.loads(json.dumps({"format": FORMAT, **key}, sort_keys=True, default=str))
         self.name = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:32]
@@ -102,22 +124,57 @@ class CacheEntry:
         self._scratch: Path | None = None
         self._written: dict[str, dict[str, Any]] = {}
         self._abandoned = False
+        self._after_commit = after_commit  # called once the entry is in place; may return a note (the cache's cap)
+        self._release: Callable[[], None] | None = None
 
     # reading
     def check(self, parts: Iterable[str]) -> None:
-        """Set :attr:`hit` if a complete, intact entry holding ``parts`` is on disk; a damaged one is removed."""
+        """Set :attr:`hit` if a complete, intact entry holding ``parts`` is on disk; a damaged one is removed.
+
+        A hit marks the entry used now and holds it (no other run evicts it) until :meth:`release`."""
         try:
-            if not self.path.is_dir():
+            if not self.path.is_dir() or not self._hold():
                 return
             problem = self._verify([f"{part}.safetensors" for part in parts])
+        except FileNotFoundError:  # evicted by another run meanwhile
+            self.release()
+            return
         except OSError as err:
             problem = f"cannot read it: {err.strerror or err}"
         if problem is None:
             self.hit = True
+            _touch(self.path)
             return
+        self.release()
         shutil.rmtree(self.path, ignore_errors=True)
         what = "removed" if not self.path.exists() else "could not be removed"
         self.note = f"calibration cache entry {self.path} is damaged ({problem}); {what}, recomputing"
+
+    def _hold(self) -> bool:
+        """Take a shared lock on the entry's :data:`USED` file (``False``: another run is evicting it). An entry
+        whose lock file cannot be made (a read-only cache) is read unlocked: nothing can evict it either."""
+        try:
+            fd = os.open(self.path / USED, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as err:
+            if isinstance(err, FileNotFoundError):  # evicted meanwhile
+                raise
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            held = os.stat(self.path / USED).st_ino == os.fstat(fd).st_ino  # not renamed away before the lock
+        except (BlockingIOError, FileNotFoundError):
+            held = False
+        if not held:
+            os.close(fd)
+            return False
+        self._release = weakref.finalize(self, os.close, fd)
+        return True
+
+    def release(self) -> None:
+        """Let other runs evict this entry again (done by :meth:`commit` and :meth:`discard`, which end a run)."""
+        if self._release is not None:
+            self._release()
+            self._release = None
 
     def _verify(self, expected: list[str]) -> str | None:
         try:
@@ -178,11 +235,14 @@ class CacheEntry:
         self.write(part, *pack(stats))
 
     def commit(self) -> None:
-        """Put the finished entry in place (a no-op after a hit or a write failure)."""
+        """Put the finished entry in place, then let the cache make room (a no-op after a hit or a write failure,
+        apart from releasing a hit)."""
+        self.release()
         if self._scratch is None:
             return
         try:
             manifest = {"key": self.key, "files": self._written}
+            (self._scratch / USED).touch()
             (self._scratch / MANIFEST).write_text(json.dumps(manifest, indent=1))
             self._scratch.rename(self.path)
         except OSError as err:
@@ -190,10 +250,14 @@ class CacheEntry:
                 self.discard()
             else:
                 self._give_up(err)
+            return
         self._scratch = None
+        note = self._after_commit(self) if self._after_commit is not None else None
+        self.note = note or self.note
 
     def discard(self) -> None:
         """Drop what was written (the run failed)."""
+        self.release()
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
@@ -207,26 +271,43 @@ class CacheEntry:
 
 
 class StatsCache:
-    """A directory of :class:`CacheEntry`, one per distinct calibration (``root`` need not exist yet)."""
+    """A directory of :class:`CacheEntry`, one per distinct calibration (``root`` need not exist yet), holding at
+    most ``max_bytes`` (``None``: ``$RANKWISE_CACHE_MAX_GB`` gigabytes, default :data:`DEFAULT_MAX_GB`).
 
-    def __init__(self, root: str | Path) -> None:
+    Raises:
+        ValueError: a cap that is not a positive number.
+    """
+
+    def __init__(self, root: str | Path, max_bytes: float | None = None) -> None:
         self.root = Path(root)
+        self.max_bytes, self.cap_source = cache_cap(max_bytes)
+        self._used: set[str] = set()  # entries this cache read or wrote: never evicted by it
 
     def open(self, parts: Iterable[str], **key: Any) -> CacheEntry:
         """The entry for ``key``: a hit if it is on disk whole with every one of ``parts``. Scratch left by dead
         runs (any key) is removed first."""
-        self._remove_dead_scratch()
-        entry = CacheEntry(self.root, {**key, "versions": _versions()})
+        remove_dead_scratches(self.root)
+        entry = CacheEntry(self.root, {**key, "versions": _versions()}, after_commit=self._make_room)
         entry.check(parts)
+        if entry.hit:
+            self._used.add(entry.name)
         return entry
 
-    def _remove_dead_scratch(self) -> None:
-        try:
-            stems = {p.name.split(".tmp-")[0] for p in self.root.iterdir() if ".tmp-" in p.name}
-        except OSError:
-            return
-        for stem in stems:
-            remove_dead_scratch(self.root, stem)
+    def _make_room(self, entry: CacheEntry) -> str | None:
+        """Evict least recently used entries until the cache fits its cap; a note when it still does not."""
+        self._used.add(entry.name)
+        evict(self.root, self.max_bytes, keep=self._used)
+        entries = list_entries(self.root)
+        total = sum(e.bytes for e in entries)
+        if total <= self.max_bytes:
+            return None
+        size = next((e.bytes for e in entries if e.name == entry.name), 0)
+        if size > self.max_bytes:
+            return (f"calibration cache: its cap of {format_bytes(self.max_bytes)} ({self.cap_source}) is smaller "
+                    f"than this one entry of {format_bytes(size)}, which is kept (older entries are evicted); raise "
+                    f"{MAX_GB_ENV} to more than {size / 1e9:.3g} to keep more than one")
+        return (f"calibration cache holds {format_bytes(total)}, over its cap of {format_bytes(self.max_bytes)} "
+                f"({self.cap_source}): the other entries left are in use by this run or another one")
 
     def model_key(self, source: Any) -> dict[str, str]:
         """The identity of a block source's model: a content hash of its checkpoint files (``config.json`` and the
@@ -247,6 +328,12 @@ def model_identity(model: torch.nn.Module) -> dict[str, str]:
         described = config.to_json_string(use_diff=False) + str(getattr(config, "_attn_implementation", ""))
     return {"weights": tensor_digest(sorted(model.state_dict().items())),
             "config": hashlib.sha256(described.encode()).hexdigest()}
+
+
+def _touch(path: Path) -> None:
+    """Mark the entry at ``path`` used now (best effort: a read-only cache keeps its old times)."""
+    with contextlib.suppress(OSError):
+        os.utime(path / USED)
 
 
 def _versions() -> str:
@@ -271,7 +358,9 @@ def collect_stats_cached(cache: StatsCache | None, model: torch.nn.Module, data:
                        tokens=tensor_digest((str(b), t) for b, t in enumerate(iter_batches(data, batch_size))),
                        targets=sorted(modules), whole_model_kinds=kinds)
     if entry.hit:
-        return entry.read_stats("stats", parameter.device), entry
+        stats = entry.read_stats("stats", parameter.device)
+        entry.release()
+        return stats, entry
     stats = collect_stats(model, data, modules, kinds=kinds, batch_size=batch_size, progress=progress)
     entry.write_stats("stats", stats)
     entry.commit()

@@ -11,6 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from rankwise.cli import adapt as adapt_cmd
+from rankwise.cli import cache as cache_cmd
 from rankwise.cli import compare as compare_cmd
 from rankwise.cli import compensate as compensate_cmd
 from rankwise.cli import compress as compress_cmd
@@ -55,7 +56,8 @@ class OneLineGroup(TyperGroup):
 
 app = typer.Typer(cls=OneLineGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Low-rank compression of language models: compress, evaluate, compare, compensate, generate, "
-                  "info, verify; heal a compressed model; adapt a model with an adapter.")
+                  "info, verify; heal a compressed model; list or clear the calibration cache (cache); adapt a model "
+                  "with an adapter.")
 app.command("compress")(compress_cmd.compress)
 app.command("eval")(evaluate_cmd.evaluate)
 app.command("compare")(compare_cmd.compare)
@@ -66,6 +68,7 @@ app.command("heal")(heal_cmd.heal)
 app.command("adapt")(adapt_cmd.adapt)
 app.command("export")(export_cmd.export)
 app.command("verify")(verify_cmd.verify)
+app.add_typer(cache_cmd.app, name="cache")
 
 
 def _terminate(signum: int, _frame: Any) -> None:

@@ -37,22 +37,20 @@ OffloadOpt = Annotated[str | None, typer.Option("--offload-dir", help="where blo
                                                 "--activation-mb (default: beside the output)")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="neither read nor write cached calibration statistics "
                                           "(kept in $RANKWISE_CALIBRATION_CACHE, default "
-                                          "~/.cache/rankwise/calibration)")]
+                                          "~/.cache/rankwise/calibration, at most $RANKWISE_CACHE_MAX_GB GB, "
+                                          "default 4; see rankwise cache)")]
 NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="skip checking the input's files against their "
                                            "checksums (SHA256SUMS, or a Hugging Face cache's blob names)")]
 ActivationOpt = Annotated[float, typer.Option("--activation-mb", min=0,
                                               help="activations kept in memory before spilling")]
 
 
-def stats_cache(no_cache: bool):
-    """Where calibration statistics are cached (``None`` with ``--no-cache``)."""
-    import os
+def stats_cache(no_cache: bool) -> Path | None:
+    """Where calibration statistics are cached (``None`` with ``--no-cache``): :func:`rankwise.api.default_cache`,
+    the same place as the Python API's."""
+    from rankwise.api import default_cache
 
-    from rankwise.io.models import cache_root
-
-    if no_cache:
-        return None
-    return Path(os.environ.get("RANKWISE_CALIBRATION_CACHE") or cache_root() / "calibration").expanduser()
+    return None if no_cache else default_cache()
 
 
 def one_line_errors(fn: F) -> F:
@@ -88,7 +86,7 @@ def comma_list(value: str, name: str, cast: Callable[[str], Any] = str) -> list[
 
 
 SpeedOpt = Annotated[bool, typer.Option("--speed", help="also time decode (KV cache, greedy) and prefill: tokens/s "
-                                        "and peak memory")]
+                                        "and peak memory (off by default: timing costs several evaluations)")]
 FuseOpt = Annotated[bool, typer.Option("--fuse", help="run low-rank layers that read one input (q/k/v, gate/up) "
                                        "down-projecting in one matmul")]
 CompileOpt = Annotated[str | None, typer.Option("--compile", metavar="MODE", help="time decoding under "

@@ -89,45 +89,22 @@ def compress(
     A safetensors checkpoint (the default model, a local directory, a hub id) is streamed block by block, so models
     larger than memory compress; other models are loaded whole.
     """
-    import dataclasses
     import json
     import math
     from pathlib import Path
 
-    from rankwise.compress.job import compress_model
+    from rankwise.api import build_config
+    from rankwise.compression.job import compress_model
     from rankwise.io.atomic import refuse_overlap
     from rankwise.io.models import checkpoint_dir, resolve
-    from rankwise.methods import config_class
-    from rankwise.methods.base import parse_recipe, parse_settings
 
     if not out:
         raise ValueError("--out is required: the directory to write the compressed model to")
     if export not in ("factored", "dense"):
         raise ValueError(f"--export must be 'factored' or 'dense', got {export!r}")
-    if recipe is not None:
-        given = [flag for flag, on in (("--method", method != "svd_llm"), ("--allocation", allocation != "uniform"),
-                                       ("--sequential", sequential), ("--update-u", update_u),
-                                       ("--anchored", anchored)) if on]
-        if given:
-            raise ValueError(f"--recipe replaces {', '.join(given)}: give one or the other")
-        base = parse_recipe(recipe, ratio)
-        config_cls, method = type(base), base.name
-        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
-                  if f.init and f.name not in ("ratio", "bits", "targets")}
-    else:
-        config_cls = config_class(method)
-        fields = {"allocation": allocation, "sequential": sequential, "update_u": update_u}
-        if anchored:
-            if "anchored" not in {f.name for f in dataclasses.fields(config_cls)}:
-                raise ValueError(f"--anchored applies to svd_llm; {method} has no anchored fit")
-            fields["anchored"] = True
-    fields.update(parse_settings(config_cls, settings or []))
-    if objective is not None:
-        if "objective" not in {f.name for f in dataclasses.fields(config_cls)}:
-            raise ValueError(f"--objective applies to the low-rank methods ({', '.join(objective_methods())}); "
-                             f"{method} has none")
-        fields["objective"] = objective
-    config = config_cls(ratio=ratio, bits=bits, targets=tuple(comma_list(targets, "--targets")), **fields)
+    config = build_config(method, ratio, recipe=recipe, bits=bits, targets=comma_list(targets, "--targets"),
+                          allocation=allocation, sequential=sequential, update_u=update_u, anchored=anchored,
+                          objective=objective, settings=settings)
     if not math.isfinite(activation_mb):
         raise ValueError(f"--activation-mb must be a finite number of MB, got {activation_mb}")
     setup(device, threads)
@@ -158,11 +135,3 @@ def compress(
                 "fallback used)")
     say(f"saved {export} model to {out}")
 
-
-def objective_methods() -> list[str]:
-    """The registered methods whose config takes an ``objective`` (the low-rank ones)."""
-    import dataclasses
-
-    from rankwise.methods import config_class, method_names
-
-    return [m for m in method_names() if "objective" in {f.name for f in dataclasses.fields(config_class(m))}]

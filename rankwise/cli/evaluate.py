@@ -153,7 +153,8 @@ def evaluate(
             from rankwise.nn.fused import fuse_inputs_
 
             fuse_inputs_(work.model)
-        result = run(work.model, work.evaluation, batch_size=batch_size, progress=not as_json)
+        result = run(work.model, work.evaluation, batch_size=batch_size, progress=not as_json,
+                     throughput=timing is not None)  # timings only when --speed asks for them
         if timing is not None:
             from rankwise.eval.speed import measure_speed
 
@@ -162,7 +163,7 @@ def evaluate(
             from rankwise.eval.tasks import evaluate_tasks
 
             scores = evaluate_tasks(work.model, work.tokenizer, task_names, batch_size=batch_size, limit=limit,
-                                    num_fewshot=num_fewshot, manager=manager)
+                                    num_fewshot=num_fewshot, manager=manager, progress=not as_json)
     result.storage = storage(path)
     if as_json:
         extra = {"tasks": scores} if task_names is not None else {}

@@ -19,7 +19,7 @@ from torch import nn
 from rankwise.calibrate import LayerStats
 from rankwise.calibrate.cache import StatsCache, collect_stats_cached
 from rankwise.compensate import compensate, merge_
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.distributed import map_on_ray, ray_session
 from rankwise.eval.generate import complete
 from rankwise.eval.measure import count_params, peak_rss_mb, perplexity, prefill_throughput, targeted_bytes

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rankwise.calibrate.cache import StatsCache, collect_stats_cached
-from rankwise.compress import compress_
+from rankwise.compression import compress_
 from rankwise.eval.compare import label
 from rankwise.eval.embedding import embedding_cosine, evaluate_encoder
 from rankwise.eval.measure import count_params, peak_rss_mb

@@ -26,7 +26,7 @@ class EvalResult:
     seq_len: int
     params_total: int
     params_targeted: int
-    tokens_per_s: float | None  # None when evaluated block by block (no whole-model forward to time)
+    tokens_per_s: float | None  # prefill throughput on the evaluation windows; None unless timing was asked for
     peak_rss_mb: float
     model_mb: float
     storage: dict[str, Any] | None = None  # the directory's size on disk (see :func:`storage`), when one was read
@@ -36,10 +36,10 @@ class EvalResult:
         return asdict(self)
 
     def describe(self) -> str:
-        speed = "streamed block by block" if self.tokens_per_s is None else f"{self.tokens_per_s:,.0f} tokens/s"
+        speed = "" if self.tokens_per_s is None else f"prefill {self.tokens_per_s:,.0f} tokens/s; "
         return (f"perplexity {self.perplexity:.3f} on {self.windows} windows x {self.seq_len} tokens "
                 f"({self.eval_tokens:,} predicted tokens); params {self.params_total:,} total, "
-                f"{self.params_targeted:,} in attention/MLP projections; prefill {speed}; "
+                f"{self.params_targeted:,} in attention/MLP projections; {speed}"
                 f"model {self.model_mb:.1f} MB, peak RSS {self.peak_rss_mb:.0f} MB" + describe_storage(self.storage)
                 + (f"\n{describe_speed(self.speed)}" if self.speed else ""))
 
@@ -149,11 +149,13 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def evaluate(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False
-             ) -> EvalResult:
-    """Perplexity, parameter counts, prefill throughput and memory of ``model`` on ``windows``."""
+def evaluate(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False,
+             throughput: bool = False) -> EvalResult:
+    """Perplexity, parameter counts and memory of ``model`` on ``windows``; with ``throughput``, also the prefill
+    throughput on them (:func:`prefill_throughput`: a warm-up and 5 timed passes over one batch, several times the
+    cost of the perplexity on a short evaluation, so it is off unless asked for)."""
     ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
-    tps = prefill_throughput(model, windows, batch_size=batch_size)
+    tps = prefill_throughput(model, windows, batch_size=batch_size) if throughput else None
     return result_for(model, windows, ppl, tps)
 
 

@@ -5,22 +5,30 @@ lm-eval does the work: rankwise hands it the model object it already holds (dens
 names first (an unknown name lists close matches) and returns each task's metrics. The standard tasks (arc_easy,
 hellaswag, piqa, winogrande ...) download their data from the Hugging Face hub; a local task is a YAML file in a
 directory passed as ``include`` (``dataset_path: json`` with ``data_files`` pointing at a local file needs no
-network).
+network; a relative ``data_files`` path is read from the current directory, a relative ``include`` too).
+
+lm-eval's own output is kept out of rankwise's (see :func:`_quiet`): its log messages below ERROR, its tqdm bars and
+the ``fatal: not a git repository`` that git prints when lm-eval records a commit hash outside a repository. Progress
+is rankwise's: one step per task name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import logging
 import math
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from rankwise._errors import first_line
+from rankwise.progress import progress_bar
 
 
 def _lm_eval():
@@ -47,7 +55,8 @@ def task_manager(include: Sequence[str | Path] = ()) -> Any:
         for file in sorted(Path(path).glob("**/*.yaml")):  # the files lm-eval reads
             if not _IGNORED_DIRS.intersection(file.parts):
                 check_yaml(file)
-    return TaskManager(include_path=[str(p) for p in include] or None)
+    # absolute: lm-eval reads a task's YAML only when the task runs, by then perhaps from another directory
+    return TaskManager(include_path=[str(Path(p).absolute()) for p in include] or None)
 
 
 _IGNORED_DIRS = frozenset({"__pycache__", ".ipynb_checkpoints"})  # skipped by lm-eval's task index
@@ -87,7 +96,8 @@ def check_tasks(names: Sequence[str], manager: Any) -> list[str]:
 
 def evaluate_tasks(model: nn.Module, tokenizer: Any, names: Sequence[str], *, include: Sequence[str | Path] = (),
                    batch_size: int = 8, limit: int | None = None, num_fewshot: int | None = None,
-                   seed: int = 1234, manager: Any = None) -> dict[str, dict[str, float | None]]:
+                   seed: int = 1234, manager: Any = None, progress: bool = False
+                   ) -> dict[str, dict[str, float | None]]:
     """Run lm-eval ``names`` on ``model`` (already loaded, on its device) and return ``{task: {metric: value}}``.
 
     Args:
@@ -100,32 +110,34 @@ def evaluate_tasks(model: nn.Module, tokenizer: Any, names: Sequence[str], *, in
         num_fewshot: examples in each prompt (default: the task's own setting, usually 0).
         seed: lm-eval's Python, NumPy, torch and few-shot seeds (the same seed, the same result).
         manager: a :func:`task_manager` already built (indexing the tasks takes seconds); default: built here.
+        progress: show progress, one step per name (lm-eval's own bars are never shown).
 
-    Metrics are lm-eval's names, with the filter kept only where it is not the default (``acc``, ``acc_norm``,
-    ``acc_stderr``, ``exact_match,strict-match`` ...); a value lm-eval cannot compute (a standard error over one
-    document) is ``None``. The model's train/eval mode, the tokenizer and the logging levels are left as they were.
+    Each name is run by its own lm-eval call, seeded afresh: a task's result does not depend on the other names
+    asked for. Metrics are lm-eval's names, with the filter kept only where it is not the default (``acc``,
+    ``acc_norm``, ``acc_stderr``, ``exact_match,strict-match`` ...); a value lm-eval cannot compute (a standard error
+    over one document) is ``None``. The model's train/eval mode, the tokenizer and the logging levels are left as
+    they were.
     """
     lm_eval, HFLM, _ = _lm_eval()
     manager = manager if manager is not None else task_manager(include)
     check_tasks(names, manager)
-    loggers = {name: logging.getLogger(name) for name in ("lm-eval", "lm_eval")}
-    levels = {name: logger.level for name, logger in loggers.items()}
     was_training = model.training
+    output: dict[str, Any] = {}
     try:
-        for logger in loggers.values():
-            logger.setLevel(logging.ERROR)
-        # HFLM may give the tokenizer a pad token: a copy keeps the caller's unchanged
-        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
-        output = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=limit,
-                                         num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
-                                         numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                         bootstrap_iters=1000)
+        with _quiet():
+            # HFLM may give the tokenizer a pad token: a copy keeps the caller's unchanged
+            lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        for name in progress_bar(list(dict.fromkeys(names)), "lm-eval tasks", enabled=progress):
+            with _quiet():  # inside the loop: rankwise's progress lines come between two tasks, not hidden
+                run = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit,
+                                              num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
+                                              numpy_random_seed=seed, torch_random_seed=seed,
+                                              fewshot_random_seed=seed, bootstrap_iters=1000)
+            output.update(run["results"])
     finally:
         model.train(was_training)
-        for name, logger in loggers.items():
-            logger.setLevel(levels[name])
     results: dict[str, dict[str, float | None]] = {}
-    for task, metrics in output["results"].items():
+    for task, metrics in output.items():
         values: dict[str, float | None] = {}
         for key, value in metrics.items():
             if "," not in key or isinstance(value, bool) or not isinstance(value, int | float):
@@ -135,6 +147,43 @@ def evaluate_tasks(model: nn.Module, tokenizer: Any, names: Sequence[str], *, in
         if values:
             results[task] = values
     return results
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """lm-eval's own output off for the duration, each source where it starts:
+
+    - its loggers (``lm-eval``, older versions; ``lm_eval``) at ERROR; an error (a local task's ``doc_to_choice``
+      that returns no list ...) is still shown, on stderr as it was before the redirect below when no handler is
+      configured (logging's last resort would write it to the redirected one);
+    - ``sys.stderr`` to ``os.devnull``: where its tqdm bars (and those of ``datasets`` while it reads a task's data)
+      are drawn; lm-eval has no switch for all of them (``disable_tqdm`` reaches only the model's request loops, not
+      the task's request building), and ``TQDM_DISABLE`` is read once, when tqdm is imported (long before). Python
+      warnings in these calls are dropped with them; errors still come as exceptions;
+    - its ``get_git_commit_hash``, which runs ``git describe`` with git's stderr on the process's own (file
+      descriptor 2, out of ``sys.stderr``'s reach): outside a git repository git prints ``fatal: not a git
+      repository``. The hash (of whatever repository the current directory is in, not of the model) is not used
+      here, so the lookup is skipped; git has no setting that keeps it quiet, and ``GIT_DIR`` set to a missing
+      path only changes the message. An lm-eval without this function is left as it is.
+    """
+    import unittest.mock
+
+    from lm_eval import evaluator
+
+    loggers = [logging.getLogger(name) for name in ("lm-eval", "lm_eval")]
+    levels = [logger.level for logger in loggers]
+    with contextlib.ExitStack() as stack:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(logging.ERROR)
+            stack.callback(logger.setLevel, level)
+            if not logger.hasHandlers():
+                handler = logging.StreamHandler(sys.stderr)
+                logger.addHandler(handler)
+                stack.callback(logger.removeHandler, handler)
+        stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
+        if hasattr(evaluator, "get_git_commit_hash"):
+            stack.enter_context(unittest.mock.patch.object(evaluator, "get_git_commit_hash", lambda: None))
+        yield
 
 
 def describe(results: dict[str, dict[str, float | None]]) -> str:

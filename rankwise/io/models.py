@@ -157,7 +157,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
         raise ValueError(f"could not load a tokenizer from {str(path)!r}: {first_line(err)}") from None
 
 
-def _load_dense(path: Path | str, spec: Any, dtype: torch.dtype, trust_remote_code: bool) -> Any:
+def _load_dense(path: Path | str, spec: Any, dtype: torch.dtype | str, trust_remote_code: bool) -> Any:
     """A plain Hugging Face checkpoint, refused if any tensor is missing, unexpected or mismatched (transformers
     would initialise missing ones randomly and only warn)."""
     from transformers import AutoModelForCausalLM
@@ -187,7 +187,20 @@ def refuse_incomplete(info: dict[str, Any], what: str) -> None:
                              f"{'randomly initialised' if which == 'missing' else which} weights")
 
 
-def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
+def _stored_dtype(path: Path | str) -> torch.dtype | str:
+    """The dtype a checkpoint's weights are stored in: read from a local directory's safetensors headers, or
+    ``"auto"`` (its config's declared dtype) for a hub id; float32 where neither says."""
+    from rankwise.io.checkpoint import checkpoint_dtype
+
+    if isinstance(path, str):
+        return "auto"
+    try:
+        return checkpoint_dtype(path, weight_map(path)) if any(path.glob("*.safetensors")) else torch.float32
+    except (ValueError, OSError):  # damaged: the loader below names the problem
+        return torch.float32
+
+
+def load_model(spec: str | Path | None = None, *, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", trust_remote_code: bool = False, verify: bool = True) -> LoadedModel:
     """Load ``(model, tokenizer)``.
 
@@ -195,7 +208,9 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.flo
         spec: ``None`` or ``"smollm2"`` (the default model), a rankwise output directory, a Hugging Face model
             directory, a ``.gguf`` file, or a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs the
             network or a local hub cache).
-        dtype: parameter dtype for dense models.
+        dtype: parameter dtype for dense models; ``None`` keeps the dtype the weights are stored in (a local
+            safetensors checkpoint's tensors; a hub model's declared dtype; float32 for a GGUF, dequantised). A
+            compressed directory always loads in its manifest's dtype.
         trust_remote_code: allow a model that ships its own Python code (``auto_map``); refused by default.
         verify: check a local directory's files against its ``SHA256SUMS`` (every directory rankwise writes has
             one) or, for a Hugging Face cache snapshot (a hub id's included), against the SHA-256 names of its
@@ -215,7 +230,8 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     from rankwise.io.checkpoint import load_config
     from rankwise.io.sentence import read_pooling, transformer_dir
 
-    path, source = resolve(spec, dtype)
+    path, source = resolve(spec, dtype or torch.float32)
+    dtype = dtype or _stored_dtype(path)
     if isinstance(path, Path) and path.is_dir():
         if verify:
             verify_dir(path)  # a sentence-transformers directory's list covers its modules' folders too

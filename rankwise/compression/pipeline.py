@@ -9,7 +9,7 @@ far larger than memory (:func:`compress_checkpoint`): a *source* materialises on
 * non-sequential: each block is calibrated on the dense model's activations (the dense block's outputs feed the next
   block);
 * ``sequential``: each block is calibrated on the activations of the blocks already compressed, one input group at a
-  time (:mod:`rankwise.compress.staged`); with ``update_u`` or ``anchored`` an
+  time (:mod:`rankwise.compression.staged`); with ``update_u`` or ``anchored`` an
   original (dense) stream runs alongside for the paired statistics ``X Xh^T``.
 """
 
@@ -26,8 +26,8 @@ from rankwise._memory import trim
 from rankwise.calibrate import LayerStats
 from rankwise.calibrate.cache import CacheEntry, StatsCache, tensor_digest
 from rankwise.calibrate.stats import INPUT_KINDS, StatsObserver, input_groups, iter_batches
-from rankwise.compress.layer import add_fisher, check_finite, dense_row, factorise, factorise_group, factorise_shared
-from rankwise.compress.passes import (
+from rankwise.compression.layer import add_fisher, check_finite, dense_row, factorise, factorise_group, factorise_shared
+from rankwise.compression.passes import (
     Streams,
     capture,
     gradient_pass,
@@ -35,7 +35,7 @@ from rankwise.compress.passes import (
     needs_gradients,
     weight_scores,
 )
-from rankwise.compress.staged import compress_staged
+from rankwise.compression.staged import compress_staged
 from rankwise.methods import CompressConfig, method_for
 from rankwise.methods.base import choose_knobs
 from rankwise.nn import linear_weight, model_num_params

@@ -1,5 +1,5 @@
 """``compress_`` (a model in memory, in place) and ``compress_checkpoint`` (a checkpoint on disk, block by block):
-one pipeline (:mod:`rankwise.compress.pipeline`) behind both."""
+one pipeline (:mod:`rankwise.compression.pipeline`) behind both."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 from rankwise.calibrate import LayerStats
 from rankwise.calibrate.cache import StatsCache
 from rankwise.calibrate.stats import relative_output_error
-from rankwise.compress.pipeline import Mapper, run
+from rankwise.compression.pipeline import Mapper, run
 from rankwise.io.atomic import atomic_dir, refuse_overlap
 from rankwise.io.save import resolve_dtype
 from rankwise.io.shards import DEFAULT_MAX_SHARD_SIZE

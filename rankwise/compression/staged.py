@@ -103,7 +103,7 @@ def compress_staged(source, block: nn.Module, i: int, modules: Mapping[str, nn.M
     """Compress block ``i``'s ``modules`` one input group at a time, in call order, each calibrated on the
     compressed stream through the block as compressed so far; advances the original stream (paired mode). The
     compressed stream is advanced by the caller, through the finished block."""
-    from rankwise.compress.layer import add_fisher, factorise_group
+    from rankwise.compression.layer import add_fisher, factorise_group
     from rankwise.targets import set_submodule
 
     config, device, store = plan.config, source.device, streams.store

@@ -2,8 +2,8 @@
 compression, provenance, atomic save), for a model name, a directory, a GGUF file or a hub id.
 
 A safetensors checkpoint (the default model, a local directory, a hub id) is streamed block by block with
-:func:`~rankwise.compress.compress_checkpoint`, so models larger than memory compress; other models are loaded whole
-and compressed with :func:`~rankwise.compress.compress_`, then saved.
+:func:`~rankwise.compression.compress_checkpoint`, so models larger than memory compress; other models are loaded whole
+and compressed with :func:`~rankwise.compression.compress_`, then saved.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
         cache: a directory for calibration statistics (see :mod:`rankwise.calibrate.cache`).
         verify: check the model's files against their checksums where it has them (``SHA256SUMS``, a Hugging Face
             cache's blob names) before any block is compressed.
-        Others: as for :func:`~rankwise.compress.compress_checkpoint`.
+        Others: as for :func:`~rankwise.compression.compress_checkpoint`.
 
     Returns:
         The report, also stored in ``out/rankwise.json``.
     """
     from rankwise.calibrate import load_text, split_windows
     from rankwise.calibrate.text import DEFAULT_TEXT_NAME
-    from rankwise.compress import compress_, compress_checkpoint
+    from rankwise.compression import compress_, compress_checkpoint
     from rankwise.io import save
     from rankwise.io.atomic import check_output_dir, claim, refuse_overlap
     from rankwise.io.models import checkpoint_dir, load_model, load_tokenizer, resolve
