@@ -105,7 +105,7 @@ def _cache_dir(cache: bool | str | Path | None) -> Path | None:
         return default_cache()
     if cache is False or cache is None:
         return None
-    return Path(cache)
+    return Path(cache).expanduser()
 
 
 def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm", ratio: float | None = 0.2, *,
@@ -114,7 +114,7 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
              targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS, allocation: str = "uniform",
              sequential: bool = False, update_u: bool = False, anchored: bool = False, objective: str | None = None,
              calib_samples: int = 32, seq_len: int = 256, batch_size: int = 4, dtype: str | None = None,
-             device: str = "cpu", export: str = "factored", overwrite: bool = False,
+             device: str | None = None, export: str = "factored", overwrite: bool = False,
              cache: bool | str | Path | None = True, verify: bool = True, trust_remote_code: bool = False,
              progress: bool = True, **settings: Any) -> Compressed:
     """Compress ``model`` as ``rankwise compress`` does, with the same option names and defaults.
@@ -132,6 +132,8 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
             Hugging Face ``datasets`` name; the first ``calib_samples`` windows of ``seq_len`` tokens are used.
         tokenizer: needed with a model object (read from the model's directory otherwise).
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; default: the dtype the weights are stored in.
+        device: where blocks are compressed (default: ``"cpu"`` for a model given by name, where a model object
+            already is).
         cache: ``True`` (the CLI's default cache, :func:`default_cache`), ``False``, or a directory.
         verify: check the input's checksums where it has them (see :mod:`rankwise.io.integrity`).
         settings: the method's own config fields, e.g. ``anchor=0.3`` (the CLI's ``--set anchor=0.3``).
@@ -151,7 +153,14 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
                           sequential=sequential, update_u=update_u, anchored=anchored, objective=objective,
                           settings=settings)
     where = _cache_dir(cache)
+    if export not in ("factored", "dense"):
+        raise ValueError(f"export must be 'factored' or 'dense', got {export!r}")
+    if out is not None:
+        from rankwise.io.atomic import check_output_dir
+
+        check_output_dir(out, overwrite)  # before any work: a model object is changed in place
     if not isinstance(model, nn.Module):
+        device = device or "cpu"
         from rankwise.compression.job import compress_model
         from rankwise.io.models import load_model
 
@@ -176,7 +185,7 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
     ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
     calibration = split_windows(ids, seq_len, calib_samples, 0)[0]
     report = compress_(model, config, calibration, batch_size=batch_size, cache=where, save_dtype=dtype,
-                       progress=progress)
+                       device=device, progress=progress)
     if out is not None:
         save(model, out, tokenizer=tokenizer, report=report, overwrite=overwrite, export=export, dtype=dtype)
     return Compressed(model, tokenizer, report, None if out is None else Path(out))

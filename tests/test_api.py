@@ -101,3 +101,18 @@ def test_bad_options_are_one_line_errors(tiny_dir, kwargs, message):
 def test_a_model_object_needs_its_tokenizer():
     with pytest.raises(ValueError, match="needs its tokenizer="):
         rankwise.compress(tiny_model("llama"), progress=False)
+
+
+def test_a_model_object_is_saved_or_refused_before_it_is_changed(tmp_path, text):
+    model, before = tiny_model("llama"), tiny_model("llama")
+    result = rankwise.compress(model, ratio=0.3, tokenizer=tiny_tokenizer(), text=text, out=tmp_path / "o",
+                               progress=False, cache=False, **SMALL)
+    ids = tiny_tokens(2, 16)
+    with torch.no_grad():
+        assert torch.equal(rankwise.load(tmp_path / "o")(ids).logits, result.model(ids).logits)
+    untouched = tiny_model("llama")
+    with pytest.raises(ValueError, match="exists"):
+        rankwise.compress(untouched, ratio=0.3, tokenizer=tiny_tokenizer(), text=text, out=tmp_path / "o",
+                          progress=False, cache=False, **SMALL)
+    assert all(torch.equal(a, b) for a, b in zip(untouched.state_dict().values(), before.state_dict().values(),
+                                                 strict=True))

@@ -51,6 +51,7 @@ from rankwise.calibrate.cache_store import (
     format_bytes,
     list_entries,
     remove_dead_scratches,
+    remove_entry,
 )
 from rankwise.calibrate.stats import LayerStats, check_kinds, collect_stats, input_groups, iter_batches
 from rankwise.io.atomic import make_scratch_dir
@@ -139,14 +140,16 @@ class CacheEntry:
         except FileNotFoundError:  # evicted by another run meanwhile
             self.release()
             return
-        except OSError as err:
-            problem = f"cannot read it: {err.strerror or err}"
+        except OSError as err:  # unreadable now (too many open files, an I/O error): a miss, not damage
+            self.release()
+            self.note = f"calibration cache entry {self.path} cannot be read ({err.strerror or err}); recomputing"
+            return
         if problem is None:
             self.hit = True
             _touch(self.path)
             return
         self.release()
-        shutil.rmtree(self.path, ignore_errors=True)
+        remove_entry(self.path)  # locked and renamed first: never under another run that is reading it
         what = "removed" if not self.path.exists() else "could not be removed"
         self.note = f"calibration cache entry {self.path} is damaged ({problem}); {what}, recomputing"
 

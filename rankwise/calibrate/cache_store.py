@@ -91,8 +91,9 @@ class EntryInfo:
 
 
 def list_entries(root: str | Path) -> list[EntryInfo]:
-    """The complete entries under ``root`` (named by a key hash, with a manifest; never scratch), least recently
-    used first. An entry that vanishes meanwhile (another run evicted it) is left out."""
+    """The complete entries under ``root`` (named by a key hash, with a manifest that describes a calibration: its
+    key and files; never scratch, never a folder rankwise did not write), least recently used first. An entry that
+    vanishes meanwhile (another run evicted it) is left out."""
     try:
         candidates = [p for p in Path(root).iterdir() if _ENTRY_NAME.match(p.name)]
     except OSError:  # no cache yet, or unreadable
@@ -114,9 +115,9 @@ def list_entries(root: str | Path) -> list[EntryInfo]:
             continue
         key = manifest.get("key") if isinstance(manifest, dict) else None
         files = manifest.get("files") if isinstance(manifest, dict) else None
-        entries.append(EntryInfo(path.name, path, sum(sizes), manifest_time, used,
-                                 key if isinstance(key, dict) else {},
-                                 tuple(files) if isinstance(files, dict) else ()))
+        if not (isinstance(key, dict) and "format" in key and isinstance(files, dict)):
+            continue  # not a calibration entry (a folder of someone else's, or damaged): never ours to remove
+        entries.append(EntryInfo(path.name, path, sum(sizes), manifest_time, used, key, tuple(files)))
     return sorted(entries, key=lambda e: (e.last_used, e.name))
 
 

@@ -30,6 +30,10 @@ from torch import nn
 from rankwise._errors import first_line
 from rankwise.progress import progress_bar
 
+# Where lm-eval's stderr goes while it runs: opened once and never closed, so a handler or bar a library creates
+# meanwhile never writes to a closed file later.
+_DEVNULL = open(os.devnull, "w")  # noqa: SIM115
+
 
 def _lm_eval():
     try:
@@ -180,7 +184,7 @@ def _quiet() -> Iterator[None]:
                 handler = logging.StreamHandler(sys.stderr)
                 logger.addHandler(handler)
                 stack.callback(logger.removeHandler, handler)
-        stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
+        stack.enter_context(contextlib.redirect_stderr(_DEVNULL))
         if hasattr(evaluator, "get_git_commit_hash"):
             stack.enter_context(unittest.mock.patch.object(evaluator, "get_git_commit_hash", lambda: None))
         yield

@@ -231,11 +231,11 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype | None = No
     from rankwise.io.sentence import read_pooling, transformer_dir
 
     path, source = resolve(spec, dtype or torch.float32)
-    dtype = dtype or _stored_dtype(path)
     if isinstance(path, Path) and path.is_dir():
         if verify:
             verify_dir(path)  # a sentence-transformers directory's list covers its modules' folders too
         path = transformer_dir(path)
+    dtype = dtype or _stored_dtype(path)  # the weights' own dtype, read where they are
     tokenizer = load_tokenizer(path, trust_remote_code)
     local = isinstance(path, Path) and path.is_dir()
     config = None
