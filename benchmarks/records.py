@@ -35,7 +35,7 @@ from rankwise.eval import peak_rss_mb
 from rankwise.eval.compare import label
 from rankwise.eval.measure import perplexity
 from rankwise.io.models import load_model
-from rankwise.methods.base import parse_recipe
+from rankwise.methods.recipes import parse_recipe
 
 SEQ_LEN = 256
 RECORDS = {  # recipe -> the published method it reimplements

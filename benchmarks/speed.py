@@ -34,7 +34,7 @@ RECIPES = ["svd_llm+loss@0.2", "svd_llm+loss@0.4", "svd_llm@0.2", "svd_llm@0.4"]
 
 
 def parse(recipe: str):
-    from rankwise.methods.base import parse_recipe
+    from rankwise.methods.recipes import parse_recipe
 
     name, _, ratio = recipe.partition("@")
     if not ratio:

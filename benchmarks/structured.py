@@ -80,7 +80,8 @@ def plan(args, shapes: list[tuple[int, int]], value_bytes: int) -> tuple[list, l
     budgets a method cannot meet are skipped with a note (checked here, before any work, with the method's own cost
     model)."""
     from rankwise.methods import config_class
-    from rankwise.methods.base import choose_knobs, parse_recipe
+    from rankwise.methods.base import choose_knobs
+    from rankwise.methods.recipes import parse_recipe
 
     keep = [r.strip() for r in args.recipes.split(",")] if args.recipes else None
     ratio_recipes, bits_recipes = RATIO_RECIPES, BITS_RECIPES
@@ -293,7 +294,7 @@ def in_process(args, out: Path) -> None:
 
 def cli_args(config) -> list[str]:
     """``rankwise compress`` options for ``config``: method, budget, allocation, flags and its own fields."""
-    from rankwise.methods.base import method_fields
+    from rankwise.methods.recipes import method_fields
 
     args = ["--method", config.name]
     args += ["--bits", str(config.bits)] if config.bits is not None else ["--ratio", str(config.ratio)]

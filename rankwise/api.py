@@ -54,7 +54,7 @@ def build_config(method: str = "svd_llm", ratio: float | None = 0.2, *, recipe: 
             replaces, or an option the method does not have.
     """
     from rankwise.methods import config_class
-    from rankwise.methods.base import parse_recipe, parse_settings
+    from rankwise.methods.recipes import parse_recipe, parse_settings
 
     if recipe is not None:
         given = [flag for flag, on in (("--method", method != "svd_llm"), ("--allocation", allocation != "uniform"),

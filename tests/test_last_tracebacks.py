@@ -126,7 +126,7 @@ def test_complete_checks_the_context_before_generating(monkeypatch):
     ("monarch+whiten=false+whiten=true", "options 'whiten=false' and 'whiten=true' both set whiten"),
 ])
 def test_a_recipe_with_a_repeated_option_is_refused(recipe, message):
-    from rankwise.methods.base import parse_recipe
+    from rankwise.methods.recipes import parse_recipe
 
     with pytest.raises(ValueError, match=message.replace("+", r"\+")):
         parse_recipe(recipe, 0.2)

@@ -291,7 +291,7 @@ def run_cli(*args):
 
 
 def test_cli_recipe_best_and_anchored_rows(tiny_dir, tmp_path):
-    from rankwise.methods.base import NAMED_RECIPES, parse_recipe
+    from rankwise.methods.recipes import NAMED_RECIPES, parse_recipe
 
     small = ["--seq-len", "16", "--calib-samples", "8"]
     result = run_cli("compress", tiny_dir, "--recipe", "best", "--ratio", "0.3", "--out", tmp_path / "b", *small)

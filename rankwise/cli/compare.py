@@ -37,7 +37,7 @@ from rankwise.cli.common import (
     speed_settings,
     stats_cache,
 )
-from rankwise.methods.base import NAMED_RECIPES, recipe_options
+from rankwise.methods.recipes import NAMED_RECIPES, recipe_options
 
 
 class Toggle(StrEnum):
@@ -121,7 +121,7 @@ def compare(
     from rankwise.io.models import resolve
     from rankwise.io.sentence import max_seq_length
     from rankwise.methods import CompressConfig, config_class
-    from rankwise.methods.base import parse_recipe
+    from rankwise.methods.recipes import parse_recipe
 
     timing = speed_settings(speed, decode_batches, prefill, new_tokens, compile, device, fuse)
     if timing is not None and ray is not None:

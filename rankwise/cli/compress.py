@@ -29,7 +29,7 @@ from rankwise.cli.common import (
     setup,
     stats_cache,
 )
-from rankwise.methods.base import NAMED_RECIPES
+from rankwise.methods.recipes import NAMED_RECIPES
 
 ALLOCATION_NAMES = ", ".join(ALLOCATIONS)
 

@@ -26,7 +26,7 @@ from rankwise.eval.measure import count_params, peak_rss_mb, perplexity, prefill
 from rankwise.eval.speed import measure_speed
 from rankwise.io.atomic import atomic_dir
 from rankwise.methods import CompressConfig, config_class
-from rankwise.methods.base import FLAG_OPTIONS
+from rankwise.methods.recipes import FLAG_OPTIONS
 from rankwise.nn import compressed_modules
 from rankwise.nn.fused import fuse_inputs_, unfuse_
 from rankwise.progress import progress_bar
