@@ -79,8 +79,8 @@ def test_a_bad_interval_is_one_line_naming_the_variable(monkeypatch, value):
     with pytest.raises(ValueError, match=rf"^RANKWISE_PROGRESS_SECONDS={value!r} is not valid; .*a number >= 0") as err:
         next(progress_bar(range(5), "stage"))
     assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="RANKWISE_PROGRESS_SECONDS"), step_bar("train", 3):
-        pass
+    with pytest.raises(ValueError, match="RANKWISE_PROGRESS_SECONDS"):
+        step_bar("train", 3).__enter__()
 
 
 @pytest.mark.parametrize("value,seconds", [("0", 0.0), (" 2.5 ", 2.5), ("", 30.0)])

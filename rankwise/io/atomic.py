@@ -65,6 +65,15 @@ def scratch_name(stem: str, kind: str) -> str:
     return f"{stem}{kind}{os.getpid()}-{_host()}-{secrets.token_hex(4)}"
 
 
+def destination_of(path: Path) -> Path:
+    """The output that a temporary directory of :func:`atomic_dir` (``.<name>.tmp-<owner>``) becomes once renamed;
+    any other path is itself (what errors should name: the output, not its scratch)."""
+    match = _SCRATCH.match(path.name)
+    if match and match["kind"] == ".tmp-" and match["stem"].startswith(".") and len(match["stem"]) > 1:
+        return path.parent / match["stem"][1:]
+    return path
+
+
 def make_scratch_dir(parent: Path, stem: str, kind: str, *, private: bool = False) -> Path:
     """Create a fresh owned scratch directory under ``parent`` (permissions follow the umask, or 0700)."""
     path = parent / scratch_name(stem, kind)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from rankwise._errors import os_errors
+from rankwise.io.atomic import destination_of
 from rankwise.io.save import dense_state, unique_state, write_config, write_manifest
 from rankwise.io.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter
 
@@ -39,7 +40,7 @@ class ShardSink:
         self.out, self.blocks_name, self.export, self.model_type = Path(out), blocks_name, export, model_type
         self.dtype = dtype
         self.writer = ShardWriter(self.out, dtype=dtype, max_shard_size=max_shard_size, stream=True)
-        self.target = _destination(self.out)  # what errors name: the output, not its temporary directory
+        self.target = destination_of(self.out)  # what errors name: the output, not its temporary directory
 
     def write_block(self, i: int, block: nn.Module) -> None:
         state = dense_state(block, self.model_type) if self.export == "dense" else unique_state(block)
@@ -61,10 +62,3 @@ class ShardSink:
             write_manifest(model, self.out, self.dtype, report, provenance)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.out)
-
-
-def _destination(tmp: Path) -> Path:
-    """The output a temporary directory of :func:`~rankwise.io.atomic.atomic_dir` (``.<name>.tmp-<owner>``) becomes;
-    any other directory is itself."""
-    stem, sep, _ = tmp.name.rpartition(".tmp-")
-    return tmp.parent / stem[1:] if sep and stem.startswith(".") and len(stem) > 1 else tmp
