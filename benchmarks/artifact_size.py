@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM
 x = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     a = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()(x).logits
-    b = rankwise.load(sys.argv[1])(x).logits
+    b = rankwise.load(sys.argv[1]).model(x).logits
 print(float((a.float() - b.float()).abs().max()))
 """
 

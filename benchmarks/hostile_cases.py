@@ -118,10 +118,10 @@ def main() -> None:
     shutil.rmtree(swap)
     save_tiny(swap, seed=1)
     case("adapt --resume, model swapped at the same path", "resumed, exit 0, two models' losses",
-         *cli("adapt", swap, "--method", "lora", "--data", text, *TRAIN, "--out", work / "ad", "--resume"))
+         *cli("adapt", swap, "--method", "lora", "--text", text, *TRAIN, "--out", work / "ad", "--resume"))
     interrupted_adapt(model, work / "pi", text, "lora")
     case("adapt --resume with another method", "PiSSA's 136 s pre-pass, then refused",
-         *cli("adapt", model, "--method", "pissa", "--data", text, *TRAIN, "--out", work / "pi", "--resume"))
+         *cli("adapt", model, "--method", "pissa", "--text", text, *TRAIN, "--out", work / "pi", "--resume"))
 
     # 3. corrupted data
     cli("compress", model, "--out", work / "c", *SMALL)

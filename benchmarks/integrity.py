@@ -78,8 +78,8 @@ def default_model(work: Path) -> list[tuple[str, str, str, str]]:
     out = work / "with"
     out_size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
     check = best(lambda: verify_dir(out))
-    plain = best(lambda: rankwise.load(out, verify=False))
-    checked = best(lambda: rankwise.load(out))
+    plain = best(lambda: rankwise.load(out, verify=False).model)
+    checked = best(lambda: rankwise.load(out).model)
     rows.append(("verify_dir of the output (best of 3)", f"{out_size:,.0f} MB", f"{check:.2f} s",
                  f"{check / plain:.1%} of a load"))
     rows.append(("rankwise.load, verify=False / True (best of 3)", "", f"{plain:.2f} s / {checked:.2f} s",

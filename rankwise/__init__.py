@@ -20,7 +20,7 @@ _LAZY = {
     "Compressed": "rankwise.api",
     "compress_": "rankwise.compression",
     "CompressionReport": "rankwise.report",
-    "load": "rankwise.io",
+    "load": "rankwise.io.models",  # = load_model: model, tokenizer and source, for any model rankwise reads
     "save": "rankwise.io",
     "load_model": "rankwise.io",
     "collect_stats": "rankwise.calibrate",

@@ -113,7 +113,7 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
              text: str | Path | None = None, dataset: str | None = None, tokenizer: Any = None,
              targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS, allocation: str = "uniform",
              sequential: bool = False, update_u: bool = False, anchored: bool = False, objective: str | None = None,
-             calib_samples: int = 32, seq_len: int = 256, batch_size: int = 4, dtype: str | None = None,
+             calib_samples: int = 32, seq_len: int = 256, batch_size: int = 4, dtype: str | None = "auto",
              device: str | None = None, export: str = "factored", overwrite: bool = False,
              cache: bool | str | Path | None = True, verify: bool = True, trust_remote_code: bool = False,
              progress: bool = True, **settings: Any) -> Compressed:
@@ -131,7 +131,10 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
         text: a text file to calibrate on (default: the standard library's pydoc topics), or ``dataset``, a
             Hugging Face ``datasets`` name; the first ``calib_samples`` windows of ``seq_len`` tokens are used.
         tokenizer: needed with a model object (read from the model's directory otherwise).
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; default: the dtype the weights are stored in.
+        dtype: ``"auto"`` (as the CLI): the dtype the weights are stored in, computing half-precision weights in
+            float32 on a CPU (:func:`rankwise.stream.compute_dtype`), the model returned and saved in its own
+            dtype; or ``"float32"``, ``"bfloat16"``, ``"float16"`` (aliases ``fp32``, ``bf16``, ``fp16``) to convert;
+            ``None`` computes in the stored dtype whatever the device.
         device: where blocks are compressed (default: ``"cpu"`` for a model given by name, where a model object
             already is).
         cache: ``True`` (the CLI's default cache, :func:`default_cache`), ``False``, or a directory.
@@ -147,8 +150,9 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
     from rankwise.calibrate import load_text, split_windows
     from rankwise.compression import compress_
     from rankwise.io import save
-    from rankwise.stream import parse_dtype
+    from rankwise.stream import AUTO, compute_dtype, dtype_name, parse_dtype
 
+    dtype = dtype_name(dtype)
     config = build_config(method, ratio, recipe=recipe, bits=bits, targets=targets, allocation=allocation,
                           sequential=sequential, update_u=update_u, anchored=anchored, objective=objective,
                           settings=settings)
@@ -174,19 +178,22 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
             return Compressed(loaded.model, loaded.tokenizer, report, Path(out))
         raw = load_text(None if text is None else str(text), dataset=dataset)  # text errors before the model
         loaded = load_model(str(model), device=device, trust_remote_code=trust_remote_code, verify=verify,
-                            dtype=parse_dtype(dtype))
+                            dtype=None if dtype == AUTO else parse_dtype(dtype))
         model, tokenizer = loaded.model, loaded.tokenizer
     else:
         if tokenizer is None:
             raise ValueError("a model object needs its tokenizer= to cut the calibration text into windows")
         raw = load_text(None if text is None else str(text), dataset=dataset)
-        if dtype is not None:
-            model.to(parse_dtype(dtype))
+    first = next(model.parameters())
+    original = first.dtype
+    stored = original if dtype == AUTO else dtype  # "auto" may compute in float32; it stores what it read
+    model.to(compute_dtype(dtype, original, first.device))
     ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
     calibration = split_windows(ids, seq_len, calib_samples, 0)[0]
-    report = compress_(model, config, calibration, batch_size=batch_size, cache=where, save_dtype=dtype,
+    report = compress_(model, config, calibration, batch_size=batch_size, cache=where, save_dtype=stored,
                        device=device, progress=progress)
+    model.to(parse_dtype(stored) or original)  # returned in the dtype it came in (or was asked for)
     if out is not None:
-        save(model, out, tokenizer=tokenizer, report=report, overwrite=overwrite, export=export, dtype=dtype)
+        save(model, out, tokenizer=tokenizer, report=report, overwrite=overwrite, export=export, dtype=stored)
     return Compressed(model, tokenizer, report, None if out is None else Path(out))
 

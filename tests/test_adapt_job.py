@@ -48,7 +48,7 @@ def test_heal_model_saves_what_it_reports(tiny_dir, text, compressed, tmp_path):
     result = heal_model(compressed, out, config=config, options=HealConfig(distill=0.5), base=str(tiny_dir),
                         text=str(text), seq_len=SEQ, eval_samples=HELD, json_report=report, progress=False,
                         say=lines.append)
-    healed, before = rankwise.load(out), rankwise.load(compressed)
+    healed, before = rankwise.load(out).model, rankwise.load(compressed).model
     assert count_params(healed) == count_params(before)  # same ranks, same size
     assert read_manifest(out).modules == read_manifest(compressed).modules
     assert any(not torch.equal(a, b) for a, b in zip(healed.state_dict().values(), before.state_dict().values(),
@@ -83,7 +83,7 @@ def test_adapt_model_saves_the_adapter_it_evaluated(tiny_dir, text, tmp_path):
 
     config = TrainConfig(steps=3, lr=1e-2, batch_size=BATCH, save_every=1)
     lines = []
-    result = adapt_model(str(tiny_dir), "lora", tmp_path / "a", config=config, rank=4, data=str(text), seq_len=SEQ,
+    result = adapt_model(str(tiny_dir), "lora", tmp_path / "a", config=config, rank=4, text=str(text), seq_len=SEQ,
                          eval_samples=HELD, progress=False, say=lines.append)
     assert not result.merged and result.out == tmp_path / "a"
     assert json.loads((tmp_path / "a" / "rankwise_adapt.json").read_text()) == json.loads(json.dumps(result.summary))
@@ -96,7 +96,7 @@ def test_adapt_model_saves_the_adapter_it_evaluated(tiny_dir, text, tmp_path):
     assert not (tmp_path / "a.checkpoint").exists()
     assert (verify_dir(tmp_path / "a").against, verify_dir(tmp_path / "a").unlisted) == ("SHA256SUMS", [])
     with pytest.raises(ValueError, match="unknown adapter method 'nope'"):
-        adapt_model(str(tiny_dir), "nope", tmp_path / "n", config=config, data=str(text), progress=False)
+        adapt_model(str(tiny_dir), "nope", tmp_path / "n", config=config, text=str(text), progress=False)
     assert not (tmp_path / "n").exists() and not (tmp_path / "n.checkpoint").exists()
 
 

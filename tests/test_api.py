@@ -42,7 +42,7 @@ def test_same_bytes_as_the_cli_and_the_saved_model_is_returned(tiny_dir, tmp_pat
     assert result.out == tmp_path / "py" and result.report.ratio == 0.3
     ids = tiny_tokens(2, 16)
     with torch.no_grad():
-        assert torch.equal(result.model(ids).logits, rankwise.load(tmp_path / "py")(ids).logits)
+        assert torch.equal(result.model(ids).logits, rankwise.load(tmp_path / "py").model(ids).logits)
     assert result.tokenizer("abc").input_ids  # the tokenizer came with the model
 
 
@@ -109,10 +109,24 @@ def test_a_model_object_is_saved_or_refused_before_it_is_changed(tmp_path, text)
                                progress=False, cache=False, **SMALL)
     ids = tiny_tokens(2, 16)
     with torch.no_grad():
-        assert torch.equal(rankwise.load(tmp_path / "o")(ids).logits, result.model(ids).logits)
+        assert torch.equal(rankwise.load(tmp_path / "o").model(ids).logits, result.model(ids).logits)
     untouched = tiny_model("llama")
     with pytest.raises(ValueError, match="exists"):
         rankwise.compress(untouched, ratio=0.3, tokenizer=tiny_tokenizer(), text=text, out=tmp_path / "o",
                           progress=False, cache=False, **SMALL)
     assert all(torch.equal(a, b) for a, b in zip(untouched.state_dict().values(), before.state_dict().values(),
                                                  strict=True))
+
+
+def test_load_and_load_model_are_one_loader(tiny_dir, tmp_path, text):
+    rankwise.compress(str(tiny_dir), out=tmp_path / "c", text=text, progress=False, **SMALL)
+    for spec in (tiny_dir, tmp_path / "c"):
+        loaded = rankwise.load(spec)
+        assert type(loaded) is type(rankwise.load_model(spec))
+        model, tokenizer = loaded  # unpacks like transformers' pair
+        assert model is loaded.model and tokenizer is loaded.tokenizer and loaded.source
+    ids = tiny_tokenizer()("word1 and 2", return_tensors="pt").input_ids
+    low_level = rankwise.io.load(tmp_path / "c")  # the compressed-directory reader alone: just the module
+    assert torch.equal(low_level(ids).logits, rankwise.load(tmp_path / "c").model(ids).logits)
+    with pytest.raises(ValueError, match="device_map, max_memory and offload_dir are for compressed directories"):
+        rankwise.load(tiny_dir, device_map="auto")

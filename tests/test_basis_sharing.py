@@ -92,7 +92,7 @@ def test_compressing_the_tiny_model_stores_each_basis_once_and_reloads(tmp_path)
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert all(f"{n}.down" in keys for n in owners) and not any(f"{n}.down" in keys for n in members)
-    loaded = rankwise.load(tmp_path / "out")
+    loaded = rankwise.load(tmp_path / "out").model
     probe = tiny_tokens(2, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(loaded(probe).logits, model(probe).logits)

@@ -90,7 +90,7 @@ def test_streamed_checkpoint_equals_in_memory(tmp_path, method):
         [(layer.name, layer.rank) for layer in ref_report.layers]
     assert all(layer.name.startswith("encoder.layer.") for layer in report.layers)
     assert report.params_total_after == ref_report.params_total_after
-    loaded = rankwise.load(tmp_path / "out")
+    loaded = rankwise.load(tmp_path / "out").model
     assert type(loaded).__name__ == "BertModel"
     torch.testing.assert_close(_hidden(loaded), _hidden(memory), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(_hidden(memory), _hidden(tiny_encoder()), atol=1e-3)  # it did compress

@@ -79,7 +79,7 @@ def test_damaged_output_is_refused_by_every_loader(compressed, tmp_path):
 
     with pytest.raises(ValueError, match=message):
         streamed_perplexity(work, tiny_tokens(2, 8))
-    rankwise.load(work, verify=False)  # those who must can still read it
+    assert rankwise.load(work, verify=False).model is not None  # those who must can still read it
     result = runner.invoke(app, ["eval", str(work), "--seq-len", "8", "--eval-samples", "2"])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "does not match" in result.output
     (work / "config.json").unlink()
@@ -204,7 +204,7 @@ def _interrupted_adapt(model_dir: Path, out: Path, text: Path, method: str, monk
         patch.setattr(train_module, "_save", save_then_die)
         with pytest.raises(KeyboardInterrupt):
             adapt_model(str(model_dir), method, out, config=TrainConfig(steps=4, batch_size=2, save_every=2),
-                        rank=4, data=str(text), seq_len=16, eval_samples=4, progress=False)
+                        rank=4, text=str(text), seq_len=16, eval_samples=4, progress=False)
     assert (Path(f"{out}.checkpoint") / train_module.CHECKPOINT).is_file()
 
 
@@ -227,10 +227,10 @@ def test_resume_refuses_a_swapped_model_before_the_pre_pass(tmp_path, monkeypatc
 
     with pytest.raises(ValueError, match=r"another run \(what differs: the model's weights\)"):
         adapt_model(str(model_dir), "pissa", tmp_path / "o", config=TrainConfig(steps=4, batch_size=2, save_every=2),
-                    rank=4, data=str(text), seq_len=16, eval_samples=4, resume=True, progress=False)
+                    rank=4, text=str(text), seq_len=16, eval_samples=4, resume=True, progress=False)
     assert calls == []  # refused before PiSSA's SVD of every target
     run = subprocess.run([str(Path(sys.executable).parent / "rankwise"), "adapt", str(model_dir), "--method", "pissa",
-                          "--data", str(text), *COMMON, "--out", str(tmp_path / "o"), "--resume"],
+                          "--text", str(text), *COMMON, "--out", str(tmp_path / "o"), "--resume"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: --resume:")
@@ -250,7 +250,7 @@ def test_resume_with_the_same_model_at_another_path_continues(tmp_path, monkeypa
     from rankwise.adapt.train import TrainConfig
 
     result = adapt_model(str(moved), "lora", tmp_path / "o", config=TrainConfig(steps=4, batch_size=2, save_every=2),
-                         rank=4, data=str(text), seq_len=16, eval_samples=4, resume=True, progress=False)
+                         rank=4, text=str(text), seq_len=16, eval_samples=4, resume=True, progress=False)
     assert result.training.resumed_from == 2 and len(result.training.losses) == 4
 
 

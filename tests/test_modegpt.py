@@ -161,7 +161,7 @@ def test_saved_model_reloads_in_rankwise_and_plain_transformers(narrowed, tmp_pa
     model, _ = narrowed
     tokens = tiny_tokens(2, seed=4)
     rankwise.save(model, tmp_path / "out")
-    for loaded in (rankwise.load(tmp_path / "out"), AutoModelForCausalLM.from_pretrained(tmp_path / "out")):
+    for loaded in (rankwise.load(tmp_path / "out").model, AutoModelForCausalLM.from_pretrained(tmp_path / "out")):
         assert is_narrowed(loaded.model.layers[1].self_attn)
         torch.testing.assert_close(_logits(loaded, tokens), _logits(model, tokens), rtol=0, atol=0)
 

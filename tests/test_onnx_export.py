@@ -65,7 +65,7 @@ def test_cli_prints_sizes_and_check(exported):
 
 def test_logits_match_torch_with_and_without_cache(compressed, exported):
     root, _, _ = compressed
-    reloaded = rankwise.load(root / "compressed")
+    reloaded = rankwise.load(root / "compressed").model
     ort_model = OnnxCausalLM(exported[0])
     held_out = tiny_tokens(4, 32, seed=7)
     assert max_logit_diff(reloaded, ort_model, held_out, batch_size=2) < TOL
@@ -81,7 +81,7 @@ def test_logits_match_torch_with_and_without_cache(compressed, exported):
 
 def test_greedy_generation_identical(compressed, exported):
     root, _, _ = compressed
-    reloaded = rankwise.load(root / "compressed")
+    reloaded = rankwise.load(root / "compressed").model
     prompts = tiny_tokens(2, 6, seed=3)
     eos = reloaded.generation_config.eos_token_id
     with torch.no_grad():
@@ -156,8 +156,8 @@ def test_library_refuses_unsupported_model_before_writing(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--format", "tflite"], "--format must be one of onnx, dense"),
-    ([], "--out is required"),
+    (["--format", "tflite"], "'tflite' is not one of 'onnx', 'dense'"),
+    ([], "Missing option '--out'"),
     (["--out", "{tmp}"], "exists; pass --overwrite"),
 ])
 def test_bad_options_are_one_line_errors(compressed, tmp_path, args, message):

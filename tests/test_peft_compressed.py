@@ -180,19 +180,19 @@ def test_methods_that_need_the_dense_weight_are_refused(config, message):
 
 def test_saved_adapter_reloads_on_a_freshly_loaded_compressed_model(tmp_path):
     rankwise.save(_compressed(), tmp_path / "c")
-    peft_model = get_peft_model(rankwise.load(tmp_path / "c"), LoraConfig(r=4, target_modules="all-linear"))
+    peft_model = get_peft_model(rankwise.load(tmp_path / "c").model, LoraConfig(r=4, target_modules="all-linear"))
     _randomise_lora_b(peft_model)
     adapted = _logits(peft_model)
     peft_model.save_pretrained(tmp_path / "a")
     saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and "model.layers.0.mlp.down_proj" in saved["target_modules"]
-    reloaded = PeftModel.from_pretrained(rankwise.load(tmp_path / "c"), tmp_path / "a")
+    reloaded = PeftModel.from_pretrained(rankwise.load(tmp_path / "c").model, tmp_path / "a")
     assert isinstance(reloaded.base_model.model.model.layers[1].mlp.up_proj, CompressedLoraLinear)
     torch.testing.assert_close(_logits(reloaded), adapted, atol=1e-6, rtol=0)
     # a plain LoRA adapter: it also applies to the dense export of the same model, with plain transformers + PEFT
     from transformers import AutoModelForCausalLM
 
-    rankwise.save(rankwise.load(tmp_path / "c"), tmp_path / "d", export="dense")
+    rankwise.save(rankwise.load(tmp_path / "c").model, tmp_path / "d", export="dense")
     on_dense = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "d"), tmp_path / "a")
     torch.testing.assert_close(_logits(on_dense), adapted, atol=1e-4, rtol=1e-4)
 
@@ -234,18 +234,18 @@ def test_cli_adapt_trains_and_merges_a_compressed_directory(tmp_path, method):
     rankwise.save(_compressed(), compressed, tokenizer=tiny_tokenizer())
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"word{i % 37} and {i % 11}" for i in range(3000)))
-    common = ["--method", method, "--rank", "4", "--data", text, "--steps", "3", "--seq-len", "16",
+    common = ["--method", method, "--rank", "4", "--text", text, "--steps", "3", "--seq-len", "16",
               "--eval-samples", "4", "--batch-size", "2", "--lr", "1e-2"]
     for out, extra in (("a", []), ("m", ["--merge"])):
         result = runner.invoke(app, ["adapt", str(compressed), *map(str, common), "--out", str(tmp_path / out),
                                      *extra])
         assert result.exit_code == 0, result.output
-    merged = rankwise.load(tmp_path / "m")  # a compressed directory, every rank grown by 4
-    ranks = {name: m.rank for name, m in _lowrank(rankwise.load(compressed)).items()}
+    merged = rankwise.load(tmp_path / "m").model  # a compressed directory, every rank grown by 4
+    ranks = {name: m.rank for name, m in _lowrank(rankwise.load(compressed).model).items()}
     assert {name: m.rank for name, m in _lowrank(merged).items()} == {name: r + 4 for name, r in ranks.items()}
-    adapter = PeftModel.from_pretrained(rankwise.load(compressed), tmp_path / "a")
+    adapter = PeftModel.from_pretrained(rankwise.load(compressed).model, tmp_path / "a")
     torch.testing.assert_close(_logits(adapter), _logits(merged), atol=1e-4, rtol=1e-4)  # same seed, same training
-    assert not torch.allclose(_logits(merged), _logits(rankwise.load(compressed)), atol=1e-4)  # it trained
+    assert not torch.allclose(_logits(merged), _logits(rankwise.load(compressed).model), atol=1e-4)  # it trained
     summary = json.loads((tmp_path / "m" / "rankwise_adapt.json").read_text())
     assert summary["merged"] and summary["load_with"].startswith("rankwise.load")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from rankwise.progress import SECONDS_VARIABLE, progress_bar, report_seconds, st
 
 LINE = re.compile(r"^stage: (\d+)/5 \((\d+)%\) (\d\d):(\d\d) elapsed, ETA (\d\d):(\d\d)$")
 END = re.compile(r"^stage: 5/5 \(100%\) \d\d:\d\d elapsed, done$")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_off_a_terminal_a_line_per_item_with_interval_zero(capsys, monkeypatch):
@@ -149,11 +149,15 @@ def _not_a_repository(path: Path) -> None:
 
 
 def _local_task(tmp_path: Path) -> Path:
-    """The shipped pydoc_cloze task with its data file named by an absolute path (runs from any directory)."""
+    """A copy of the shipped pydoc_cloze task (its YAML, loader and data) named local_cloze, in ``tmp_path/tasks``."""
+    from rankwise.eval.tasks import PACKAGED_TASKS
+
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    text = (REPO / "tests/lm_eval/pydoc_cloze.yaml").read_text()
-    (tasks / "pydoc_cloze.yaml").write_text(text.replace("tests/lm_eval/", f"{REPO / 'tests/lm_eval'}/"))
+    for name in ("pydoc_cloze.py", "pydoc_cloze.jsonl"):
+        shutil.copy(PACKAGED_TASKS / name, tasks / name)
+    text = (PACKAGED_TASKS / "pydoc_cloze.yaml").read_text()
+    (tasks / "local_cloze.yaml").write_text(text.replace("task: pydoc_cloze", "task: local_cloze"))
     return tasks
 
 
@@ -177,10 +181,10 @@ def test_lm_eval_prints_nothing_of_its_own(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     monkeypatch.setenv(SECONDS_VARIABLE, "0")
     capfd.readouterr()
-    scores = evaluate_tasks(tiny_model(), tiny_tokenizer(), ["pydoc_cloze"], manager=manager, limit=8,
+    scores = evaluate_tasks(tiny_model(), tiny_tokenizer(), ["local_cloze"], manager=manager, limit=8,
                             progress=True)
     out, err = capfd.readouterr()
-    assert 0.0 <= scores["pydoc_cloze"]["acc"] <= 1.0
+    assert 0.0 <= scores["local_cloze"]["acc"] <= 1.0
     assert "not a git repository" not in err, err
     assert re.fullmatch(r"lm-eval tasks: 1/1 \(100%\) \d\d:\d\d elapsed, done\n", err), err  # nothing else
     assert out == ""

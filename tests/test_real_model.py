@@ -46,7 +46,7 @@ def test_svd_llm_compress_save_reload(smollm2, tmp_path):
     ppl_whitened, ppl_plain = perplexity(whitened, evaluation), perplexity(plain, evaluation)
     assert math.isfinite(ppl_whitened) and dense_ppl < ppl_whitened < ppl_plain
     rankwise.save(whitened, tmp_path / "m", tokenizer=loaded.tokenizer, report=report)
-    again = rankwise.load(tmp_path / "m")
+    again = rankwise.load(tmp_path / "m").model
     x = evaluation[:2]
     with torch.no_grad():
         assert torch.equal(again(x).logits, whitened(x).logits)
@@ -70,7 +70,7 @@ def test_default_model_artifact_is_bf16_smaller_and_loads_natively(tmp_path):
     x = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         native = AutoModelForCausalLM.from_pretrained(tmp_path / "m")(x).logits
-        assert torch.equal(native, rankwise.load(tmp_path / "m")(x).logits)
+        assert torch.equal(native, rankwise.load(tmp_path / "m").model(x).logits)
 
 
 def test_real_encoder_compresses_and_loads_with_automodel(tmp_path):

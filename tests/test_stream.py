@@ -50,7 +50,7 @@ def test_streamed_checkpoint_equals_in_memory(tmp_path, method, allocation, sequ
     report = compress_checkpoint(src, config, tokens, tmp_path / "out", progress=False)
     assert [layer.rank for layer in report.layers] == [layer.rank for layer in ref_report.layers]
     assert report.params_total_after == ref_report.params_total_after
-    loaded = rankwise.load(tmp_path / "out")
+    loaded = rankwise.load(tmp_path / "out").model
     torch.testing.assert_close(_logits(loaded), _logits(memory), rtol=1e-4, atol=1e-4)
 
 
@@ -83,7 +83,7 @@ def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
     shards = [load_file(p) for p in sorted((tmp_path / "out").glob("*.safetensors"))]
     assert {t.dtype for s in shards for t in s.values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "out" / "rankwise.json").read_text())["dtype"] == "bfloat16"
-    loaded = rankwise.load(tmp_path / "out")
+    loaded = rankwise.load(tmp_path / "out").model
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     memory = tiny_model("llama").to(torch.bfloat16)
     ref = compress_(memory, SVDLLMConfig(ratio=0.3), tiny_tokens(8), progress=False)
@@ -95,8 +95,9 @@ def test_dtype_option_converts_a_float32_checkpoint(tmp_path):
     src = _checkpoint(tmp_path / "src")
     compress_checkpoint(src, SVDLLMConfig(ratio=0.3), tiny_tokens(4), tmp_path / "out", dtype="bfloat16",
                         progress=False)
-    assert {p.dtype for p in rankwise.load(tmp_path / "out").parameters()} == {torch.bfloat16}
-    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, got 'int8'"):
+    assert {p.dtype for p in rankwise.load(tmp_path / "out").model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16, fp32, bf16, fp16, "
+                                         "half, got 'int8'"):
         compress_checkpoint(src, SVDLLMConfig(ratio=0.3), tiny_tokens(4), tmp_path / "o2", dtype="int8")
 
 
@@ -109,7 +110,7 @@ def test_streamed_dense_export_is_a_plain_checkpoint(tmp_path):
                         progress=False)
     assert not (tmp_path / "d" / "rankwise.json").exists()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
-    torch.testing.assert_close(_logits(plain), _logits(rankwise.load(tmp_path / "f")), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_logits(plain), _logits(rankwise.load(tmp_path / "f").model), rtol=1e-4, atol=1e-5)
 
 
 def test_streaming_holds_one_block_at_a_time(tmp_path, monkeypatch):
@@ -190,7 +191,7 @@ def test_lowrank_layers_in_streamed_output_match_manifest(tmp_path):
     compress_checkpoint(_checkpoint(tmp_path / "src"), SVDLLMConfig(ratio=0.3), tiny_tokens(4), tmp_path / "out",
                         progress=False)
     modules = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["modules"]
-    loaded = rankwise.load(tmp_path / "out")
+    loaded = rankwise.load(tmp_path / "out").model
     lowrank = {n: m.rank for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)}
     assert lowrank == {n: spec["rank"] for n, spec in modules.items()} and len(lowrank) == 14
     assert all(linear_weight(m).shape for m in find_targets(loaded).values())

@@ -150,7 +150,7 @@ class HealResult:
 
 def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, options: HealConfig | None = None,
                base: str = "smollm2", text: str | None = None, dataset: str | None = None, seq_len: int = 256,
-               eval_samples: int = 32, device: str = "cpu", resume: bool = False, overwrite: bool = False,
+               eval_samples: int = 16, device: str = "cpu", resume: bool = False, overwrite: bool = False,
                json_report: str | Path | None = None, trust_remote_code: bool = False, progress: bool = True,
                say: Callable[[str], None] | None = None, verify: bool = True) -> HealResult:
     """Heal the compressed directory ``compressed`` and save a compressed model with the same ranks and parameter

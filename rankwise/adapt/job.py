@@ -26,13 +26,14 @@ class AdaptResult:
     summary: dict[str, Any]  # the settings, training record and loading hint saved in out/rankwise_adapt.json
 
 
-def adapt_model(model: str, method: str, out: str | Path, *, config: TrainConfig, rank: int = 8,
-                alpha: float | None = None, targets: list[str] | None = None, data: str | None = None,
-                seq_len: int = 256, eval_samples: int = 16, merge: bool = False, device: str = "cpu",
-                resume: bool = False, overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
-                say: Callable[[str], None] | None = None, verify: bool = True) -> AdaptResult:
-    """Train a ``method`` adapter of rank ``rank`` on ``model`` with the windows of ``seq_len`` tokens of ``data``
-    (a text file; default: the standard library's pydoc topics) and save it, or with ``merge`` the model with the
+def adapt_model(model: str, method: str, out: str | Path, *, config: TrainConfig, rank: int = 16,
+                alpha: float | None = None, targets: list[str] | None = None, text: str | None = None,
+                dataset: str | None = None, seq_len: int = 256, eval_samples: int = 16, merge: bool = False,
+                device: str = "cpu", resume: bool = False, overwrite: bool = False, trust_remote_code: bool = False,
+                progress: bool = True, say: Callable[[str], None] | None = None, verify: bool = True) -> AdaptResult:
+    """Train a ``method`` adapter of rank ``rank`` on ``model`` with the windows of ``seq_len`` tokens of ``text``
+    (a text file; default: the standard library's pydoc topics) or ``dataset`` (a Hugging Face datasets
+    ``NAME[:CONFIG[:SPLIT]]``) and save it, or with ``merge`` the model with the
     adapter folded in, to ``out``.
 
     The last ``eval_samples`` windows are held out (never trained on) and evaluated before and after; pre-passes
@@ -49,7 +50,8 @@ def adapt_model(model: str, method: str, out: str | Path, *, config: TrainConfig
         config: steps, learning rate, batch, schedule, evaluation and checkpoint cadence; its ``seed`` also seeds
             the adapter's initialisation, its ``batch_size`` the pre-pass.
         alpha: the adapter's scale numerator (default: the method's).
-        targets: module names to adapt (default: every linear layer but the output head).
+        targets: layers to adapt: groups (``attn``, ``mlp``) and/or layer names such as ``q_proj``, as for
+            compression (default: every linear layer but the output head).
         resume: continue from ``OUT.checkpoint``: the model (by a hash of its weights' bytes), data and settings
             must be the first run's, checked before the adapter is initialised.
         progress: draw the training progress bar.
@@ -84,21 +86,26 @@ def adapt_model(model: str, method: str, out: str | Path, *, config: TrainConfig
     from rankwise.io.atomic import atomic_dir, claimed_out
     from rankwise.io.models import load_model, load_tokenizer, resolve
     from rankwise.io.save import is_compressed_dir, save
+    from rankwise.targets import check_targets
 
-    model, out, data = str(model), str(out), None if data is None else str(data)
+    model, out, text = str(model), str(out), None if text is None else str(text)
+    if targets is not None:
+        targets = list(check_targets(targets))
     check_job(out, seq_len, eval_samples)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
     spec = adapter_method(method)
     tell = say or (lambda _: None)
     compressed = is_compressed_dir(model)
-    checkpoint = training_checkpoint(out, resume, overwrite, model, data or "")
-    raw = load_text(data)  # the text's errors come before any model is read
+    checkpoint = training_checkpoint(out, resume, overwrite, model, text or dataset or "")
+    raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
     path, _ = resolve(model)
     tokenizer = load_tokenizer(path, trust_remote_code)
-    train_ids, evaluation = training_windows(tokenizer, raw, seq_len, eval_samples, config.batch_size, "--data")
+    train_ids, evaluation = training_windows(tokenizer, raw, seq_len, eval_samples, config.batch_size, "the text")
     with claimed_out(out, overwrite, model):
         base = load_model(model, device=device, trust_remote_code=trust_remote_code, verify=verify).model
+        if targets is not None:
+            targets = _peft_targets(base, targets)
         # what a resumed run must share with the first, checked before any data-driven initialisation runs
         identity = {"weights": model_digest(base), "method": method, "rank": rank, "alpha": alpha,
                     "targets": targets, "data": digest(train_ids)}
@@ -140,7 +147,8 @@ def adapt_model(model: str, method: str, out: str | Path, *, config: TrainConfig
                 tokenizer.save_pretrained(tmp)
                 summary = {"method": method, "rank": rank, "alpha": alpha, "targets": targets,
                            "steps": config.steps, "lr": config.lr, "seed": config.seed,
-                           "text": data or DEFAULT_TEXT_NAME, "trainable": training.trainable,
+                           "text": text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME),
+                           "trainable": training.trainable,
                            "losses": training.losses, "evals": training.evals, "seconds": training.seconds,
                            "merged": merge, "load_with": load_with(merge, compressed, spec.rankwise_tuner)}
                 (tmp / SUMMARY).write_text(json.dumps(summary, indent=1))
@@ -156,3 +164,20 @@ def load_with(merge: bool, compressed: bool, rankwise_tuner: bool) -> str | None
         return ("rankwise.load the compressed model and import rankwise.adapt before peft.PeftModel.from_pretrained "
                 "(compressed layers)")
     return "import rankwise.adapt before peft.PeftModel.from_pretrained (a rankwise tuner)" if rankwise_tuner else None
+
+
+def _peft_targets(model: Any, targets: list[str]) -> list[str] | None:
+    """``targets`` (groups and layer names, as for compression) as PEFT's ``target_modules``: the selected layers'
+    paths, or ``None`` (PEFT's every linear layer but the head, compressed layers included) when they select
+    every one."""
+    from rankwise.nn import CompressedLinear
+    from rankwise.targets import TARGET_GROUPS, find_targets, selects
+
+    names = [*find_targets(model), *(n for n, m in model.named_modules() if isinstance(m, CompressedLinear))]
+    unmatched = [t for t in targets if not any(selects(n, (t,)) for n in names)]
+    if unmatched:
+        leaves = dict.fromkeys(n.rsplit(".", 1)[-1] for n in names)
+        raise ValueError(f"targets {', '.join(unmatched)} match no linear layer of the model's blocks; allowed: "
+                         f"{', '.join(TARGET_GROUPS)} or the layer names {', '.join(leaves)}")
+    chosen = [n for n in names if selects(n, targets)]
+    return None if len(chosen) == len(names) else chosen  # full paths: a leaf name such as BERT's dense is in both

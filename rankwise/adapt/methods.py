@@ -190,7 +190,7 @@ def add_adapter(model: nn.Module, name: str, rank: int, *, alpha: float | None =
         targets = sorted({layer.rsplit(".", 1)[-1] for layer in target_layers(model, targets)})
     if spec.prepass and (data is None or data.shape[0] == 0):
         raise ValueError(f"{name} initialises from the training data ({spec.prepass}) but got none; pass the data "
-                         "(--data FILE)")
+                         "(--text FILE)")
     device = next(model.parameters()).device
     # PEFT draws LoRA's A (and LoRA-GA its sketch) from torch's global generator: seed it inside a fork, so the
     # adapter is reproducible and the caller's random state is left as it was.

@@ -233,7 +233,7 @@ def train(model: nn.Module, ids: torch.Tensor, config: TrainConfig, *, mask: tor
     device = next(model.parameters()).device
     if config.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"bf16 autocast was asked for but {torch.cuda.get_device_name(device)} has no bfloat16; "
-                         "use --fp32")
+                         "use --dtype float32")
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, round(config.warmup * config.steps), config.steps)
     result = TrainResult(trainable=sum(p.numel() for p in params.values()))

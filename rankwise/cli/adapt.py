@@ -7,58 +7,83 @@ from typing import Annotated
 import typer
 
 from rankwise.cli.common import (
+    BATCH_SIZE,
+    DEVICE,
+    DTYPE,
+    EVAL_SAMPLES,
+    RANK,
+    SEQ_LEN,
+    STEPS,
+    TARGETS,
     BatchOpt,
+    DatasetOpt,
     DeviceOpt,
+    DtypeOpt,
+    EvalEveryOpt,
+    EvalOpt,
+    GradAccumOpt,
+    LrOpt,
+    MergeOpt,
     ModelArg,
     NoVerifyOpt,
+    OutOpt,
     OverwriteOpt,
+    RankOpt,
+    ResumeOpt,
+    SeedOpt,
     SeqLenOpt,
+    StepsOpt,
+    TargetsOpt,
+    TextOpt,
     ThreadsOpt,
     TrustOpt,
+    choices,
     comma_list,
     one_line_errors,
     say,
     setup,
+    training_autocast,
 )
+
+ADAPTER_LR = 2e-4
+ADAPTERS = (
+    "lora", "pissa", "olora", "dora", "randlora", "eva", "corda", "lora_ga",  # PEFT's
+    "lora_sb", "svfit", "loldu", "block_lora", "milora",  # rankwise's
+)
+"""The names of :data:`rankwise.adapt.methods.METHODS`, listed here so ``--help`` does not import PEFT (a test
+checks they agree)."""
 
 
 @one_line_errors
 def adapt(
     model: ModelArg = "smollm2",
-    method: Annotated[str, typer.Option("--method", help="lora, pissa, olora, dora, randlora, eva, corda, lora_ga "
-                                        "(PEFT) or lora_sb, svfit, loldu, block_lora, milora (rankwise)")] = "lora",
-    rank: Annotated[int, typer.Option("--rank", min=1, help="adapter rank")] = 8,
-    data: Annotated[str | None, typer.Option("--data", help="training text file (default: the built-in text)")
-                    ] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="optimizer steps")] = 100,
-    out: Annotated[str, typer.Option("--out", help="output directory (a PEFT adapter, or with --merge a plain "
-                                     "Hugging Face checkpoint; a compressed model stays a compressed directory)")
-                   ] = "",
+    out: OutOpt = ...,
+    method: Annotated[choices(ADAPTERS), typer.Option("--method", help="adapter method: PEFT's (lora, pissa, olora, "
+                                                     "dora, randlora, eva, corda, lora_ga) or rankwise's (lora_sb, "
+                                                     "svfit, loldu, block_lora, milora)")] = "lora",
+    rank: RankOpt = RANK,
+    text: TextOpt = None,
+    dataset: DatasetOpt = None,
+    steps: StepsOpt = STEPS,
     alpha: Annotated[float | None, typer.Option("--alpha", help="scale numerator (default: the method's)")] = None,
-    targets: Annotated[str | None, typer.Option("--targets", help="comma list of module names (default: every "
-                                                "linear layer but the output head)")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="peak learning rate (AdamW, warm-up then cosine)")] = 2e-4,
-    seq_len: SeqLenOpt = 256,
-    batch_size: BatchOpt = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="micro-batches per step")] = 1,
-    eval_samples: Annotated[int, typer.Option("--eval-samples", min=1, help="held-out windows from the end of the "
-                                              "text, never trained on")] = 16,
-    eval_every: Annotated[int, typer.Option("--eval-every", min=0, help="evaluate every K steps (0: start and end)")
-                          ] = 0,
-    seed: Annotated[int, typer.Option("--seed", help="adapter init and window order")] = 0,
-    bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bfloat16 autocast (float32 weights and optimizer)")
-                    ] = False,
-    merge: Annotated[bool, typer.Option("--merge", help="fold the adapter in and write a plain HF checkpoint (a "
-                                        "compressed model: a compressed directory, each rank k -> k + r)")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT.checkpoint (same model and settings)")
-                      ] = False,
+    targets: TargetsOpt = TARGETS,
+    lr: LrOpt = None,
+    seq_len: SeqLenOpt = SEQ_LEN,
+    batch_size: BatchOpt = BATCH_SIZE,
+    grad_accum: GradAccumOpt = 1,
+    eval_samples: EvalOpt = EVAL_SAMPLES,
+    eval_every: EvalEveryOpt = 0,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = DTYPE,
+    merge: MergeOpt = False,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = DEVICE,
     threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
-    """Train a METHOD adapter of RANK on MODEL for STEPS steps on --data and save it to OUT.
+    """Train a METHOD adapter of RANK on MODEL for STEPS steps on the text and save it to OUT.
 
     Training windows come from the start of the text, evaluation windows from its end. Pre-passes (eva, corda,
     lora_ga, lora_sb) read the first training windows. A resumable state is kept in OUT.checkpoint while it runs.
@@ -68,13 +93,13 @@ def adapt(
     from rankwise.adapt.job import adapt_model
     from rankwise.adapt.train import TrainConfig
 
-    if not out:
-        raise ValueError("--out is required: the directory to write the adapter to")
-    config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every,
-                         seed=seed, bf16=bf16, save_every=max(1, steps // 4))
-    target_list = comma_list(targets, "--targets") if targets else None
+    config = TrainConfig(steps=steps, lr=ADAPTER_LR if lr is None else lr, batch_size=batch_size,
+                         grad_accum=grad_accum, eval_every=eval_every, seed=seed,
+                         bf16=training_autocast(dtype, device), save_every=max(1, steps // 4))
+    target_list = comma_list(targets, "--targets")
     setup(device, threads)
-    adapt_model(model, method, out, config=config, rank=rank, alpha=alpha, targets=target_list, data=data,
+    adapt_model(model, method, out, config=config, rank=rank, alpha=alpha, targets=target_list, text=text,
+                dataset=dataset,
                 seq_len=seq_len, eval_samples=eval_samples, merge=merge, device=device, resume=resume,
                 overwrite=overwrite, trust_remote_code=trust_remote_code, say=say, verify=not no_verify)
     say(f"saved {'merged model' if merge else 'adapter'} to {out}")

@@ -21,6 +21,7 @@ from rankwise.cli import generate as generate_cmd
 from rankwise.cli import heal as heal_cmd
 from rankwise.cli import info as info_cmd
 from rankwise.cli import verify as verify_cmd
+from rankwise.cli.common import Command
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
@@ -42,7 +43,8 @@ class OneLineGroup(TyperGroup):
                 if type(err).__name__ == "NoArgsIsHelpError":  # plain `rankwise`: the help text
                     err.show()
                 else:
-                    print(f"error: {err.format_message()}", file=sys.stderr, flush=True)
+                    message = err.format_message().replace("Value error, ", "")  # typer's choice errors
+                    print(f"error: {message}", file=sys.stderr, flush=True)
                 sys.exit(err.exit_code)
             except typer.Abort:
                 if not standalone_mode:
@@ -58,16 +60,16 @@ app = typer.Typer(cls=OneLineGroup, add_completion=False, no_args_is_help=True, 
                   help="Low-rank compression of language models: compress, evaluate, compare, compensate, generate, "
                   "info, verify; heal a compressed model; list or clear the calibration cache (cache); adapt a model "
                   "with an adapter.")
-app.command("compress")(compress_cmd.compress)
-app.command("eval")(evaluate_cmd.evaluate)
-app.command("compare")(compare_cmd.compare)
-app.command("compensate")(compensate_cmd.compensate)
-app.command("generate")(generate_cmd.generate)
-app.command("info")(info_cmd.info)
-app.command("heal")(heal_cmd.heal)
-app.command("adapt")(adapt_cmd.adapt)
-app.command("export")(export_cmd.export)
-app.command("verify")(verify_cmd.verify)
+app.command("compress", cls=Command)(compress_cmd.compress)
+app.command("eval", cls=Command)(evaluate_cmd.evaluate)
+app.command("compare", cls=Command)(compare_cmd.compare)
+app.command("compensate", cls=Command)(compensate_cmd.compensate)
+app.command("generate", cls=Command)(generate_cmd.generate)
+app.command("info", cls=Command)(info_cmd.info)
+app.command("heal", cls=Command)(heal_cmd.heal)
+app.command("adapt", cls=Command)(adapt_cmd.adapt)
+app.command("export", cls=Command)(export_cmd.export)
+app.command("verify", cls=Command)(verify_cmd.verify)
 app.add_typer(cache_cmd.app, name="cache")
 
 
@@ -77,15 +79,17 @@ def _terminate(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(signum)
 
 
-TRAINING_COMMANDS = frozenset({"heal", "adapt"})
+BLOCKWISE_COMMANDS = frozenset({"compress", "compare", "compensate"})
 
 
 def main() -> None:
     from rankwise._memory import pin_mmap_threshold
 
     signal.signal(signal.SIGTERM, _terminate)
-    if not TRAINING_COMMANDS.intersection(sys.argv[1:2]):
-        # Large temporaries are unmapped when freed, so peak memory does not creep block by block. Not for training:
-        # there every step allocates the same activations again, and mapping them afresh each time costs page faults.
+    if BLOCKWISE_COMMANDS.intersection(sys.argv[1:2]):
+        # Large temporaries are unmapped when freed, so peak memory does not creep block by block (a streamed eval
+        # pins it too). Not where every step allocates the same tensors again (training, an in-memory eval,
+        # generation): mapping them afresh each time costs page faults, about 1 s per eval batch of the default
+        # model.
         pin_mmap_threshold()
     app()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from rankwise.cli.common import one_line_errors, say, stats_cache
+from rankwise.cli.common import Command, JsonOpt, one_line_errors, say, stats_cache
 
 if TYPE_CHECKING:
     from rankwise.calibrate.cache_store import EntryInfo
@@ -46,10 +46,10 @@ def _holds(entry: EntryInfo) -> str:
     return f"{', '.join(entry.kinds) or '?'} of {entry.layers} layers; {' + '.join(named) or 'no parts'}"
 
 
-@app.command("list")
+@app.command("list", cls=Command)
 @one_line_errors
 def list_cache(
-    as_json: Annotated[bool, typer.Option("--json", help="print a JSON object instead of text")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """List the cached calibrations, least recently used (evicted first) first: entry, model identity, statistics
     held, size, age and last use; then the total against the cap."""
@@ -79,7 +79,7 @@ def list_cache(
     say(f"total {_mb(total)} in {_count(len(entries))}, of a cap of {format_bytes(cap)}{share} ({source})")
 
 
-@app.command("clear")
+@app.command("clear", cls=Command)
 @one_line_errors
 def clear_cache(
     model: Annotated[str | None, typer.Option("--model", metavar="PATH_OR_DIGEST", help=(

@@ -5,34 +5,61 @@ from __future__ import annotations
 import functools
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 import typer
+from typer.core import TyperCommand
 
 from rankwise._errors import first_line
 from rankwise.calibrate import DEFAULT_TEXT_NAME, load_text, split_windows
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ModelArg = Annotated[str, typer.Argument(help="'smollm2' (default model), a directory, a .gguf file or a hub id")]
-TextOpt = Annotated[str | None, typer.Option("--text", help="text file for calibration and evaluation")]
-DatasetOpt = Annotated[str | None, typer.Option("--dataset", help="Hugging Face datasets name (needs network)")]
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="'smollm2' (default model), a directory, a .gguf "
+                                        "file or a hub id")]
+
+# One vocabulary: every command that has one of these options gives it this meaning and this default
+# (tests/test_cli_vocabulary.py walks every command and fails on a second meaning or default).
+SEQ_LEN = 256
+CALIB_SAMPLES = 32
+EVAL_SAMPLES = 16
+BATCH_SIZE = 4
+TARGETS = "attn,mlp"
+DTYPE = "auto"
+DEVICE = "cpu"
+MAX_NEW_TOKENS = 48
+RANK = 16
+STEPS = 100
+
+TextOpt = Annotated[str | None, typer.Option("--text", metavar="FILE", help="a UTF-8 text file to calibrate, train "
+                                             "and evaluate on (default: the standard library's pydoc topics)")]
+DatasetOpt = Annotated[str | None, typer.Option(
+    "--dataset", metavar="NAME[:CONFIG[:SPLIT]]", help="a Hugging Face datasets text instead of --text, e.g. "
+    "wikitext:wikitext-2-raw-v1:test (default split train; NAME may be a local directory; needs pip install "
+    "'rankwise\\[datasets]' and the network or a local cache)")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="tokens per window")]
-CalibOpt = Annotated[int, typer.Option("--calib-samples", min=1,
-                                       help="calibration windows (from the start of the text)")]
-EvalOpt = Annotated[int, typer.Option("--eval-samples", min=1, help="evaluation windows (from the end, disjoint)")]
+CalibOpt = Annotated[int, typer.Option("--calib-samples", min=1, help="calibration windows from the start of "
+                                       "the text (evaluation windows never overlap them)")]
+EvalOpt = Annotated[int, typer.Option("--eval-samples", min=1, help="evaluation windows (from the end of the text, "
+                                      "never calibrated or trained on)")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="windows per forward pass")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda")]
+TargetsOpt = Annotated[str, typer.Option("--targets", metavar="LIST", help="comma list of layers: groups (attn, "
+                                         "mlp) and/or layer names (q_proj, down_proj, ...)")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="cpu|cuda|cuda:N", help="where the model runs")]
+OutOpt = Annotated[str, typer.Option("--out", metavar="DIR", help="output directory (written atomically)")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow a model that ships its own Python code "
                                         "(auto_map in config.json) to run it; read that code first")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 for weights and "
-                                              "activations (default: the checkpoint's)")]
+Dtype = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="the precision the model computes in. auto: the "
+                                         "checkpoint's, but float32 on a CPU for bfloat16/float16 weights (30-90x "
+                                         "faster there); outputs keep the checkpoint's dtype unless one is named. "
+                                         "Training (heal, adapt): float32 weights, bfloat16 as autocast")]
 OffloadOpt = Annotated[str | None, typer.Option("--offload-dir", help="where block-boundary activations spill above "
                                                 "--activation-mb (default: beside the output)")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="neither read nor write cached calibration statistics "
@@ -41,8 +68,64 @@ NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="neither read nor w
                                           "default 4; see rankwise cache)")]
 NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="skip checking the input's files against their "
                                            "checksums (SHA256SUMS, or a Hugging Face cache's blob names)")]
+PromptOpt = Annotated[list[str] | None, typer.Option("--prompt", metavar="TEXT", help="text to complete (repeat "
+                                                     "for several)")]
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens generated per prompt")]
+BaseOpt = Annotated[str, typer.Option("--base", metavar="MODEL", help="the dense model it was compressed from: "
+                                      "'smollm2', a directory, a .gguf file or a hub id")]
+RankOpt = Annotated[int, typer.Option("--rank", min=1, help="adapter rank per layer")]
+MergeOpt = Annotated[bool, typer.Option("--merge", help="fold the adapter into the weights and write a model, not an "
+                                        "adapter (a compressed model stays compressed, each rank k -> k + r)")]
+StepsOpt = Annotated[int, typer.Option("--steps", min=1, help="optimizer steps")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="peak learning rate, AdamW with warm-up then cosine "
+                                             "(default: 2e-4 for an adapter, 1e-4 to heal factors)")]
+GradAccumOpt = Annotated[int, typer.Option("--grad-accum", min=1, help="micro-batches per optimizer step")]
+EvalEveryOpt = Annotated[int, typer.Option("--eval-every", min=0, help="also evaluate every K steps (0: at the "
+                                           "start and the end only)")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="seed of the training-window order and of any random "
+                                      "initialisation")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from OUT.checkpoint (same model, text and "
+                                         "settings)")]
+RayOpt = Annotated[str | None, typer.Option(
+    "--ray", metavar="ADDRESS", help="run on Ray workers: 'local' starts a local Ray, 'auto' or HOST:PORT joins a "
+    "running cluster; compress fans each block's factorisations out, compare runs each row as a task (needs pip "
+    "install 'rankwise\\[ray]')")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
+JsonReportOpt = Annotated[str | None, typer.Option("--json-report", metavar="FILE",
+                                                  help="also write the report as JSON to FILE")]
 ActivationOpt = Annotated[float, typer.Option("--activation-mb", min=0,
                                               help="activations kept in memory before spilling")]
+
+
+def choices(names: Iterable[str]) -> Any:
+    """A ``Literal`` of ``names``, so typer checks the value and ``--help`` lists it (registries known at import)."""
+    return Literal[tuple(names)]
+
+
+class Command(TyperCommand):
+    """A command whose flags show no ``<bool>`` type in ``--help`` (a flag takes no value)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+def training_autocast(dtype: str, device: str) -> bool:
+    """Whether training (heal, adapt) autocasts to bfloat16 for ``--dtype``: ``auto`` does on a CUDA device with
+    bfloat16 (on a CPU it runs 30x slower there), float32 never; float16 is refused (it needs loss scaling)."""
+    from rankwise.stream import dtype_name
+
+    name = dtype_name(dtype)
+    if name == "float16":
+        raise ValueError("--dtype float16 is not supported for training (float16 needs loss scaling); use bfloat16 "
+                         "(autocast) or float32")
+    if name == "auto":
+        where = torch.device(device)
+        return where.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return name == "bfloat16"
 
 
 def stats_cache(no_cache: bool) -> Path | None:
@@ -148,10 +231,12 @@ class Workload:
 
 def prepare(model: str, text: str | None, dataset: str | None, seq_len: int, calib: int, evaluation: int,
             device: str, threads: int | None, trust_remote_code: bool = False, raw: str | None = None,
-            verify: bool = True) -> Workload:
+            verify: bool = True, dtype: str | None = DTYPE) -> Workload:
     """Cut the text (``raw`` if already read) into disjoint calibration and evaluation windows, then load the
-    model: the text and the tokenizer are checked first, so their errors never wait for a model load."""
+    model in ``dtype`` (:func:`rankwise.stream.compute_dtype`): the text and the tokenizer are checked first, so
+    their errors never wait for a model load."""
     from rankwise.io.models import load_model, load_tokenizer, resolve
+    from rankwise.stream import compute_dtype
 
     setup(device, threads)
     raw = load_text(text, dataset=dataset) if raw is None else raw
@@ -159,6 +244,7 @@ def prepare(model: str, text: str | None, dataset: str | None, seq_len: int, cal
     calibration, evaluation_ids, text_name = windows(load_tokenizer(path, trust_remote_code), raw, text, dataset,
                                                      seq_len, calib, evaluation)
     loaded = load_model(model, device=device, trust_remote_code=trust_remote_code, verify=verify)
+    loaded.model.to(compute_dtype(dtype, next(loaded.model.parameters()).dtype, device))
     return Workload(loaded.model, loaded.tokenizer, loaded.source, calibration, evaluation_ids, text_name)
 
 

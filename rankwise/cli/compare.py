@@ -11,22 +11,36 @@ import typer
 
 from rankwise.allocate import ALLOCATIONS
 from rankwise.cli.common import (
+    BATCH_SIZE,
+    CALIB_SAMPLES,
+    DEVICE,
+    DTYPE,
+    EVAL_SAMPLES,
+    MAX_NEW_TOKENS,
+    SEQ_LEN,
+    TARGETS,
     BatchOpt,
     CalibOpt,
     CompileOpt,
     DatasetOpt,
     DecodeBatchOpt,
     DeviceOpt,
+    DtypeOpt,
     EvalOpt,
     FuseOpt,
+    MaxNewTokensOpt,
     ModelArg,
     NewTokensOpt,
     NoCacheOpt,
     NoVerifyOpt,
+    OutOpt,
     OverwriteOpt,
     PrefillOpt,
+    PromptOpt,
+    RayOpt,
     SeqLenOpt,
     SpeedOpt,
+    TargetsOpt,
     TextOpt,
     ThreadsOpt,
     TrustOpt,
@@ -61,9 +75,10 @@ def compare(
     bits: Annotated[str | None, typer.Option("--bits", help="comma list of budgets in stored bits per targeted "
                                              "weight, each a row per recipe beside the ratios (e.g. 3.5,4.5)")
                     ] = None,
-    out: Annotated[str, typer.Option("--out", help="directory for comparison.md/.png/.json")] = "compare-out",
-    allocations: Annotated[str, typer.Option("--allocations", help=f"comma list of {', '.join(ALLOCATIONS)}")
-                           ] = "uniform",
+    out: OutOpt = ...,
+    targets: TargetsOpt = TARGETS,
+    allocations: Annotated[str, typer.Option("--allocations", metavar="LIST",
+                                             help=f"comma list of {', '.join(ALLOCATIONS)}")] = "uniform",
     sequential: Annotated[Toggle, typer.Option("--sequential", help="rows without, with, or both")] = Toggle.off,
     update_u: Annotated[Toggle, typer.Option("--update-u", help="rows without, with, or both")] = Toggle.off,
     anchored: Annotated[Toggle, typer.Option("--anchored", help="svd_llm rows without, with, or both the anchored "
@@ -73,23 +88,21 @@ def compare(
     overwrite: OverwriteOpt = False,
     text: TextOpt = None,
     dataset: DatasetOpt = None,
-    seq_len: SeqLenOpt = 256,
-    calib_samples: CalibOpt = 32,
-    eval_samples: EvalOpt = 64,
-    batch_size: BatchOpt = 8,
-    device: DeviceOpt = "cpu",
+    seq_len: SeqLenOpt = SEQ_LEN,
+    calib_samples: CalibOpt = CALIB_SAMPLES,
+    eval_samples: EvalOpt = EVAL_SAMPLES,
+    batch_size: BatchOpt = BATCH_SIZE,
+    device: DeviceOpt = DEVICE,
+    dtype: DtypeOpt = DTYPE,
     threads: ThreadsOpt = None,
-    ray: Annotated[str | None, typer.Option(
-        "--ray", metavar="ADDRESS", help="run every method x ratio as a Ray task: 'local' starts a local Ray, 'auto' "
-        "or HOST:PORT joins a running cluster (needs pip install 'rankwise\\[ray]')")] = None,
+    ray: RayOpt = None,
     trust_remote_code: TrustOpt = False,
     recipe_list: Annotated[str | None, typer.Option(
         "--recipes", help="comma list of recipes written like row labels, e.g. svd_llm,svd_llm+loss+seq,"
         f"monarch+whiten=false (options: {recipe_options()}), or a named recipe ({', '.join(NAMED_RECIPES)}); "
         "replaces --methods, --allocations, --sequential, --update-u, --anchored")] = None,
-    prompt: Annotated[list[str] | None, typer.Option(
-        "--prompt", help="also complete this text with every model, side by side (repeat for several)")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens per completion")] = 32,
+    prompt: PromptOpt = None,
+    max_new_tokens: MaxNewTokensOpt = MAX_NEW_TOKENS,
     no_cache: NoCacheOpt = False,
     no_verify: NoVerifyOpt = False,
     speed_repeats: Annotated[int, typer.Option("--speed-repeats", min=1, help="timed runs of each timing per row "
@@ -106,8 +119,9 @@ def compare(
     decode_batches: DecodeBatchOpt = "1,8",
     prefill: PrefillOpt = "1x512,1x2048",
 ) -> None:
-    """Compare compression methods across ratios on MODEL; writes a Markdown table and a PNG plot. An encoder is
-    compared by embedding cosine to the dense model and retrieval on --eval-samples held-out pydoc topics."""
+    """Compare compression methods across ratios on MODEL; writes a Markdown table and a PNG plot to OUT (with
+    --prompt, each model's completions side by side). An encoder is compared by embedding cosine to the dense model
+    and retrieval on --eval-samples held-out pydoc topics."""
     from pathlib import Path
 
     from rankwise.calibrate import load_text
@@ -122,6 +136,8 @@ def compare(
     from rankwise.io.sentence import max_seq_length
     from rankwise.methods import CompressConfig, config_class
     from rankwise.methods.recipes import parse_recipe
+    from rankwise.stream import dtype_name
+    from rankwise.targets import check_targets
 
     timing = speed_settings(speed, decode_batches, prefill, new_tokens, compile, device, fuse)
     if timing is not None and ray is not None:
@@ -155,6 +171,9 @@ def compare(
         configs += [dataclasses.replace(c, bits=b) for c in recipes(
             method_list, [0.2], allocations=allocation_list, sequential=sequential.values,
             update_u=update_u.values, anchored=anchored.values) for b in bits_list]
+    target_list = check_targets(comma_list(targets, "--targets"))
+    configs = [dataclasses.replace(c, targets=target_list) for c in configs]
+    dtype = dtype_name(dtype)
     prompts = list(prompt or [])
     if any(not p.strip() for p in prompts):
         raise ValueError("--prompt must not be empty")
@@ -171,7 +190,7 @@ def compare(
         with claimed_out(out, overwrite, model):
             raw = load_text(text, dataset=dataset)
             work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code, raw,
-                           verify=not no_verify)
+                           verify=not no_verify, dtype=dtype)
             pairs = held_out_pairs(work.tokenizer, raw, calib_samples * seq_len, eval_samples)
             settings = {"model": work.source, "text": work.text_name, "seq_len": seq_len, "calib": calib_samples,
                         "pairs": len(pairs)}
@@ -188,7 +207,7 @@ def compare(
     with claimed_out(out, overwrite, model):
         with nullcontext() if ray is None else ray_session(ray):  # a bad address fails before the model loads
             work = prepare(model, text, dataset, seq_len, calib_samples, eval_samples, device, threads,
-                           trust_remote_code, verify=not no_verify)
+                           trust_remote_code, verify=not no_verify, dtype=dtype)
             settings = {"model": work.source, "text": work.text_name, "seq_len": seq_len, "calib": calib_samples,
                         "eval": eval_samples, "prompts": prompts}
             result = run(work.model, work.calibration, work.evaluation, configs, eora_rank=eora_rank,

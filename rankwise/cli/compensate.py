@@ -7,12 +7,23 @@ from typing import Annotated
 import typer
 
 from rankwise.cli.common import (
+    BATCH_SIZE,
+    CALIB_SAMPLES,
+    DEVICE,
+    DTYPE,
+    RANK,
+    SEQ_LEN,
+    BaseOpt,
     BatchOpt,
     CalibOpt,
     DatasetOpt,
     DeviceOpt,
+    DtypeOpt,
+    MergeOpt,
     NoVerifyOpt,
+    OutOpt,
     OverwriteOpt,
+    RankOpt,
     SeqLenOpt,
     TextOpt,
     ThreadsOpt,
@@ -26,18 +37,18 @@ from rankwise.cli.common import (
 @one_line_errors
 def compensate(
     compressed: Annotated[str, typer.Argument(help="directory of a compressed (or quantised) model")],
-    base: Annotated[str, typer.Option("--base", help="the original model it was made from")] = "smollm2",
-    rank: Annotated[int, typer.Option("--rank", min=1, help="adapter rank per layer")] = 16,
-    out: Annotated[str, typer.Option("--out", help="output directory")] = "",
-    merge: Annotated[bool, typer.Option("--merge", help="fold the adapters in and save a model, not an adapter")
-                     ] = False,
+    out: OutOpt = ...,
+    base: BaseOpt = "smollm2",
+    rank: RankOpt = RANK,
+    merge: MergeOpt = False,
     overwrite: OverwriteOpt = False,
     text: TextOpt = None,
     dataset: DatasetOpt = None,
-    seq_len: SeqLenOpt = 256,
-    calib_samples: CalibOpt = 32,
-    batch_size: BatchOpt = 4,
-    device: DeviceOpt = "cpu",
+    seq_len: SeqLenOpt = SEQ_LEN,
+    calib_samples: CalibOpt = CALIB_SAMPLES,
+    batch_size: BatchOpt = BATCH_SIZE,
+    device: DeviceOpt = DEVICE,
+    dtype: DtypeOpt = DTYPE,
     threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
     no_verify: NoVerifyOpt = False,
@@ -48,13 +59,14 @@ def compensate(
     from rankwise.io import save
     from rankwise.io.atomic import claimed_out
     from rankwise.io.models import load_model
+    from rankwise.stream import dtype_name
 
-    if not out:
-        raise ValueError("--out is required: the directory to write the adapter (or merged model) to")
+    dtype = dtype_name(dtype)
     with claimed_out(out, overwrite, compressed, base):
         work = prepare(compressed, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code,
-                       verify=not no_verify)
+                       verify=not no_verify, dtype=dtype)
         original = load_model(base, device=device, trust_remote_code=trust_remote_code, verify=not no_verify).model
+        original.to(next(work.model.parameters()).dtype)  # the teacher computes as the compressed model does
         check_compatible(original, work.model)
         result = run(original, work.model, work.calibration, rank, batch_size=batch_size)
         say(result.summary())

@@ -2,42 +2,53 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from rankwise.allocate import ALLOCATIONS
 from rankwise.cli.common import (
+    BATCH_SIZE,
+    CALIB_SAMPLES,
+    DEVICE,
+    DTYPE,
+    SEQ_LEN,
+    TARGETS,
     ActivationOpt,
     BatchOpt,
     CalibOpt,
     DatasetOpt,
     DeviceOpt,
     DtypeOpt,
+    JsonReportOpt,
     ModelArg,
     NoCacheOpt,
     NoVerifyOpt,
     OffloadOpt,
+    OutOpt,
     OverwriteOpt,
+    RayOpt,
     SeqLenOpt,
+    TargetsOpt,
     TextOpt,
     ThreadsOpt,
     TrustOpt,
+    choices,
     comma_list,
     one_line_errors,
     say,
     setup,
     stats_cache,
 )
+from rankwise.methods import method_names
 from rankwise.methods.recipes import NAMED_RECIPES
-
-ALLOCATION_NAMES = ", ".join(ALLOCATIONS)
 
 
 @one_line_errors
 def compress(
     model: ModelArg = "smollm2",
-    method: Annotated[str, typer.Option("--method", help="compression method (see --help of compare)")] = "svd_llm",
+    method: Annotated[choices(method_names()), typer.Option("--method", help="compression method (the README's "
+                                                           "table says what each does)")] = "svd_llm",
     recipe: Annotated[str | None, typer.Option(
         "--recipe", help=f"a named recipe ({', '.join(f'{k} = {v}' for k, v in NAMED_RECIPES.items())}) or one "
         "written like a compare row label (svd_llm+loss+seq); replaces --method, --allocation, --sequential, "
@@ -48,12 +59,13 @@ def compress(
     settings: Annotated[list[str] | None, typer.Option(
         "--set", metavar="NAME=VALUE", help="a method's own config field, e.g. --set nblocks=4 (repeatable; "
         "a wrong name lists the method's fields)")] = None,
-    out: Annotated[str, typer.Option("--out", help="output directory")] = "",
-    targets: Annotated[str, typer.Option("--targets", help="comma list of attn, mlp")] = "attn,mlp",
-    export: Annotated[str, typer.Option("--export", help="factored (rankwise format) or dense (plain HF)")
-                      ] = "factored",
-    allocation: Annotated[str, typer.Option("--allocation", help=f"how the budget is spread: {ALLOCATION_NAMES}")
-                          ] = "uniform",
+    out: OutOpt = ...,
+    targets: TargetsOpt = TARGETS,
+    export: Annotated[Literal["factored", "dense"], typer.Option(
+        "--export", help="factored (transformers loads it after import rankwise; smallest) or dense (a plain "
+        "Hugging Face checkpoint, factors multiplied out)")] = "factored",
+    allocation: Annotated[choices(ALLOCATIONS), typer.Option("--allocation", help="how the budget is spread "
+                                                             "over the layers")] = "uniform",
     sequential: Annotated[bool, typer.Option("--sequential", help="calibrate each block on compressed activations")
                           ] = False,
     update_u: Annotated[bool, typer.Option("--update-u", help="refit the left factor by least squares")] = False,
@@ -62,26 +74,23 @@ def compress(
                         ] = False,
     overwrite: OverwriteOpt = False,
     show_layers: Annotated[bool, typer.Option("--show-layers", help="print the per-layer table")] = False,
-    objective: Annotated[str | None, typer.Option(
+    objective: Annotated[Literal["size", "speed"] | None, typer.Option(
         "--objective", help="low-rank methods: size (factorise wherever it stores less) or speed (only where the "
         "factor pair is also faster at decode on this machine; timed once per shape and cached)")] = None,
     text: TextOpt = None,
     dataset: DatasetOpt = None,
-    seq_len: SeqLenOpt = 256,
-    calib_samples: CalibOpt = 32,
-    batch_size: BatchOpt = 4,
-    device: DeviceOpt = "cpu",
+    seq_len: SeqLenOpt = SEQ_LEN,
+    calib_samples: CalibOpt = CALIB_SAMPLES,
+    batch_size: BatchOpt = BATCH_SIZE,
+    device: DeviceOpt = DEVICE,
     threads: ThreadsOpt = None,
-    dtype: DtypeOpt = None,
+    dtype: DtypeOpt = DTYPE,
     offload_dir: OffloadOpt = None,
     activation_mb: ActivationOpt = 1024,
-    json_report: Annotated[str | None, typer.Option("--json-report", help="also write the report as JSON here")
-                           ] = None,
+    json_report: JsonReportOpt = None,
     trust_remote_code: TrustOpt = False,
     no_verify: NoVerifyOpt = False,
-    ray: Annotated[str | None, typer.Option(
-        "--ray", metavar="ADDRESS", help="fan each block's factorisations out to Ray workers: 'local', 'auto' or "
-        "HOST:PORT (needs pip install 'rankwise\\[ray]')")] = None,
+    ray: RayOpt = None,
     no_cache: NoCacheOpt = False,
 ) -> None:
     """Compress MODEL with METHOD at RATIO and save it to OUT.
@@ -98,10 +107,6 @@ def compress(
     from rankwise.io.atomic import refuse_overlap
     from rankwise.io.models import checkpoint_dir, resolve
 
-    if not out:
-        raise ValueError("--out is required: the directory to write the compressed model to")
-    if export not in ("factored", "dense"):
-        raise ValueError(f"--export must be 'factored' or 'dense', got {export!r}")
     config = build_config(method, ratio, recipe=recipe, bits=bits, targets=comma_list(targets, "--targets"),
                           allocation=allocation, sequential=sequential, update_u=update_u, anchored=anchored,
                           objective=objective, settings=settings)

@@ -11,8 +11,15 @@ import psutil
 import typer
 
 from rankwise.cli.common import (
+    BATCH_SIZE,
+    CALIB_SAMPLES,
+    DEVICE,
+    DTYPE,
+    EVAL_SAMPLES,
+    SEQ_LEN,
     ActivationOpt,
     BatchOpt,
+    CalibOpt,
     CompileOpt,
     DatasetOpt,
     DecodeBatchOpt,
@@ -20,6 +27,7 @@ from rankwise.cli.common import (
     DtypeOpt,
     EvalOpt,
     FuseOpt,
+    JsonOpt,
     ModelArg,
     NewTokensOpt,
     NoVerifyOpt,
@@ -45,34 +53,34 @@ def evaluate(
     model: ModelArg = "smollm2",
     text: TextOpt = None,
     dataset: DatasetOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print a JSON object instead of text")] = False,
-    seq_len: SeqLenOpt = 256,
-    eval_samples: EvalOpt = 64,
-    batch_size: BatchOpt = 8,
-    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+    seq_len: SeqLenOpt = SEQ_LEN,
+    eval_samples: EvalOpt = EVAL_SAMPLES,
+    batch_size: BatchOpt = BATCH_SIZE,
+    device: DeviceOpt = DEVICE,
     threads: ThreadsOpt = None,
     stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="run one block at a time (for models "
                                                 "larger than memory); default: when the weights exceed half the "
                                                 "available memory")] = None,
-    dtype: DtypeOpt = None,
+    dtype: DtypeOpt = DTYPE,
     offload_dir: OffloadOpt = None,
     activation_mb: ActivationOpt = 1024,
     trust_remote_code: TrustOpt = False,
     no_verify: NoVerifyOpt = False,
     tasks: Annotated[str | None, typer.Option(
-        "--tasks", help="also run these lm-eval tasks (comma list, e.g. arc_easy,hellaswag,piqa,winogrande; needs "
+        "--tasks", help="also run these lm-eval tasks (comma list, e.g. pydoc_cloze, shipped and offline, or "
+        "arc_easy,hellaswag,piqa,winogrande; needs "
         "pip install 'rankwise\\[eval]')")] = None,
     task_dir: Annotated[list[str] | None, typer.Option(
-        "--task-dir", help="a directory of extra lm-eval task YAML files (repeat for several)")] = None,
+        "--task-dir", help="a directory of extra lm-eval task YAML files, relative to the current directory (repeat "
+        "for several; the shipped pydoc_cloze needs none)")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="at most this many documents per task")
                      ] = None,
     num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", min=0, help="examples per task prompt "
                                                     "(default: the task's own)")] = None,
     reference: Annotated[str | None, typer.Option(
         "--reference", help="encoders: the dense model whose embeddings the cosine is measured against")] = None,
-    calib_samples: Annotated[int, typer.Option(
-        "--calib-samples", min=0, help="encoders: the held-out pairs start after this many calibration windows of "
-        "--seq-len tokens (as compress took them)")] = 32,
+    calib_samples: CalibOpt = CALIB_SAMPLES,
     speed: SpeedOpt = False,
     fuse: FuseOpt = False,
     compile: CompileOpt = None,
@@ -91,9 +99,9 @@ def evaluate(
     from rankwise.eval.stream import streamed_perplexity
     from rankwise.io.models import load_tokenizer, resolve
     from rankwise.io.shards import weights_bytes
-    from rankwise.stream import parse_dtype
+    from rankwise.stream import dtype_name
 
-    parse_dtype(dtype)
+    dtype = dtype_name(dtype)
     if not math.isfinite(activation_mb):
         raise ValueError(f"--activation-mb must be a finite number of MB, got {activation_mb}")
     timing = speed_settings(speed, decode_batches, prefill, new_tokens, compile, device, fuse)
@@ -135,6 +143,9 @@ def evaluate(
         raise ValueError(f"{'--speed times' if timing is not None else '--fuse runs'} the whole model in memory, "
                          "which a streamed evaluation never holds: drop --stream (or run on a machine the model fits)")
     if stream:
+        from rankwise._memory import pin_mmap_threshold
+
+        pin_mmap_threshold()  # block by block: freed blocks and activations go back to the system at once
         if not (isinstance(path, Path) and weights_bytes(path) > 0):
             raise ValueError(f"--stream needs a local directory with safetensors weights, got {model!r}")
         _, evaluation, text_name = windows(load_tokenizer(path, trust_remote_code), raw, text, dataset, seq_len, 0,
@@ -145,10 +156,8 @@ def evaluate(
         result = result_for(src.model, evaluation, ppl, None)
     else:
         work = prepare(model, text, dataset, seq_len, 0, eval_samples, device, threads, trust_remote_code, raw,
-                       verify=not no_verify)
+                       verify=not no_verify, dtype=dtype)
         source, text_name = work.source, work.text_name
-        if dtype is not None:
-            work.model.to(parse_dtype(dtype))
         if fuse:
             from rankwise.nn.fused import fuse_inputs_
 

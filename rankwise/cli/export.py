@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 import typer
 
 from rankwise.cli.common import (
+    SEQ_LEN,
+    DatasetOpt,
     ModelArg,
     NoVerifyOpt,
+    OutOpt,
     OverwriteOpt,
     SeqLenOpt,
     TextOpt,
@@ -23,8 +26,6 @@ from rankwise.cli.common import (
     windows,
 )
 
-FORMATS = ("onnx", "dense")
-
 
 def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:,.1f} MB"
@@ -33,16 +34,17 @@ def _mb(nbytes: int) -> str:
 @one_line_errors
 def export(
     model: ModelArg = "smollm2",
-    out: Annotated[str, typer.Option("--out", help="output directory")] = "",
-    fmt: Annotated[str, typer.Option("--format", help="onnx (decoder with KV cache, for onnxruntime; needs pip "
-                                     "install 'rankwise\\[onnx]') or dense (plain Hugging Face checkpoint, factors "
-                                     "multiplied out)")] = "onnx",
+    out: OutOpt = ...,
+    fmt: Annotated[Literal["onnx", "dense"], typer.Option(
+        "--format", help="onnx (decoder with KV cache, for onnxruntime; needs pip install 'rankwise\\[onnx]') or "
+        "dense (plain Hugging Face checkpoint, factors multiplied out)")] = "onnx",
     check: Annotated[bool, typer.Option("--check", help="reload the export and print its largest logit difference "
                                         "from the torch model on held-out windows")] = False,
     check_samples: Annotated[int, typer.Option("--check-samples", min=1, help="windows for --check (from the end "
                                                "of the text)")] = 4,
-    seq_len: SeqLenOpt = 128,
+    seq_len: SeqLenOpt = SEQ_LEN,
     text: TextOpt = None,
+    dataset: DatasetOpt = None,
     overwrite: OverwriteOpt = False,
     threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
@@ -58,10 +60,6 @@ def export(
     from rankwise.io.atomic import claimed_out
     from rankwise.io.models import load_model, load_tokenizer, resolve
 
-    if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if not out:
-        raise ValueError("--out is required: the directory to write the export to")
     if fmt == "onnx":
         _require_onnx()
     setup("cpu", threads)
@@ -73,8 +71,9 @@ def export(
             check_model_type(json.loads((Path(path) / "config.json").read_text()).get("model_type"))
         held_out = None
         if check:  # the text and tokenizer are checked before the model loads
-            _, held_out, _ = windows(load_tokenizer(path, trust_remote_code), load_text(text), text, None, seq_len,
-                                     0, check_samples)
+            raw = load_text(text, dataset=dataset)
+            _, held_out, _ = windows(load_tokenizer(path, trust_remote_code), raw, text, dataset, seq_len, 0,
+                                     check_samples)
         loaded = load_model(model, trust_remote_code=trust_remote_code, verify=not no_verify)
         params = sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values())
         if fmt == "onnx":

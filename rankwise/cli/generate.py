@@ -7,10 +7,16 @@ from typing import Annotated
 import typer
 
 from rankwise.cli.common import (
+    DEVICE,
+    DTYPE,
+    MAX_NEW_TOKENS,
     DeviceOpt,
+    DtypeOpt,
     FuseOpt,
+    MaxNewTokensOpt,
     ModelArg,
     NoVerifyOpt,
+    PromptOpt,
     ThreadsOpt,
     TrustOpt,
     one_line_errors,
@@ -22,10 +28,11 @@ from rankwise.cli.common import (
 @one_line_errors
 def generate(
     model: ModelArg = "smollm2",
-    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="text to complete (repeat for several)")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens generated per prompt")] = 48,
+    prompt: PromptOpt = None,
+    max_new_tokens: MaxNewTokensOpt = MAX_NEW_TOKENS,
     chat: Annotated[bool, typer.Option("--chat", help="wrap each prompt in the tokenizer's chat template")] = False,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = DEVICE,
+    dtype: DtypeOpt = DTYPE,
     threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
     no_verify: NoVerifyOpt = False,
@@ -35,6 +42,7 @@ def generate(
     from rankwise.arch import is_encoder
     from rankwise.eval.generate import check_generation, check_prompts, complete
     from rankwise.io.models import load_model
+    from rankwise.stream import compute_dtype, dtype_name
 
     if not prompt:
         raise ValueError("give at least one --prompt TEXT")
@@ -44,6 +52,7 @@ def generate(
     setup(device, threads)
     check_generation(model, prompt, max_new_tokens=max_new_tokens, chat=chat, trust_remote_code=trust_remote_code)
     loaded = load_model(model, device=device, trust_remote_code=trust_remote_code, verify=not no_verify)
+    loaded.model.to(compute_dtype(dtype_name(dtype), next(loaded.model.parameters()).dtype, device))
     if is_encoder(loaded.model):
         raise ValueError(f"generate needs a causal LM; {model} is an encoder ({type(loaded.model).__name__}): "
                          "evaluate it with rankwise eval")

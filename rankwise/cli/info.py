@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rankwise.cli.common import one_line_errors, say
+from rankwise.cli.common import JsonOpt, one_line_errors, say
 
 _NUMBERS = ("ratio", "bits", "bits_per_targeted_weight", "bytes_dense")
 _COUNTS = ("params_total_before", "params_total_after", "params_targeted_before", "params_targeted_after")
@@ -92,7 +92,7 @@ def _bucket(rank: int) -> int:
 @one_line_errors
 def info(
     path: Annotated[str, typer.Argument(help="a directory written by rankwise compress")],
-    as_json: Annotated[bool, typer.Option("--json", help="print a JSON object instead of text")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Show what the compressed directory PATH holds: method, ratio, options, parameters kept and removed, the rank
     histogram and provenance (source model and its fingerprint, text and windows, versions, command line)."""

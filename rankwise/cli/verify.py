@@ -8,14 +8,14 @@ from typing import Annotated
 
 import typer
 
-from rankwise.cli.common import one_line_errors, say
+from rankwise.cli.common import JsonOpt, one_line_errors, say
 
 
 @one_line_errors
 def verify(
     paths: Annotated[list[str], typer.Argument(help="directories written by rankwise (compress, heal, adapt, "
                                                "export, compare ...) or Hugging Face cache snapshots")],
-    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list instead of text")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check every file of each PATH against its SHA256SUMS (what rankwise writes into every output directory) or,
     for a Hugging Face cache snapshot, against the SHA-256 its blobs are stored under. Exit 0 when all match; exit

@@ -22,7 +22,7 @@ from rankwise.io.shards import DEFAULT_MAX_SHARD_SIZE
 from rankwise.methods import CompressConfig
 from rankwise.report import CompressionReport
 from rankwise.stream import ActivationStore, CheckpointSource, InPlaceSink, ModelSource, ShardSink, check_offload_dir
-from rankwise.stream.source import parse_dtype
+from rankwise.stream.source import AUTO, parse_dtype
 from rankwise.targets import FilterFn
 
 DEFAULT_ACTIVATION_MB = 1024
@@ -136,8 +136,10 @@ def compress_checkpoint(
         calibration: token ids ``(samples, seq_len)`` or batches.
         out: the output directory; refused if it exists unless ``overwrite``.
         tokenizer: saved alongside when given.
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for weights and activations (default: the
-            checkpoint's); covariances and decompositions stay in float64/float32.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (or an alias such as ``"bf16"``) for weights and
+            activations (default: the checkpoint's), or ``"auto"``: the checkpoint's, but float32 on a CPU for
+            half-precision weights, stored in the checkpoint's dtype (:func:`rankwise.stream.compute_dtype`);
+            covariances and decompositions stay in float64/float32.
         device: where each block runs (``"cuda"`` streams blocks through the GPU).
         export: ``"factored"`` or ``"dense"``.
         activation_mb: block-boundary activations kept in memory before spilling to ``offload_dir``.
@@ -166,7 +168,8 @@ def compress_checkpoint(
     offload = check_offload_dir(offload_dir if offload_dir is not None else out.absolute().parent)
     with (atomic_dir(out, overwrite) as tmp, ActivationStore(int(activation_mb * 2**20), offload) as store,
           _fan_out(ray) as mapper):
-        stored = resolve_dtype(save_dtype, parse_dtype(dtype) or source.declared_dtype or source.dtype)
+        asked = None if dtype == AUTO else parse_dtype(dtype)  # "auto" computes in float32 on CPU, stores as is
+        stored = resolve_dtype(save_dtype, asked or source.declared_dtype or source.weights_dtype)
         sink = ShardSink(tmp, source.blocks_name, dtype=stored, export=export,
                          model_type=getattr(source.config, "model_type", ""), max_shard_size=max_shard_size)
         report = run(source, sink, config, calibration, filter_fn=filter_fn, batch_size=batch_size,

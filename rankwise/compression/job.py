@@ -31,7 +31,8 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
         config: a registered method config.
         out: the output directory, written atomically (refused if it exists unless ``overwrite``).
         dtype: weights and activations dtype (default: the checkpoint's); the output stores it, else the source's
-            declared dtype.
+            declared dtype. ``"auto"`` computes half-precision weights in float32 on a CPU and stores the
+            checkpoint's dtype (:func:`rankwise.stream.compute_dtype`).
         export: ``"factored"`` (the compressed layers) or ``"dense"`` (a plain checkpoint of the same weights).
         cache: a directory for calibration statistics (see :mod:`rankwise.calibrate.cache`).
         verify: check the model's files against their checksums where it has them (``SHA256SUMS``, a Hugging Face
@@ -49,11 +50,12 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
     from rankwise.io.models import checkpoint_dir, load_model, load_tokenizer, resolve
     from rankwise.io.provenance import provenance
     from rankwise.io.sentence import copy_sentence_files
-    from rankwise.stream import parse_dtype
+    from rankwise.stream import compute_dtype, dtype_name
+    from rankwise.stream.source import AUTO
 
     if export not in ("factored", "dense"):
         raise ValueError(f"export must be 'factored' or 'dense', got {export!r}")
-    parse_dtype(dtype)
+    dtype = dtype_name(dtype)
     check_output_dir(out, overwrite)  # fail before the slow part
     raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
     text_name = text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
@@ -82,11 +84,12 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
                                        cache=cache, extras=sentence_files, progress=progress, verify=verify)
         calibration = calibration_windows(load_tokenizer(resolve(model)[0], trust_remote_code))
         loaded = load_model(model, device=device, trust_remote_code=trust_remote_code, verify=verify)
-        if dtype is not None:
-            loaded.model.to(parse_dtype(dtype))
+        weights = next(loaded.model.parameters()).dtype
+        stored = weights if dtype == AUTO else dtype  # "auto" may compute in float32 but stores as loaded
+        loaded.model.to(compute_dtype(dtype, weights, device))
         report = compress_(loaded.model, config, calibration, batch_size=batch_size, activation_mb=activation_mb,
-                           offload_dir=offload_dir, ray=ray, cache=cache, save_dtype=dtype, progress=progress)
+                           offload_dir=offload_dir, ray=ray, cache=cache, save_dtype=stored, progress=progress)
         origin = provenance(model, source, config, text_name, tuple(calibration.shape))
         save(loaded.model, out, tokenizer=loaded.tokenizer, report=report, overwrite=overwrite, export=export,
-             provenance=origin, dtype=dtype, extras=sentence_files)
+             provenance=origin, dtype=stored, extras=sentence_files)
         return report

@@ -3,8 +3,9 @@
 lm-eval does the work: rankwise hands it the model object it already holds (dense, compressed or healed; a
 :class:`~rankwise.nn.LowRankLinear` model is an ordinary ``PreTrainedModel`` to lm-eval's ``HFLM``), checks the task
 names first (an unknown name lists close matches) and returns each task's metrics. The standard tasks (arc_easy,
-hellaswag, piqa, winogrande ...) download their data from the Hugging Face hub; a local task is a YAML file in a
-directory passed as ``include`` (``dataset_path: json`` with ``data_files`` pointing at a local file needs no
+hellaswag, piqa, winogrande ...) download their data from the Hugging Face hub. The tasks shipped in
+``rankwise/eval/lm_eval_tasks`` (``pydoc_cloze``) are always indexed and need no network. A local task is a YAML file
+in a directory passed as ``include`` (``dataset_path: json`` with ``data_files`` pointing at a local file needs no
 network; a relative ``data_files`` path is read from the current directory, a relative ``include`` too).
 
 lm-eval's own output is kept out of rankwise's (see :func:`_quiet`): its log messages below ERROR, its tqdm bars and
@@ -45,22 +46,29 @@ def _lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
+PACKAGED_TASKS = Path(__file__).with_name("lm_eval_tasks")  # the tasks rankwise ships (pydoc_cloze)
+
+
 def task_manager(include: Sequence[str | Path] = ()) -> Any:
-    """lm-eval's task index, with the task YAML files under each ``include`` directory added.
+    """lm-eval's task index: its own tasks, those rankwise ships (:data:`PACKAGED_TASKS`) and the task YAML files
+    under each ``include`` directory (relative to the current directory; a task there overrides one of the same name).
 
     Raises:
         ValueError: an ``include`` that is not a directory, or a YAML file under it that does not parse (lm-eval
             would skip it silently, and its task would then be reported unknown).
     """
     _, _, TaskManager = _lm_eval()
-    for path in include:
-        if not Path(path).is_dir():
-            raise ValueError(f"--task-dir {str(path)!r} is not a directory of lm-eval task YAML files")
-        for file in sorted(Path(path).glob("**/*.yaml")):  # the files lm-eval reads
+    # absolute: lm-eval reads a task's YAML only when the task runs, by then perhaps from another directory
+    dirs = [Path(path).absolute() for path in include]
+    for path, absolute in zip(include, dirs, strict=True):
+        if not absolute.is_dir():
+            why = "is a file" if absolute.exists() else "does not exist"
+            raise ValueError(f"--task-dir {str(path)!r} is not a directory of lm-eval task YAML files ({absolute} "
+                             f"{why})")
+        for file in sorted(Path(path).glob("**/*.yaml")):  # the files lm-eval reads, named as the user did
             if not _IGNORED_DIRS.intersection(file.parts):
                 check_yaml(file)
-    # absolute: lm-eval reads a task's YAML only when the task runs, by then perhaps from another directory
-    return TaskManager(include_path=[str(Path(p).absolute()) for p in include] or None)
+    return TaskManager(include_path=[str(PACKAGED_TASKS), *map(str, dirs)])
 
 
 _IGNORED_DIRS = frozenset({"__pycache__", ".ipynb_checkpoints"})  # skipped by lm-eval's task index

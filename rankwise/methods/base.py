@@ -14,8 +14,8 @@ from rankwise.allocate import AllocationPolicy, allocation_policy
 from rankwise.calibrate import LayerStats
 from rankwise.linalg import LowRank
 from rankwise.nn import CompressedLinear, Int8LowRankLinear, LowRankLinear
+from rankwise.targets import TARGET_GROUPS, check_targets
 
-TARGET_GROUPS = ("attn", "mlp")
 UNITS = ("params", "bytes")
 BUDGETS = {"params": "a ratio of parameters removed (ratio=, --ratio)", "bytes": "a budget in bits (bits=, --bits)"}
 
@@ -47,8 +47,8 @@ class CompressConfig:
         bits: a budget in bytes instead: average stored bits per targeted weight (``3.0`` stores the targeted layers
             in 3/8 of a byte per weight of the dense matrices they replace, indices and scales included); below the
             storage dtype's bits.
-        targets: which projections to factorise: any of ``"attn"`` and ``"mlp"``. Embeddings and the LM head are
-            never targeted by default.
+        targets: which projections to factorise: groups (``"attn"``, ``"mlp"``) and/or layer names such as
+            ``"q_proj"`` (the last part of a layer's path). Embeddings and the LM head are never targeted.
         allocation: how ranks are spread under the budget: ``"uniform"`` (same fraction per matrix), ``"welore"``
             (data-free threshold on normalised singular values), ``"loss"`` (from the whitened truncation loss), a
             ``(shapes, ratio) -> ranks`` callable or an :class:`~rankwise.allocate.AllocationPolicy`.
@@ -84,9 +84,7 @@ class CompressConfig:
         if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(self.bits, numbers.Real)
                                       or not 0.0 < self.bits < 64.0 or not math.isfinite(self.bits)):
             raise ValueError(f"bits must be the average stored bits per targeted weight, > 0, got {self.bits!r}")
-        bad = [t for t in self.targets if t not in TARGET_GROUPS]
-        if not self.targets or bad:
-            raise ValueError(f"targets must be a non-empty subset of {', '.join(TARGET_GROUPS)}, got {self.targets!r}")
+        object.__setattr__(self, "targets", check_targets(self.targets))
 
 
     # The size contract: what a matrix costs at each knob. Low-rank by default; other representations override both.

@@ -11,9 +11,27 @@ from rankwise.stream.blocks import (
     run_block,
 )
 from rankwise.stream.sink import InPlaceSink, ShardSink
-from rankwise.stream.source import DTYPES, CheckpointSource, ModelSource, parse_dtype
+from rankwise.stream.source import AUTO, DTYPES, CheckpointSource, ModelSource, compute_dtype, dtype_name, parse_dtype
 from rankwise.stream.store import ActivationStore, check_offload_dir
 
-__all__ = ["DTYPES", "ActivationStore", "BlockCall", "CheckpointSource", "InPlaceSink", "ModelSource", "ShardSink",
-           "block_of", "capture_calls", "check_offload_dir", "decoder_blocks", "first", "head_loss", "loss_and_grad",
-           "parse_dtype", "run_block"]
+__all__ = [
+    "AUTO",
+    "DTYPES",
+    "ActivationStore",
+    "BlockCall",
+    "CheckpointSource",
+    "InPlaceSink",
+    "ModelSource",
+    "ShardSink",
+    "block_of",
+    "capture_calls",
+    "check_offload_dir",
+    "compute_dtype",
+    "decoder_blocks",
+    "dtype_name",
+    "first",
+    "head_loss",
+    "loss_and_grad",
+    "parse_dtype",
+    "run_block",
+]

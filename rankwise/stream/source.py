@@ -33,18 +33,46 @@ from rankwise.io.sentence import read_pooling
 from rankwise.nn.kinds import kind_class
 from rankwise.stream.blocks import block_of, decoder_blocks
 
-__all__ = ["DTYPES", "CheckpointSource", "ModelSource", "parse_dtype"]
+__all__ = ["DTYPES", "DTYPE_ALIASES", "CheckpointSource", "ModelSource", "compute_dtype", "dtype_name", "parse_dtype"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+"""Short names accepted wherever a dtype is named (PyTorch's and the anchors' spellings)."""
+AUTO = "auto"
+HALF = (torch.bfloat16, torch.float16)
+
+
+def dtype_name(name: str | None) -> str | None:
+    """The canonical name of ``name`` (``"bf16"`` -> ``"bfloat16"``); ``None`` and ``"auto"`` pass through."""
+    if name is None or name == AUTO:
+        return name
+    canonical = DTYPE_ALIASES.get(name, name)
+    if canonical not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join([AUTO, *DTYPES, *DTYPE_ALIASES])}, got {name!r}")
+    return canonical
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``"float32"``, ``"bfloat16"``, ``"float16"`` (or a torch dtype, or ``None``) as a torch dtype."""
+    """``"float32"``, ``"bfloat16"``, ``"float16"`` or an alias (``fp32``, ``bf16``, ``fp16``, ``half``), a torch
+    dtype, or ``None``, as a torch dtype."""
     if name is None or isinstance(name, torch.dtype):
         return name
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+    canonical = dtype_name(name)
+    if canonical == AUTO:
+        raise ValueError("dtype 'auto' depends on the device and the stored weights: resolve it with compute_dtype")
+    return DTYPES[canonical]
+
+
+def compute_dtype(name: str | torch.dtype | None, stored: torch.dtype, device: str | torch.device) -> torch.dtype:
+    """The dtype a model stored in ``stored`` computes in on ``device``.
+
+    ``None`` keeps ``stored``. ``"auto"`` keeps it too, except that half-precision weights compute in float32 on a
+    CPU: most CPUs have no bfloat16/float16 matrix units, and there such matmuls run 30-90x slower than float32
+    (measured on the development machine, benchmarks/RESULTS.md); the upcast is exact for the weights.
+    """
+    if name == AUTO:
+        return torch.float32 if torch.device(device).type == "cpu" and stored in HALF else stored
+    return parse_dtype(name) or stored
 
 
 class ModelSource:
@@ -94,7 +122,7 @@ class CheckpointSource:
     Args:
         path: the checkpoint directory.
         device: where blocks are materialised and run.
-        dtype: parameter dtype (default: the checkpoint's own).
+        dtype: parameter dtype (default: the checkpoint's own; ``"auto"``: see :func:`compute_dtype`).
 
         trust_remote_code: allow a checkpoint that ships its own model code (``auto_map``); refused otherwise.
         verify: check the files against the directory's ``SHA256SUMS`` (or its Hugging Face cache blob names) when
@@ -159,8 +187,8 @@ class CheckpointSource:
         self.model.tie_weights()
         self.model.eval()
         self.device = torch.device(device)
-        self.dtype = parse_dtype(dtype) or (manifest.dtype if manifest is not None
-                                            else checkpoint_dtype(self.path, self.weight_map))
+        self.weights_dtype = manifest.dtype if manifest is not None else checkpoint_dtype(self.path, self.weight_map)
+        self.dtype = compute_dtype(dtype, self.weights_dtype, self.device)  # what the blocks compute in
         # A rankwise directory's tensors must be stored in its manifest's dtype (a retyped tensor is damage, not a
         # conversion request); plain checkpoints are converted to ``dtype`` as asked.
         self.stored_dtype = manifest.dtype if manifest is not None else None
