@@ -74,7 +74,7 @@ def die(*a, **k):
 train._save = die
 from rankwise.adapt.job import adapt_model
 adapt_model({str(model)!r}, {method!r}, {str(out)!r}, config=train.TrainConfig(steps=4, batch_size=2, save_every=2),
-            rank=4, data={str(text)!r}, seq_len=16, eval_samples=4, progress=False)
+            rank=4, text={str(text)!r}, seq_len=16, eval_samples=4, progress=False)
 """
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=ROOT)
 

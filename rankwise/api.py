@@ -179,7 +179,9 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
         raw = load_text(None if text is None else str(text), dataset=dataset)  # text errors before the model
         loaded = load_model(str(model), device=device, trust_remote_code=trust_remote_code, verify=verify,
                             dtype=None if dtype == AUTO else parse_dtype(dtype))
-        model, tokenizer = loaded.model, loaded.tokenizer
+        model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+        if tokenizer is None:
+            raise ValueError(f"{str(model)!r} has no tokenizer files: pass tokenizer= to cut the calibration text")
     else:
         if tokenizer is None:
             raise ValueError("a model object needs its tokenizer= to cut the calibration text into windows")
@@ -187,12 +189,17 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
     first = next(model.parameters())
     original = first.dtype
     stored = original if dtype == AUTO else dtype  # "auto" may compute in float32; it stores what it read
-    model.to(compute_dtype(dtype, original, first.device))
+    compute = compute_dtype(dtype, original, device or first.device)
     ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
     calibration = split_windows(ids, seq_len, calib_samples, 0)[0]
-    report = compress_(model, config, calibration, batch_size=batch_size, cache=where, save_dtype=stored,
-                       device=device, progress=progress)
-    model.to(parse_dtype(stored) or original)  # returned in the dtype it came in (or was asked for)
+    if compute != original:
+        model.to(compute)
+    try:
+        report = compress_(model, config, calibration, batch_size=batch_size, cache=where, save_dtype=stored,
+                           device=device, progress=progress)
+    finally:
+        if compute != original or dtype not in (None, AUTO):
+            model.to(parse_dtype(stored) or original)  # returned in the dtype it came in (or was asked for)
     if out is not None:
         save(model, out, tokenizer=tokenizer, report=report, overwrite=overwrite, export=export, dtype=stored)
     return Compressed(model, tokenizer, report, None if out is None else Path(out))

@@ -156,7 +156,8 @@ def test_attention_only_targets_leave_mlp_dense():
     ({"ratio": 0.0}, r"ratio must be a fraction of parameters removed in \(0, 1\)"),
     ({"ratio": 1.0}, r"ratio must be a fraction"),
     ({"ratio": -0.5}, r"ratio must be a fraction"),
-    ({"targets": ("embed",)}, "targets must be a non-empty subset of attn, mlp"),
+    ({"targets": ("embed.tokens",)}, r"targets must be groups \(attn, mlp\) and/or layer names"),
+    ({"targets": ()}, r"targets must be groups \(attn, mlp\) and/or layer names"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -199,6 +199,7 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
     from rankwise.io.manifest import read_manifest
     from rankwise.io.models import load_model, load_tokenizer
     from rankwise.io.save import is_compressed_dir
+    from rankwise.stream import AUTO, compute_dtype
 
     options = options or HealConfig()
     tell = say or (lambda _: None)
@@ -229,7 +230,12 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
                     "trainable": options.trainable, "data": digest(train_ids)}
         if resume:
             check_resume(checkpoint, config, identity)
-        before = perplexity(student, evaluation, batch_size=8)
+        stored = next(student.parameters()).dtype
+        compute = compute_dtype(AUTO, stored, device)  # half precision computes in float32 on a CPU (30-90x faster)
+        if teacher is not None:
+            teacher.to(compute_dtype(AUTO, next(teacher.parameters()).dtype, device))
+        before = perplexity(student.to(compute), evaluation, batch_size=8)
+        student.to(stored)  # heal_ trains in float32 and returns the student in the dtype it came in
         dense = perplexity(teacher, evaluation, batch_size=8) if teacher is not None else None
         tell(f"held-out perplexity ({eval_samples} x {seq_len} tokens of {text_name}): compressed {before:.3f}"
              + (f", dense {dense:.3f} ({before / dense:.2f}x)" if dense else ""))

@@ -174,7 +174,7 @@ def _peft_targets(model: Any, targets: list[str]) -> list[str] | None:
     from rankwise.targets import TARGET_GROUPS, find_targets, selects
 
     names = [*find_targets(model), *(n for n, m in model.named_modules() if isinstance(m, CompressedLinear))]
-    unmatched = [t for t in targets if not any(selects(n, (t,)) for n in names)]
+    unmatched = [t for t in targets if t not in TARGET_GROUPS and not any(selects(n, (t,)) for n in names)]
     if unmatched:
         leaves = dict.fromkeys(n.rsplit(".", 1)[-1] for n in names)
         raise ValueError(f"targets {', '.join(unmatched)} match no linear layer of the model's blocks; allowed: "

