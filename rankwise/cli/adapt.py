@@ -42,7 +42,7 @@ from rankwise.cli.common import (
     one_line_errors,
     say,
     setup,
-    training_autocast,
+    train_config,
 )
 
 ADAPTER_LR = 2e-4
@@ -91,11 +91,9 @@ def adapt(
     block_lora), and --merge keeps them factorised.
     """
     from rankwise.adapt.job import adapt_model
-    from rankwise.adapt.train import TrainConfig
 
-    config = TrainConfig(steps=steps, lr=ADAPTER_LR if lr is None else lr, batch_size=batch_size,
-                         grad_accum=grad_accum, eval_every=eval_every, seed=seed,
-                         bf16=training_autocast(dtype, device), save_every=max(1, steps // 4))
+    config = train_config(steps=steps, lr=lr, default_lr=ADAPTER_LR, batch_size=batch_size, grad_accum=grad_accum,
+                          eval_every=eval_every, seed=seed, dtype=dtype, device=device)
     target_list = comma_list(targets, "--targets")
     setup(device, threads)
     adapt_model(model, method, out, config=config, rank=rank, alpha=alpha, targets=target_list, text=text,

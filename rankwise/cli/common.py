@@ -113,6 +113,17 @@ class Command(TyperCommand):
         return params
 
 
+def train_config(*, steps: int, lr: float | None, default_lr: float, batch_size: int, grad_accum: int,
+                 eval_every: int, seed: int, dtype: str, device: str) -> Any:
+    """The :class:`~rankwise.adapt.train.TrainConfig` of heal and adapt: ``lr`` or the command's ``default_lr``; a
+    resumable state every quarter of the run; bfloat16 autocast as :func:`training_autocast` decides."""
+    from rankwise.adapt.train import TrainConfig
+
+    return TrainConfig(steps=steps, lr=default_lr if lr is None else lr, batch_size=batch_size, grad_accum=grad_accum,
+                       eval_every=eval_every, seed=seed, bf16=training_autocast(dtype, device),
+                       save_every=max(1, steps // 4))
+
+
 def training_autocast(dtype: str, device: str) -> bool:
     """Whether training (heal, adapt) autocasts to bfloat16 for ``--dtype``: ``auto`` does on a CUDA device with
     bfloat16 (on a CPU it runs 30x slower there), float32 never; float16 is refused (it needs loss scaling)."""

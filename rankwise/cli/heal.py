@@ -36,7 +36,7 @@ from rankwise.cli.common import (
     one_line_errors,
     say,
     setup,
-    training_autocast,
+    train_config,
 )
 
 HEAL_LR = 1e-4
@@ -54,8 +54,8 @@ def heal(
                        ] = 1.0,
     temperature: Annotated[float, typer.Option("--temperature", help="distillation temperature")] = 1.0,
     trainable: Annotated[Literal["factors", "linear"], typer.Option(
-        "--trainable", help="factors (low-rank layers only) or linear (every "
-                                           "linear layer in the blocks)")] = "factors",
+        "--trainable", help="factors (low-rank layers only) or linear (every linear layer in the blocks)")
+                        ] = "factors",
     text: TextOpt = None,
     dataset: DatasetOpt = None,
     seq_len: SeqLenOpt = SEQ_LEN,
@@ -80,11 +80,9 @@ def heal(
     printed before and after is on text never trained on. A resumable state is kept in OUT.checkpoint while it runs.
     """
     from rankwise.adapt.heal import HealConfig, heal_model
-    from rankwise.adapt.train import TrainConfig
 
-    config = TrainConfig(steps=steps, lr=HEAL_LR if lr is None else lr, batch_size=batch_size,
-                         grad_accum=grad_accum, eval_every=eval_every, seed=seed,
-                         bf16=training_autocast(dtype, device), save_every=max(1, steps // 4))
+    config = train_config(steps=steps, lr=lr, default_lr=HEAL_LR, batch_size=batch_size, grad_accum=grad_accum,
+                          eval_every=eval_every, seed=seed, dtype=dtype, device=device)
     options = HealConfig(distill=distill, temperature=temperature, trainable=trainable)
     setup(device, threads)
     heal_model(compressed, out, config=config, options=options, base=base, text=text, dataset=dataset,
