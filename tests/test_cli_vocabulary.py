@@ -128,6 +128,9 @@ def test_dtype_aliases_and_auto():
     assert [dtype_name(n) for n in ("bf16", "fp16", "fp32", "half", "auto", None)] == [
         "bfloat16", "float16", "float32", "float16", "auto", None]
     assert parse_dtype("bf16") is torch.bfloat16
+    from rankwise.io.save import resolve_dtype
+
+    assert resolve_dtype("fp16", torch.float32) is torch.float16  # save(dtype=...) takes the aliases too
     assert compute_dtype("auto", torch.bfloat16, "cpu") is torch.float32
     assert compute_dtype("auto", torch.float32, "cpu") is torch.float32
     assert compute_dtype("auto", torch.bfloat16, "cuda") is torch.bfloat16

@@ -24,6 +24,8 @@ MANIFEST = "rankwise.json"
 FORMAT_VERSION = 2  # 2: layers in config.json's quantization_config; 1: layers in rankwise.json (still read)
 QUANT_METHOD = "rankwise"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+"""Short names accepted wherever a dtype is named (PyTorch's and the anchors' spellings)."""
 _FIELDS = ("format_version", "model_class", "dtype", "modules", "report", "provenance")
 _MODULE_FIELDS = {"in_features": int, "out_features": int, "bias": bool}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")

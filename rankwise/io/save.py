@@ -30,6 +30,7 @@ from rankwise.io.checkpoint import (
 )
 from rankwise.io.integrity import check_finite_parameters, verify_dir
 from rankwise.io.manifest import (
+    DTYPE_ALIASES,
     DTYPES,
     FORMAT_VERSION,
     MANIFEST,
@@ -90,11 +91,13 @@ def is_compressed_dir(path: str | Path) -> bool:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
-    """``dtype`` as a torch dtype (names as in :data:`rankwise.io.manifest.DTYPES`), or ``default``."""
+    """``dtype`` as a torch dtype (names as in :data:`rankwise.io.manifest.DTYPES`, or their
+    :data:`~rankwise.io.manifest.DTYPE_ALIASES`), or ``default``."""
     if dtype is None:
         return default
     if isinstance(dtype, torch.dtype):
         return dtype
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]

@@ -27,7 +27,7 @@ from rankwise.io.checkpoint import (
     weight_map,
 )
 from rankwise.io.integrity import Verification, checksums_available, content_identity
-from rankwise.io.manifest import read_manifest
+from rankwise.io.manifest import DTYPE_ALIASES, read_manifest
 from rankwise.io.save import install_kinds, is_compressed_dir
 from rankwise.io.sentence import read_pooling
 from rankwise.nn.kinds import kind_class
@@ -36,8 +36,6 @@ from rankwise.stream.blocks import block_of, decoder_blocks
 __all__ = ["DTYPES", "DTYPE_ALIASES", "CheckpointSource", "ModelSource", "compute_dtype", "dtype_name", "parse_dtype"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-"""Short names accepted wherever a dtype is named (PyTorch's and the anchors' spellings)."""
 AUTO = "auto"
 HALF = (torch.bfloat16, torch.float16)
 
