@@ -54,9 +54,19 @@ def unmatched_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
     return [t for t in targets if not any(selects(n, (t,)) for n in names)]
 
 
-def layer_names(model: nn.Module) -> list[str]:
-    """The distinct last path components of ``model``'s linear layers in its blocks (``q_proj``, ...)."""
-    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in find_targets(model)))
+def refuse_unmatched(names: Iterable[str], targets: Iterable[str]) -> None:
+    """Raise when a layer name in ``targets`` selects none of the layer paths ``names`` (groups are never refused:
+    a model may have no layer of one group).
+
+    Raises:
+        ValueError: one line naming the misspelt items and the allowed groups and layer names.
+    """
+    names = list(names)
+    unmatched = [t for t in targets if t not in TARGET_GROUPS and not any(selects(n, (t,)) for n in names)]
+    if unmatched:
+        leaves = dict.fromkeys(n.rsplit(".", 1)[-1] for n in names)
+        raise ValueError(f"targets {', '.join(unmatched)} match no linear layer of the model's blocks; allowed: "
+                         f"{', '.join(TARGET_GROUPS)} or the layer names {', '.join(leaves)}")
 
 
 def find_targets(model: nn.Module, groups: Iterable[str] = TARGET_GROUPS, filter_fn: FilterFn | None = None

@@ -171,13 +171,9 @@ def _peft_targets(model: Any, targets: list[str]) -> list[str] | None:
     paths, or ``None`` (PEFT's every linear layer but the head, compressed layers included) when they select
     every one."""
     from rankwise.nn import CompressedLinear
-    from rankwise.targets import TARGET_GROUPS, find_targets, selects
+    from rankwise.targets import find_targets, refuse_unmatched, selects
 
     names = [*find_targets(model), *(n for n, m in model.named_modules() if isinstance(m, CompressedLinear))]
-    unmatched = [t for t in targets if t not in TARGET_GROUPS and not any(selects(n, (t,)) for n in names)]
-    if unmatched:
-        leaves = dict.fromkeys(n.rsplit(".", 1)[-1] for n in names)
-        raise ValueError(f"targets {', '.join(unmatched)} match no linear layer of the model's blocks; allowed: "
-                         f"{', '.join(TARGET_GROUPS)} or the layer names {', '.join(leaves)}")
+    refuse_unmatched(names, targets)
     chosen = [n for n in names if selects(n, targets)]
     return None if len(chosen) == len(names) else chosen  # full paths: a leaf name such as BERT's dense is in both

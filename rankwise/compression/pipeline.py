@@ -42,7 +42,7 @@ from rankwise.nn import linear_weight, model_num_params
 from rankwise.progress import progress_bar
 from rankwise.report import CompressionReport
 from rankwise.stream import ActivationStore, block_of, run_block
-from rankwise.targets import TARGET_GROUPS, FilterFn, find_targets, layer_names, set_submodule, unmatched_targets
+from rankwise.targets import FilterFn, find_targets, refuse_unmatched, set_submodule
 
 
 @dataclass
@@ -74,10 +74,7 @@ class Plan:
 
 def make_plan(source, config: CompressConfig, filter_fn: FilterFn | None, *, has_data: bool,
               stats: Mapping[str, LayerStats] | None, value_dtype: torch.dtype | None = None) -> Plan:
-    unmatched = unmatched_targets(source.model, [t for t in config.targets if t not in TARGET_GROUPS])  # misspelt
-    if unmatched:
-        raise ValueError(f"targets {', '.join(unmatched)} match no linear layer of the model's blocks; allowed: "
-                         f"{', '.join(TARGET_GROUPS)} or the layer names {', '.join(layer_names(source.model))}")
+    refuse_unmatched(find_targets(source.model), config.targets)  # a misspelt layer name
     targets = find_targets(source.model, config.targets, filter_fn)
     if not targets:
         raise ValueError("no layer matched the targets; check targets/filter_fn")
