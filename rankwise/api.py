@@ -116,7 +116,8 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
              calib_samples: int = 32, seq_len: int = 256, batch_size: int = 4, dtype: str | None = "auto",
              device: str | None = None, export: str = "factored", overwrite: bool = False,
              cache: bool | str | Path | None = True, verify: bool = True, trust_remote_code: bool = False,
-             progress: bool = True, **settings: Any) -> Compressed:
+             progress: bool = True, calib_select: str = "first", calib_pool: int | None = None,
+             **settings: Any) -> Compressed:
     """Compress ``model`` as ``rankwise compress`` does, with the same option names and defaults.
 
     Args:
@@ -130,6 +131,9 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
             by block), and the saved directory is what is loaded back and returned.
         text: a text file to calibrate on (default: the standard library's pydoc topics), or ``dataset``, a
             Hugging Face ``datasets`` name; the first ``calib_samples`` windows of ``seq_len`` tokens are used.
+        calib_select, calib_pool: which ``calib_samples`` windows calibrate: the first ones (``"first"``), or
+            those chosen by ``"leverage"``, ``"sensitivity"`` or ``"volume"`` from the first ``calib_pool`` windows
+            (default ``4 * calib_samples``; see :mod:`rankwise.calibrate.select`).
         tokenizer: needed with a model object (read from the model's directory otherwise).
         dtype: ``"auto"`` (as the CLI): the dtype the weights are stored in, computing half-precision weights in
             float32 on a CPU (:func:`rankwise.stream.compute_dtype`), the model returned and saved in its own
@@ -148,6 +152,7 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
         ValueError: one line, for bad options, text or model (as the CLI's ``error:`` lines).
     """
     from rankwise.calibrate import load_text, split_windows
+    from rankwise.calibrate.select import SelectConfig, check_pool, select_windows
     from rankwise.compression import compress_
     from rankwise.io import save
     from rankwise.stream import AUTO, compute_dtype, dtype_name, parse_dtype
@@ -157,6 +162,8 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
                           sequential=sequential, update_u=update_u, anchored=anchored, objective=objective,
                           settings=settings)
     where = _cache_dir(cache)
+    selecting = SelectConfig(calib_select)
+    pool_size = calib_samples if calib_select == "first" else check_pool(calib_samples, calib_pool)
     if export not in ("factored", "dense"):
         raise ValueError(f"export must be 'factored' or 'dense', got {export!r}")
     if out is not None:
@@ -173,7 +180,8 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
                                     dataset=dataset, seq_len=seq_len, calib_samples=calib_samples,
                                     batch_size=batch_size, device=device, dtype=dtype, export=export,
                                     overwrite=overwrite, trust_remote_code=trust_remote_code, cache=where,
-                                    progress=progress, verify=verify)
+                                    progress=progress, verify=verify, calib_select=calib_select,
+                                    calib_pool=calib_pool)
             loaded = load_model(out, device=device, trust_remote_code=trust_remote_code, verify=False)  # just written
             return Compressed(loaded.model, loaded.tokenizer, report, Path(out))
         raw = load_text(None if text is None else str(text), dataset=dataset)  # text errors before the model
@@ -191,12 +199,19 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
     stored = original if dtype == AUTO else dtype  # "auto" may compute in float32; it stores what it read
     compute = compute_dtype(dtype, original, device or first.device)
     ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    calibration = split_windows(ids, seq_len, calib_samples, 0)[0]
+    calibration = split_windows(ids, seq_len, pool_size, 0)[0]
     if compute != original:
         model.to(compute)
     try:
+        selection = None
+        if calib_select != "first":
+            selection = select_windows(model, calibration, calib_samples, selecting, targets=config.targets,
+                                       batch_size=batch_size, progress=progress)
+            calibration = calibration[selection.indices]
         report = compress_(model, config, calibration, batch_size=batch_size, cache=where, save_dtype=stored,
                            device=device, progress=progress)
+        if selection is not None:
+            report.notes.append(selection.describe())
     finally:
         if compute != original or dtype not in (None, AUTO):
             model.to(parse_dtype(stored) or original)  # returned in the dtype it came in (or was asked for)

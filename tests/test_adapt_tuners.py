@@ -18,7 +18,9 @@ from rankwise.adapt import (
     LoLDUConfig,
     LoRASBConfig,
     MiLoRAConfig,
+    SNELLConfig,
     SVFitConfig,
+    TuckerConfig,
     preprocess_lora_sb,
 )
 from rankwise.adapt._base import SeedLayer
@@ -31,7 +33,7 @@ R = 4
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # (64 -> 64), (64 -> 32), (160 -> 64) in each of the two blocks
 TOKENS = tiny_tokens(4, 16, seed=1)
 CONFIGS = {"svfit": SVFitConfig, "loldu": LoLDUConfig, "lora_sb": LoRASBConfig, "block_lora": BlockLoRAConfig,
-           "milora": MiLoRAConfig}
+           "milora": MiLoRAConfig, "tucker": TuckerConfig, "snell": SNELLConfig}
 TUNERS = list(CONFIGS)
 PEFT_PREFIX = "base_model.model."
 
@@ -83,8 +85,10 @@ def expected_trainable(name: str) -> int:
         return (R + 1) * len(layers)
     if name == "lora_sb":
         return R * R * len(layers)
-    if name == "milora":
+    if name in ("milora", "snell"):  # snell: two kernel groups of r/2 columns per factor
         return sum(R * (m.in_features + m.out_features) for _, m in layers)
+    if name == "tucker":  # an r x r core and one (size, r) factor per mode
+        return sum(R * R + R * (m.in_features + m.out_features) for _, m in layers)
     types = {layer_type(n): m.in_features for n, m in layers}  # block_lora: one A per type, one B per layer
     return sum(R * n_in for n_in in types.values()) + sum(R * m.out_features for _, m in layers)
 

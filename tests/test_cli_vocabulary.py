@@ -69,8 +69,9 @@ def test_shared_names_have_the_shared_defaults():
     from rankwise.cli import common
 
     expected = {"--batch-size": common.BATCH_SIZE, "--eval-samples": common.EVAL_SAMPLES,
-                "--calib-samples": common.CALIB_SAMPLES, "--seq-len": common.SEQ_LEN, "--dtype": common.DTYPE,
-                "--device": common.DEVICE, "--targets": common.TARGETS}
+                "--calib-samples": common.CALIB_SAMPLES, "--calib-select": common.CALIB_SELECT,
+                "--seq-len": common.SEQ_LEN, "--dtype": common.DTYPE, "--device": common.DEVICE,
+                "--targets": common.TARGETS}
     options = _options()
     for name, value in expected.items():
         assert {default for _, default, _, _ in options[name]} == {value}, name

@@ -34,14 +34,8 @@ def local_ray():
     yield
     ray.shutdown()
 
-
-@pytest.fixture
-def one_thread():
-    """Ray tasks run torch on one thread; so does the reference, since thread counts change summation order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Ray tasks run torch on one thread; so does the reference (conftest's one_thread), since thread counts change the
+# summation order.
 
 
 def configs():

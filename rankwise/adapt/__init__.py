@@ -13,8 +13,10 @@ from rankwise.adapt.loldu import LoLDUConfig, LoLDUModel
 from rankwise.adapt.lora_sb import LoRASBConfig, LoRASBModel, preprocess_lora_sb
 from rankwise.adapt.methods import METHODS, add_adapter
 from rankwise.adapt.milora import MiLoRAConfig, MiLoRAModel
+from rankwise.adapt.snell import SNELLConfig, SNELLModel
 from rankwise.adapt.svfit import SVFitConfig, SVFitModel
 from rankwise.adapt.train import TrainConfig, TrainingDivergedError, TrainResult, train
+from rankwise.adapt.tucker import TuckerConfig, TuckerModel
 
 install()
 
@@ -32,11 +34,15 @@ __all__ = [
     "LoRASBModel",
     "MiLoRAConfig",
     "MiLoRAModel",
+    "SNELLConfig",
+    "SNELLModel",
     "SVFitConfig",
     "SVFitModel",
     "TrainConfig",
     "TrainResult",
     "TrainingDivergedError",
+    "TuckerConfig",
+    "TuckerModel",
     "adapt_model",
     "add_adapter",
     "check_mergeable",

@@ -64,19 +64,20 @@ class SeedLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
     compressed_refusal: ClassVar[str | None] = None  # why the method cannot adapt a compressed layer; None: it can
+    base_types: ClassVar[tuple[type, ...]] = (nn.Linear, CompressedLinear)  # the layers it adapts
+    accepts: ClassVar[str] = "nn.Linear and compressed layers"  # the same, for the error message
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SeedConfig, r: int, **kwargs: Any) -> None:
         super().__init__()
-        if not isinstance(base_layer, (nn.Linear, CompressedLinear)):
-            raise TypeError(f"{type(self).__name__} adapts nn.Linear and compressed layers only, got "
-                            f"{type(base_layer).__name__}")
+        if not isinstance(base_layer, self.base_types):
+            raise TypeError(f"{type(self).__name__} adapts {self.accepts} only, got {type(base_layer).__name__}")
         if isinstance(base_layer, CompressedLinear) and self.compressed_refusal is not None:
             raise ValueError(f"{config.peft_name} cannot adapt a compressed layer: {self.compressed_refusal}")
         if isinstance(base_layer, CompressedLinear) and base_layer.narrowed:
             raise ValueError(f"{config.peft_name} cannot adapt a {base_layer.kind} layer narrowed by structured "
                              "compression (modegpt); use plain LoRA (rankwise adapt --method lora)")
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = self.features(base_layer)
         self.r: dict[str, int] = {}
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict({}))
@@ -89,6 +90,11 @@ class SeedLayer(nn.Module, BaseTunerLayer):
         self.kwargs = kwargs
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, r, **kwargs)
+
+    @staticmethod
+    def features(base_layer: nn.Module) -> tuple[int, int]:
+        """``(in_features, out_features)`` of the adapted layer."""
+        return base_layer.in_features, base_layer.out_features
 
     # -- what a method defines --------------------------------------------------------------------------------------
     def init_adapter(self, adapter_name: str, config: SeedConfig, r: int, weight: torch.Tensor, **kwargs: Any

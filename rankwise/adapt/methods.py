@@ -17,11 +17,14 @@ svfit          rankwise SVFit (top-r singular values)                  none
 loldu          rankwise LoLDU (LDU diagonal + scale)                   none
 block_lora     rankwise down-projections shared across blocks          none
 milora         rankwise LoRA from the minor singular triplets          none
+tucker         rankwise FLoRA Tucker core + factor per mode (N-D)      none
+snell          rankwise SNELL kernel merge, top magnitudes kept        none
 =============  ====================================================  ===========================================
 
-On a compressed model the targets include the compressed layers (``CompressedLinear``): ``lora``, ``svfit``, ``loldu``
-and ``block_lora`` adapt them (merging keeps them factorised, rank ``k`` -> ``k + r``); the methods that rewrite or
-decompose the dense weight, or start from its gradient, refuse them with a one-line error.
+On a compressed model the targets include the compressed layers (``CompressedLinear``): ``lora``, ``svfit``, ``loldu``,
+``block_lora`` and ``tucker`` adapt them (merging keeps them factorised, rank ``k`` -> ``k + r``); the methods that
+rewrite or decompose the dense weight, start from its gradient or (snell) make it sparse and high-rank, refuse them
+with a one-line error.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ from rankwise.adapt.block_lora import BlockLoRAConfig
 from rankwise.adapt.loldu import LoLDUConfig
 from rankwise.adapt.lora_sb import LoRASBConfig, preprocess_lora_sb
 from rankwise.adapt.milora import MiLoRAConfig
+from rankwise.adapt.snell import SNELLConfig
 from rankwise.adapt.svfit import SVFitConfig
 from rankwise.adapt.train import causal_lm_loss
+from rankwise.adapt.tucker import TuckerConfig
 from rankwise.nn import CompressedLinear
 
 
@@ -90,7 +95,7 @@ def _randlora(rank: int, alpha: float | None, targets: Any, seed: int) -> PeftCo
 def _seed(cls: type) -> Callable[[int, float | None, Any, int], PeftConfig]:
     def build(rank: int, alpha: float | None, targets: Any, seed: int) -> PeftConfig:
         fields = cls.__dataclass_fields__
-        scaling = alpha / rank if alpha is not None else None  # LoRA-SB's scale is alpha / r
+        scaling = alpha / rank if alpha is not None else None  # LoRA-SB's scale and SNELL's coefficient: alpha / r
         extra = {k: v for k, v in (("seed", seed), ("lora_alpha", alpha), ("scaling", scaling))
                  if k in fields and v is not None}
         return cls(r=rank, target_modules=targets, task_type="CAUSAL_LM", **extra)
@@ -112,6 +117,8 @@ METHODS: dict[str, AdapterMethod] = {m.name: m for m in (
     AdapterMethod("loldu", _seed(LoLDUConfig), rankwise_tuner=True, compressed=True),
     AdapterMethod("block_lora", _seed(BlockLoRAConfig), rankwise_tuner=True, compressed=True),
     AdapterMethod("milora", _seed(MiLoRAConfig), rankwise_tuner=True),
+    AdapterMethod("tucker", _seed(TuckerConfig), rankwise_tuner=True, compressed=True),
+    AdapterMethod("snell", _seed(SNELLConfig), rankwise_tuner=True),
 )}
 DEFAULT_TARGETS = "all-linear"  # every linear layer but the output head
 

@@ -15,6 +15,8 @@ Scores:
   Gauss-Newton estimate of how much output error costs in LM loss; relative to the layer's output energy when no
   gradients were collected) and divided by the ``m + n`` parameters it costs: a greedy exchange of estimated loss
   for parameters, optimal up to one component because each matrix's scores are non-increasing.
+* ``loss_mfac``: the same exchange with the loss increase from the M-FAC empirical Fisher of the layer's per-window
+  weight gradients instead of the scalar sensitivity (:mod:`rankwise.allocate.fisher`).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import torch
 
 from rankwise.allocate.budget import layer_params, loss_scores, threshold_ranks, welore_scores
 from rankwise.allocate.drank import drank_ranks
+from rankwise.allocate.fisher import fisher_loss_scores
 from rankwise.allocate.uniform import uniform_ranks
 from rankwise.allocate.zero_sum import zero_sum_ranks, zero_sum_scores
 from rankwise.calibrate import LayerStats
@@ -39,7 +40,8 @@ class AllocationPolicy:
         name: shown in reports.
         score: ``(name, weight, stats) -> 1-D non-increasing scores``, or ``None`` for a policy that needs no
             scores (then ``rank_fn`` gives the ranks from the shapes alone).
-        kinds: calibration statistics ``score`` needs (subset of ``xxt``, ``gout``); empty for data-free scores.
+        kinds: calibration statistics ``score`` needs (subset of ``xxt``, ``gout``, ``grad``, ``gwin``); empty for
+            data-free scores.
         rank_fn: ranks from the shapes and ratio, for policies without scores.
         even: every matrix keeps the same share (uniform allocation).
         select: ``(scores, shapes, budget, limits=...) -> ranks`` turning the scores into ranks under a budget of
@@ -99,6 +101,29 @@ def _loss(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Te
     return loss_scores(stats.whitening().right_multiply(weight.detach().float()), sensitivity)
 
 
+MFAC_DAMP = 1e-3
+"""Default damping of ``loss_mfac``: ``lambda`` relative to the mean diagonal of each layer's window Fisher."""
+
+
+def mfac_allocation(damp: float = MFAC_DAMP) -> AllocationPolicy:
+    """``loss_mfac`` with another damping: loss-aware allocation scored by the M-FAC empirical Fisher of each
+    layer's per-window weight gradients (:mod:`rankwise.allocate.fisher`, https://arxiv.org/abs/2107.03356).
+
+    Raises:
+        ValueError: ``damp`` is not a finite float > 0.
+    """
+    if not (isinstance(damp, int | float) and 0 < damp < float("inf")):
+        raise ValueError(f"damp must be a finite float > 0, got {damp!r}")
+
+    def score(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+        if stats is None or name not in stats.grad_windows:
+            raise ValueError("allocation 'loss_mfac' needs calibration data: the input covariances and each "
+                             "window's weight gradient (statistics kinds 'xxt' and 'gwin')")
+        return fisher_loss_scores(weight, stats.whitening(), stats.grad_windows[name], damp)
+
+    return AllocationPolicy("loss_mfac", score=score, kinds=frozenset({"xxt", "gwin"}))
+
+
 def _zero_sum(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
     if stats is None or name not in stats.grad_sum:
         raise ValueError("allocation 'zs' needs calibration data: the input covariances and the loss gradient of "
@@ -116,6 +141,7 @@ ALLOCATIONS: dict[str, AllocationPolicy] = {
     "uniform": AllocationPolicy("uniform", rank_fn=uniform_ranks, even=True),
     "welore": AllocationPolicy("welore", score=_welore),
     "loss": AllocationPolicy("loss", score=_loss, kinds=frozenset({"xxt", "gout"})),
+    "loss_mfac": mfac_allocation(),
     "zs": AllocationPolicy("zs", score=_zero_sum, kinds=frozenset({"xxt", "grad"}), select=zero_sum_ranks),
     "drank": AllocationPolicy("drank", score=_drank, kinds=frozenset({"xxt"}), select=drank_ranks),
 }

@@ -4,9 +4,11 @@ For each targeted linear layer (input dimension ``n``): the input second moment 
 with its token count), optionally ``sum |x|`` per input channel (ASVD), the row and column sums of the diagonal
 empirical Fisher ``sum (dL/dW)^2`` of the language-modelling loss (for an encoder: of its contrastive embedding
 loss, :mod:`rankwise.calibrate.objective`) (FWSVD) and the output-gradient energy
-``sum ||dL/dy||^2`` (loss-aware allocation). Layers that read the same input tensor (q/k/v, gate/up) share one
-:class:`LayerStats`, so each covariance is computed once. Memory is bounded by the statistics, not the number of
-batches: batches are streamed.
+``sum ||dL/dy||^2`` (loss-aware allocation), and, for M-FAC allocation, the weight gradient of every calibration
+window kept separately (``"gwin"``: ``sum_t (dL/dy_t) x_t^T`` per window, ``(windows, out, in)``; one block's
+layers at a time in the streamed gradient pass, which frees them once scored). Layers that read the same input
+tensor (q/k/v, gate/up) share one :class:`LayerStats`, so each covariance is computed once. Memory is bounded by
+the statistics, not the number of batches: batches are streamed.
 
 :class:`StatsObserver` attaches the hooks to any set of modules (one decoder block, or a whole model);
 :func:`collect_stats` runs a whole in-memory model over calibration batches with it.
@@ -27,9 +29,9 @@ from rankwise.linalg import Whitening, whiten
 from rankwise.nn import input_dim, linear_weight
 from rankwise.progress import progress_bar
 
-KINDS = ("xxt", "abs", "fisher", "gout", "grad")
+KINDS = ("xxt", "abs", "fisher", "gout", "grad", "gwin")
 INPUT_KINDS = frozenset({"xxt", "abs"})
-GRADIENT_KINDS = frozenset({"fisher", "gout", "grad"})
+GRADIENT_KINDS = frozenset({"fisher", "gout", "grad", "gwin"})
 
 
 @dataclass
@@ -46,6 +48,8 @@ class LayerStats:
     grad_out: dict[str, float] = field(default_factory=dict)  # module name -> sum over tokens of ||dL/dy||^2
     grad_tokens: dict[str, int] = field(default_factory=dict)  # module name -> tokens behind grad_out
     grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> (out, in) float32, sum of dL/dW
+    # module -> list of (windows, out, in) float32: the weight gradient of each calibration window, per batch
+    grad_windows: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     _whitening: dict[float, Whitening] = field(default_factory=dict, repr=False)
 
     @property
@@ -108,6 +112,14 @@ class LayerStats:
         """Add the gradient of ``module``'s weight (one batch's loss) to :attr:`grad_sum`."""
         g = linear_weight(module, module.weight.grad).detach().float()  # (out, in)
         self.grad_sum[name] = g if name not in self.grad_sum else self.grad_sum[name].add_(g)
+
+    def add_grad_windows(self, name: str, x: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add one batch's per-window weight gradients ``sum_t (dL/dy_t) x_t^T`` (``(windows, out, in)``) of a
+        linear map ``y = W x (+ b)`` from its input ``x`` and output gradient (leading axis: windows; a 2-D input is
+        one window)."""
+        x3 = x.detach().float().reshape(x.shape[0] if x.ndim > 2 else 1, -1, x.shape[-1])  # (windows, tokens, in)
+        g3 = grad.detach().float().reshape(x3.shape[0], -1, grad.shape[-1])  # (windows, tokens, out)
+        self.grad_windows.setdefault(name, []).append(g3.mT @ x3)  # (windows, out, in)
 
     def add_grad_out(self, name: str, grad: torch.Tensor) -> None:
         g = grad.detach().float()
@@ -179,7 +191,8 @@ class StatsObserver:
     Modules that receive the very same input tensor in a forward pass (q/k/v, gate/up) share one ``LayerStats``:
     the first of them (in call order) is the group's leader and its hook does the accumulation. Groups are fixed
     on the first forward pass. ``"gout"`` registers gradient hooks on the outputs (run a backward pass);
-    ``"fisher"`` is added per backward pass by :meth:`add_fisher`. With ``record=True`` each leader's latest input
+    ``"fisher"`` is added per backward pass by :meth:`add_fisher`; ``"gwin"`` hooks the outputs too and keeps each
+    window's weight gradient. With ``record=True`` each leader's latest input
     is kept in :attr:`last_inputs` (for paired original / compressed statistics).
     """
 
@@ -199,6 +212,8 @@ class StatsObserver:
             self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
             if "gout" in self.kinds:
                 self._handles.append(module.register_forward_hook(self._output_hook(name)))
+            if "gwin" in self.kinds:
+                self._handles.append(module.register_forward_hook(self._window_hook(name)))
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -236,6 +251,13 @@ class StatsObserver:
                 output.register_hook(lambda grad: self.stats[name].add_grad_out(name, grad))
         return hook
 
+    def _window_hook(self, name: str):
+        def hook(_module: nn.Module, args: tuple, output: object) -> None:
+            if not self.paused and isinstance(output, torch.Tensor) and output.requires_grad:
+                x = args[0].detach()
+                output.register_hook(lambda grad: self.stats[name].add_grad_windows(name, x, grad))
+        return hook
+
     def add_fisher(self) -> None:
         """Accumulate the weight gradients of the last backward pass into the Fisher sums."""
         for name, module in self.modules.items():
@@ -271,7 +293,8 @@ def collect_stats(
         data: token ids ``(samples, seq_len)`` or an iterable of such batches.
         modules: name -> linear-like module to observe.
         kinds: any of ``"xxt"`` (input second moment), ``"abs"`` (mean |x|), ``"fisher"`` (diagonal Fisher row
-            and column sums), ``"gout"`` (output-gradient energy), ``"grad"`` (the loss gradient of each weight).
+            and column sums), ``"gout"`` (output-gradient energy), ``"grad"`` (the loss gradient of each weight),
+            ``"gwin"`` (the weight gradient of each window, kept per window: memory ``windows x out x in`` per layer).
         batch_size: windows per forward pass when ``data`` is a tensor.
         progress: show a progress bar.
     """

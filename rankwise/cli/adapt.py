@@ -48,7 +48,7 @@ from rankwise.cli.common import (
 ADAPTER_LR = 2e-4
 ADAPTERS = (
     "lora", "pissa", "olora", "dora", "randlora", "eva", "corda", "lora_ga",  # PEFT's
-    "lora_sb", "svfit", "loldu", "block_lora", "milora",  # rankwise's
+    "lora_sb", "svfit", "loldu", "block_lora", "milora", "tucker", "snell",  # rankwise's
 )
 """The names of :data:`rankwise.adapt.methods.METHODS`, listed here so ``--help`` does not import PEFT (a test
 checks they agree)."""
@@ -60,7 +60,7 @@ def adapt(
     out: OutOpt = ...,
     method: Annotated[choices(ADAPTERS), typer.Option("--method", help="adapter method: PEFT's (lora, pissa, olora, "
                                                      "dora, randlora, eva, corda, lora_ga) or rankwise's (lora_sb, "
-                                                     "svfit, loldu, block_lora, milora)")] = "lora",
+                                                     "svfit, loldu, block_lora, milora, tucker, snell)")] = "lora",
     rank: RankOpt = RANK,
     text: TextOpt = None,
     dataset: DatasetOpt = None,
@@ -88,7 +88,7 @@ def adapt(
     Training windows come from the start of the text, evaluation windows from its end. Pre-passes (eva, corda,
     lora_ga, lora_sb) read the first training windows. A resumable state is kept in OUT.checkpoint while it runs.
     MODEL may be a compressed rankwise directory: its factorised layers are adapted too (lora, svfit, loldu,
-    block_lora), and --merge keeps them factorised.
+    block_lora, tucker), and --merge keeps them factorised.
     """
     from rankwise.adapt.job import adapt_model
 

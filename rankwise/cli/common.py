@@ -16,6 +16,7 @@ from typer.core import TyperCommand
 
 from rankwise._errors import first_line
 from rankwise.calibrate import DEFAULT_TEXT_NAME, load_text, split_windows
+from rankwise.calibrate.select import SELECTIONS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,6 +27,7 @@ ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="'smollm2' (defau
 # (tests/test_cli_vocabulary.py walks every command and fails on a second meaning or default).
 SEQ_LEN = 256
 CALIB_SAMPLES = 32
+CALIB_SELECT = "first"
 EVAL_SAMPLES = 16
 BATCH_SIZE = 4
 TARGETS = "attn,mlp"
@@ -44,6 +46,14 @@ DatasetOpt = Annotated[str | None, typer.Option(
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="tokens per window")]
 CalibOpt = Annotated[int, typer.Option("--calib-samples", min=1, help="calibration windows from the start of "
                                        "the text (evaluation windows never overlap them)")]
+CalibSelectOpt = Annotated[Literal[SELECTIONS], typer.Option(  # type: ignore[valid-type]
+    "--calib-select", help="which calibration windows: first (the first --calib-samples), or chosen from the first "
+    "--calib-pool by what they add to the targeted layers' input covariances: leverage (by their tokens' ridge "
+    "leverage), sensitivity (l1 Lewis weights), volume (a determinantal draw of diverse windows); costs one no-grad "
+    "pass over the pool")]
+CalibPoolOpt = Annotated[int | None, typer.Option("--calib-pool", min=1, help="windows from the start of the text "
+                                                  "that --calib-select chooses from (default 4 x --calib-samples; "
+                                                  "evaluation windows never overlap them)")]
 EvalOpt = Annotated[int, typer.Option("--eval-samples", min=1, help="evaluation windows (from the end of the text, "
                                       "never calibrated or trained on)")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="windows per forward pass")]

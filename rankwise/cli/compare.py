@@ -51,6 +51,7 @@ from rankwise.cli.common import (
     speed_settings,
     stats_cache,
 )
+from rankwise.cli.metric import MetricOpt, metric_names
 from rankwise.methods.recipes import NAMED_RECIPES, recipe_options
 
 
@@ -118,6 +119,7 @@ def compare(
     new_tokens: NewTokensOpt = 64,
     decode_batches: DecodeBatchOpt = "1,8",
     prefill: PrefillOpt = "1x512,1x2048",
+    metric: MetricOpt = None,
 ) -> None:
     """Compare compression methods across ratios on MODEL; writes a Markdown table and a PNG plot to OUT (with
     --prompt, each model's completions side by side). An encoder is compared by embedding cosine to the dense model
@@ -140,6 +142,7 @@ def compare(
     from rankwise.targets import check_targets
 
     timing = speed_settings(speed, decode_batches, prefill, new_tokens, compile, device, fuse)
+    metrics = metric_names(metric)
     if timing is not None and ray is not None:
         raise ValueError("--speed and --ray do not combine: rows timed side by side on Ray workers would slow each "
                          "other down; time them in one process")
@@ -184,9 +187,9 @@ def compare(
     except ValueError:
         encoder = False  # a missing model is reported where a causal LM's is, after the --ray check
     if encoder:
-        if prompts or eora_rank or ray is not None or hqq_list or timing is not None or fuse:
-            raise ValueError(f"{model} is an encoder: --prompt, --eora-rank, --ray, --hqq-bits, --speed and --fuse "
-                             "are for causal LMs")
+        if prompts or eora_rank or ray is not None or hqq_list or timing is not None or fuse or metric:
+            raise ValueError(f"{model} is an encoder: --prompt, --eora-rank, --ray, --hqq-bits, --speed, --fuse and "
+                             "--metric are for causal LMs")
         with claimed_out(out, overwrite, model):
             raw = load_text(text, dataset=dataset)
             work = prepare(model, text, dataset, seq_len, calib_samples, 0, device, threads, trust_remote_code, raw,
@@ -214,7 +217,7 @@ def compare(
                          batch_size=batch_size, settings=settings, ray_address=ray, prompts=prompts,
                          tokenizer=work.tokenizer, max_new_tokens=max_new_tokens, cache=stats_cache(no_cache),
                          speed_repeats=speed_repeats, hqq_bits=hqq_list, hqq_group=hqq_group,
-                         speed=timing.kwargs() if timing is not None else None, fuse=fuse)
+                         speed=timing.kwargs() if timing is not None else None, fuse=fuse, metrics=metrics)
         result.save(out, overwrite=overwrite)
     for note in result.notes:
         say(f"note: {note}")

@@ -10,6 +10,7 @@ from rankwise.allocate import ALLOCATIONS
 from rankwise.cli.common import (
     BATCH_SIZE,
     CALIB_SAMPLES,
+    CALIB_SELECT,
     DEVICE,
     DTYPE,
     SEQ_LEN,
@@ -17,6 +18,8 @@ from rankwise.cli.common import (
     ActivationOpt,
     BatchOpt,
     CalibOpt,
+    CalibPoolOpt,
+    CalibSelectOpt,
     DatasetOpt,
     DeviceOpt,
     DtypeOpt,
@@ -81,6 +84,8 @@ def compress(
     dataset: DatasetOpt = None,
     seq_len: SeqLenOpt = SEQ_LEN,
     calib_samples: CalibOpt = CALIB_SAMPLES,
+    calib_select: CalibSelectOpt = CALIB_SELECT,
+    calib_pool: CalibPoolOpt = None,
     batch_size: BatchOpt = BATCH_SIZE,
     device: DeviceOpt = DEVICE,
     threads: ThreadsOpt = None,
@@ -121,7 +126,7 @@ def compress(
                             calib_samples=calib_samples, batch_size=batch_size, device=device, dtype=dtype,
                             export=export, overwrite=overwrite, activation_mb=activation_mb, offload_dir=offload_dir,
                             trust_remote_code=trust_remote_code, ray=ray, cache=stats_cache(no_cache),
-                            verify=not no_verify)
+                            verify=not no_verify, calib_select=calib_select, calib_pool=calib_pool)
     if json_report:
         from rankwise.io.atomic import write_text_atomic
 

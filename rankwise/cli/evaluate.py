@@ -1,11 +1,13 @@
-"""``rankwise eval``: perplexity, parameters, throughput and memory of a dense or compressed model."""
+"""``rankwise eval``: perplexity (or other metrics), parameters, throughput and memory of a dense or compressed
+model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import psutil
 import typer
@@ -46,6 +48,7 @@ from rankwise.cli.common import (
     speed_settings,
     windows,
 )
+from rankwise.cli.metric import MetricOpt, metric_names
 
 
 @one_line_errors
@@ -87,6 +90,18 @@ def evaluate(
     new_tokens: NewTokensOpt = 64,
     decode_batches: DecodeBatchOpt = "1,8",
     prefill: PrefillOpt = "1x512,1x2048",
+    metric: MetricOpt = None,
+    attention: Annotated[Literal["exact", "scatterbrain"], typer.Option(
+        "--attention", help="attention while evaluating: the model's own (exact), or Scatterbrain: an exact local "
+        "window plus Performer random features for the rest (rankwise.nn.scatterbrain; in memory only)")] = "exact",
+    window: Annotated[int, typer.Option("--window", min=0, help="--attention scatterbrain: keys each query scores "
+                                        "exactly, counting back from itself")] = 128,
+    features: Annotated[int, typer.Option("--features", min=2, help="--attention scatterbrain: Performer random "
+                                          "features (even) estimating the keys outside the window")] = 128,
+    sink: Annotated[int, typer.Option("--sink", min=0, help="--attention scatterbrain: first tokens every query "
+                                      "scores exactly (attention sinks; 4 helped SmolLM2 a lot)")] = 0,
+    attention_seed: Annotated[int, typer.Option("--attention-seed", help="--attention scatterbrain: seed of the "
+                                                "random features (layer l uses seed + l)")] = 0,
 ) -> None:
     """Evaluate MODEL (dense or a rankwise directory) on held-out windows from the end of the text, and with
     --tasks on lm-eval tasks. An encoder is evaluated by retrieval on held-out pydoc topics (first paragraph as the
@@ -105,6 +120,10 @@ def evaluate(
     if not math.isfinite(activation_mb):
         raise ValueError(f"--activation-mb must be a finite number of MB, got {activation_mb}")
     timing = speed_settings(speed, decode_batches, prefill, new_tokens, compile, device, fuse)
+    metrics = metric_names(metric)
+    if attention == "exact" and (window, features, sink, attention_seed) != (128, 128, 0, 0):
+        raise ValueError("--window, --features, --sink and --attention-seed set Scatterbrain attention: add "
+                         "--attention scatterbrain")
     task_names = manager = None
     if tasks is None:
         for option, value in (("--task-dir", task_dir), ("--limit", limit), ("--num-fewshot", num_fewshot)):
@@ -121,9 +140,9 @@ def evaluate(
     raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
     path, source = resolve(model)
     if is_encoder_dir(path):
-        if stream or task_names is not None or timing is not None or fuse:
+        if stream or task_names is not None or timing is not None or fuse or metric or attention != "exact":
             option = ("--stream" if stream else "--tasks" if task_names is not None else "--speed"
-                      if timing is not None else "--fuse")
+                      if timing is not None else "--fuse" if fuse else "--metric" if metric else "--attention")
             raise ValueError(f"{option} needs a causal LM; {model} is an encoder, evaluated in memory by embedding "
                              "cosine and retrieval")
         result = evaluate_encoder_spec(model, raw, calib_samples * seq_len, eval_samples, reference=reference,
@@ -139,9 +158,15 @@ def evaluate(
     if stream is None:
         big = isinstance(path, Path) and weights_bytes(path) > 0.5 * psutil.virtual_memory().available
         stream = task_names is None and big
+    if stream and attention != "exact":
+        raise ValueError("--attention scatterbrain runs the whole model in memory, which a streamed evaluation never "
+                         "holds: drop --stream")
     if stream and (timing is not None or fuse):
         raise ValueError(f"{'--speed times' if timing is not None else '--fuse runs'} the whole model in memory, "
                          "which a streamed evaluation never holds: drop --stream (or run on a machine the model fits)")
+    if stream and metrics != ("perplexity",):
+        raise ValueError(f"--metric {','.join(metrics)}: a streamed evaluation (one block at a time) measures "
+                         "perplexity only; drop --stream, or measure --metric perplexity")
     if stream:
         from rankwise._memory import pin_mmap_threshold
 
@@ -162,23 +187,34 @@ def evaluate(
             from rankwise.nn.fused import fuse_inputs_
 
             fuse_inputs_(work.model)
-        result = run(work.model, work.evaluation, batch_size=batch_size, progress=not as_json,
-                     throughput=timing is not None)  # timings only when --speed asks for them
-        if timing is not None:
-            from rankwise.eval.speed import measure_speed
+        approx: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if attention == "scatterbrain":
+            from rankwise.nn.scatterbrain import use_scatterbrain
 
-            result.speed = measure_speed(work.model, **timing.kwargs()).to_dict()
-        if task_names is not None:
-            from rankwise.eval.tasks import evaluate_tasks
+            approx = use_scatterbrain(work.model, window=window, num_features=features, sink=sink,
+                                      seed=attention_seed)
+        with approx:  # everything measured below runs with the attention asked for
+            result = run(work.model, work.evaluation, batch_size=batch_size, progress=not as_json,
+                         throughput=timing is not None, metrics=metrics)  # timings only when --speed asks for them
+            if timing is not None:
+                from rankwise.eval.speed import measure_speed
 
-            scores = evaluate_tasks(work.model, work.tokenizer, task_names, batch_size=batch_size, limit=limit,
-                                    num_fewshot=num_fewshot, manager=manager, progress=not as_json)
+                result.speed = measure_speed(work.model, **timing.kwargs()).to_dict()
+            if task_names is not None:
+                from rankwise.eval.tasks import evaluate_tasks
+
+                scores = evaluate_tasks(work.model, work.tokenizer, task_names, batch_size=batch_size, limit=limit,
+                                        num_fewshot=num_fewshot, manager=manager, progress=not as_json)
     result.storage = storage(path)
+    attn = ({"attention": {"kind": attention, "window": window, "features": features, "sink": sink,
+                           "seed": attention_seed}} if attention != "exact" else {})
     if as_json:
         extra = {"tasks": scores} if task_names is not None else {}
-        say(json.dumps({**result.to_dict(), "model": source, "text": text_name, **extra}))
+        say(json.dumps({**result.to_dict(), "model": source, "text": text_name, **attn, **extra}))
     else:
-        say(f"{source} on {text_name}: {result.describe()}")
+        how = (f" with Scatterbrain attention (window {window}, {features} features, {sink} sink tokens, seed "
+               f"{attention_seed})" if attn else "")
+        say(f"{source} on {text_name}{how}: {result.describe()}")
         if task_names is not None:
             from rankwise.eval.tasks import describe
 

@@ -22,9 +22,14 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
                    device: str = "cpu", dtype: str | None = None, export: str = "factored", overwrite: bool = False,
                    activation_mb: float = 1024, offload_dir: str | Path | None = None,
                    trust_remote_code: bool = False, ray: str | None = None, cache: str | Path | None = None,
-                   progress: bool = True, verify: bool = True) -> CompressionReport:
-    """Compress ``model`` with ``config``, calibrated on the first ``calib_samples`` windows of ``seq_len`` tokens
-    of ``text`` (a file; default: the standard library's pydoc topics) or of ``dataset``, and save it to ``out``.
+                   progress: bool = True, verify: bool = True, calib_select: str = "first",
+                   calib_pool: int | None = None) -> CompressionReport:
+    """Compress ``model`` with ``config``, calibrated on ``calib_samples`` windows of ``seq_len`` tokens of ``text``
+    (a file; default: the standard library's pydoc topics) or of ``dataset``, and save it to ``out``.
+
+    The windows are the first ``calib_samples`` (``calib_select="first"``), or chosen from the first ``calib_pool``
+    windows (default ``4 * calib_samples``) by :func:`rankwise.calibrate.select.select_windows` (``leverage``,
+    ``sensitivity`` or ``volume``): one extra no-grad pass of the model over the pool, block by block.
 
     Args:
         model: ``"smollm2"`` (the default model), a directory, a ``.gguf`` file or a hub id.
@@ -37,12 +42,15 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
         cache: a directory for calibration statistics (see :mod:`rankwise.calibrate.cache`).
         verify: check the model's files against their checksums where it has them (``SHA256SUMS``, a Hugging Face
             cache's blob names) before any block is compressed.
+        calib_select: ``first``, ``leverage``, ``sensitivity`` or ``volume``.
+        calib_pool: windows from the start of the text to choose from (``calib_select`` other than ``first``).
         Others: as for :func:`~rankwise.compression.compress_checkpoint`.
 
     Returns:
         The report, also stored in ``out/rankwise.json``.
     """
     from rankwise.calibrate import load_text, split_windows
+    from rankwise.calibrate.select import SelectConfig, check_pool, select_windows
     from rankwise.calibrate.text import DEFAULT_TEXT_NAME
     from rankwise.compression import compress_, compress_checkpoint
     from rankwise.io import save
@@ -56,6 +64,8 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
     if export not in ("factored", "dense"):
         raise ValueError(f"export must be 'factored' or 'dense', got {export!r}")
     dtype = dtype_name(dtype)
+    selecting = SelectConfig(calib_select)
+    pool_size = calib_samples if calib_select == "first" else check_pool(calib_samples, calib_pool)
     check_output_dir(out, overwrite)  # fail before the slow part
     raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
     text_name = text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
@@ -66,7 +76,15 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
 
     def calibration_windows(tokenizer: Any) -> torch.Tensor:
         ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
-        return split_windows(ids, seq_len, calib_samples, 0)[0]
+        return split_windows(ids, seq_len, pool_size, 0)[0]
+
+    def chosen(pool: torch.Tensor, model_or_source: Any) -> tuple[torch.Tensor, str]:
+        """The calibration windows out of ``pool``, and the text's name with how they were chosen."""
+        if calib_select == "first":
+            return pool, text_name
+        selection = select_windows(model_or_source, pool, calib_samples, selecting, targets=config.targets,
+                                   batch_size=batch_size, progress=progress)
+        return pool[selection.indices], f"{text_name}; {selection.describe()}"
 
     def sentence_files(tmp: Path) -> None:  # an encoder's sentence-transformers pooling and configs, kept as-is
         if isinstance(source, Path):
@@ -75,8 +93,15 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
     with claim(out):  # no other run writes OUT until this one is done
         if path is not None:
             tokenizer = load_tokenizer(path, trust_remote_code)
-            calibration = calibration_windows(tokenizer)
-            origin = provenance(model, source, config, text_name, tuple(calibration.shape))
+            calibration, described = calibration_windows(tokenizer), text_name
+            if calib_select != "first":
+                from rankwise.stream import CheckpointSource
+
+                reader = CheckpointSource(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                          verify=verify)
+                calibration, described = chosen(calibration, reader)
+                del reader
+            origin = provenance(model, source, config, described, tuple(calibration.shape))
             return compress_checkpoint(path, config, calibration, out, tokenizer=tokenizer, dtype=dtype,
                                        device=device, export=export, overwrite=overwrite, batch_size=batch_size,
                                        activation_mb=activation_mb, offload_dir=offload_dir,
@@ -87,9 +112,10 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
         weights = next(loaded.model.parameters()).dtype
         stored = weights if dtype == AUTO else dtype  # "auto" may compute in float32 but stores as loaded
         loaded.model.to(compute_dtype(dtype, weights, device))
+        calibration, described = chosen(calibration, loaded.model)
         report = compress_(loaded.model, config, calibration, batch_size=batch_size, activation_mb=activation_mb,
                            offload_dir=offload_dir, ray=ray, cache=cache, save_dtype=stored, progress=progress)
-        origin = provenance(model, source, config, text_name, tuple(calibration.shape))
+        origin = provenance(model, source, config, described, tuple(calibration.shape))
         save(loaded.model, out, tokenizer=loaded.tokenizer, report=report, overwrite=overwrite, export=export,
              provenance=origin, dtype=stored, extras=sentence_files)
         return report

@@ -120,6 +120,7 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
             if policy.score is not None:
                 scores[name] = policy.score(name, linear_weight(module).detach(), stats).cpu()
             if stats is not None:
+                stats.grad_windows.pop(name, None)  # per-window gradients ("gwin"): scored, freed before the next block
                 kept[name] = _gradient_part(name, stats)
         source.release(i)
     for b in range(nb):

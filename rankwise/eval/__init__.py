@@ -9,7 +9,20 @@ from rankwise.eval.measure import (
     perplexity,
     prefill_throughput,
 )
+from rankwise.eval.nuclear import NuclearConfig, nuclear_score, nuclear_scores
 from rankwise.eval.speed import SpeedResult, measure_speed
 
-__all__ = ["EvalResult", "SpeedResult", "complete", "count_params", "evaluate", "measure_speed", "peak_rss_mb",
-           "perplexity", "prefill_throughput"]
+__all__ = [
+    "EvalResult",
+    "NuclearConfig",
+    "SpeedResult",
+    "complete",
+    "count_params",
+    "evaluate",
+    "measure_speed",
+    "nuclear_score",
+    "nuclear_scores",
+    "peak_rss_mb",
+    "perplexity",
+    "prefill_throughput",
+]

@@ -22,7 +22,15 @@ from rankwise.compensate import compensate, merge_
 from rankwise.compression import compress_
 from rankwise.distributed import map_on_ray, ray_session
 from rankwise.eval.generate import complete
-from rankwise.eval.measure import count_params, peak_rss_mb, perplexity, prefill_throughput, targeted_bytes
+from rankwise.eval.measure import (
+    check_metrics,
+    count_params,
+    nuclear_metrics,
+    peak_rss_mb,
+    perplexity,
+    prefill_throughput,
+    targeted_bytes,
+)
 from rankwise.eval.speed import measure_speed
 from rankwise.io.atomic import atomic_dir
 from rankwise.methods import CompressConfig, config_class
@@ -50,6 +58,8 @@ class CompareRow:
     bits: float | None = None  # the budget in bits per targeted weight, when the row had one instead of a ratio
     completions: list[str] = field(default_factory=list)  # greedy completions of the comparison's prompts
     speed: dict[str, Any] | None = None  # decode / prefill timings with --speed (SpeedResult.to_dict())
+    nuclear: float | None = None  # Matrix Nuclear-Norm (L1,2 approximation) when the metrics ask for it
+    nuclear_exact: float | None = None  # Matrix Nuclear-Norm, exact nuclear norm, when asked for
 
 
 @dataclass
@@ -70,15 +80,17 @@ class Comparison:
                 f"removed; shared calibration took {self.calibration_s:.1f} s"
                 f"{' (statistics read from the cache)' if self.stats_cached else ''}"
                 ".\n\n")
-        lines = ["| method | ratio or bits | perplexity | vs dense | targeted kept | targeted removed | total params "
-                 f"| weights MB ({s.get('dtype', '')}) | bits / targeted weight "
-                 "| prefill tok/s | speed-up | factorise s | RSS MB |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        extra = [m for m in s.get("metrics", ()) if m != "perplexity"]  # the nuclear columns asked for
+        lines = ["| method | ratio or bits | perplexity | vs dense | " + "".join(f"{m} | " for m in extra)
+                 + f"targeted kept | targeted removed | total params | weights MB ({s.get('dtype', '')}) "
+                 "| bits / targeted weight | prefill tok/s | speed-up | factorise s | RSS MB |",
+                 "|---|---|---|---|" + "---|" * len(extra) + "---|---|---|---|---|---|---|---|---|"]
         for r in [self.dense, *self.rows]:
             total = r.params_targeted_kept + r.params_targeted_removed
             budget = f"{r.bits:g} bits" if r.bits is not None else f"{r.ratio:g}"
             lines.append(
                 f"| {r.method} | {budget} | {r.perplexity:.2f} | {r.perplexity / self.dense.perplexity:.2f}x | "
+                + "".join("- | " if getattr(r, m) is None else f"{getattr(r, m):.4f} | " for m in extra) +
                 f"{r.params_targeted_kept:,} ({r.params_targeted_kept / total:.1%}) | "
                 f"{r.params_targeted_removed:,} ({r.params_targeted_removed / total:.1%}) | {r.params_total:,} | "
                 f"{r.weights_mb:,.1f} | {r.bits_per_weight:.2f} | {r.tokens_per_s:,.0f} | "
@@ -228,7 +240,7 @@ def score(model: nn.Module, evaluation: torch.Tensor, *, batch_size: int = 8, sp
 def _row(model: nn.Module, name: str, ratio: float, evaluation: torch.Tensor, dense_targeted: int,
          seconds: float, batch_size: int, value_bytes: int, prompts: Sequence[str] = (), tokenizer: Any = None,
          max_new_tokens: int = 32, speed_repeats: int = 5, speed: Mapping[str, Any] | None = None,
-         fuse: bool = False) -> CompareRow:
+         fuse: bool = False, metrics: Sequence[str] = ("perplexity",)) -> CompareRow:
     rss = psutil.Process().memory_info().rss / 2**20
     total, targeted = count_params(model)
     if fuse:
@@ -237,13 +249,14 @@ def _row(model: nn.Module, name: str, ratio: float, evaluation: torch.Tensor, de
         ppl, tps, texts = score(model, evaluation, batch_size=batch_size, speed_repeats=speed_repeats,
                                 prompts=prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
         timed = measure_speed(model, **{"repeats": speed_repeats, **speed}).to_dict() if speed is not None else None
+        nuclear, nuclear_exact = nuclear_metrics(model, evaluation, metrics, batch_size=batch_size)
     finally:
         unfuse_(model)
     stored = targeted_bytes(model, value_bytes)
     rest = sum(p.numel() for p in model.parameters()) - targeted_params_dense(model)
     return CompareRow(name, ratio, ppl, targeted, dense_targeted - targeted, total, tps, seconds, rss,
                       weights_mb=(stored + rest * value_bytes) / 1e6, bits_per_weight=8 * stored / dense_targeted,
-                      completions=texts, speed=timed)
+                      completions=texts, speed=timed, nuclear=nuclear, nuclear_exact=nuclear_exact)
 
 
 def declared_dtype(model: nn.Module) -> torch.dtype:
@@ -337,7 +350,7 @@ def candidate_rows(config: CompressConfig | Anchor | None, *, model: nn.Module, 
                    batch_size: int = 8, prompts: Sequence[str] = (), tokenizer: Any = None,
                    max_new_tokens: int = 32, speed_repeats: int = 5,
                    storage_dtype: str | torch.dtype | None = None, speed: Mapping[str, Any] | None = None,
-                   fuse: bool = False) -> list[CompareRow]:
+                   fuse: bool = False, metrics: Sequence[str] = ("perplexity",)) -> list[CompareRow]:
     """Compress a copy of ``model`` with ``config`` and evaluate it: one row, two with ``eora_rank > 0``.
 
     ``model`` is left untouched; ``stats`` are the dense model's statistics, shared by every config. ``config=None``
@@ -350,10 +363,10 @@ def candidate_rows(config: CompressConfig | Anchor | None, *, model: nn.Module, 
             "speed_repeats": speed_repeats}
     if config is None:
         return [_row(model, "dense", 0.0, evaluation, dense_targeted, 0.0, batch_size, dtype.itemsize, **text,
-                     speed=speed)]
+                     speed=speed, metrics=metrics)]
     if not isinstance(config, CompressConfig):
         return config.rows(model, evaluation, value_bytes=dtype.itemsize, batch_size=batch_size, **text)
-    text.update(speed=speed, fuse=fuse)
+    text.update(speed=speed, fuse=fuse, metrics=metrics)
     candidate = copy.deepcopy(model)
     needs_data = config.sequential or config.update_u or config.needs_influence
     report = compress_(candidate, config, calibration if needs_data else None, stats=stats, batch_size=batch_size,
@@ -376,7 +389,8 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
             ray_address: str | None = None, prompts: Sequence[str] = (), tokenizer: Any = None,
             max_new_tokens: int = 32, cache: str | Path | None = None, speed_repeats: int = 5,
             storage_dtype: str | torch.dtype | None = None, hqq_bits: Sequence[int] = (),
-            hqq_group: int = 64, speed: Mapping[str, Any] | None = None, fuse: bool = False) -> Comparison:
+            hqq_group: int = 64, speed: Mapping[str, Any] | None = None, fuse: bool = False,
+            metrics: Sequence[str] = ("perplexity",)) -> Comparison:
     """Compress a copy of ``model`` with every config and evaluate each on ``evaluation``.
 
     With ``prompts`` (and the ``tokenizer``) every row also holds each prompt's greedy completion, shown side by
@@ -404,11 +418,15 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
             :func:`~rankwise.eval.speed.measure_speed`, e.g. ``{}`` for its defaults), shown in a second table with
             each row's ratio to dense; the HQQ anchors are not timed (HQQ's own layers).
         fuse: run each compressed row with its low-rank input groups fused (:func:`rankwise.nn.fused.fuse_inputs_`).
+        metrics: names in :data:`~rankwise.eval.measure.METRICS`; perplexity is always measured (the table's
+            reference), ``nuclear`` / ``nuclear_exact`` add a column each (not for the HQQ anchors: their rows show
+            ``-``).
 
     Raises:
         ValueError: ``hqq_bits`` without the ``hqq`` package (one line naming the extra), a bad storage dtype or
-            HQQ setting.
+            HQQ setting, an unknown metric.
     """
+    metrics = tuple(dict.fromkeys(("perplexity", *check_metrics(metrics))))
     if ray_address is not None and next(model.parameters()).device.type != "cpu":
         raise ValueError("--ray runs every candidate on a CPU worker: load the model with --device cpu")
     dtype = storage_dtype_of(model, storage_dtype)
@@ -437,7 +455,8 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
         shared = {"model": model, "calibration": calibration, "evaluation": evaluation, "stats": stats,
                   "dense_targeted": dense_targeted, "eora_rank": eora_rank, "batch_size": batch_size,
                   "prompts": list(prompts), "tokenizer": tokenizer, "max_new_tokens": max_new_tokens,
-                  "speed_repeats": speed_repeats, "storage_dtype": dtype, "speed": speed, "fuse": fuse}
+                  "speed_repeats": speed_repeats, "storage_dtype": dtype, "speed": speed, "fuse": fuse,
+                  "metrics": metrics}
         items = [None, *configs, *anchors]  # None: the dense model
         if ray_address is None:
             groups = [candidate_rows(c, **shared) for c in progress_bar(items, "dense, recipes x ratios",
@@ -455,7 +474,9 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
                          "(export the compensation as a PEFT adapter with rankwise compensate instead)")
     if speed is not None and anchors:
         notes.append("the HQQ anchors are not timed (HQQ's own layers)")
-    settings = {"dtype": str(dtype).removeprefix("torch."), "fuse": fuse,
+    if anchors and len(metrics) > 1:
+        notes.append("the HQQ anchors are scored by perplexity only (their rows show - for the other metrics)")
+    settings = {"dtype": str(dtype).removeprefix("torch."), "fuse": fuse, "metrics": list(metrics),
                 "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), **(settings or {})}
     return Comparison(dense, rows, settings=settings, calibration_s=calibration_s,
                       stats_cached=entry is not None and entry.hit, notes=notes)

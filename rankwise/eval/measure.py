@@ -1,4 +1,4 @@
-"""Perplexity over fixed windows, parameter counts, prefill throughput and peak memory."""
+"""Perplexity (and other metrics) over fixed windows, parameter counts, prefill throughput and peak memory."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,12 +16,33 @@ from torch import nn
 from rankwise.progress import progress_bar
 from rankwise.targets import find_targets
 
+# What an evaluation can measure on its windows, by name (``--metric``): the nuclear ones are Li et al.'s Matrix
+# Nuclear-Norm of the last hidden state (:mod:`rankwise.eval.nuclear`, https://arxiv.org/abs/2410.10672).
+METRICS = {
+    "perplexity": "exp of the mean next-token NLL (lower is better)",
+    "nuclear": "Matrix Nuclear-Norm, the paper's L1,2 approximation (label-free; the paper reads lower as better)",
+    "nuclear_exact": "Matrix Nuclear-Norm with the exact nuclear norm (an SVD per window)",
+}
+
+
+def check_metrics(names: Iterable[str]) -> tuple[str, ...]:
+    """``names`` in order without repeats, each a key of :data:`METRICS`.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones), or none at all.
+    """
+    found = tuple(dict.fromkeys(names))
+    unknown = [n for n in found if n not in METRICS]
+    if unknown or not found:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {', '.join(unknown) or 'none'}")
+    return found
+
 
 @dataclass
 class EvalResult:
     """What ``rankwise eval`` reports. ``eval_tokens`` counts predicted tokens (``windows * (seq_len - 1)``)."""
 
-    perplexity: float
+    perplexity: float | None  # None when the metrics asked for leave it out
     eval_tokens: int
     windows: int
     seq_len: int
@@ -31,17 +53,26 @@ class EvalResult:
     model_mb: float
     storage: dict[str, Any] | None = None  # the directory's size on disk (see :func:`storage`), when one was read
     speed: dict[str, Any] | None = None  # decode and prefill timings (:class:`~rankwise.eval.speed.SpeedResult`)
+    nuclear: float | None = None  # Matrix Nuclear-Norm, L1,2 approximation (:mod:`rankwise.eval.nuclear`)
+    nuclear_exact: float | None = None  # Matrix Nuclear-Norm, exact nuclear norm
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
         speed = "" if self.tokens_per_s is None else f"prefill {self.tokens_per_s:,.0f} tokens/s; "
-        return (f"perplexity {self.perplexity:.3f} on {self.windows} windows x {self.seq_len} tokens "
+        scores = [f"{name} {value:.{3 if name == 'perplexity' else 4}f}" for name, value in self.metrics().items()]
+        return (f"{', '.join(scores)} on {self.windows} windows x {self.seq_len} tokens "
                 f"({self.eval_tokens:,} predicted tokens); params {self.params_total:,} total, "
                 f"{self.params_targeted:,} in attention/MLP projections; {speed}"
                 f"model {self.model_mb:.1f} MB, peak RSS {self.peak_rss_mb:.0f} MB" + describe_storage(self.storage)
                 + (f"\n{describe_speed(self.speed)}" if self.speed else ""))
+
+
+    def metrics(self) -> dict[str, float]:
+        """The measured metrics by name (those not asked for are left out)."""
+        values = {name: getattr(self, name) for name in METRICS}
+        return {name: value for name, value in values.items() if value is not None}
 
 
 def storage(path: Any) -> dict[str, Any] | None:
@@ -150,16 +181,39 @@ def peak_rss_mb() -> float:
 
 
 def evaluate(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False,
-             throughput: bool = False) -> EvalResult:
-    """Perplexity, parameter counts and memory of ``model`` on ``windows``; with ``throughput``, also the prefill
-    throughput on them (:func:`prefill_throughput`: a warm-up and 5 timed passes over one batch, several times the
-    cost of the perplexity on a short evaluation, so it is off unless asked for)."""
-    ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
+             throughput: bool = False, metrics: Sequence[str] = ("perplexity",)) -> EvalResult:
+    """``metrics`` (names in :data:`METRICS`), parameter counts and memory of ``model`` on ``windows``; with
+    ``throughput``, also the prefill throughput on them (:func:`prefill_throughput`: a warm-up and 5 timed passes over
+    one batch, several times the cost of the perplexity on a short evaluation, so it is off unless asked for).
+
+    Raises:
+        ValueError: an unknown metric name.
+    """
+    metrics = check_metrics(metrics)
+    ppl = perplexity(model, windows, batch_size=batch_size, progress=progress) if "perplexity" in metrics else None
     tps = prefill_throughput(model, windows, batch_size=batch_size) if throughput else None
-    return result_for(model, windows, ppl, tps)
+    result = result_for(model, windows, ppl, tps)
+    result.nuclear, result.nuclear_exact = nuclear_metrics(model, windows, metrics, batch_size=batch_size,
+                                                           progress=progress)
+    return result
 
 
-def result_for(model: nn.Module, windows: torch.Tensor, ppl: float, tokens_per_s: float | None) -> EvalResult:
+def nuclear_metrics(model: nn.Module, windows: torch.Tensor, metrics: Sequence[str], *, batch_size: int = 8,
+                    progress: bool = False) -> tuple[float | None, float | None]:
+    """``(nuclear, nuclear_exact)`` of ``model`` on ``windows`` from one pass, each ``None`` unless in ``metrics``."""
+    from rankwise.eval.nuclear import NuclearConfig, nuclear_scores
+
+    wanted = {"nuclear": NuclearConfig(approx=True), "nuclear_exact": NuclearConfig(approx=False)}
+    wanted = {name: config for name, config in wanted.items() if name in metrics}
+    if not wanted:
+        return None, None
+    found = dict(zip(wanted, nuclear_scores(model, windows, list(wanted.values()), batch_size=batch_size,
+                                             progress=progress), strict=True))
+    return found.get("nuclear"), found.get("nuclear_exact")
+
+
+def result_for(model: nn.Module, windows: torch.Tensor, ppl: float | None, tokens_per_s: float | None
+               ) -> EvalResult:
     """An :class:`EvalResult` for ``model`` (which may sit on the ``meta`` device: only shapes are read)."""
     total, targeted = count_params(model)
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20

@@ -4,6 +4,7 @@ Everything here takes and returns tensors (or :class:`LowRank` results), compute
 the input dtype, and takes a seed or ``torch.Generator`` wherever randomness is involved.
 """
 
+from rankwise.linalg.completion import Completion, complete
 from rankwise.linalg.dictionary import SparseDictionary, sparse_dictionary, whitened_dictionary
 from rankwise.linalg.lowrank import LowRank
 from rankwise.linalg.lq import LQ, lq_decompose
@@ -26,6 +27,16 @@ from rankwise.linalg.rank import (
     resolve_rank,
     saves_params,
 )
+from rankwise.linalg.sampling import (
+    VOLUME_METHODS,
+    greedy_volume,
+    leverage_scores,
+    lewis_weights,
+    projection_dpp,
+    sensitivity_sample,
+    sketch_lstsq_linf,
+    volume_sample,
+)
 from rankwise.linalg.shared import shared_basis
 from rankwise.linalg.sketch import (
     SKETCHES,
@@ -46,12 +57,16 @@ from rankwise.linalg.structured import (
     whitened_value_output,
 )
 from rankwise.linalg.svd import SOLVERS, subspace_basis, svd_flip, truncated_svd
+from rankwise.linalg.tucker import TuckerFactors, tucker
+from rankwise.linalg.tucker import validate_ranks as validate_tucker_ranks
 from rankwise.linalg.whiten import Whitening, anchored_svd, refit_left, weighted_svd, whiten, whitened_svd
 
 __all__ = [
     "LQ",
     "SKETCHES",
     "SOLVERS",
+    "VOLUME_METHODS",
+    "Completion",
     "CountSketch",
     "Energy",
     "GaussianSketch",
@@ -63,10 +78,15 @@ __all__ = [
     "Sketch",
     "SparseDictionary",
     "SparseSignSketch",
+    "TuckerFactors",
     "Whitening",
     "anchored_svd",
     "break_even_rank",
+    "complete",
     "fwht",
+    "greedy_volume",
+    "leverage_scores",
+    "lewis_weights",
     "lq_decompose",
     "make_sketch",
     "monarch_dense",
@@ -80,6 +100,7 @@ __all__ = [
     "nystrom_columns",
     "omp",
     "pack_codes",
+    "projection_dpp",
     "rank_for_energy",
     "rank_for_params_kept",
     "refit_left",
@@ -87,13 +108,18 @@ __all__ = [
     "ridge_leverage_scores",
     "rope_pair_selection",
     "saves_params",
+    "sensitivity_sample",
     "shared_basis",
     "sketch_lstsq",
+    "sketch_lstsq_linf",
     "sparse_dictionary",
     "subspace_basis",
     "svd_flip",
     "truncated_svd",
+    "tucker",
     "unpack_codes",
+    "validate_tucker_ranks",
+    "volume_sample",
     "weighted_svd",
     "whiten",
     "whitened_dictionary",

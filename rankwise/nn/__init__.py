@@ -15,8 +15,10 @@ from rankwise.nn.kinds import (
 from rankwise.nn.linear import LowRankLinear, effective_weight, input_dim, is_linear_like, linear_weight
 from rankwise.nn.lowrank_int8 import Int8LowRankLinear
 from rankwise.nn.lq import QuantLowRankLinear
+from rankwise.nn.maestro import MaestroLinear, MaestroSchedule
 from rankwise.nn.monarch import MonarchLinear
 from rankwise.nn.narrow import NarrowLinear, narrow_attention_, restore_attention_
+from rankwise.nn.scatterbrain import ScatterbrainConfig, scatterbrain_attention, use_scatterbrain
 from rankwise.nn.shared import SharedBasisLinear
 from rankwise.nn.shared_dictionary import SharedDictionaryLinear
 from rankwise.nn.train_layers import LOSTLinear, SLTrainLinear, SSTLinear, SSTSchedule, replace_linears
@@ -30,12 +32,15 @@ __all__ = [
     "Int8LowRankLinear",
     "LOSTLinear",
     "LowRankLinear",
+    "MaestroLinear",
+    "MaestroSchedule",
     "MonarchLinear",
     "NarrowLinear",
     "QuantLowRankLinear",
     "SLTrainLinear",
     "SSTLinear",
     "SSTSchedule",
+    "ScatterbrainConfig",
     "SharedBasisLinear",
     "SharedDictionaryLinear",
     "compressed_modules",
@@ -50,5 +55,7 @@ __all__ = [
     "register_kind",
     "replace_linears",
     "restore_attention_",
+    "scatterbrain_attention",
     "unfuse_",
+    "use_scatterbrain",
 ]
