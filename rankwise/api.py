@@ -152,7 +152,7 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
         ValueError: one line, for bad options, text or model (as the CLI's ``error:`` lines).
     """
     from rankwise.calibrate import load_text, split_windows
-    from rankwise.calibrate.select import SelectConfig, check_pool, select_windows
+    from rankwise.calibrate.select import SelectConfig, check_pool, check_room, select_windows
     from rankwise.compression import compress_
     from rankwise.io import save
     from rankwise.stream import AUTO, compute_dtype, dtype_name, parse_dtype
@@ -163,7 +163,7 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
                           settings=settings)
     where = _cache_dir(cache)
     selecting = SelectConfig(calib_select)
-    pool_size = calib_samples if calib_select == "first" else check_pool(calib_samples, calib_pool)
+    pool_size = check_pool(calib_samples, calib_pool, calib_select)
     if export not in ("factored", "dense"):
         raise ValueError(f"export must be 'factored' or 'dense', got {export!r}")
     if out is not None:
@@ -199,6 +199,7 @@ def compress(model: str | Path | nn.Module = "smollm2", method: str = "svd_llm",
     stored = original if dtype == AUTO else dtype  # "auto" may compute in float32; it stores what it read
     compute = compute_dtype(dtype, original, device or first.device)
     ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    check_room(ids.numel(), seq_len, pool_size, calib_select)
     calibration = split_windows(ids, seq_len, pool_size, 0)[0]
     if compute != original:
         model.to(compute)

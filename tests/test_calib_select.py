@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import rankwise
-from rankwise.calibrate.select import SelectConfig, select_windows, window_features
+from rankwise.calibrate.select import EVAL_ROOM, SelectConfig, check_pool, check_room, select_windows, window_features
 from rankwise.cli.app import app
 from rankwise.compression.job import compress_model
 from rankwise.methods.svd_llm import SVDLLMConfig
@@ -94,15 +94,31 @@ def test_bad_selection_input_is_refused(model):
         rankwise.compress(tiny_model("llama"), tokenizer=tiny_tokenizer(), calib_samples=4, calib_pool=2,
                           calib_select="volume", cache=False, progress=False)
 
+    with pytest.raises(ValueError, match=r"calib_pool \(--calib-pool\) needs calib_select"):
+        rankwise.compress(tiny_model("llama"), tokenizer=tiny_tokenizer(), calib_samples=4, calib_pool=8,
+                          cache=False, progress=False)
+
+
+def test_the_pool_leaves_room_for_evaluation():
+    """A pool is cut from the start of the text and must leave the evaluation windows at its end untouched."""
+    assert check_pool(8, None, "first") == 8 and check_pool(8, None, "volume") == 32
+    check_room(256 * (32 + EVAL_ROOM), 256, 32, "volume")
+    check_room(256 * 33, 256, 32, "first")  # the first windows: as before, no pool
+    with pytest.raises(ValueError, match=r"the text has 47 windows of 256 tokens: a calibration pool of 32 leaves"):
+        check_room(256 * (32 + EVAL_ROOM - 1), 256, 32, "leverage")
+    result = CliRunner().invoke(app, ["compress", "--calib-pool", "64", "--out", "x"])
+    assert result.exit_code == 2 and "needs calib_select" in result.output
+
 
 def test_api_selection_changes_the_cache_key_and_is_reused(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     cache = tmp_path / "cache"
-    small = {"seq_len": 16, "calib_samples": 2, "calib_pool": 8, "text": text, "cache": cache, "progress": False,
+    small = {"seq_len": 16, "calib_samples": 2, "text": text, "cache": cache, "progress": False,
              "tokenizer": tiny_tokenizer()}
     first = rankwise.compress(tiny_model("llama"), "svd_llm", 0.3, calib_select="first", **small)
     assert not any("calibration windows" in n for n in first.report.notes)
+    small["calib_pool"] = 8
     vol = rankwise.compress(tiny_model("llama"), "svd_llm", 0.3, calib_select="volume", **small)
     assert any(n.startswith("calibration windows: volume, 2 of a pool of 8") for n in vol.report.notes)
     entries = {p.name for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")}

@@ -193,17 +193,19 @@ def test_truncation_losses_equal_the_mfac_quadratic_form_of_the_removed_part(out
 
 
 def test_window_gradients_split_the_weight_gradient_by_window():
-    """"gwin" holds, per window, that window's share of the batch-loss gradient: they sum to the weight gradient,
-    and each equals the gradient of the window's own loss times its share of the tokens."""
+    """"gwin" holds, per window, the gradient of that window's own mean loss: over a batch of B windows they sum to
+    B times the batch-loss gradient, each equals the window's gradient alone, and a short last batch weighs the same."""
     model, tokens = tiny_model("llama"), tiny_tokens(4, 16)
     name = "model.layers.1.mlp.down_proj"
     modules = {name: model.get_submodule(name)}
     stats = collect_stats(model, tokens, modules, kinds=("gwin", "grad"), batch_size=4)[name]
     windows = torch.cat(stats.grad_windows[name])
     assert windows.shape == (4, *linear_weight(modules[name]).shape)
-    torch.testing.assert_close(windows.sum(0), stats.grad_sum[name], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(windows.sum(0), 4 * stats.grad_sum[name], rtol=1e-4, atol=1e-6)
     one = collect_stats(model, tokens[2:3], modules, kinds=("grad",), batch_size=1)[name]
-    torch.testing.assert_close(windows[2], one.grad_sum[name] / 4, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(windows[2], one.grad_sum[name], rtol=1e-4, atol=1e-6)
+    uneven = collect_stats(model, tokens[:3], modules, kinds=("gwin",), batch_size=2)[name]  # batches of 2 and 1
+    torch.testing.assert_close(torch.cat(uneven.grad_windows[name])[2], one.grad_sum[name], rtol=1e-4, atol=1e-6)
 
 
 def test_loss_mfac_streamed_equals_full_model_statistics():
@@ -223,3 +225,14 @@ def test_loss_mfac_streamed_equals_full_model_statistics():
     torch.testing.assert_close(streamed(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="allocation 'loss_mfac' needs calibration data"):
         ALLOCATIONS["loss_mfac"].score("x", torch.ones(3, 3), None)
+
+
+def test_compare_refuses_loss_mfac_instead_of_holding_every_window_gradient():
+    """compare shares whole-model statistics: per-window gradients of every layer at once would be a model's size
+    per window, so it refuses loss_mfac with one line pointing to compress (which scores one block at a time)."""
+    from rankwise.eval.compare import compare
+
+    model, tokens = tiny_model("llama"), tiny_tokens(4, 16)
+    with pytest.raises(ValueError, match="allocation loss_mfac keeps each window's weight gradient"):
+        compare(model, tokens, tiny_tokens(2, 16, seed=1), [SVDLLMConfig(ratio=0.3, allocation="loss_mfac")],
+                progress=False)

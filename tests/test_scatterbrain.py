@@ -321,7 +321,37 @@ def test_cli_eval_with_scatterbrain_attention(tiny_dir) -> None:
     assert abs(short["perplexity"] - exact["perplexity"]) > 5e-5 * exact["perplexity"]
     for args, message in ((["--window", "8"], "add --attention scatterbrain"),
                           (["--attention", "scatterbrain", "--stream"], "drop --stream"),
-                          (["--attention", "scatterbrain", "--features", "3"], "num_features must be even")):
+                          (["--attention", "scatterbrain", "--features", "3"], "--features must be even")):
         result = CliRunner().invoke(app, ["eval", str(tiny_dir), "--seq-len", "16", "--eval-samples", "4", *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+
+
+def test_padding_and_model_attention_variants_are_refused() -> None:
+    """transformers builds no mask for this implementation, so a padding mask would be dropped: it is refused, as
+    are attention variants (softcap) the estimate does not reproduce."""
+    model, x = tiny_model("llama"), tiny_tokens(2, 12)
+    mask = torch.ones_like(x)
+    with use_scatterbrain(model, window=4, num_features=8):
+        model(x, attention_mask=mask)  # all ones: no padding, accepted
+        mask[0, :3] = 0
+        with pytest.raises(ValueError, match="this input has padding"):
+            model(x, attention_mask=mask)
+    from rankwise.nn.scatterbrain import _hf_attention
+
+    module = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 8, 16)
+    with use_scatterbrain(model, window=4, num_features=8), pytest.raises(ValueError, match="softcap"):
+        _hf_attention(module, q, q[:, :2], q[:, :2], None, softcap=30.0)
+
+
+def test_cli_refuses_tasks_and_odd_features_with_scatterbrain(tiny_dir) -> None:
+    from typer.testing import CliRunner
+
+    from rankwise.cli import app
+
+    for args, message in ((["--tasks", "pydoc_cloze"], "lm-eval pads its batches"),
+                          (["--features", "7"], "--features must be even")):
+        result = CliRunner().invoke(app, ["eval", str(tiny_dir), "--attention", "scatterbrain", *args])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output

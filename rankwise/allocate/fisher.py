@@ -91,7 +91,7 @@ def truncation_losses(weight: torch.Tensor, whitening: Whitening, windows: torch
     B, R = _components(weight, whitening)
     c = ((B.mT.to(G.dtype) @ G) * R.to(G.dtype)).sum(-1).double()  # (m, k): <G_j, x_i> = b_i^T G_j r_i
     a = B.pow(2).sum(0) * R.pow(2).sum(-1)  # (k,): ||x_i||_F^2
-    lam = damp * float(G.double().pow(2).sum()) / (m * out_f * in_f)
+    lam = damp * float(G.pow(2).sum(dtype=torch.float64)) / (m * out_f * in_f)  # no float64 copy of G
     zero = c.new_zeros(m, 1)
     tail_c = torch.cat([c.flip(-1).cumsum(-1).flip(-1), zero], dim=1)  # (m, k + 1): sum_{i > r} c_ji
     tail_a = torch.cat([a.flip(0).cumsum(0).flip(0), a.new_zeros(1)])  # (k + 1,)

@@ -354,7 +354,7 @@ def collect_stats_cached(cache: StatsCache | None, model: torch.nn.Module, data:
     :attr:`~CacheEntry.note` say what happened).
     """
     kinds = sorted(check_kinds(kinds))
-    if cache is None:
+    if cache is None or "gwin" in kinds:  # per-window gradients: as large as the model per window, never stored
         return collect_stats(model, data, modules, kinds=kinds, batch_size=batch_size, progress=progress), None
     parameter = next(model.parameters())
     entry = cache.open(["stats"], **model_identity(model), dtype=str(parameter.dtype), device=parameter.device.type,

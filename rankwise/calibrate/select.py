@@ -80,17 +80,37 @@ class Selection:
     pool: int
     seconds: float  # model run and choice
 
-    def describe(self) -> str:
+    def describe(self, timed: bool = True) -> str:
+        """One line for a report (``timed``: with the selection's seconds; provenance leaves them out)."""
         return (f"calibration windows: {self.how}, {len(self.indices)} of a pool of {self.pool}"
-                + (f" (chosen in {self.seconds:.1f} s)" if self.how != "first" else ""))
+                + (f" (chosen in {self.seconds:.1f} s)" if timed and self.how != "first" else ""))
 
 
-def check_pool(n: int, pool: int | None) -> int:
-    """The pool size (default ``4 n``); refused below ``n``."""
+EVAL_ROOM = 16
+"""Windows a pool must leave at the end of the text: ``rankwise eval``'s default ``--eval-samples``, so that the
+evaluation windows never overlap text the selection may have calibrated on."""
+
+
+def check_pool(n: int, pool: int | None, how: str = "leverage") -> int:
+    """The number of windows to cut from the start of the text: ``n`` for ``how="first"`` (where a pool is refused:
+    it would be ignored), else the pool (default ``4 n``, refused below ``n``)."""
+    if how == "first":
+        if pool is not None:
+            raise ValueError("calib_pool (--calib-pool) needs calib_select (--calib-select) leverage, sensitivity or "
+                             "volume; 'first' takes the first calib_samples windows")
+        return n
     pool = 4 * n if pool is None else pool
     if isinstance(pool, bool) or not isinstance(pool, numbers.Integral) or pool < n:
         raise ValueError(f"calib_pool must be an integer >= calib_samples={n}, got {pool!r}")
     return int(pool)
+
+
+def check_room(tokens: int, seq_len: int, pool: int, how: str) -> None:
+    """Refuse a pool that leaves fewer than :data:`EVAL_ROOM` windows of the text after it for evaluation."""
+    if how != "first" and tokens // seq_len < pool + EVAL_ROOM:
+        raise ValueError(f"the text has {tokens // seq_len} windows of {seq_len} tokens: a calibration pool of {pool} "
+                         f"leaves fewer than {EVAL_ROOM} after it for evaluation (rankwise eval's default); use a "
+                         "smaller --calib-pool or a longer text")
 
 
 def select_windows(model: nn.Module | object, pool: torch.Tensor, n: int, config: SelectConfig = SelectConfig(), *,

@@ -5,7 +5,7 @@ with its token count), optionally ``sum |x|`` per input channel (ASVD), the row 
 empirical Fisher ``sum (dL/dW)^2`` of the language-modelling loss (for an encoder: of its contrastive embedding
 loss, :mod:`rankwise.calibrate.objective`) (FWSVD) and the output-gradient energy
 ``sum ||dL/dy||^2`` (loss-aware allocation), and, for M-FAC allocation, the weight gradient of every calibration
-window kept separately (``"gwin"``: ``sum_t (dL/dy_t) x_t^T`` per window, ``(windows, out, in)``; one block's
+window kept separately (``"gwin"``: the gradient of each window's own mean loss, ``(windows, out, in)``; one block's
 layers at a time in the streamed gradient pass, which frees them once scored). Layers that read the same input
 tensor (q/k/v, gate/up) share one :class:`LayerStats`, so each covariance is computed once. Memory is bounded by
 the statistics, not the number of batches: batches are streamed.
@@ -114,12 +114,13 @@ class LayerStats:
         self.grad_sum[name] = g if name not in self.grad_sum else self.grad_sum[name].add_(g)
 
     def add_grad_windows(self, name: str, x: torch.Tensor, grad: torch.Tensor) -> None:
-        """Add one batch's per-window weight gradients ``sum_t (dL/dy_t) x_t^T`` (``(windows, out, in)``) of a
+        """Add one batch's per-window weight gradients ``B sum_t (dL/dy_t) x_t^T`` (``(windows, out, in)``) of a
         linear map ``y = W x (+ b)`` from its input ``x`` and output gradient (leading axis: windows; a 2-D input is
-        one window)."""
+        one window). ``L`` is the batch's mean loss, so the factor ``B`` (the batch's windows) makes each entry the
+        gradient of that window's own mean loss, whatever the batch size (a short last batch weighs the same)."""
         x3 = x.detach().float().reshape(x.shape[0] if x.ndim > 2 else 1, -1, x.shape[-1])  # (windows, tokens, in)
         g3 = grad.detach().float().reshape(x3.shape[0], -1, grad.shape[-1])  # (windows, tokens, out)
-        self.grad_windows.setdefault(name, []).append(g3.mT @ x3)  # (windows, out, in)
+        self.grad_windows.setdefault(name, []).append((g3.mT @ x3).mul_(x3.shape[0]))  # (windows, out, in)
 
     def add_grad_out(self, name: str, grad: torch.Tensor) -> None:
         g = grad.detach().float()

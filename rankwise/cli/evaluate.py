@@ -124,6 +124,11 @@ def evaluate(
     if attention == "exact" and (window, features, sink, attention_seed) != (128, 128, 0, 0):
         raise ValueError("--window, --features, --sink and --attention-seed set Scatterbrain attention: add "
                          "--attention scatterbrain")
+    if features % 2:
+        raise ValueError(f"--features must be even (random features come in pairs), got {features}")
+    if attention != "exact" and tasks is not None:
+        raise ValueError("--tasks with --attention scatterbrain: lm-eval pads its batches, and Scatterbrain applies "
+                         "only causal masking; evaluate tasks with the model's own attention")
     task_names = manager = None
     if tasks is None:
         for option, value in (("--task-dir", task_dir), ("--limit", limit), ("--num-fewshot", num_fewshot)):
@@ -157,7 +162,7 @@ def evaluate(
         raise ValueError("--reference is for encoders; a causal LM is evaluated by perplexity")
     if stream is None:
         big = isinstance(path, Path) and weights_bytes(path) > 0.5 * psutil.virtual_memory().available
-        stream = task_names is None and big
+        stream = task_names is None and attention == "exact" and metrics == ("perplexity",) and big
     if stream and attention != "exact":
         raise ValueError("--attention scatterbrain runs the whole model in memory, which a streamed evaluation never "
                          "holds: drop --stream")

@@ -50,7 +50,7 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
         The report, also stored in ``out/rankwise.json``.
     """
     from rankwise.calibrate import load_text, split_windows
-    from rankwise.calibrate.select import SelectConfig, check_pool, select_windows
+    from rankwise.calibrate.select import SelectConfig, check_pool, check_room, select_windows
     from rankwise.calibrate.text import DEFAULT_TEXT_NAME
     from rankwise.compression import compress_, compress_checkpoint
     from rankwise.io import save
@@ -65,7 +65,7 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
         raise ValueError(f"export must be 'factored' or 'dense', got {export!r}")
     dtype = dtype_name(dtype)
     selecting = SelectConfig(calib_select)
-    pool_size = calib_samples if calib_select == "first" else check_pool(calib_samples, calib_pool)
+    pool_size = check_pool(calib_samples, calib_pool, calib_select)
     check_output_dir(out, overwrite)  # fail before the slow part
     raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
     text_name = text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME)
@@ -76,7 +76,10 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
 
     def calibration_windows(tokenizer: Any) -> torch.Tensor:
         ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        check_room(ids.numel(), seq_len, pool_size, calib_select)
         return split_windows(ids, seq_len, pool_size, 0)[0]
+
+    notes: list[str] = []  # the selection, for the returned report
 
     def chosen(pool: torch.Tensor, model_or_source: Any) -> tuple[torch.Tensor, str]:
         """The calibration windows out of ``pool``, and the text's name with how they were chosen."""
@@ -84,7 +87,8 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
             return pool, text_name
         selection = select_windows(model_or_source, pool, calib_samples, selecting, targets=config.targets,
                                    batch_size=batch_size, progress=progress)
-        return pool[selection.indices], f"{text_name}; {selection.describe()}"
+        notes.append(selection.describe())
+        return pool[selection.indices], f"{text_name}; {selection.describe(timed=False)}"
 
     def sentence_files(tmp: Path) -> None:  # an encoder's sentence-transformers pooling and configs, kept as-is
         if isinstance(source, Path):
@@ -102,11 +106,13 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
                 calibration, described = chosen(calibration, reader)
                 del reader
             origin = provenance(model, source, config, described, tuple(calibration.shape))
-            return compress_checkpoint(path, config, calibration, out, tokenizer=tokenizer, dtype=dtype,
-                                       device=device, export=export, overwrite=overwrite, batch_size=batch_size,
-                                       activation_mb=activation_mb, offload_dir=offload_dir,
-                                       trust_remote_code=trust_remote_code, ray=ray, provenance=origin,
-                                       cache=cache, extras=sentence_files, progress=progress, verify=verify)
+            report = compress_checkpoint(path, config, calibration, out, tokenizer=tokenizer, dtype=dtype,
+                                         device=device, export=export, overwrite=overwrite, batch_size=batch_size,
+                                         activation_mb=activation_mb, offload_dir=offload_dir,
+                                         trust_remote_code=trust_remote_code, ray=ray, provenance=origin,
+                                         cache=cache, extras=sentence_files, progress=progress, verify=verify)
+            report.notes.extend(notes)
+            return report
         calibration = calibration_windows(load_tokenizer(resolve(model)[0], trust_remote_code))
         loaded = load_model(model, device=device, trust_remote_code=trust_remote_code, verify=verify)
         weights = next(loaded.model.parameters()).dtype
@@ -115,6 +121,7 @@ def compress_model(model: str, config: CompressConfig, out: str | Path, *, text:
         calibration, described = chosen(calibration, loaded.model)
         report = compress_(loaded.model, config, calibration, batch_size=batch_size, activation_mb=activation_mb,
                            offload_dir=offload_dir, ray=ray, cache=cache, save_dtype=stored, progress=progress)
+        report.notes.extend(notes)  # also in the saved report: the selection was made before compressing
         origin = provenance(model, source, config, described, tuple(calibration.shape))
         save(loaded.model, out, tokenizer=loaded.tokenizer, report=report, overwrite=overwrite, export=export,
              provenance=origin, dtype=stored, extras=sentence_files)

@@ -444,6 +444,10 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
     with session:  # connect before the calibration pass, so a bad address fails at once
         targets = find_targets(model)
         kinds = set().union(*(c.needs | c.policy.kinds for c in configs if isinstance(c, CompressConfig))) | {"xxt"}
+        if "gwin" in kinds:  # whole-model statistics would hold every layer's per-window gradients at once
+            raise ValueError("allocation loss_mfac keeps each window's weight gradient, which compare's shared "
+                             "whole-model statistics would hold for every layer at once; measure it with rankwise "
+                             "compress --allocation loss_mfac (one block at a time) and rankwise eval")
         start = time.perf_counter()
         stats, entry = collect_stats_cached(StatsCache(cache) if cache is not None else None, model, calibration,
                                             targets, kinds=kinds, batch_size=batch_size, progress=progress)

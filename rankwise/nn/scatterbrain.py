@@ -264,7 +264,8 @@ def _hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
                   **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: ``(b, h, t, d)`` in, ``(b, t, h, d)`` out, no weights. The
     settings come from the module (set by :func:`use_scatterbrain`). transformers builds no mask for an
-    implementation without a mask function, so none is ever ``O(tokens^2)``; an explicit mask is refused."""
+    implementation without a mask function, so none is ever ``O(tokens^2)``; an explicit mask is refused, and so is
+    a padding mask given to the model (checked by :func:`use_scatterbrain`'s hook, since transformers drops it)."""
     config: ScatterbrainConfig | None = getattr(module, "_rankwise_scatterbrain", None)
     if config is None:
         raise ValueError(f"attn_implementation {ATTN_NAME!r} needs its settings: enable it with "
@@ -272,8 +273,9 @@ def _hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     if attention_mask is not None:
         raise ValueError(f"{ATTN_NAME} applies only causal masking; got an explicit attention mask of shape "
                          f"{tuple(attention_mask.shape)} (padding masks are not supported)")
-    if kwargs.get("sliding_window") is not None:
-        raise ValueError(f"{ATTN_NAME} does not combine with the model's sliding_window attention")
+    for option in ("sliding_window", "softcap", "s_aux"):  # attention variants the estimate does not reproduce
+        if kwargs.get(option) is not None:
+            raise ValueError(f"{ATTN_NAME} does not combine with the model's {option} attention")
     layer = getattr(module, "layer_idx", 0) or 0
     causal = bool(getattr(module, "is_causal", True))
     out = scatterbrain_attention(query, key, value, causal=causal, window=config.window,
@@ -297,7 +299,8 @@ def use_scatterbrain(model: nn.Module, config: ScatterbrainConfig | None = None,
 
     Registers :func:`scatterbrain_attention` in transformers' ``AttentionInterface`` as ``"rankwise_scatterbrain"``,
     stores the settings on each attention module (layer ``l`` draws its features with ``seed + l``) and calls
-    ``model.set_attn_implementation``. Padding masks are not applied (none is built for this implementation).
+    ``model.set_attn_implementation``. Padding is refused: an ``attention_mask`` with zeros raises (transformers
+    builds no mask for this implementation, so it would be dropped).
 
     Args:
         model: a transformers ``PreTrainedModel`` whose attention goes through the ``AttentionInterface``.
@@ -327,10 +330,20 @@ def use_scatterbrain(model: nn.Module, config: ScatterbrainConfig | None = None,
     previous = model.config._attn_implementation
     for module in modules:
         module._rankwise_scatterbrain = config
+    hook = model.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
     try:
         set_impl(ATTN_NAME)
         yield config
     finally:
+        hook.remove()
         set_impl(previous)
         for module in modules:
             del module._rankwise_scatterbrain
+
+
+def _refuse_padding(_model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """transformers builds no mask for this implementation, so a padding mask would be dropped without a word."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and not bool((mask != 0).all()):
+        raise ValueError(f"{ATTN_NAME} applies only causal masking; this input has padding (an attention_mask "
+                         "with zeros): pass unpadded sequences, one length per batch")
