@@ -271,14 +271,14 @@ def test_use_scatterbrain_restores_on_error_and_checks_settings() -> None:
     with pytest.raises(RuntimeError, match="boom"), use_scatterbrain(model, window=8):
         raise RuntimeError("boom")
     assert model.config._attn_implementation == before
-    with pytest.raises(ValueError, match="unknown scatterbrain setting"), use_scatterbrain(model, windw=8):
-        pass
-    with pytest.raises(ValueError, match="num_features must be even"), use_scatterbrain(model, num_features=3):
-        pass
-    with pytest.raises(ValueError, match="sink must be an int >= 0"), use_scatterbrain(model, sink=-1):
-        pass
-    with pytest.raises(ValueError, match="must be a transformers model"), use_scatterbrain(torch.nn.Linear(2, 2)):
-        pass
+    with pytest.raises(ValueError, match="unknown scatterbrain setting"):
+        use_scatterbrain(model, windw=8).__enter__()  # settings are checked on entry
+    with pytest.raises(ValueError, match="num_features must be even"):
+        use_scatterbrain(model, num_features=3).__enter__()  # settings are checked on entry
+    with pytest.raises(ValueError, match="sink must be an int >= 0"):
+        use_scatterbrain(model, sink=-1).__enter__()  # settings are checked on entry
+    with pytest.raises(ValueError, match="must be a transformers model"):
+        use_scatterbrain(torch.nn.Linear(2, 2)).__enter__()  # settings are checked on entry
 
 
 def test_tiny_llama_generation_with_cache_matches_eager() -> None:
