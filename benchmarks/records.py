@@ -10,7 +10,10 @@ Rows (each a recipe of ``rankwise compress --recipe``; the published method each
 * ``svd_llm+zs``: ZS-SVD's zero-sum allocation (one shot, no correction stages);
 * ``svd_llm+drank``: D-Rank's effective-rank allocation with the query/key to value transfer;
 * ``svd_llm+loss+seq``: rankwise's best recipe before this work;
-* the combinations: each allocation x sequential x anchored (rankwise's anchored fit, ``anchor`` 0.5 by default).
+* the combinations: each allocation x sequential x anchored (rankwise's anchored fit, ``anchor`` 0.5 by default);
+* ``+ow``: each layer's error weighted per output channel by the root mean squared loss gradient there
+  (``output_weighted``); ``svd_llm+loss+seq+anc+ow`` is ``--recipe best``; ``loss_channels`` allocates with the same
+  per-channel curvature; ``+score_samples=N`` scores the allocation on the first N calibration windows only.
 
 Calibration: 32 windows of 256 tokens drawn at random (seeded) from the pydoc topics before the held-out part;
 evaluation on two texts no calibration window touches: the last 64 x 256 tokens of the pydoc topics (same domain)
@@ -46,7 +49,8 @@ RECORDS = {  # recipe -> the published method it reimplements
 }
 ROWS = ["svd_llm", "svd_llm+zs", "svd_llm+drank", "svd_llm+loss+seq", "svd_llm+seq+anc+anchor=1.0",
         "svd_llm+loss+seq+anc", "svd_llm+zs+seq+anc", "svd_llm+drank+seq+anc", "svd_llm+seq+anc",
-        "svd_llm+zs+seq", "svd_llm+drank+seq", "svd_llm+seq"]
+        "svd_llm+zs+seq", "svd_llm+drank+seq", "svd_llm+seq", "svd_llm+ow", "svd_llm+loss+ow",
+        "svd_llm+loss+seq+anc+ow", "svd_llm+loss_channels+seq+anc+ow", "svd_llm+loss+seq+anc+score_samples=8"]
 SOURCES = ["argparse", "textwrap", "functools", "dataclasses", "heapq", "shlex", "string", "fractions", "statistics"]
 
 

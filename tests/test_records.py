@@ -298,13 +298,18 @@ def test_cli_recipe_best_and_anchored_rows(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     expected = parse_recipe(NAMED_RECIPES["best"], 0.3)
     config = json.loads((tmp_path / "b" / "rankwise.json").read_text())["provenance"]["options"]
-    assert expected.sequential and expected.anchored
-    for key in ("allocation", "sequential", "anchored", "anchor"):
+    assert expected.sequential and expected.anchored and expected.output_weighted
+    for key in ("allocation", "sequential", "anchored", "anchor", "output_weighted"):
         assert config[key] == getattr(expected, key), key
     bad = run_cli("compress", tiny_dir, "--recipe", "best", "--sequential", "--out", tmp_path / "o", *small)
     assert bad.exit_code == 2 and "--recipe replaces --sequential" in bad.output
     bad = run_cli("compress", tiny_dir, "--method", "svd", "--anchored", "--sequential", "--out", tmp_path / "o")
     assert bad.exit_code == 2 and "--anchored applies to svd_llm" in bad.output
+    result = run_cli("compare", tiny_dir, "--recipes", "best,svd_llm+seq+ow", "--ratios", "0.3", "--eval-samples",
+                     "4", "--out", tmp_path / "best", "--speed-repeats", "1", *small)
+    assert result.exit_code == 0, result.output  # compare's shared statistics carry the output gradients
+    table = (tmp_path / "best" / "comparison.md").read_text()
+    assert "| svd_llm +loss +seq +anc +ow |" in table and "| svd_llm +seq +ow |" in table
     result = run_cli("compare", tiny_dir, "--methods", "svd_llm", "--allocations", "uniform,zs", "--sequential", "on",
                      "--anchored", "both", "--ratios", "0.3", "--eval-samples", "4", "--out", tmp_path / "cmp",
                      "--speed-repeats", "1", *small)
@@ -316,3 +321,129 @@ def test_cli_recipe_best_and_anchored_rows(tiny_dir, tmp_path):
     assert bad.exit_code == 2 and "option 'anc' (anchored) applies to svd_llm, not svd" in bad.output
     bad = run_cli("compare", tiny_dir, "--methods", "svd_llm", "--anchored", "on", "--out", tmp_path / "o")
     assert bad.exit_code == 2 and "needs sequential rows: add --sequential on" in bad.output
+
+
+def test_score_samples_scores_on_the_first_windows_only():
+    """The allocation's scoring pass on the first 8 of 16 windows chooses the ranks it chooses when those 8 are all
+    the calibration there is (the ranks depend on the scores alone); the factors still see all 16 windows."""
+    tokens = tiny_tokens(16)
+    ranks, models = [], []
+    for calibration, samples in ((tokens, 8), (tokens[:8], None)):
+        model = tiny_model("llama")
+        report = compress_(model, SVDLLMConfig(ratio=0.3, allocation="loss", score_samples=samples), calibration,
+                           progress=False)
+        ranks.append({layer.name: layer.rank for layer in report.layers})
+        models.append(model)
+    assert ranks[0] == ranks[1]
+    assert len(set(ranks[0].values())) > 1  # the loss allocation, not uniform ranks
+    factorised = [n for n, m in models[0].named_modules() if hasattr(m, "dense_weight")]
+    assert factorised
+    fits = [m.get_submodule(factorised[0]).dense_weight().detach() for m in models]
+    assert not torch.allclose(fits[0], fits[1])  # fitted on 16 windows against 8
+    with pytest.raises(ValueError, match=r"score_samples must be a number of calibration windows >= 1"):
+        SVDLLMConfig(ratio=0.3, score_samples=0)
+
+
+def test_score_samples_is_part_of_the_cache_key(tmp_path):
+    tokens = tiny_tokens(16)
+    notes = []
+    for samples in (None, 8, 8):
+        report = compress_(tiny_model("llama"), SVDLLMConfig(ratio=0.3, allocation="loss", score_samples=samples),
+                           tokens, progress=False, cache=tmp_path)
+        notes.append(any("read from the cache" in note for note in report.notes))
+    assert notes == [False, False, True]
+
+
+def output_weighted_case(seed: int = 0):
+    """A weight, its input second moment and per-channel output-gradient energies spanning two decades."""
+    from rankwise.calibrate import LayerStats
+
+    g = torch.Generator().manual_seed(seed)
+    m, n, tokens = 12, 20, 300
+    X = torch.randn(tokens, n, generator=g, dtype=torch.float64) * torch.linspace(2, 0.2, n, dtype=torch.float64)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64).float()
+    stats = LayerStats(n=n)
+    stats.add(X, frozenset({"xxt"}))
+    energy = torch.logspace(-2, 0, m, dtype=torch.float64)[torch.randperm(m, generator=g)]
+    stats.grad_channels["w"] = energy * tokens
+    stats.grad_tokens["w"] = tokens
+    stats.grad_out["w"] = float(energy.sum()) * tokens
+    return W, X, stats, energy.sqrt()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_output_weighted_minimises_the_output_fisher_weighted_error(seed):
+    from rankwise.methods.svd_llm import svd_llm
+
+    W, X, stats, d = output_weighted_case(seed)
+
+    def error(Wp: torch.Tensor, rows: torch.Tensor) -> float:
+        return float((rows[:, None] * ((W.double() - Wp.double()) @ X.T)).pow(2).sum())
+
+    ones = torch.ones_like(d)
+    for rank in (3, 7):
+        plain = svd_llm(W, stats, rank, SVDLLMConfig(ratio=0.3), "w").to_dense()
+        weighted = svd_llm(W, stats, rank, SVDLLMConfig(ratio=0.3, output_weighted=True), "w")
+        assert weighted.rank == rank and weighted.info["output_weighted"] is True
+        assert error(weighted.to_dense(), d) < error(plain, d)  # better where the loss is sensitive ...
+        assert error(plain, ones) < error(weighted.to_dense(), ones)  # ... at the price of the plain error
+    # with equal channel weights it is the plain whitened truncation
+    stats.grad_channels["w"] = torch.full_like(d, 3.0) * stats.grad_tokens["w"]
+    torch.testing.assert_close(svd_llm(W, stats, 5, SVDLLMConfig(ratio=0.3, output_weighted=True), "w").to_dense(),
+                               svd_llm(W, stats, 5, SVDLLMConfig(ratio=0.3), "w").to_dense(), atol=1e-4, rtol=1e-4)
+
+
+def test_output_weighted_runs_the_gradient_pass_and_refuses_statistics_without_it():
+    from rankwise.calibrate import LayerStats
+    from rankwise.methods.svd_llm import svd_llm
+
+    model = tiny_model("llama")
+    report = compress_(model, SVDLLMConfig(ratio=0.3, output_weighted=True), tiny_tokens(8), progress=False)
+    assert 0.3 <= report.removed_fraction <= 0.31
+    stats = LayerStats(n=4)
+    stats.add(torch.randn(10, 4), frozenset({"xxt"}))
+    with pytest.raises(ValueError, match=r"output_weighted needs the loss gradients at w's outputs"):
+        svd_llm(torch.randn(3, 4), stats, 2, SVDLLMConfig(ratio=0.3, output_weighted=True), "w")
+
+
+def test_loss_channels_scores_are_the_diagonal_gauss_newton_loss_of_each_component():
+    """Reference: removing whitened component ``i`` of ``D W S`` raises ``0.5 ||D (W - W') S||^2`` by
+    ``0.5 s_i^2`` (``D^2`` the per-channel mean squared output gradient); per parameter, ``/(m + n)``. With equal
+    channel energies it ranks components exactly as the isotropic ``loss`` allocation does."""
+    from rankwise.allocate.policy import ALLOCATIONS
+
+    W, X, stats, d = output_weighted_case()
+    m, n = W.shape
+    scores = ALLOCATIONS["loss_channels"].score("w", W, stats)
+    S = torch.linalg.cholesky(X.T @ X / X.shape[0])
+    expected = 0.5 * torch.linalg.svdvals(d[:, None] * W.double() @ S).pow(2) / (m + n)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-12)
+    stats.grad_channels["w"] = torch.full_like(d, 2.0) * stats.grad_tokens["w"]
+    stats.grad_out["w"] = 2.0 * m * stats.grad_tokens["w"]
+    torch.testing.assert_close(ALLOCATIONS["loss_channels"].score("w", W, stats),
+                               ALLOCATIONS["loss"].score("w", W, stats), rtol=1e-4, atol=1e-12)
+    from rankwise.calibrate import LayerStats
+
+    bare = LayerStats(n=n)
+    bare.add(X, frozenset({"xxt"}))
+    with pytest.raises(ValueError, match=r"allocation 'loss_channels' needs calibration data"):
+        ALLOCATIONS["loss_channels"].score("w", W, bare)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_output_weighted_in_half_precision_stays_finite_with_tiny_gradients(dtype):
+    """Mean-loss gradients are tiny (here 1e-5 to 1e-8 RMS): the fit must not underflow or overflow a half type."""
+    from rankwise.methods.svd_llm import svd_llm
+
+    W, X, stats, d = output_weighted_case()
+    stats.grad_channels["w"] = stats.grad_channels["w"] * 1e-10
+    reference = svd_llm(W, stats, 5, SVDLLMConfig(ratio=0.3, output_weighted=True), "w").to_dense()
+    half = svd_llm(W.to(dtype), stats, 5, SVDLLMConfig(ratio=0.3, output_weighted=True), "w")
+    assert half.U.dtype == dtype and bool(torch.isfinite(half.to_dense().float()).all())
+    torch.testing.assert_close(half.to_dense().float(), reference, atol=0.05, rtol=0.05)
+
+
+def test_compare_refuses_score_samples(tiny_dir, tmp_path):
+    result = run_cli("compare", tiny_dir, "--recipes", "svd_llm+loss+score_samples=4", "--ratios", "0.3",
+                     "--out", tmp_path / "c", "--seq-len", "16", "--calib-samples", "8")
+    assert result.exit_code != 0 and "score_samples narrows rankwise compress's scoring pass" in result.output

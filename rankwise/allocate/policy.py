@@ -101,6 +101,17 @@ def _loss(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Te
     return loss_scores(stats.whitening().right_multiply(weight.detach().float()), sensitivity)
 
 
+def _loss_channels(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+    rows = stats.output_channel_weights(name) if stats is not None and stats.xxt is not None else None
+    if rows is None:
+        raise ValueError("allocation 'loss_channels' needs calibration data: the input covariances and the loss "
+                         "gradient at every layer's outputs (statistics kinds 'xxt' and 'gout')")
+    m, n = weight.shape
+    weighted = weight.detach().double() * rows.to(weight.device, torch.float64)[:, None]  # D W
+    s2 = torch.linalg.svdvals(stats.whitening().right_multiply(weighted).float()).double().pow(2)
+    return 0.5 * s2 / (m + n)
+
+
 MFAC_DAMP = 1e-3
 """Default damping of ``loss_mfac``: ``lambda`` relative to the mean diagonal of each layer's window Fisher."""
 
@@ -141,6 +152,7 @@ ALLOCATIONS: dict[str, AllocationPolicy] = {
     "uniform": AllocationPolicy("uniform", rank_fn=uniform_ranks, even=True),
     "welore": AllocationPolicy("welore", score=_welore),
     "loss": AllocationPolicy("loss", score=_loss, kinds=frozenset({"xxt", "gout"})),
+    "loss_channels": AllocationPolicy("loss_channels", score=_loss_channels, kinds=frozenset({"xxt", "gout"})),
     "loss_mfac": mfac_allocation(),
     "zs": AllocationPolicy("zs", score=_zero_sum, kinds=frozenset({"xxt", "grad"}), select=zero_sum_ranks),
     "drank": AllocationPolicy("drank", score=_drank, kinds=frozenset({"xxt"}), select=drank_ranks),

@@ -57,7 +57,7 @@ from rankwise.calibrate.stats import LayerStats, check_kinds, collect_stats, inp
 from rankwise.io.atomic import make_scratch_dir
 from rankwise.io.integrity import sha256_file
 
-FORMAT = 1
+FORMAT = 2
 _EMPTY = "__empty__"
 
 
@@ -82,7 +82,7 @@ def pack(stats: Mapping[str, LayerStats]) -> tuple[dict[str, torch.Tensor], dict
             value = getattr(s, attr)
             if value is not None:
                 tensors[f"{k}.{attr}"] = value.detach().cpu().contiguous()
-        for attr in ("fisher_out", "fisher_in", "grad_sum"):
+        for attr in ("fisher_out", "fisher_in", "grad_sum", "grad_channels"):
             for name, value in getattr(s, attr).items():
                 tensors[f"{k}.{attr}.{name}"] = value.detach().cpu().contiguous()
         meta.append({"members": members, "n": s.n, "count": s.count, "grad_out": s.grad_out,
@@ -98,7 +98,7 @@ def unpack(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> 
                        grad_tokens={n: int(v) for n, v in group["grad_tokens"].items()})
         for attr in ("xxt", "abs_sum", "cross"):
             setattr(s, attr, tensors.get(f"{k}.{attr}"))
-        for attr in ("fisher_out", "fisher_in", "grad_sum"):
+        for attr in ("fisher_out", "fisher_in", "grad_sum", "grad_channels"):
             prefix = f"{k}.{attr}."
             getattr(s, attr).update({key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)})
         for name in group["members"]:

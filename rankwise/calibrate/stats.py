@@ -47,6 +47,7 @@ class LayerStats:
     cross: torch.Tensor | None = None  # (n, n) float64, sum of x_original x_compressed^T (sequential mode)
     grad_out: dict[str, float] = field(default_factory=dict)  # module name -> sum over tokens of ||dL/dy||^2
     grad_tokens: dict[str, int] = field(default_factory=dict)  # module name -> tokens behind grad_out
+    grad_channels: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> (out,) float64, sum of (dL/dy)^2
     grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> (out, in) float32, sum of dL/dW
     # module -> list of (windows, out, in) float32: the weight gradient of each calibration window, per batch
     grad_windows: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -122,10 +123,21 @@ class LayerStats:
         g3 = grad.detach().float().reshape(x3.shape[0], -1, grad.shape[-1])  # (windows, tokens, out)
         self.grad_windows.setdefault(name, []).append((g3.mT @ x3).mul_(x3.shape[0]))  # (windows, out, in)
 
+    def output_channel_weights(self, name: str) -> torch.Tensor | None:
+        """Per output channel, the root mean squared loss gradient ``sqrt(E (dL/dy_j)^2)`` (the diagonal of the
+        output Fisher), floored at a thousandth of its largest value; ``None`` when not collected (``"gout"``)."""
+        if name not in self.grad_channels or not self.grad_tokens.get(name):
+            return None
+        rms = (self.grad_channels[name] / self.grad_tokens[name]).sqrt()
+        return rms.clamp_min(1e-3 * float(rms.max()) if float(rms.max()) > 0 else 1.0)
+
     def add_grad_out(self, name: str, grad: torch.Tensor) -> None:
-        g = grad.detach().float()
-        self.grad_out[name] = self.grad_out.get(name, 0.0) + float(g.pow(2).sum())
-        self.grad_tokens[name] = self.grad_tokens.get(name, 0) + g.numel() // g.shape[-1]
+        g2 = grad.detach().float().pow(2)
+        per_channel = g2.reshape(-1, g2.shape[-1]).sum(0, dtype=torch.float64)  # (out,)
+        self.grad_channels[name] = (per_channel if name not in self.grad_channels
+                                    else self.grad_channels[name].add_(per_channel))
+        self.grad_out[name] = self.grad_out.get(name, 0.0) + float(per_channel.sum())
+        self.grad_tokens[name] = self.grad_tokens.get(name, 0) + g2.numel() // g2.shape[-1]
 
 
 def pooled_second_moment(stats: Iterable[LayerStats]) -> torch.Tensor:

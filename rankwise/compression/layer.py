@@ -114,8 +114,12 @@ def add_fisher(group: InputGroup, gradient_stats: Mapping[str, LayerStats]) -> L
     if group.stats is not None:
         for name in group.names:
             if name in gradient_stats:
-                group.stats.fisher_out.update(gradient_stats[name].fisher_out)
-                group.stats.fisher_in.update(gradient_stats[name].fisher_in)
+                part = gradient_stats[name]
+                group.stats.fisher_out.update(part.fisher_out)
+                group.stats.fisher_in.update(part.fisher_in)
+                group.stats.grad_channels.update(part.grad_channels)
+                group.stats.grad_out.update(part.grad_out)
+                group.stats.grad_tokens.update(part.grad_tokens)
     return group.stats
 
 

@@ -54,7 +54,7 @@ def capture(source, batches: list[torch.Tensor], store: ActivationStore, streams
 
 
 def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, kinds: frozenset[str],
-                  policy: AllocationPolicy, *, progress: bool = True
+                  policy: AllocationPolicy, *, progress: bool = True, samples: int | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, LayerStats]]:
     """Score every target for ``policy`` and collect gradient statistics, one block in memory at a time.
 
@@ -64,15 +64,18 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
         streams: the captured calibration inputs (stream ``"scoring"`` at block 0).
         kinds: statistics to collect (``xxt``, ``gout``, ``fisher``).
         policy: the allocation policy whose scores are wanted (``None`` scores are skipped).
+        samples: score on the first batches holding this many windows (``None``: all); the rest of stream
+            ``"scoring"`` is dropped.
 
     Returns:
         ``(scores, stats)``: per target, the policy's scores (empty if it has none) and the gradient statistics
         (Fisher sums, output-gradient energy; input covariances are dropped once scored).
     """
+    scoring = score_batches(streams, samples)
     if not needs_gradients(kinds):
-        return _forward_scores(source, targets, streams, kinds, policy, progress=progress), {}
+        return _forward_scores(source, targets, scoring, kinds, policy, progress=progress), {}
     blocks, store, device = source.blocks, streams.store, source.device
-    n, nb = len(blocks), len(streams.batches)
+    n, nb = len(blocks), len(scoring.batches)
     for i in progress_bar(range(n), "gradient pass: forward", enabled=progress):
         block = source.load(i)
         with torch.no_grad():
@@ -84,7 +87,7 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
                 streams.as_tuple = isinstance(out, tuple | list)
                 store.put(("scoring", b), first(out))
         source.release(i)
-    for b, batch in enumerate(streams.batches):
+    for b, batch in enumerate(scoring.batches):
         store.put(("grad", b), _batch_loss_grad(source, batch, store.get(("scoring", b)), streams.as_tuple))
         store.drop(("scoring", b))
     scores: dict[str, torch.Tensor] = {}
@@ -121,11 +124,25 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
                 scores[name] = policy.score(name, linear_weight(module).detach(), stats).cpu()
             if stats is not None:
                 stats.grad_windows.pop(name, None)  # per-window gradients ("gwin"): scored, freed before the next block
-                kept[name] = _gradient_part(name, stats)
+                kept[name] = gradient_part(name, stats)
         source.release(i)
     for b in range(nb):
         store.drop(("grad", b))
     return scores, kept
+
+
+def score_batches(streams: Streams, samples: int | None) -> Streams:
+    """``streams`` cut to its first batches holding ``samples`` windows (rounded up to a whole batch; ``None``:
+    all of them); stream ``"scoring"`` of the batches left out is dropped."""
+    if samples is None:
+        return streams
+    keep, total = 0, 0
+    while keep < len(streams.batches) and total < samples:
+        total += streams.batches[keep].shape[0]
+        keep += 1
+    for b in range(keep, len(streams.batches)):
+        streams.store.drop(("scoring", b))
+    return Streams(streams.batches[:keep], streams.calls[:keep], streams.store, streams.as_tuple)
 
 
 def _forward_scores(source, targets: Mapping[int, list[str]], streams: Streams, kinds: frozenset[str],
@@ -200,10 +217,10 @@ def _batch_loss_grad(source, batch: torch.Tensor, hidden: torch.Tensor, as_tuple
     return torch.cat(grads)
 
 
-def _gradient_part(name: str, stats: LayerStats) -> LayerStats:
+def gradient_part(name: str, stats: LayerStats) -> LayerStats:
     """Only this layer's gradient statistics (small), without the shared input covariance."""
     part = LayerStats(n=stats.n)
-    for attr in ("fisher_out", "fisher_in", "grad_out", "grad_tokens"):
+    for attr in ("fisher_out", "fisher_in", "grad_out", "grad_tokens", "grad_channels"):
         source = getattr(stats, attr)
         if name in source:
             getattr(part, attr)[name] = source[name]

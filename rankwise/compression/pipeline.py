@@ -30,6 +30,7 @@ from rankwise.compression.layer import add_fisher, check_finite, dense_row, fact
 from rankwise.compression.passes import (
     Streams,
     capture,
+    gradient_part,
     gradient_pass,
     influence_pass,
     needs_gradients,
@@ -98,7 +99,7 @@ def make_plan(source, config: CompressConfig, filter_fn: FilterFn | None, *, has
             by_block.setdefault(i, []).append(name)
     gradient_kinds = frozenset()
     if stats is None:
-        gradient_kinds = (policy.kinds | (config.needs & {"fisher"}))
+        gradient_kinds = (policy.kinds | (config.needs & {"fisher", "gout"}))
         if not needs_gradients(gradient_kinds) and not (policy.needs_scores and policy.kinds):
             gradient_kinds = frozenset()  # no pass: scores from the weights alone
     block_kinds = frozenset((config.needs & INPUT_KINDS) | {"xxt"}) if has_data else frozenset()
@@ -185,6 +186,7 @@ def cache_entry(cache: StatsCache, source, plan: Plan, batches: list[torch.Tenso
         dtype=str(source.dtype), device=source.device.type, targets=plan.names,
         block_kinds=None if config.sequential else sorted(plan.block_kinds),
         gradient_kinds=sorted(plan.gradient_kinds), allocation=config.allocation if plan.gradient_kinds else None,
+        score_samples=config.score_samples if plan.gradient_kinds else None,
         influence=plan.influence)
 
 
@@ -220,12 +222,14 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
     elif plan.gradient_kinds:
         assert streams is not None
         scores, gradient_stats = gradient_pass(source, plan.by_block, streams, plan.gradient_kinds, policy,
-                                               progress=progress)
+                                               progress=progress, samples=config.score_samples)
         if entry is not None:
             entry.write("scores", scores)
             entry.write_stats("gradient", gradient_stats)
     elif policy.needs_scores:
         scores = weight_scores(source, plan.by_block, policy, stats, progress=progress)
+    if stats is not None and not gradient_stats:  # precomputed: their gradient parts serve the per-block fits
+        gradient_stats = {name: gradient_part(name, stats[name]) for name in plan.names if name in stats}
     keeps = None
     if config.structured:
         influence = None

@@ -307,6 +307,8 @@ def label(config: CompressConfig, eora_rank: int = 0) -> str:
         parts.append("+seq")
     if config.update_u:
         parts.append("+upd")
+    if config.score_samples is not None:
+        parts.append(f"+score_samples={config.score_samples}")
     base = {f.name for f in dataclasses.fields(CompressConfig)}
     flags = {key: flag for flag, (key, value) in FLAG_OPTIONS.items() if value is True}
     for f in dataclasses.fields(config):  # method-specific fields that differ from their defaults
@@ -444,6 +446,9 @@ def compare(model: nn.Module, calibration: torch.Tensor, evaluation: torch.Tenso
     with session:  # connect before the calibration pass, so a bad address fails at once
         targets = find_targets(model)
         kinds = set().union(*(c.needs | c.policy.kinds for c in configs if isinstance(c, CompressConfig))) | {"xxt"}
+        if any(isinstance(c, CompressConfig) and c.score_samples is not None for c in configs):
+            raise ValueError("score_samples narrows rankwise compress's scoring pass; compare scores every row on "
+                             "its shared statistics of all calibration windows: drop +score_samples from the recipes")
         if "gwin" in kinds:  # whole-model statistics would hold every layer's per-window gradients at once
             raise ValueError("allocation loss_mfac keeps each window's weight gradient, which compare's shared "
                              "whole-model statistics would hold for every layer at once; measure it with rankwise "

@@ -55,10 +55,16 @@ class CompressConfig:
         sequential: calibrate each block on the activations of the blocks already compressed.
         update_u: after truncation, refit the left factor by least squares on the calibration activations
             (towards the original model's outputs when ``sequential``).
+        score_samples: how many calibration windows (the first ones, rounded up to whole batches) the scoring pass
+            of an allocation that reads gradients (``loss``, ``zs``, ...) or of FWSVD's Fisher uses; ``None``, all.
+            That pass is a backward through the whole model, the largest part of the time of ``--recipe best``.
+            The layers are still fitted on every window, but what the fits read from that pass (FWSVD's Fisher,
+            ``output_weighted``'s channel weights) comes from the subset too. ``rankwise compress`` only: compare
+            scores every row on its shared statistics and refuses it.
     """
 
     name: ClassVar[str] = ""
-    needs: ClassVar[frozenset[str]] = frozenset()  # calibration statistics: "xxt", "abs", "fisher"
+    needs: ClassVar[frozenset[str]] = frozenset()  # calibration statistics: "xxt", "abs", "fisher", "gout"
     knob: ClassVar[str] = "rank"  # the integer size knob the budget sets per matrix, as reports name it
     units: ClassVar[tuple[str, ...]] = UNITS  # budgets it takes: "params" (ratio), "bytes" (bits)
     # Structured methods narrow whole modules of a block together (a :func:`register_block_method` function) at a
@@ -76,9 +82,14 @@ class CompressConfig:
     allocation: str | Callable | AllocationPolicy = "uniform"
     sequential: bool = False
     update_u: bool = False
+    score_samples: int | None = None
 
     def __post_init__(self) -> None:
         allocation_policy(self.allocation)  # validates: a known name, a callable or a policy
+        if self.score_samples is not None and (isinstance(self.score_samples, bool)
+                                               or not isinstance(self.score_samples, int) or self.score_samples < 1):
+            raise ValueError(f"score_samples must be a number of calibration windows >= 1 (or None: all), got "
+                             f"{self.score_samples!r}")
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0.0 < self.ratio < 1.0:
             raise ValueError(f"ratio must be a fraction of parameters removed in (0, 1), got {self.ratio!r}")
         if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(self.bits, numbers.Real)

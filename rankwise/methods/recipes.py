@@ -66,10 +66,11 @@ def _parse_value(tp: Any, text: str, what: str) -> Any:
     raise ValueError(f"{what}: {text!r} is not a valid {_type_text(tp)}")
 
 
-FLAG_OPTIONS = {"seq": ("sequential", True), "upd": ("update_u", True), "anc": ("anchored", True)}
+FLAG_OPTIONS = {"seq": ("sequential", True), "upd": ("update_u", True), "anc": ("anchored", True),
+                "ow": ("output_weighted", True)}
 
 NAMED_RECIPES = {
-    "best": "svd_llm+loss+seq+anc",
+    "best": "svd_llm+loss+seq+anc+ow",
 }
 """Recipes reachable by one name (``rankwise compress --recipe best``, ``compare --recipes best``): ``best`` is the
 best training-free recipe measured on the default model (benchmarks/RESULTS.md, "The 2025-2026 records")."""

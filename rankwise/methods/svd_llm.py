@@ -37,15 +37,24 @@ class SVDLLMConfig(LowRankConfig):
             calibration batches train its factors (only) towards the original block's outputs; 0 = none. Needs
             ``sequential``. A block whose calibration error would rise keeps its closed-form factors.
         refine_lr: the refinement's peak learning rate (AA-SVD: 1e-4).
+        output_weighted: also weight each output channel ``j`` by ``sqrt(E (dL/dy_j)^2)``, the diagonal of the
+            loss's output Fisher from the gradient pass (a Kronecker-factored curvature ``E[x x^T] (x) diag E[g^2]``
+            as in K-FAC; FWSVD, https://arxiv.org/abs/2207.00112, weights rows by a Fisher too): the error
+            ``||D (W X - W' Xh)||`` with ``D`` that diagonal is minimised, so channels the loss is sensitive to
+            are kept more exactly. Costs the gradient pass (free with ``allocation="loss"``).
     """
 
     name: ClassVar[str] = "svd_llm"
-    needs: ClassVar[frozenset[str]] = frozenset({"xxt"})
     damp: float = 0.0
     anchored: bool = False
     anchor: float = 0.5
     refine_epochs: int = 0
     refine_lr: float = 1e-4
+    output_weighted: bool = False
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"xxt", "gout"}) if self.output_weighted else frozenset({"xxt"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,7 +83,24 @@ class SVDLLMConfig(LowRankConfig):
 def svd_llm(weight: torch.Tensor, stats: LayerStats | None, rank: int, config: SVDLLMConfig, name: str) -> LowRank:
     if stats is None:
         raise ValueError(f"svd_llm needs the input covariance for {name}")
+    target = weight
+    rows = None
+    if config.output_weighted:
+        rows = stats.output_channel_weights(name)
+        if rows is None:
+            raise ValueError(f"output_weighted needs the loss gradients at {name}'s outputs (the gradient pass), "
+                             "which these statistics lack (a calibration cache entry from before: pass --no-cache)")
+        rows = rows.to(weight.device, torch.float64)
+        rows = rows / rows.max()  # the minimiser does not depend on D's scale: in [1e-3, 1], no under/overflow
+        # D W: the error is measured as ||D (...)||; formed in float32 at least, never rounded to a half type
+        target = (weight.double() * rows[:, None]).to(torch.promote_types(weight.dtype, torch.float32))
     if config.anchored and stats.cross is not None:
-        return anchored_svd(weight, stats.whitening(config.damp), stats.cross_covariance, rank,
-                            weight=float(config.anchor))
-    return whitened_svd(weight, stats.whitening(config.damp), rank)
+        lr = anchored_svd(target, stats.whitening(config.damp), stats.cross_covariance, rank,
+                          weight=float(config.anchor))
+    else:
+        lr = whitened_svd(target, stats.whitening(config.damp), rank)
+    if rows is None:
+        return lr
+    U = (lr.U.double() / rows[:, None]).to(weight.dtype)  # D^-1 [D A]_r
+    return LowRank(U, lr.S.to(weight.dtype), lr.Vh.to(weight.dtype), {**lr.info, "output_weighted": True},
+                   lr.whitening_fallback)
