@@ -11,7 +11,8 @@ from typing import Any
 from rankwise.allocate import ALLOCATIONS
 from rankwise.methods.base import CompressConfig, config_class, method_names
 
-COMMON_FIELDS = ("ratio", "bits", "targets", "allocation", "sequential", "update_u")
+COMMON_FIELDS = ("ratio", "bits", "targets", "allocation", "sequential", "update_u", "score_samples")
+SHARED_SETTINGS = ("score_samples",)  # fields of every method that have no flag of their own: set with --set
 
 
 def method_fields(config_cls: type[CompressConfig]) -> dict[str, tuple[str, Any]]:
@@ -28,8 +29,12 @@ def parse_settings(config_cls: type[CompressConfig], pairs: list[str]) -> dict[s
         ValueError: one line naming the setting and the fields (with types) this method has.
     """
     own = method_fields(config_cls)
-    listing = ", ".join(f"{k} ({t}, default {d!r})" for k, (t, d) in own.items()) or "none"
     hints = typing.get_type_hints(config_cls)
+    shared = {f.name: (_type_text(hints[f.name]), f.default) for f in dataclasses.fields(config_cls)
+              if f.name in SHARED_SETTINGS}
+    listing = (", ".join(f"{k} ({t}, default {d!r})" for k, (t, d) in own.items()) or "none") + "".join(
+        f"; or the shared {k} ({t}, default {d!r})" for k, (t, d) in shared.items())
+    own = {**own, **shared}
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
