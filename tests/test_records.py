@@ -435,7 +435,7 @@ def test_output_weighted_in_half_precision_stays_finite_with_tiny_gradients(dtyp
     """Mean-loss gradients are tiny (here 1e-5 to 1e-8 RMS): the fit must not underflow or overflow a half type."""
     from rankwise.methods.svd_llm import svd_llm
 
-    W, X, stats, d = output_weighted_case()
+    W, _X, stats, _d = output_weighted_case()
     stats.grad_channels["w"] = stats.grad_channels["w"] * 1e-10
     reference = svd_llm(W, stats, 5, SVDLLMConfig(ratio=0.3, output_weighted=True), "w").to_dense()
     half = svd_llm(W.to(dtype), stats, 5, SVDLLMConfig(ratio=0.3, output_weighted=True), "w")
