@@ -109,8 +109,8 @@ def factorise_shared(names: list[str], modules: list[nn.Module], stats: list[Lay
 
 
 def add_fisher(group: InputGroup, gradient_stats: Mapping[str, LayerStats]) -> LayerStats | None:
-    """The group's statistics, given the dense model's Fisher sums of its layers (from the gradient pass), which the
-    Fisher-weighted methods read from them."""
+    """The group's statistics, given the dense model's gradient statistics of its layers (from the gradient pass:
+    Fisher sums, output-gradient energies per channel), which the Fisher- and output-weighted fits read from them."""
     if group.stats is not None:
         for name in group.names:
             if name in gradient_stats:

@@ -89,7 +89,7 @@ def svd_llm(weight: torch.Tensor, stats: LayerStats | None, rank: int, config: S
         rows = stats.output_channel_weights(name)
         if rows is None:
             raise ValueError(f"output_weighted needs the loss gradients at {name}'s outputs (the gradient pass), "
-                             "which these statistics lack (a calibration cache entry from before: pass --no-cache)")
+                             "which these statistics lack (precomputed statistics need the kind 'gout')")
         rows = rows.to(weight.device, torch.float64)
         rows = rows / rows.max()  # the minimiser does not depend on D's scale: in [1e-3, 1], no under/overflow
         # D W: the error is measured as ||D (...)||; formed in float32 at least, never rounded to a half type
