@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
 import torch
 
 from rankwise.adapt.heal import HealConfig, distillation_loss, heal_
-from rankwise.adapt.train import CHECKPOINT, TrainConfig, TrainingDivergedError, causal_lm_loss, train
+from rankwise.adapt.train import (
+    CHECKPOINT,
+    TrainConfig,
+    TrainingDivergedError,
+    budget_steps,
+    causal_lm_loss,
+    train,
+)
 from rankwise.compression import compress_
 from rankwise.eval.measure import count_params
 from rankwise.methods.svd_llm import SVDLLMConfig
@@ -239,3 +247,52 @@ def test_distillation_scores_only_masked_tokens():
         kl = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean")
         ce = torch.nn.functional.nll_loss(q, ids[:, 1:].reshape(-1)[keep])
     torch.testing.assert_close(got.detach(), 0.5 * ce + 0.5 * kl, rtol=1e-5, atol=1e-6)
+
+
+class _Clock:
+    """A stand-in for ``time.perf_counter`` that advances ``tick`` seconds per call."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_time_budget_counts_the_steps_that_fit_and_changes_nothing(monkeypatch):
+    train_module = importlib.import_module("rankwise.adapt.train")  # the package exports a function of that name
+    model, ids = _lm(), tiny_tokens(16, 32, seed=1)
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    monkeypatch.setattr(train_module.time, "perf_counter", _Clock(1.5))  # each trial step "takes" 1.5 s
+    config, seconds = budget_steps(model, ids, TrainConfig(steps=100, batch_size=2, grad_accum=2), 0.5)
+    assert seconds == 1.5 and config.steps == 20  # 30 s / 1.5 s
+    assert (config.batch_size, config.grad_accum) == (2, 2)
+    capped, _ = budget_steps(model, ids, TrainConfig(steps=7, batch_size=2), 60.0)
+    assert capped.steps == 7  # never more than --steps
+    floor, _ = budget_steps(model, ids, TrainConfig(steps=7, batch_size=2), 0.001)
+    assert floor.steps == 1  # at least one step
+    assert all(torch.equal(p, weights[n]) and p.grad is None for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="positive number of minutes"):
+        budget_steps(model, ids, TrainConfig(steps=7), 0.0)
+
+
+def test_heal_with_a_time_budget_is_the_run_its_step_count_gives(monkeypatch):
+    train_module = importlib.import_module("rankwise.adapt.train")  # the package exports a function of that name
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    compress_(student, SVDLLMConfig(ratio=0.5), tiny_tokens(8, 32), progress=False)
+    twin = copy.deepcopy(student)
+    ids, said = tiny_tokens(16, 32, seed=1), []
+    monkeypatch.setattr(train_module.time, "perf_counter", _Clock(2.0))
+    budgeted = heal_(student, ids, TrainConfig(steps=50, lr=3e-3, batch_size=4), HealConfig(), teacher=teacher,
+                     progress=False, minutes=0.1, say=said.append)  # 6 s at 2 s per step: 3 steps
+    assert len(budgeted.losses) == 3 and "3 steps" in said[0] and "--steps 3" in said[0]
+    fixed = heal_(twin, ids, TrainConfig(steps=3, lr=3e-3, batch_size=4), HealConfig(), teacher=teacher,
+                  progress=False)
+    assert budgeted.losses == fixed.losses
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), twin.state_dict().values(),
+                                                   strict=True))
+    with pytest.raises(ValueError, match="cannot resume"):
+        heal_(student, ids, TrainConfig(steps=3), HealConfig(), teacher=teacher, progress=False, minutes=1.0,
+              resume=True)

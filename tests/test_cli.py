@@ -271,6 +271,8 @@ def test_heal_saves_a_compressed_model_of_the_same_size(tiny_dir, tmp_path):
     for args, message in (
         (("heal", tiny_dir, "--out", tmp_path / "x"), "not a compressed rankwise directory"),
         (("heal", out, "--out", tmp_path / "y", "--steps", "0"), "--steps"),
+        (("heal", out, "--out", tmp_path / "v", "--minutes", "0"), "--minutes"),
+        (("heal", out, "--out", tmp_path / "u", "--minutes", "5", "--resume"), "cannot resume"),
         (("heal", out, "--out", tmp_path / "z", "--base", tiny_dir, "--text", text, "--seq-len", "16",
           "--eval-samples", "4", "--resume"), "no training state"),
         (("heal", out, "--out", tmp_path / "w", "--base", tiny_dir, "--json-report", tmp_path / "nowhere" / "r.json"),

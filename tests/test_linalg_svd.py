@@ -170,3 +170,17 @@ def test_rank_deficient_input_does_not_break_the_power_iteration(solver, make):
     assert torch.allclose(lr.to_dense(), W, atol=1e-4)
     P = subspace_basis(W, 8, start=torch.linalg.qr(torch.randn(30, 8)).Q, power_iters=2, generator=0)
     assert P.shape == (30, 8) and bool(torch.isfinite(P).all())
+
+
+@pytest.mark.parametrize("shape", [(40, 7), (7, 40), (30, 30), (1, 5)])
+def test_squared_singular_values_match_the_float64_svd(shape):
+    from rankwise.linalg import squared_singular_values
+
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(*shape, generator=gen)
+    A[:, -1] = A[:, 0]  # rank-deficient: a zero singular value stays >= 0
+    s2 = squared_singular_values(A)
+    ref = torch.linalg.svdvals(A.double()).pow(2)
+    assert s2.dtype == torch.float64 and s2.shape == ref.shape
+    assert bool((s2[:-1] >= s2[1:]).all()) and bool((s2 >= 0).all())
+    assert torch.allclose(s2, ref, rtol=1e-10, atol=1e-12 * float(ref[0]))

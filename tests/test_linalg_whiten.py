@@ -148,3 +148,15 @@ def test_large_singular_covariance_takes_ridge_then_matches_eigh_quality(monkeyp
     assert ridge.info["whitening"]["method"] == "ridge" and ridge.info["whitening"]["damping"] > 0
     err = [float(torch.linalg.matrix_norm((W - lr.to_dense()) @ X)) for lr in (eig, ridge)]
     assert abs(err[0] - err[1]) <= 1e-3 * err[0]  # same objective to 0.1 %
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 10, 37])
+@pytest.mark.parametrize("blocks", [1, 4, 50])
+def test_gram_is_the_exactly_symmetric_second_moment(n, blocks):
+    from rankwise.linalg import gram
+
+    x = torch.randn(64, n, generator=torch.Generator().manual_seed(n))
+    g = gram(x, blocks=blocks)
+    assert g.shape == (n, n) and g.dtype == x.dtype
+    assert torch.equal(g, g.mT)
+    assert torch.allclose(g.double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-4)

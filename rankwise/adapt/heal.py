@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapt.train import LossFn, TrainConfig, TrainResult, causal_lm_loss, train
+from rankwise.adapt.train import LossFn, TrainConfig, TrainResult, budget_steps, causal_lm_loss, train
 from rankwise.nn import LowRankLinear, NarrowLinear
 
 TRAINABLE = ("factors", "linear")
@@ -97,7 +97,8 @@ def distillation_loss(teacher: nn.Module, distill: float, temperature: float) ->
 def heal_(model: nn.Module, ids: torch.Tensor, config: TrainConfig, heal: HealConfig | None = None, *,
           teacher: nn.Module | None = None, eval_ids: torch.Tensor | None = None,
           checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-          eval_first: bool = True, identity: dict | None = None) -> TrainResult:
+          eval_first: bool = True, identity: dict | None = None, minutes: float | None = None,
+          say: Callable[[str], None] | None = None) -> TrainResult:
     """Fine-tune the compressed ``model`` in place on the token windows ``ids`` ``(n, seq_len)``.
 
     Args:
@@ -109,6 +110,9 @@ def heal_(model: nn.Module, ids: torch.Tensor, config: TrainConfig, heal: HealCo
         teacher: the dense model whose logits are distilled (same tokenizer), frozen.
         eval_ids: held-out windows; their next-token loss is reported before (if ``eval_first``), during and after.
         identity: what a resumed run must share with the first (see :func:`~rankwise.adapt.train.train`).
+        minutes: a time budget: as many steps as fit in it (at most ``config.steps``), counted once from a timed
+            trial step before training (:func:`~rankwise.adapt.train.budget_steps`); not with ``resume``.
+        say: called with the line saying how many steps the budget gives.
 
     Returns:
         The :class:`~rankwise.adapt.train.TrainResult` (losses, evaluation losses, timing).
@@ -125,6 +129,14 @@ def heal_(model: nn.Module, ids: torch.Tensor, config: TrainConfig, heal: HealCo
         teacher.requires_grad_(False).eval()
         loss_fn = distillation_loss(teacher, heal.distill, heal.temperature)
     try:
+        if minutes is not None:
+            if resume:
+                raise ValueError("a time budget (--minutes) cannot resume a run: resume with --steps set to the "
+                                 "steps the first run printed")
+            config, seconds = budget_steps(model, ids, config, minutes, loss_fn=loss_fn)
+            if say is not None:
+                say(f"time budget {minutes:g} min: {seconds:.1f} s per step, {config.steps} steps (rerun with "
+                    f"--steps {config.steps} for the same result)")
         return train(model, ids, config, eval_ids=eval_ids, loss_fn=loss_fn, checkpoint_dir=checkpoint_dir,
                      resume=resume, progress=progress, eval_first=eval_first, identity=identity)
     finally:
@@ -152,7 +164,8 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
                base: str = "smollm2", text: str | None = None, dataset: str | None = None, seq_len: int = 256,
                eval_samples: int = 16, device: str = "cpu", resume: bool = False, overwrite: bool = False,
                json_report: str | Path | None = None, trust_remote_code: bool = False, progress: bool = True,
-               say: Callable[[str], None] | None = None, verify: bool = True) -> HealResult:
+               say: Callable[[str], None] | None = None, verify: bool = True,
+               minutes: float | None = None) -> HealResult:
     """Heal the compressed directory ``compressed`` and save a compressed model with the same ranks and parameter
     count to ``out``: fine-tune its factors on ``text`` (a file; default: the standard library's pydoc topics) or
     ``dataset``, distilling the dense model ``base``.
@@ -171,6 +184,8 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
         resume: continue from ``OUT.checkpoint``: the compressed and ``base`` models (by hashes of their weights'
             bytes), data and settings must be the first run's, checked before anything is evaluated.
         verify: check the models' files against their checksums (see :func:`rankwise.io.models.load_model`).
+        minutes: train as many steps as fit in this many minutes, at most ``config.steps`` (see :func:`heal_`);
+            not with ``resume``.
         json_report: also write the settings, perplexities, losses and evaluations as JSON to this file.
         progress: draw the training progress bar.
         say: called with each line worth printing (the perplexities before training, the result after).
@@ -206,6 +221,9 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
     compressed, out, base = str(compressed), str(out), str(base)
     text = None if text is None else str(text)
     check_job(out, seq_len, eval_samples)
+    if minutes is not None and resume:
+        raise ValueError("a time budget (--minutes) cannot resume a run: resume with --steps set to the steps the "
+                         "first run printed")
     if not is_compressed_dir(compressed):
         raise ValueError(f"{compressed!r} is not a compressed rankwise directory (no rankwise.json); heal what "
                          "rankwise compress wrote")
@@ -242,13 +260,14 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
         checkpoint.mkdir(exist_ok=True)
         training = heal_(student, train_ids, config, options, teacher=teacher, eval_ids=evaluation,
                          checkpoint_dir=checkpoint, resume=resume, progress=progress, eval_first=False,
-                         identity=identity)
+                         identity=identity, minutes=minutes, say=tell)
+        steps = len(training.losses)
         after = math.exp(training.evals[-1][1])
-        tell(f"healed {config.steps} steps x {config.windows_per_step} windows in {training.seconds:.0f} s "
+        tell(f"healed {steps} steps x {config.windows_per_step} windows in {training.seconds:.0f} s "
              f"({training.seconds_per_step:.1f} s/step), {training.trainable:,} weights trained: held-out perplexity "
              f"{before:.3f} -> {after:.3f}" + (f" ({after / dense:.2f}x dense)" if dense else ""))
         origin = dict(manifest.provenance or {})
-        origin["heal"] = {"base": base, "steps": config.steps, "lr": config.lr, "distill": options.distill,
+        origin["heal"] = {"base": base, "steps": steps, "minutes": minutes, "lr": config.lr, "distill": options.distill,
                           "temperature": options.temperature, "weights": options.trainable, "text": text_name,
                           "training_windows": list(train_ids.shape), "windows_per_step": config.windows_per_step,
                           "seed": config.seed, "perplexity_before": before, "perplexity_after": after,

@@ -17,7 +17,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +189,46 @@ def _order(n: int, steps: int, per_step: int, seed: int) -> torch.Tensor:
     need = steps * per_step
     epochs = -(-need // n)
     return torch.cat([torch.randperm(n, generator=gen) for _ in range(epochs)])[:need]
+
+
+def budget_steps(model: nn.Module, ids: torch.Tensor, config: TrainConfig, minutes: float, *,
+                 mask: torch.Tensor | None = None, loss_fn: LossFn = causal_lm_loss) -> tuple[TrainConfig, float]:
+    """``config`` with as many steps as fit in ``minutes`` of training (at most ``config.steps``), and the seconds
+    one step took.
+
+    Two trial steps run first, each the forward and backward of one step's windows (the first ones of ``ids``) with
+    nothing applied; the second is timed (the first pays for allocation). The count is fixed before training starts,
+    so the run is the one ``steps=N`` gives: same seed, same bytes, whatever the machine's speed.
+
+    Raises:
+        ValueError: ``minutes`` is not a positive finite number, or the model has no trainable parameter.
+    """
+    if not (isinstance(minutes, int | float) and math.isfinite(minutes) and minutes > 0):
+        raise ValueError(f"the time budget must be a positive number of minutes, got {minutes!r}")
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameter: nothing to train")
+    device = next(model.parameters()).device
+    picked = ids[:config.windows_per_step]
+    was_training = model.training
+    model.train()
+    seconds = 0.0
+    try:
+        for _ in range(2):
+            began = time.perf_counter()
+            for start in range(0, picked.shape[0], config.batch_size):
+                batch = picked[start:start + config.batch_size].to(device)
+                bmask = None if mask is None else mask[start:start + config.batch_size].to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    loss = loss_fn(model, batch, bmask)
+                (loss / config.grad_accum).backward()
+            seconds = time.perf_counter() - began
+    finally:
+        for p in params.values():
+            p.grad = None
+        model.train(was_training)
+    steps = max(1, min(config.steps, int(minutes * 60 / max(seconds, 1e-9))))
+    return replace(config, steps=steps), seconds
 
 
 def train(model: nn.Module, ids: torch.Tensor, config: TrainConfig, *, mask: torch.Tensor | None = None,

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import torch
 
-from rankwise.linalg import break_even_rank
+from rankwise.linalg import break_even_rank, squared_singular_values
 
 
 def layer_params(m: int, n: int, rank: int, limit: int | None = None) -> int:
@@ -100,7 +100,7 @@ def loss_scores(whitened: torch.Tensor, sensitivity: float | None = None) -> tor
     output energy ``sum s^2``.
     """
     m, n = whitened.shape
-    s2 = torch.linalg.svdvals(whitened.detach().float()).double().pow(2)
+    s2 = squared_singular_values(whitened.detach())
     if sensitivity is None:
         return s2 / s2.sum().clamp_min(torch.finfo(s2.dtype).tiny) / (m + n)
     return 0.5 * sensitivity / m * s2 / (m + n)

@@ -26,7 +26,7 @@ from rankwise.allocate.fisher import fisher_loss_scores
 from rankwise.allocate.uniform import uniform_ranks
 from rankwise.allocate.zero_sum import zero_sum_ranks, zero_sum_scores
 from rankwise.calibrate import LayerStats
-from rankwise.linalg import break_even_rank
+from rankwise.linalg import break_even_rank, squared_singular_values
 
 Shapes = Mapping[str, tuple[int, int]]
 RankFn = Callable[[Shapes, float], Mapping[str, int]]
@@ -108,7 +108,7 @@ def _loss_channels(name: str, weight: torch.Tensor, stats: LayerStats | None) ->
                          "gradient at every layer's outputs (statistics kinds 'xxt' and 'gout')")
     m, n = weight.shape
     weighted = weight.detach().double() * rows.to(weight.device, torch.float64)[:, None]  # D W
-    s2 = torch.linalg.svdvals(stats.whitening().right_multiply(weighted).float()).double().pow(2)
+    s2 = squared_singular_values(stats.whitening().right_multiply(weighted))
     return 0.5 * s2 / (m + n)
 
 
@@ -145,7 +145,7 @@ def _zero_sum(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torc
 def _drank(_name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
     if stats is None:
         raise ValueError("allocation 'drank' needs calibration data (the input covariances)")
-    return torch.linalg.svdvals(stats.whitening().right_multiply(weight.detach().float())).double().pow(2)
+    return squared_singular_values(stats.whitening().right_multiply(weight.detach().float()))
 
 
 ALLOCATIONS: dict[str, AllocationPolicy] = {

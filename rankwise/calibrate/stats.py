@@ -25,7 +25,7 @@ from torch import nn
 
 from rankwise.arch import is_encoder
 from rankwise.calibrate.objective import encoder_loss
-from rankwise.linalg import Whitening, whiten
+from rankwise.linalg import Whitening, gram, whiten
 from rankwise.nn import input_dim, linear_weight
 from rankwise.progress import progress_bar
 
@@ -96,7 +96,7 @@ class LayerStats:
     def add(self, x: torch.Tensor, kinds: frozenset[str]) -> None:
         x2 = x.detach().reshape(-1, self.n).float()  # (tokens, n)
         if "xxt" in kinds:
-            part = x2.T @ x2  # float32 within a batch, float64 across batches (added in place: no float64 copy)
+            part = gram(x2)  # float32 within a batch, float64 across batches (added in place: no float64 copy)
             self.xxt = part.double() if self.xxt is None else self.xxt.add_(part)
         if "abs" in kinds:
             part = x2.abs().sum(0)
@@ -270,6 +270,14 @@ class StatsObserver:
                 x = args[0].detach()
                 output.register_hook(lambda grad: self.stats[name].add_grad_windows(name, x, grad))
         return hook
+
+    def share(self, names: Iterable[str]) -> None:
+        """Give ``names`` the statistics of the first of them, which observed their common input (for members of
+        a known input group that were stopped before they ran)."""
+        lead, *rest = names
+        for name in rest:
+            self.leader[name] = lead
+            self.stats[name] = self.stats[lead]
 
     def add_fisher(self) -> None:
         """Accumulate the weight gradients of the last backward pass into the Fisher sums."""

@@ -48,6 +48,10 @@ def heal(
     out: OutOpt = ...,
     base: BaseOpt = "smollm2",
     steps: StepsOpt = STEPS,
+    minutes: Annotated[float | None, typer.Option(
+        "--minutes", min=0.01, help="a time budget: as many steps as fit in this many minutes of training (at most "
+        "--steps), counted from a timed trial step before training; it prints the count, which --steps reproduces")
+                       ] = None,
     lr: LrOpt = None,
     distill: Annotated[float, typer.Option("--distill", min=0.0, max=1.0, help="weight of the KL to the dense "
                                            "model's logits; 0 trains on next-token loss alone (no --base needed)")
@@ -87,5 +91,6 @@ def heal(
     setup(device, threads)
     heal_model(compressed, out, config=config, options=options, base=base, text=text, dataset=dataset,
                seq_len=seq_len, eval_samples=eval_samples, device=device, resume=resume, overwrite=overwrite,
-               json_report=json_report, trust_remote_code=trust_remote_code, say=say, verify=not no_verify)
+               json_report=json_report, trust_remote_code=trust_remote_code, say=say, verify=not no_verify,
+               minutes=minutes)
     say(f"saved healed compressed model to {out}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rankwise._memory import trim
 from rankwise.allocate import AllocationPolicy
 from rankwise.arch import is_encoder
 from rankwise.calibrate import LayerStats
@@ -87,6 +88,7 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
                 streams.as_tuple = isinstance(out, tuple | list)
                 store.put(("scoring", b), first(out))
         source.release(i)
+        trim()  # the block's freed temporaries lie between the stored activations: hand those pages back
     for b, batch in enumerate(scoring.batches):
         store.put(("grad", b), _batch_loss_grad(source, batch, store.get(("scoring", b)), streams.as_tuple))
         store.drop(("scoring", b))
@@ -126,6 +128,7 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
                 stats.grad_windows.pop(name, None)  # per-window gradients ("gwin"): scored, freed before the next block
                 kept[name] = gradient_part(name, stats)
         source.release(i)
+        trim()
     for b in range(nb):
         store.drop(("grad", b))
     return scores, kept

@@ -53,7 +53,9 @@ def observe_stage(block: nn.Module, modules: Mapping[str, nn.Module], kinds: fro
     lead = names[0]
     outs: list[torch.Tensor] = []
     with torch.no_grad(), StatsObserver(modules, kinds, record=twin is not None) as observer:
-        stop = modules[names[-1]].register_forward_hook(_raise_after)  # after the group's last member ran
+        # Registered after the observer's hooks: the leader's input is recorded, then the block stops before the
+        # group's (still dense) layers run, which nothing here reads.
+        stop = modules[lead].register_forward_pre_hook(_raise_before)
         try:
             for b in range(n_batches):
                 call, hidden = compressed_input(b)
@@ -67,10 +69,12 @@ def observe_stage(block: nn.Module, modules: Mapping[str, nn.Module], kinds: fro
                         outs.append(out)
         finally:
             stop.remove()
+    if lead in observer.stats:
+        observer.share(names)  # the members that never ran read the leader's input
     return observer.stats, outs
 
 
-def _raise_after(_module: nn.Module, _args: tuple, _output: object) -> None:
+def _raise_before(_module: nn.Module, _args: tuple) -> None:
     raise _StageDoneError
 
 

@@ -56,10 +56,10 @@ from rankwise.linalg.structured import (
     rope_pair_selection,
     whitened_value_output,
 )
-from rankwise.linalg.svd import SOLVERS, subspace_basis, svd_flip, truncated_svd
+from rankwise.linalg.svd import SOLVERS, squared_singular_values, subspace_basis, svd_flip, truncated_svd
 from rankwise.linalg.tucker import TuckerFactors, tucker
 from rankwise.linalg.tucker import validate_ranks as validate_tucker_ranks
-from rankwise.linalg.whiten import Whitening, anchored_svd, refit_left, weighted_svd, whiten, whitened_svd
+from rankwise.linalg.whiten import Whitening, anchored_svd, gram, refit_left, weighted_svd, whiten, whitened_svd
 
 __all__ = [
     "LQ",
@@ -84,6 +84,7 @@ __all__ = [
     "break_even_rank",
     "complete",
     "fwht",
+    "gram",
     "greedy_volume",
     "leverage_scores",
     "lewis_weights",
@@ -113,6 +114,7 @@ __all__ = [
     "sketch_lstsq",
     "sketch_lstsq_linf",
     "sparse_dictionary",
+    "squared_singular_values",
     "subspace_basis",
     "svd_flip",
     "truncated_svd",

