@@ -272,6 +272,10 @@ def test_time_budget_counts_the_steps_that_fit_and_changes_nothing(monkeypatch):
     assert capped.steps == 7  # never more than --steps
     floor, _ = budget_steps(model, ids, TrainConfig(steps=7, batch_size=2), 0.001)
     assert floor.steps == 1  # at least one step
+    seen = []
+    short = budget_steps(model, ids[:3], TrainConfig(steps=100, batch_size=2, grad_accum=3), 10.0,
+                         loss_fn=lambda m, b, k: seen.append(b.shape[0]) or causal_lm_loss(m, b, k))
+    assert sum(seen) == 2 * 6 and short[0].steps == 100  # a whole step of 6 windows from 3, twice
     assert all(torch.equal(p, weights[n]) and p.grad is None for n, p in model.named_parameters())
     with pytest.raises(ValueError, match="positive number of minutes"):
         budget_steps(model, ids, TrainConfig(steps=7), 0.0)

@@ -160,3 +160,14 @@ def test_gram_is_the_exactly_symmetric_second_moment(n, blocks):
     assert g.shape == (n, n) and g.dtype == x.dtype
     assert torch.equal(g, g.mT)
     assert torch.allclose(g.double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_gram_of_no_columns_of_a_tensor_that_needs_grad_and_bad_shapes():
+    from rankwise.linalg import gram
+
+    assert gram(torch.zeros(5, 0)).shape == (0, 0)
+    x = torch.randn(8, 6, requires_grad=True)
+    gram(x).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * x.detach() @ torch.ones(6, 6))
+    with pytest.raises(ValueError, match=r"\(tokens, n\)"):
+        gram(torch.zeros(2, 3, 4))

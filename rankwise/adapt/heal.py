@@ -135,7 +135,7 @@ def heal_(model: nn.Module, ids: torch.Tensor, config: TrainConfig, heal: HealCo
                                  "steps the first run printed")
             config, seconds = budget_steps(model, ids, config, minutes, loss_fn=loss_fn)
             if say is not None:
-                say(f"time budget {minutes:g} min: {seconds:.1f} s per step, {config.steps} steps (rerun with "
+                say(f"time budget {minutes:g} min: {seconds:.3g} s per step, {config.steps} steps (rerun with "
                     f"--steps {config.steps} for the same result)")
         return train(model, ids, config, eval_ids=eval_ids, loss_fn=loss_fn, checkpoint_dir=checkpoint_dir,
                      resume=resume, progress=progress, eval_first=eval_first, identity=identity)
@@ -224,6 +224,8 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
     if minutes is not None and resume:
         raise ValueError("a time budget (--minutes) cannot resume a run: resume with --steps set to the steps the "
                          "first run printed")
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        raise ValueError(f"--minutes must be a positive finite number of minutes, got {minutes}")
     if not is_compressed_dir(compressed):
         raise ValueError(f"{compressed!r} is not a compressed rankwise directory (no rankwise.json); heal what "
                          "rankwise compress wrote")

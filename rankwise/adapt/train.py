@@ -196,9 +196,11 @@ def budget_steps(model: nn.Module, ids: torch.Tensor, config: TrainConfig, minut
     """``config`` with as many steps as fit in ``minutes`` of training (at most ``config.steps``), and the seconds
     one step took.
 
-    Two trial steps run first, each the forward and backward of one step's windows (the first ones of ``ids``) with
-    nothing applied; the second is timed (the first pays for allocation). The count is fixed before training starts,
-    so the run is the one ``steps=N`` gives: same seed, same bytes, whatever the machine's speed.
+    Two trial steps run first, each the forward and backward of one step's windows (the first ones of ``ids``, taken
+    again from the start if there are fewer) with nothing applied; the second is timed (the first pays for
+    allocation). The budget is for the training steps: the trial steps, evaluations and checkpoints come on top. The
+    count is fixed before training starts, so the run is the one ``steps=N`` gives: same seed, same bytes, whatever
+    the machine's speed (a machine that slows down later overruns the budget).
 
     Raises:
         ValueError: ``minutes`` is not a positive finite number, or the model has no trainable parameter.
@@ -209,20 +211,26 @@ def budget_steps(model: nn.Module, ids: torch.Tensor, config: TrainConfig, minut
     if not params:
         raise ValueError("the model has no trainable parameter: nothing to train")
     device = next(model.parameters()).device
-    picked = ids[:config.windows_per_step]
+    picked = torch.arange(config.windows_per_step) % ids.shape[0]  # a whole step's windows, as training cycles
     was_training = model.training
     model.train()
     seconds = 0.0
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the GPU's queued work belongs to the step that queued it
+        return time.perf_counter()
+
     try:
         for _ in range(2):
-            began = time.perf_counter()
-            for start in range(0, picked.shape[0], config.batch_size):
-                batch = picked[start:start + config.batch_size].to(device)
-                bmask = None if mask is None else mask[start:start + config.batch_size].to(device)
+            began = now()
+            for micro in picked.split(config.batch_size):
+                batch = ids[micro].to(device)
+                bmask = None if mask is None else mask[micro].to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     loss = loss_fn(model, batch, bmask)
                 (loss / config.grad_accum).backward()
-            seconds = time.perf_counter() - began
+            seconds = now() - began
     finally:
         for p in params.values():
             p.grad = None

@@ -278,6 +278,8 @@ class StatsObserver:
         for name in rest:
             self.leader[name] = lead
             self.stats[name] = self.stats[lead]
+        if len(self.leader) == len(self.modules):
+            self._first_call.clear()  # every group is known: hold no references to activations
 
     def add_fisher(self) -> None:
         """Accumulate the weight gradients of the last backward pass into the Fisher sums."""

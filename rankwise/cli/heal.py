@@ -50,7 +50,8 @@ def heal(
     steps: StepsOpt = STEPS,
     minutes: Annotated[float | None, typer.Option(
         "--minutes", min=0.01, help="a time budget: as many steps as fit in this many minutes of training (at most "
-        "--steps), counted from a timed trial step before training; it prints the count, which --steps reproduces")
+        "--steps; trial steps, evaluations and saving come on top), counted from a timed trial step before "
+        "training; it prints the count, which --steps reproduces")
                        ] = None,
     lr: LrOpt = None,
     distill: Annotated[float, typer.Option("--distill", min=0.0, max=1.0, help="weight of the KL to the dense "

@@ -61,6 +61,8 @@ def observe_stage(block: nn.Module, modules: Mapping[str, nn.Module], kinds: fro
                 call, hidden = compressed_input(b)
                 with contextlib.suppress(_StageDoneError):
                     run_block(block, call, hidden)
+                if b == 0 and lead in observer.stats:
+                    observer.share(names)  # the members never run: they read the leader's input
                 if twin is not None:
                     assert original_input is not None
                     call, hidden = original_input(b)
@@ -69,8 +71,6 @@ def observe_stage(block: nn.Module, modules: Mapping[str, nn.Module], kinds: fro
                         outs.append(out)
         finally:
             stop.remove()
-    if lead in observer.stats:
-        observer.share(names)  # the members that never ran read the leader's input
     return observer.stats, outs
 
 

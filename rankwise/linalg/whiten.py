@@ -120,7 +120,11 @@ def gram(x: torch.Tensor, *, blocks: int = GRAM_BLOCKS) -> torch.Tensor:
     upper triangle is the lower one's mirror, so the result is exactly symmetric. The input second moments of
     calibration are sums of these, one per batch of tokens.
     """
+    if x.ndim != 2:
+        raise ValueError(f"x must be (tokens, n), got shape {tuple(x.shape)}")
     n = x.shape[-1]
+    if n == 0 or x.requires_grad:
+        return x.mT @ x  # nothing to split; or autograd, which out= does not support
     step = -(-n // max(1, blocks))
     out = x.new_empty(n, n)
     for start in range(0, n, step):
