@@ -63,6 +63,10 @@ def mark_trainable(model: nn.Module, trainable: str) -> list[str]:
     return names
 
 
+NO_BUDGET_ON_RESUME = ("a time budget (--minutes) cannot resume a run: resume with --steps set to the steps the first "
+                       "run printed")
+
+
 def distillation_loss(teacher: nn.Module, distill: float, temperature: float) -> LossFn:
     """``(1 - distill) * CE + distill * T² * KL(teacher || student)`` per token, the teacher run without grad.
 
@@ -131,8 +135,7 @@ def heal_(model: nn.Module, ids: torch.Tensor, config: TrainConfig, heal: HealCo
     try:
         if minutes is not None:
             if resume:
-                raise ValueError("a time budget (--minutes) cannot resume a run: resume with --steps set to the "
-                                 "steps the first run printed")
+                raise ValueError(NO_BUDGET_ON_RESUME)
             config, seconds = budget_steps(model, ids, config, minutes, loss_fn=loss_fn)
             if say is not None:
                 say(f"time budget {minutes:g} min: {seconds:.3g} s per step, {config.steps} steps (rerun with "
@@ -222,8 +225,7 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
     text = None if text is None else str(text)
     check_job(out, seq_len, eval_samples)
     if minutes is not None and resume:
-        raise ValueError("a time budget (--minutes) cannot resume a run: resume with --steps set to the steps the "
-                         "first run printed")
+        raise ValueError(NO_BUDGET_ON_RESUME)
     if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
         raise ValueError(f"--minutes must be a positive finite number of minutes, got {minutes}")
     if not is_compressed_dir(compressed):
