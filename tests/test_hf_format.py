@@ -183,6 +183,7 @@ import torch, rankwise
 from transformers import AutoModelForCausalLM
 from peft import LoraConfig, get_peft_model
 model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})
+torch.manual_seed(0)  # PEFT draws the random adapter from the global generator: the merge error varies with it
 peft_model = get_peft_model(model, LoraConfig(target_modules="all-linear", r=2, init_lora_weights=False))
 assert sum("lora_A" in n for n, _ in peft_model.named_parameters()) == {len(report.layers)}
 x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
