@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="best", help="what to compress with (rankwise compress --recipe)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/rankwise-heal"))
     parser.add_argument("--eval-samples", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=None, help="override heal's default --steps")
+    parser.add_argument("--steps", type=int, default=None, help="exactly N steps (default: heal's 10-minute budget)")
     parser.add_argument("--extra", default="", help="more arguments for rankwise heal")
     parser.add_argument("--plot", type=Path, default=HERE / "heal_smollm2.png")
     args = parser.parse_args()

@@ -191,6 +191,28 @@ def test_distillation_loss_is_the_kl_to_the_teacher():
     torch.testing.assert_close(mixed, 0.75 * ce + 0.25 * kl)
 
 
+def test_distillation_gradient_is_the_kl_gradient():
+    teacher, student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    ids = tiny_tokens(2, 16)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, 5:] = True
+    for temperature, distill, m in ((1.0, 1.0, None), (2.0, 1.0, mask), (1.0, 0.5, mask)):
+        student.zero_grad()
+        distillation_loss(teacher, distill, temperature)(student, ids, m).backward()
+        got = {n: p.grad.clone() for n, p in student.named_parameters()}
+        student.zero_grad()
+        keep = slice(None) if m is None else m[:, 1:].reshape(-1)
+        logits = student(input_ids=ids).logits[:, :-1].reshape(-1, VOCAB)[keep]
+        with torch.no_grad():
+            p = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1].reshape(-1, VOCAB)[keep] / temperature, -1)
+        q = torch.log_softmax(logits / temperature, -1)
+        want = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean") * temperature**2
+        want = distill * want + (1 - distill) * torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1)[keep])
+        want.backward()
+        for name, param in student.named_parameters():
+            torch.testing.assert_close(got[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_heal_trains_factors_only_keeps_size_and_moves_toward_the_teacher():
     teacher = tiny_model("llama")
     student = copy.deepcopy(teacher)

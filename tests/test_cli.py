@@ -274,13 +274,31 @@ def test_heal_saves_a_compressed_model_of_the_same_size(tiny_dir, tmp_path):
         (("heal", out, "--out", tmp_path / "v", "--minutes", "0"), "--minutes"),
         (("heal", out, "--out", tmp_path / "u", "--minutes", "5", "--resume"), "cannot resume"),
         (("heal", out, "--out", tmp_path / "z", "--base", tiny_dir, "--text", text, "--seq-len", "16",
-          "--eval-samples", "4", "--resume"), "no training state"),
+          "--eval-samples", "4", "--steps", "4", "--resume"), "no training state"),
+        (("heal", out, "--out", tmp_path / "t", "--resume"), "--resume needs --steps"),
         (("heal", out, "--out", tmp_path / "w", "--base", tiny_dir, "--json-report", tmp_path / "nowhere" / "r.json"),
          "does not exist"),
         (("heal", out, "--out", tiny_dir / "inner", "--base", tiny_dir), "inside the input model"),
     ):
         result = run(*args)
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_heal_defaults_to_a_ten_minute_budget(tiny_dir, tmp_path, monkeypatch):
+    from rankwise.cli import heal as heal_cli
+    from rankwise.io.manifest import read_manifest
+
+    monkeypatch.setattr(heal_cli, "HEAL_MAX_STEPS", 3)  # the tiny model's steps take milliseconds: cap the count
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 37} and {i % 11}" for i in range(3000)))
+    out, healed = tmp_path / "c", tmp_path / "h"
+    assert run("compress", tiny_dir, "--ratio", "0.4", "--out", out, "--text", text, *SMALL).exit_code == 0
+    result = run("heal", out, "--base", tiny_dir, "--out", healed, "--text", text, "--seq-len", "16",
+                 "--eval-samples", "4", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    assert "time budget 10 min" in result.output and "3 steps" in result.output
+    record = read_manifest(healed).provenance["heal"]
+    assert record["minutes"] == 10 and record["steps"] == 3
 
 
 @pytest.mark.parametrize("method", ["lora", "pissa", "svfit"])

@@ -18,6 +18,7 @@ OWN_VARIANT = {
     "--sequential": "compare adds rows without, with or both (off|on|both)",
     "--update-u": "compare adds rows without, with or both (off|on|both)",
     "--anchored": "compare adds rows without, with or both (off|on|both)",
+    "--steps": "heal trains for a 10-minute time budget unless --steps is given; adapt trains 100 steps",
 }
 
 

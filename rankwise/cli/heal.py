@@ -12,7 +12,6 @@ from rankwise.cli.common import (
     DTYPE,
     EVAL_SAMPLES,
     SEQ_LEN,
-    STEPS,
     BaseOpt,
     BatchOpt,
     DatasetOpt,
@@ -29,7 +28,6 @@ from rankwise.cli.common import (
     ResumeOpt,
     SeedOpt,
     SeqLenOpt,
-    StepsOpt,
     TextOpt,
     ThreadsOpt,
     TrustOpt,
@@ -40,6 +38,8 @@ from rankwise.cli.common import (
 )
 
 HEAL_LR = 1e-4
+HEAL_MINUTES = 10.0  # the default time budget, when neither --steps nor --minutes is given
+HEAL_MAX_STEPS = 1000  # the most steps a time budget takes when --steps does not say
 
 
 @one_line_errors
@@ -47,11 +47,13 @@ def heal(
     compressed: Annotated[str, typer.Argument(help="a compressed directory written by rankwise compress")],
     out: OutOpt = ...,
     base: BaseOpt = "smollm2",
-    steps: StepsOpt = STEPS,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", min=1, help=f"optimizer steps: exactly this many, or at most this many with --minutes (default: "
+        f"a {HEAL_MINUTES:g}-minute budget, at most {HEAL_MAX_STEPS} steps)")] = None,
     minutes: Annotated[float | None, typer.Option(
-        "--minutes", min=0.01, help="a time budget: as many steps as fit in this many minutes of training (at most "
-        "--steps; trial steps, evaluations and saving come on top), counted from a timed trial step before "
-        "training; it prints the count, which --steps reproduces")
+        "--minutes", min=0.01, help=f"a time budget: as many steps as fit in this many minutes of training (trial "
+        "steps, evaluations and saving come on top), counted from a timed trial step before training; it prints the "
+        f"count, which --steps reproduces (default: {HEAL_MINUTES:g} unless --steps is given)")
                        ] = None,
     lr: LrOpt = None,
     distill: Annotated[float, typer.Option("--distill", min=0.0, max=1.0, help="weight of the KL to the dense "
@@ -86,8 +88,14 @@ def heal(
     """
     from rankwise.adapt.heal import HealConfig, heal_model
 
-    config = train_config(steps=steps, lr=lr, default_lr=HEAL_LR, batch_size=batch_size, grad_accum=grad_accum,
-                          eval_every=eval_every, seed=seed, dtype=dtype, device=device)
+    if steps is None and minutes is None:
+        if resume:
+            raise ValueError("--resume needs --steps, set to the steps the first run printed (a time budget cannot "
+                             "be resumed)")
+        minutes = HEAL_MINUTES
+    config = train_config(steps=HEAL_MAX_STEPS if steps is None else steps, lr=lr, default_lr=HEAL_LR,
+                          batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every, seed=seed, dtype=dtype,
+                          device=device)
     options = HealConfig(distill=distill, temperature=temperature, trainable=trainable)
     setup(device, threads)
     heal_model(compressed, out, config=config, options=options, base=base, text=text, dataset=dataset,
