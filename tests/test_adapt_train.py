@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from rankwise.adapt.heal import HealConfig, distillation_loss, heal_
+from rankwise.adapt.heal import HealConfig, distillation_loss, heal_, mark_trainable
 from rankwise.adapt.train import (
     CHECKPOINT,
     TrainConfig,
@@ -322,3 +323,28 @@ def test_heal_with_a_time_budget_is_the_run_its_step_count_gives(monkeypatch):
     with pytest.raises(ValueError, match="cannot resume"):
         heal_(student, ids, TrainConfig(steps=3), HealConfig(), teacher=teacher, progress=False, minutes=1.0,
               resume=True)
+
+
+def test_a_budgeted_heal_checkpoints_each_quarter_and_resumes_with_its_count(monkeypatch, tmp_path):
+    train_module = importlib.import_module("rankwise.adapt.train")
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    compress_(student, SVDLLMConfig(ratio=0.5), tiny_tokens(8, 32), progress=False)
+    ids, saved = tiny_tokens(16, 32, seed=1), []
+    real_save = train_module._save
+    monkeypatch.setattr(train_module, "_save", lambda path, model, opt, sched, config, step, *rest: (
+        saved.append(step), real_save(path, model, opt, sched, config, step, *rest)))
+    monkeypatch.setattr(train_module.time, "perf_counter", _Clock(2.0))
+    config = TrainConfig(steps=50, lr=3e-3, batch_size=4, save_every=50)
+    result = heal_(student, ids, config, HealConfig(), teacher=teacher, progress=False, minutes=16 / 60,
+                   checkpoint_dir=tmp_path)  # 16 s at 2 s per step: 8 steps
+    assert len(result.losses) == 8 and saved == [2, 4, 6, 8]
+    assert train_module.saved_steps(tmp_path) == 8
+    mark_trainable(student, "factors")  # heal_ hands the model back frozen
+    again = train(student, ids, replace(config, steps=8, save_every=2), resume=True, checkpoint_dir=tmp_path,
+                  progress=False, loss_fn=causal_lm_loss)  # the saved settings are those of --steps 8
+    assert again.resumed_from == 8 and again.losses == result.losses
+    with pytest.raises(ValueError, match="steps: checkpoint 8, now 9"):
+        train(student, ids, replace(config, steps=9), resume=True, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="no training state"):
+        train_module.saved_steps(tmp_path / "nowhere")

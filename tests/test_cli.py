@@ -275,7 +275,7 @@ def test_heal_saves_a_compressed_model_of_the_same_size(tiny_dir, tmp_path):
         (("heal", out, "--out", tmp_path / "u", "--minutes", "5", "--resume"), "cannot resume"),
         (("heal", out, "--out", tmp_path / "z", "--base", tiny_dir, "--text", text, "--seq-len", "16",
           "--eval-samples", "4", "--steps", "4", "--resume"), "no training state"),
-        (("heal", out, "--out", tmp_path / "t", "--resume"), "--resume needs --steps"),
+        (("heal", out, "--out", tmp_path / "t", "--resume"), "no training state"),
         (("heal", out, "--out", tmp_path / "w", "--base", tiny_dir, "--json-report", tmp_path / "nowhere" / "r.json"),
          "does not exist"),
         (("heal", out, "--out", tiny_dir / "inner", "--base", tiny_dir), "inside the input model"),

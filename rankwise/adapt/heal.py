@@ -116,7 +116,9 @@ def heal_(model: nn.Module, ids: torch.Tensor, config: TrainConfig, heal: HealCo
         eval_ids: held-out windows; their next-token loss is reported before (if ``eval_first``), during and after.
         identity: what a resumed run must share with the first (see :func:`~rankwise.adapt.train.train`).
         minutes: a time budget: as many steps as fit in it (at most ``config.steps``), counted once from a timed
-            trial step before training (:func:`~rankwise.adapt.train.budget_steps`); not with ``resume``.
+            trial step before training (:func:`~rankwise.adapt.train.budget_steps`); a periodic ``save_every``
+            larger than a quarter of that count is lowered to it; not with ``resume`` (resume with ``steps`` set to
+            the count, :func:`~rankwise.adapt.train.saved_steps`).
         say: called with the line saying how many steps the budget gives.
 
     Returns:
@@ -138,7 +140,7 @@ def heal_(model: nn.Module, ids: torch.Tensor, config: TrainConfig, heal: HealCo
             if resume:
                 raise ValueError(NO_BUDGET_ON_RESUME)
             config, seconds = budget_steps(model, ids, config, minutes, loss_fn=loss_fn)
-            if config.save_every > config.steps // 4:  # a checkpoint at least every quarter of the budgeted run
+            if config.save_every > config.steps // 4:  # periodic checkpoints: at least one per quarter of the run
                 config = replace(config, save_every=max(1, config.steps // 4))
             if say is not None:
                 say(f"time budget {minutes:g} min: {seconds:.3g} s per step, {config.steps} steps (rerun with "

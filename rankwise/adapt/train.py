@@ -158,8 +158,9 @@ def _compare(path: Path, state: dict, config: TrainConfig, identity: dict) -> No
     if state.get("config") != _identity(config):
         saved = state.get("config") if isinstance(state.get("config"), dict) else {}
         changed = sorted(k for k, v in _identity(config).items() if saved.get(k) != v)
-        raise ValueError(f"--resume: the checkpoint was trained with different settings ({', '.join(changed)}); "
-                         "resume with the same ones")
+        said = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {_identity(config)[k]!r}" for k in changed)
+        raise ValueError(f"--resume: the checkpoint was trained with different settings ({said}); resume with the "
+                         "same ones")
     saved = state.get("identity", {})
     current = json.loads(json.dumps(identity))
     if not isinstance(saved, dict):
@@ -181,6 +182,22 @@ def check_resume(checkpoint_dir: str | Path, config: TrainConfig, identity: dict
     if not path.is_file():
         raise ValueError(f"--resume: no checkpoint at {path}")
     _compare(path, _read_state(path, mmap=True), config, identity)
+
+
+def saved_steps(checkpoint_dir: str | Path) -> int:
+    """The step count of the run whose resumable state is in ``checkpoint_dir`` (what a resumed run trains to: a
+    time-budgeted run saved the count its budget gave).
+
+    Raises:
+        ValueError: there is no readable training state there.
+    """
+    path = Path(checkpoint_dir) / CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"--resume: no training state at {path}; run without --resume first")
+    steps = _read_state(path, mmap=True).get("config", {}).get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"--resume: {path} is not a rankwise training checkpoint (no step count)")
+    return steps
 
 
 def _order(n: int, steps: int, per_step: int, seed: int) -> torch.Tensor:

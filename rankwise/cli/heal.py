@@ -49,7 +49,8 @@ def heal(
     base: BaseOpt = "smollm2",
     steps: Annotated[int | None, typer.Option(
         "--steps", min=1, help=f"optimizer steps: exactly this many, or at most this many with --minutes (default: "
-        f"a {HEAL_MINUTES:g}-minute budget, at most {HEAL_MAX_STEPS} steps)")] = None,
+        f"a {HEAL_MINUTES:g}-minute budget, at most {HEAL_MAX_STEPS} steps; with --resume, the first run's count)")
+                        ] = None,
     minutes: Annotated[float | None, typer.Option(
         "--minutes", min=0.01, help=f"a time budget: as many steps as fit in this many minutes of training (trial "
         "steps, evaluations and saving come on top), counted from a timed trial step before training; it prints the "
@@ -89,10 +90,12 @@ def heal(
     from rankwise.adapt.heal import HealConfig, heal_model
 
     if steps is None and minutes is None:
-        if resume:
-            raise ValueError("--resume needs --steps, set to the steps the first run printed (a time budget cannot "
-                             "be resumed)")
-        minutes = HEAL_MINUTES
+        if resume:  # a budgeted run saved the count its budget gave: resume to it
+            from rankwise.adapt.train import saved_steps, training_checkpoint
+
+            steps = saved_steps(training_checkpoint(out, True, overwrite))
+        else:
+            minutes = HEAL_MINUTES
     config = train_config(steps=HEAL_MAX_STEPS if steps is None else steps, lr=lr, default_lr=HEAL_LR,
                           batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every, seed=seed, dtype=dtype,
                           device=device)
