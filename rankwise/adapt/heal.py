@@ -63,8 +63,8 @@ def mark_trainable(model: nn.Module, trainable: str) -> list[str]:
     return names
 
 
-NO_BUDGET_ON_RESUME = ("a time budget (--minutes) cannot resume a run: resume with --steps set to the steps the first "
-                       "run printed")
+NO_BUDGET_ON_RESUME = ("a time budget (--minutes) cannot resume a run: resume with --resume alone (it trains to the "
+                       "count the first run saved) or with --steps set to that count")
 
 
 def distillation_loss(teacher: nn.Module, distill: float, temperature: float) -> LossFn:
