@@ -8,8 +8,8 @@ retained. Pinning the threshold makes every larger tensor its own mapping, unmap
 The pin trades page faults for resident memory: each mapping is zero-filled page by page when first written. At
 4 MB the small per-batch activations (a batch of 1,024 tokens of a 576-wide model is 2.4 MB) are reused from the
 heap, and covariances, weights and wide activations are mapped. Compressing the default model on 8 windows
-(``--recipe best``) took 144 s with the pin at 1 MB (peak RSS 1.01 GB, 60 s of it in the kernel), 110 s at 4 MB
-(1.19 GB), 113 s at 8 MB (1.43 GB) and 110 s without a pin (1.57 GB).
+(``svd_llm+loss+seq+anc``, ``--recipe best`` at the time) took 144 s with the pin at 1 MB (peak RSS 1.01 GB, 60 s of
+it in the kernel), 110 s at 4 MB (1.19 GB), 113 s at 8 MB (1.43 GB) and 110 s without a pin (1.57 GB).
 """
 
 from __future__ import annotations

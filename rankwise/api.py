@@ -62,7 +62,7 @@ def build_config(method: str = "svd_llm", ratio: float | None = 0.2, *, recipe: 
                                        ("--anchored", anchored)) if on]
         if given:  # errors name the CLI's flags; the Python keywords are the same words
             raise ValueError(f"--recipe replaces {', '.join(given)}: give one or the other")
-        base = parse_recipe(recipe, ratio)
+        base = parse_recipe(recipe, ratio, bits=bits)  # a named recipe may expand by budget
         config_cls = type(base)
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
                   if f.init and f.name not in ("ratio", "bits", "targets")}

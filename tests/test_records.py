@@ -290,13 +290,37 @@ def run_cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def test_best_expands_by_ratio():
+    """``best`` fits on the dense model's statistics below 0.3 and sequentially, anchored, from 0.3 (and for a budget
+    in bits, whose ratio depends on the stored dtype); its text (the CLI's help) says so; a ratio out of range is the
+    config's one-line error."""
+    from rankwise.methods.recipes import NAMED_RECIPES, NamedRecipe, parse_recipe
+
+    light, heavy = parse_recipe("best", 0.2), parse_recipe("best", 0.3)
+    assert (light.allocation, light.output_weighted, light.sequential, light.anchored) == ("loss", True, False, False)
+    assert (heavy.allocation, heavy.output_weighted, heavy.sequential, heavy.anchored) == ("loss", True, True, True)
+    assert parse_recipe("best", 0.4).sequential and parse_recipe("best", bits=10.0).sequential
+    assert parse_recipe("best", 0.29).ratio == 0.29 and not parse_recipe("best", 0.29).sequential
+    assert not parse_recipe("best").sequential  # the default ratio, 0.2
+    assert str(NAMED_RECIPES["best"]) == ("svd_llm+loss+ow below ratio 0.3, svd_llm+loss+seq+anc+ow from 0.3 (with "
+                                          "--bits, the last)")
+    for bad in (-0.1, float("nan"), 1.5):
+        with pytest.raises(ValueError, match=r"ratio must be a fraction of parameters removed in \(0, 1\)"):
+            parse_recipe("best", bad)
+    with pytest.raises(ValueError, match="by_ratio must start from ratio 0 and ascend"):
+        NamedRecipe(((0.3, "svd_llm"), (0.0, "svd")))
+    from rankwise.api import build_config
+
+    assert build_config(recipe="best", bits=10.0).sequential and not build_config(recipe="best", ratio=0.2).sequential
+
+
 def test_cli_recipe_best_and_anchored_rows(tiny_dir, tmp_path):
     from rankwise.methods.recipes import NAMED_RECIPES, parse_recipe
 
     small = ["--seq-len", "16", "--calib-samples", "8"]
     result = run_cli("compress", tiny_dir, "--recipe", "best", "--ratio", "0.3", "--out", tmp_path / "b", *small)
     assert result.exit_code == 0, result.output
-    expected = parse_recipe(NAMED_RECIPES["best"], 0.3)
+    expected = parse_recipe(NAMED_RECIPES["best"].expand(0.3), 0.3)
     config = json.loads((tmp_path / "b" / "rankwise.json").read_text())["provenance"]["options"]
     assert expected.sequential and expected.anchored and expected.output_weighted
     for key in ("allocation", "sequential", "anchored", "anchor", "output_weighted"):

@@ -13,6 +13,8 @@ import rankwise
 from rankwise.calibrate import collect_stats
 from rankwise.compression import compress_, compress_checkpoint
 from rankwise.methods import config_class
+from rankwise.methods.asvd import ASVDConfig
+from rankwise.methods.basis_sharing import BasisSharingConfig
 from rankwise.methods.fwsvd import FWSVDConfig
 from rankwise.methods.svd_llm import SVDLLMConfig
 from rankwise.nn import LowRankLinear, linear_weight
@@ -54,8 +56,9 @@ def test_streamed_checkpoint_equals_in_memory(tmp_path, method, allocation, sequ
     torch.testing.assert_close(_logits(loaded), _logits(memory), rtol=1e-4, atol=1e-4)
 
 
-def test_spilling_every_activation_to_disk_changes_nothing(tmp_path):
-    config = SVDLLMConfig(ratio=0.4, allocation="loss", sequential=True, update_u=True)
+@pytest.mark.parametrize("sequential", [True, False])
+def test_spilling_every_activation_to_disk_changes_nothing(tmp_path, sequential):
+    config = SVDLLMConfig(ratio=0.4, allocation="loss", sequential=sequential, update_u=sequential)
     outs = []
     for mb in (1024, 0):  # 0: every block-boundary activation goes through the disk
         model = tiny_model("gpt2")
@@ -65,16 +68,58 @@ def test_spilling_every_activation_to_disk_changes_nothing(tmp_path):
     assert not any((tmp_path / "spill").iterdir())  # the spill files are removed
 
 
-def test_streamed_gradient_pass_equals_full_model_backward():
-    """Loss scores and Fisher from the block-by-block backward equal those of one full-model backward."""
+@pytest.mark.parametrize("config", [
+    SVDLLMConfig(ratio=0.4, allocation="loss"), FWSVDConfig(ratio=0.4),
+    ASVDConfig(ratio=0.4, allocation="loss"),  # the fits' "abs" statistics kept from the scoring pass too
+    SVDLLMConfig(ratio=0.4, allocation="drank"),  # a scoring pass without gradients
+    BasisSharingConfig(ratio=0.4, allocation="loss"),  # a cross-block fit
+], ids=["svd_llm+loss", "fwsvd", "asvd+loss", "svd_llm+drank", "basis_sharing+loss"])
+def test_streamed_gradient_pass_equals_full_model_backward(config):
+    """Scores, Fisher and the fits' input statistics from the block-by-block scoring pass equal those of one
+    full-model backward (the streamed runs take the fits' statistics from the scoring pass)."""
     tokens = tiny_tokens(8)
     dense = tiny_model("opt")
-    stats = collect_stats(dense, tokens, find_targets(dense), kinds=("xxt", "gout", "fisher"))
-    for config in (SVDLLMConfig(ratio=0.4, allocation="loss"), FWSVDConfig(ratio=0.4)):
-        streamed, reference = tiny_model("opt"), tiny_model("opt")
-        compress_(streamed, config, tokens, progress=False)
-        compress_(reference, config, tokens, stats=stats, progress=False)  # statistics of the full backward
-        torch.testing.assert_close(_logits(streamed), _logits(reference), rtol=1e-4, atol=1e-5)
+    stats = collect_stats(dense, tokens, find_targets(dense), kinds=("xxt", "abs", "gout", "fisher"))
+    streamed, reference = tiny_model("opt"), tiny_model("opt")
+    report = compress_(streamed, config, tokens, progress=False)
+    assert any("taken from the scoring pass" in note for note in report.notes)
+    compress_(reference, config, tokens, stats=stats, progress=False)  # statistics of the full backward
+    torch.testing.assert_close(_logits(streamed), _logits(reference), rtol=1e-4, atol=1e-5)
+
+
+def test_a_spilled_put_goes_to_disk_whatever_the_budget(tmp_path):
+    from rankwise.stream import ActivationStore
+
+    x = torch.randn(8, 8, dtype=torch.float64)
+    with ActivationStore(2**20, tmp_path) as store:
+        store.put("kept", x, spill=True)
+        store.put("hot", x)
+        assert store.bytes_in_memory == x.numel() * 8 and store.bytes_spilled == x.numel() * 8
+        assert torch.equal(store.get("kept"), x) and torch.equal(store.get("hot"), x)
+
+
+@pytest.mark.parametrize("samples,free,calls", [(None, None, 2 * 4), (13, None, 2 * 4), (4, None, 2 * 1 + 4),
+                                                (None, 0, 2 * 4 + 4)])
+def test_a_non_sequential_fit_reuses_the_scoring_pass_statistics(monkeypatch, samples, free, calls):
+    """After a scoring pass over every window, the dense blocks run twice per batch (the pass's forward, then its
+    recompute for the backward), not a third time for the fits' statistics (also when ``score_samples`` rounds up to
+    every batch); narrowed by ``score_samples`` to 4 of the 16 windows, or without the free disk to keep the
+    statistics, the fits collect their own over all 16 and the report says why."""
+    from rankwise.stream import ActivationStore
+
+    if free is not None:
+        monkeypatch.setattr(ActivationStore, "free_disk_bytes", lambda self: free)
+    tokens = tiny_tokens(16)  # 4 batches of 4 windows
+    model = tiny_model("llama")
+    seen = []
+    handle = model.model.layers[1].register_forward_hook(lambda *_: seen.append(1))
+    try:
+        report = compress_(model, SVDLLMConfig(ratio=0.4, allocation="loss", score_samples=samples), tokens,
+                           batch_size=4, progress=False)
+    finally:
+        handle.remove()
+    assert len(seen) == calls
+    assert any("needs twice that free on the offload disk" in note for note in report.notes) == (free == 0)
 
 
 def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):

@@ -19,7 +19,8 @@ from rankwise._memory import trim
 from rankwise.allocate import AllocationPolicy
 from rankwise.arch import is_encoder
 from rankwise.calibrate import LayerStats
-from rankwise.calibrate.stats import GRADIENT_KINDS, StatsObserver
+from rankwise.calibrate.cache import pack, unpack
+from rankwise.calibrate.stats import GRADIENT_KINDS, StatsObserver, input_groups
 from rankwise.nn import linear_weight
 from rankwise.progress import progress_bar
 from rankwise.stream import ActivationStore, BlockCall, capture_calls, first, loss_and_grad, run_block
@@ -55,8 +56,8 @@ def capture(source, batches: list[torch.Tensor], store: ActivationStore, streams
 
 
 def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, kinds: frozenset[str],
-                  policy: AllocationPolicy, *, progress: bool = True, samples: int | None = None
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, LayerStats]]:
+                  policy: AllocationPolicy, *, progress: bool = True, samples: int | None = None,
+                  keep_inputs: KeptInputs | None = None) -> tuple[dict[str, torch.Tensor], dict[str, LayerStats]]:
     """Score every target for ``policy`` and collect gradient statistics, one block in memory at a time.
 
     Args:
@@ -67,6 +68,8 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
         policy: the allocation policy whose scores are wanted (``None`` scores are skipped).
         samples: score on the first batches holding this many windows (``None``: all); the rest of stream
             ``"scoring"`` is dropped.
+        keep_inputs: where each block's input statistics go once scored (``None``: dropped). They are those of
+            the dense model on every scored window, which a non-sequential fit would otherwise collect again.
 
     Returns:
         ``(scores, stats)``: per target, the policy's scores (empty if it has none) and the gradient statistics
@@ -74,7 +77,8 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
     """
     scoring = score_batches(streams, samples)
     if not needs_gradients(kinds):
-        return _forward_scores(source, targets, scoring, kinds, policy, progress=progress), {}
+        return _forward_scores(source, targets, scoring, kinds, policy, progress=progress,
+                               keep_inputs=keep_inputs), {}
     blocks, store, device = source.blocks, streams.store, source.device
     n, nb = len(blocks), len(scoring.batches)
     for i in progress_bar(range(n), "gradient pass: forward", enabled=progress):
@@ -120,6 +124,8 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
         finally:
             for p, flag in flags.items():
                 p.requires_grad_(flag)
+        if keep_inputs is not None:
+            keep_inputs.put(i, observer.stats)
         for name, module in mine.items():
             stats = observer.stats.get(name)
             if policy.score is not None:
@@ -134,22 +140,78 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
     return scores, kept
 
 
+class KeptInputs:
+    """Each block's input statistics (``xxt``, ``abs``) from the gradient pass, kept on disk through the activation
+    store until the block is compressed (in memory they would hold about 0.8 GB for a 135M-parameter model).
+
+    The gradient pass runs every block of the dense model on the calibration windows with the statistics hooks on;
+    a non-sequential fit calibrates on exactly those inputs, so it takes them from here instead of running the dense
+    model a second time.
+    """
+
+    def __init__(self, store: ActivationStore) -> None:
+        self.store = store
+        self._meta: dict[int, tuple[list[str], dict[str, str]]] = {}
+        self.bytes = 0  # written so far
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def put(self, i: int, stats: Mapping[str, LayerStats]) -> None:
+        """Keep block ``i``'s input statistics (layers sharing an input keep sharing them)."""
+        inputs = {}
+        for group in input_groups(stats, stats):
+            s = group.stats
+            part = LayerStats(n=s.n, xxt=s.xxt, abs_sum=s.abs_sum, count=s.count)
+            inputs.update(dict.fromkeys(group.names, part))
+        tensors, meta = pack(inputs)
+        for key, tensor in tensors.items():
+            self.store.put(("inputs", i, key), tensor, spill=True)
+            self.bytes += tensor.numel() * tensor.element_size()
+        self._meta[i] = (list(tensors), meta)
+
+    def take(self, i: int, device: torch.device) -> dict[str, LayerStats]:
+        """Block ``i``'s statistics, removed from the store."""
+        keys, meta = self._meta.pop(i)
+        tensors = {}
+        for key in keys:
+            tensors[key] = self.store.get(("inputs", i, key)).to(device)
+            self.store.drop(("inputs", i, key))
+        return unpack(tensors, meta)
+
+
+def kept_bytes_bound(shapes: Mapping[str, tuple[int, int]]) -> int:
+    """An upper bound on the bytes :class:`KeptInputs` writes for targets of these ``(out, in)`` shapes: a float64
+    ``in x in`` covariance each (layers sharing an input share one, so this over-counts them)."""
+    return sum(8 * n * n for _out, n in shapes.values())
+
+
+def scored_batches(batches: list[torch.Tensor], samples: int | None) -> int:
+    """How many of the first ``batches`` the scoring pass runs on: those holding ``samples`` windows, rounded up to a
+    whole batch (``None``: all of them)."""
+    if samples is None:
+        return len(batches)
+    keep, total = 0, 0
+    while keep < len(batches) and total < samples:
+        total += batches[keep].shape[0]
+        keep += 1
+    return keep
+
+
 def score_batches(streams: Streams, samples: int | None) -> Streams:
     """``streams`` cut to its first batches holding ``samples`` windows (rounded up to a whole batch; ``None``:
     all of them); stream ``"scoring"`` of the batches left out is dropped."""
     if samples is None:
         return streams
-    keep, total = 0, 0
-    while keep < len(streams.batches) and total < samples:
-        total += streams.batches[keep].shape[0]
-        keep += 1
+    keep = scored_batches(streams.batches, samples)
     for b in range(keep, len(streams.batches)):
         streams.store.drop(("scoring", b))
     return Streams(streams.batches[:keep], streams.calls[:keep], streams.store, streams.as_tuple)
 
 
 def _forward_scores(source, targets: Mapping[int, list[str]], streams: Streams, kinds: frozenset[str],
-                    policy: AllocationPolicy, *, progress: bool = True) -> dict[str, torch.Tensor]:
+                    policy: AllocationPolicy, *, progress: bool = True, keep_inputs: KeptInputs | None = None
+                    ) -> dict[str, torch.Tensor]:
     """Scores that need input statistics but no gradients: the dense model forward, one block at a time."""
     store, device = streams.store, source.device
     scores: dict[str, torch.Tensor] = {}
@@ -160,6 +222,8 @@ def _forward_scores(source, targets: Mapping[int, list[str]], streams: Streams, 
             for b in range(len(streams.batches)):
                 h = store.get(("scoring", b)).to(device)
                 store.put(("scoring", b), run_block(block, streams.call(b, i, device), h))
+        if keep_inputs is not None:
+            keep_inputs.put(i, observer.stats)
         for name, module in mine.items():
             scores[name] = policy.score(name, linear_weight(module).detach(), observer.stats.get(name)).cpu()
         source.release(i)

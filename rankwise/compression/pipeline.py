@@ -7,7 +7,8 @@ far larger than memory (:func:`compress_checkpoint`): a *source* materialises on
 :class:`~rankwise.stream.ActivationStore` (in memory under a budget, spilled to disk above it):
 
 * non-sequential: each block is calibrated on the dense model's activations (the dense block's outputs feed the next
-  block);
+  block); after a scoring pass over every calibration window, which ran the dense blocks with the same hooks, the
+  fits take that pass's input statistics (kept on disk meanwhile) and the dense model runs no second time;
 * ``sequential``: each block is calibrated on the activations of the blocks already compressed, one input group at a
   time (:mod:`rankwise.compression.staged`); with ``update_u`` or ``anchored`` an
   original (dense) stream runs alongside for the paired statistics ``X Xh^T``.
@@ -28,12 +29,15 @@ from rankwise.calibrate.cache import CacheEntry, StatsCache, tensor_digest
 from rankwise.calibrate.stats import INPUT_KINDS, StatsObserver, input_groups, iter_batches
 from rankwise.compression.layer import add_fisher, check_finite, dense_row, factorise, factorise_group, factorise_shared
 from rankwise.compression.passes import (
+    KeptInputs,
     Streams,
     capture,
     gradient_part,
     gradient_pass,
     influence_pass,
+    kept_bytes_bound,
     needs_gradients,
+    scored_batches,
     weight_scores,
 )
 from rankwise.compression.staged import compress_staged
@@ -153,12 +157,14 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
     if hit:
         report.notes.append(f"calibration statistics read from the cache ({entry.path})")
     cached_blocks = hit and not config.sequential
-    main = ("compressed",) if config.sequential else (() if stats is not None or cached_blocks else ("dense",))
+    kept = kept_inputs(plan, batches, store, source, report) if plan.gradient_kinds and not hit else None
+    main = ("compressed",) if config.sequential else (
+        () if stats is not None or cached_blocks or kept is not None else ("dense",))
     wanted = main + (("original",) if config.paired else ())
     wanted += ("scoring",) if (plan.gradient_kinds or plan.influence) and not hit else ()
     streams = capture(source, batches, store, wanted) if batches and wanted else None
     try:
-        report = _run_blocks(source, sink, plan, method, streams, stats, entry, report, mapper, progress)
+        report = _run_blocks(source, sink, plan, method, streams, stats, entry, report, mapper, progress, kept)
     except BaseException:
         if entry is not None:
             entry.discard()
@@ -169,6 +175,29 @@ def run(source, sink, config: CompressConfig, calibration: torch.Tensor | Iterab
             report.notes.append(entry.note)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def kept_inputs(plan: Plan, batches: list[torch.Tensor], store: ActivationStore, source,
+                report: CompressionReport) -> KeptInputs | None:
+    """Where the scoring pass keeps each block's input statistics for the fits, or ``None`` when the fits collect
+    their own with a second dense pass.
+
+    Outside sequential mode the fits calibrate on the dense model's inputs, which the scoring pass has run every
+    block on with the same hooks when it scores every calibration window. Keeping them costs disk (a float64
+    ``n x n`` covariance per input, every block's at once) and saves a dense forward: worth it on a CPU, where that
+    forward is long, and only with room to spare on the disk; on an accelerator the forward is cheaper than the I/O.
+    """
+    config = plan.config
+    if config.sequential or scored_batches(batches, config.score_samples) < len(batches):
+        return None
+    if source.device.type != "cpu":
+        return None
+    need = kept_bytes_bound(plan.inside)
+    if need > store.free_disk_bytes() // 2:
+        report.notes.append(f"input statistics collected by a second dense pass: keeping the scoring pass's "
+                            f"(up to {need / 2**30:.1f} GiB) needs twice that free on the offload disk")
+        return None
+    return KeptInputs(store)
 
 
 def cache_entry(cache: StatsCache, source, plan: Plan, batches: list[torch.Tensor]) -> CacheEntry | None:
@@ -210,7 +239,7 @@ def speed_note(plan: Plan, source) -> str:
 
 def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats: Mapping[str, LayerStats] | None,
                 entry: CacheEntry | None, report: CompressionReport, mapper: Mapper | None,
-                progress: bool) -> CompressionReport:
+                progress: bool, kept: KeptInputs | None = None) -> CompressionReport:
     config, policy = plan.config, plan.config.policy
     hit = entry is not None and entry.hit
     record = entry is not None and not hit and not config.sequential  # store each block's own statistics
@@ -221,8 +250,12 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
         gradient_stats = entry.read_stats("gradient", source.device)
     elif plan.gradient_kinds:
         assert streams is not None
-        scores, gradient_stats = gradient_pass(source, plan.by_block, streams, plan.gradient_kinds, policy,
-                                               progress=progress, samples=config.score_samples)
+        kinds = plan.gradient_kinds | (plan.block_kinds if kept is not None else frozenset())
+        scores, gradient_stats = gradient_pass(source, plan.by_block, streams, kinds, policy, progress=progress,
+                                               samples=config.score_samples, keep_inputs=kept)
+        if kept is not None:
+            report.notes.append(f"input statistics of the fits taken from the scoring pass (kept on disk, "
+                                f"{kept.bytes / 2**20:.0f} MB): the dense model ran once")
         if entry is not None:
             entry.write("scores", scores)
             entry.write_stats("gradient", gradient_stats)
@@ -266,16 +299,24 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
         block_start = time.perf_counter()
         blocks = {i: source.load(i) for i in group}
         chosen = {i: [n for n in plan.by_block.get(i, []) if n in ranks] for i in group}
-        block_stats = {i: entry.read_stats(f"block-{i}", source.device) if hit and not config.sequential else stats
-                       for i in group}
         records = {i: (lambda s, i=i: entry.write_stats(f"block-{i}", s)) if record else None for i in group}
+        if hit and not config.sequential:
+            block_stats = {i: entry.read_stats(f"block-{i}", source.device) for i in group}
+        elif kept is not None:  # the scoring pass's, recorded here as the block's own pass would have
+            block_stats = {i: kept.take(i, source.device) for i in group}
+            for i in group:
+                if records[i] is not None:
+                    records[i](block_stats[i])
+        else:
+            block_stats = dict.fromkeys(group, stats)
         if len(group) == 1:
             (i,) = group
-            rows = compress_block(source, blocks[i], i, chosen[i], ranks, plan, method, streams, block_stats[i],
+            rows = compress_block(source, blocks[i], i, chosen[i], ranks, plan, method, streams, block_stats.pop(i),
                                   gradient_stats, mapper, record=records[i],
                                   keep=keeps.get(i) if keeps is not None else None)
         else:
             rows = compress_block_group(source, blocks, chosen, ranks, plan, method, streams, block_stats, records)
+        del block_stats  # each input group's statistics are freed once its layers are done, not at the block's end
         report.layers.extend(rows)
         for i in group:  # all written before any is released: a block may read a tensor another block stores
             sink.write_block(i, blocks[i])
@@ -330,8 +371,7 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
         done = compress_staged(source, block, i, modules, plan, streams, ranks, gradient_stats, method, mapper)
         return _finish_block(source, block, i, modules, done, plan, streams, main, device)
     groups = input_groups(modules, block_stats)
-    if own:
-        del block_stats  # the groups hold this block's statistics now: each is freed once its group is done
+    del block_stats, stats  # the groups hold this block's statistics now: each is freed once its group is done
     work = [[(name, modules[name], add_fisher(group, gradient_stats), ranks[name]) for name in group.names]
             for group in groups]
     del groups  # the work items hold the statistics now, one list per input group

@@ -1,4 +1,5 @@
-"""Block-boundary activations: in memory while small, spilled to files on disk above a memory budget."""
+"""Block-boundary activations: in memory while small, spilled to files on disk above a memory budget (and what is
+put with ``spill=True``, read back once much later, always on disk)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ SPILL_STEM = "rankwise"  # spill directories are rankwise-activations-<pid>-<hos
 
 
 class ActivationStore:
-    """A keyed store of tensors that keeps at most ``budget_bytes`` in memory and writes the rest to disk.
+    """A keyed store of tensors that keeps at most ``budget_bytes`` in memory and writes the rest to disk (and, put
+    with ``spill=True``, what is read back once much later, such as the scoring pass's per-block statistics).
 
     Spilled tensors are raw files in a private temporary directory inside ``offload_dir`` (created lazily, removed
     by :meth:`close`); they are read back through a memory map. Spill directories left there by killed runs (their
@@ -44,11 +46,13 @@ class ActivationStore:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._memory or key in self._disk
 
-    def put(self, key: Hashable, tensor: torch.Tensor) -> None:
+    def put(self, key: Hashable, tensor: torch.Tensor, *, spill: bool = False) -> None:
+        """Store ``tensor`` under ``key``: in memory while the budget allows, else on disk; with ``spill``, on disk
+        whatever the budget (for what is read back once, much later, so that it never holds memory meanwhile)."""
         self.drop(key)
         tensor = tensor.detach()
         size = tensor.numel() * tensor.element_size()
-        if self.bytes_in_memory + size <= self.budget_bytes:
+        if not spill and self.bytes_in_memory + size <= self.budget_bytes:
             self._memory[key] = tensor.to("cpu") if tensor.device.type != "cpu" else tensor
             self.bytes_in_memory += size
             return
@@ -60,7 +64,8 @@ class ActivationStore:
             path.unlink(missing_ok=True)
             reason = "the disk is full" if err.errno == errno.ENOSPC else err.strerror
             raise ValueError(f"cannot spill activations to {self._dir}: {reason} (set --offload-dir to a "
-                             "directory with free space, or raise the activation memory budget)") from None
+                             "directory with free space" + ("" if spill else ", or raise the activation memory budget")
+                             + ")") from None
         self._disk[key] = (path, tensor.dtype, tensor.shape)
         self.bytes_spilled += size
 
@@ -85,6 +90,13 @@ class ActivationStore:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+    def free_disk_bytes(self) -> int:
+        """Free bytes on the file system the spills go to (``offload_dir``, else the temporary directory)."""
+        path = self.offload_dir if self.offload_dir is not None else Path(tempfile.gettempdir())
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return shutil.disk_usage(path).free
 
     def _spill_dir(self) -> Path:
         if self._dir is None:
