@@ -12,8 +12,9 @@ Rows (each a recipe of ``rankwise compress --recipe``; the published method each
 * ``svd_llm+loss+seq``: rankwise's best recipe before this work;
 * the combinations: each allocation x sequential x anchored (rankwise's anchored fit, ``anchor`` 0.5 by default);
 * ``+ow``: each layer's error weighted per output channel by the root mean squared loss gradient there
-  (``output_weighted``); ``svd_llm+loss+seq+anc+ow`` is ``--recipe best``; ``loss_channels`` allocates with the same
-  per-channel curvature; ``+score_samples=N`` scores the allocation on the first N calibration windows only.
+  (``output_weighted``); ``svd_llm+loss+seq+anc+ow`` is ``--recipe best`` from ratio 0.3 (below it,
+  ``svd_llm+loss+ow``); ``loss_channels`` allocates with the same per-channel curvature; ``+score_samples=N`` scores
+  the allocation on the first N calibration windows only.
 
 Calibration: 32 windows of 256 tokens drawn at random (seeded) from the pydoc topics before the held-out part;
 evaluation on two texts no calibration window touches: the last 64 x 256 tokens of the pydoc topics (same domain)

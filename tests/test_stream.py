@@ -98,6 +98,24 @@ def test_a_spilled_put_goes_to_disk_whatever_the_budget(tmp_path):
         assert torch.equal(store.get("kept"), x) and torch.equal(store.get("hot"), x)
 
 
+def test_kept_statistics_give_the_bytes_of_the_fits_own_pass(monkeypatch):
+    """The model fitted from the scoring pass's kept statistics equals, bit for bit, the one fitted from the dense
+    pass the fits run without them (no free disk)."""
+    from rankwise.stream import ActivationStore
+
+    states = []
+    for free in (None, 0):
+        if free is not None:
+            monkeypatch.setattr(ActivationStore, "free_disk_bytes", lambda self: 0)
+        model = tiny_model("llama")
+        report = compress_(model, SVDLLMConfig(ratio=0.4, allocation="loss", output_weighted=True), tiny_tokens(8),
+                           progress=False)
+        assert any("taken from the scoring pass" in note for note in report.notes) == (free is None)
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 @pytest.mark.parametrize("samples,free,calls", [(None, None, 2 * 4), (13, None, 2 * 4), (4, None, 2 * 1 + 4),
                                                 (None, 0, 2 * 4 + 4)])
 def test_a_non_sequential_fit_reuses_the_scoring_pass_statistics(monkeypatch, samples, free, calls):

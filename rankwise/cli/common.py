@@ -71,8 +71,8 @@ DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="the precision the mode
                                          "faster there); outputs keep the checkpoint's dtype unless one is named. "
                                          "Training (heal, adapt): float32 weights, bfloat16 as autocast")]
 OffloadOpt = Annotated[str | None, typer.Option("--offload-dir", help="where block-boundary activations spill above "
-                                                "--activation-mb, and where the scoring pass keeps the per-block "
-                                                "input covariances (default: beside the output)")]
+                                                "--activation-mb, and where compress keeps its scoring pass's "
+                                                "per-block input covariances (default: beside the output)")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="neither read nor write cached calibration statistics "
                                           "(kept in $RANKWISE_CALIBRATION_CACHE, default "
                                           "~/.cache/rankwise/calibration, at most $RANKWISE_CACHE_MAX_GB GB, "

@@ -75,7 +75,9 @@ def compress_(
         progress: show progress bars.
         device: run each block there (e.g. ``"cuda"``) and move it back after; default: where the model is.
         activation_mb: block-boundary activations kept in memory before spilling to ``offload_dir``.
-        offload_dir: where activations spill (default: the system temporary directory).
+        offload_dir: where activations spill (default: the system temporary directory), and where a non-sequential
+            run on a CPU keeps its scoring pass's per-block input covariances whatever ``activation_mb`` (about
+            0.8 GB for a 135M-parameter model; on a memory-backed temporary directory, that is memory).
         ray: fan each block's factorisations out to Ray workers (one task per input group): ``"local"``,
             ``"auto"`` or ``HOST:PORT`` (needs ``pip install 'rankwise[ray]'``); the result equals the serial one.
         cache: a directory for calibration statistics (see :mod:`rankwise.calibrate.cache`): a later run on the same
@@ -143,7 +145,8 @@ def compress_checkpoint(
         device: where each block runs (``"cuda"`` streams blocks through the GPU).
         export: ``"factored"`` or ``"dense"``.
         activation_mb: block-boundary activations kept in memory before spilling to ``offload_dir``.
-        offload_dir: where activations spill; default a temporary directory beside ``out``.
+        offload_dir: where activations spill, and where a non-sequential run on a CPU keeps its scoring pass's
+            per-block input covariances whatever ``activation_mb``; default a temporary directory beside ``out``.
         trust_remote_code: allow a checkpoint that ships its own model code (refused by default).
         ray: fan each block's factorisations out to Ray workers, as for :func:`compress_`.
         provenance: where the model came from, kept in ``rankwise.json`` (see :mod:`rankwise.io.provenance`).

@@ -73,7 +73,7 @@ def gradient_pass(source, targets: Mapping[int, list[str]], streams: Streams, ki
 
     Returns:
         ``(scores, stats)``: per target, the policy's scores (empty if it has none) and the gradient statistics
-        (Fisher sums, output-gradient energy; input covariances are dropped once scored).
+        (Fisher sums, output-gradient energy; input covariances are dropped once scored, or handed to ``keep_inputs``).
     """
     scoring = score_batches(streams, samples)
     if not needs_gradients(kinds):

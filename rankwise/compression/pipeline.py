@@ -362,7 +362,8 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
             record(block_stats)
     elif block_stats is not None and any(name not in block_stats for name in modules):
         missing = next(name for name in modules if name not in block_stats)
-        raise ValueError(f"no calibration statistics for {missing} (precomputed or cached statistics are "
+        raise ValueError(f"no calibration statistics for {missing} (it never ran on the calibration windows, or "
+                         "precomputed or cached statistics are "
                          "incomplete; for a cache entry, delete it or pass --no-cache)")
     if config.structured:
         done = method(source.model, modules, block_stats, keep, config)

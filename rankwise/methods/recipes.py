@@ -115,8 +115,8 @@ NAMED_RECIPES = {
 """Recipes reachable by one name (``rankwise compress --recipe best``, ``compare --recipes best``): ``best`` is the
 best training-free recipe measured on the default model (benchmarks/RESULTS.md, "The 2025-2026 records"). Below
 ratio 0.3 it fits every layer on the dense model's statistics: the sequential anchored fit ties with it at 0.2
-(within the spread of three calibration draws) and takes about 1.6x as long; from 0.3 the sequential anchored fit,
-which wins at 0.4 on every draw."""
+(within the spread of three calibration draws) and takes about 1.5x as long; from 0.3 the sequential anchored fit,
+which wins at 0.4 on the held-out pydoc text at every draw."""
 
 
 def recipe_options() -> str:
