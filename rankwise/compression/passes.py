@@ -154,9 +154,6 @@ class KeptInputs:
         self._meta: dict[int, tuple[list[str], dict[str, str]]] = {}
         self.bytes = 0  # written so far
 
-    def __len__(self) -> int:
-        return len(self._meta)
-
     def put(self, i: int, stats: Mapping[str, LayerStats]) -> None:
         """Keep block ``i``'s input statistics (layers sharing an input keep sharing them)."""
         inputs = {}

@@ -188,9 +188,8 @@ def kept_inputs(plan: Plan, batches: list[torch.Tensor], store: ActivationStore,
     forward is long, and only with room to spare on the disk; on an accelerator the forward is cheaper than the I/O.
     """
     config = plan.config
-    if config.sequential or scored_batches(batches, config.score_samples) < len(batches):
-        return None
-    if source.device.type != "cpu":
+    if (config.sequential or source.device.type != "cpu"
+            or scored_batches(batches, config.score_samples) < len(batches)):
         return None
     need = kept_bytes_bound(plan.inside)
     if need > store.free_disk_bytes() // 2:
@@ -363,8 +362,8 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
     elif block_stats is not None and any(name not in block_stats for name in modules):
         missing = next(name for name in modules if name not in block_stats)
         raise ValueError(f"no calibration statistics for {missing} (it never ran on the calibration windows, or "
-                         "precomputed or cached statistics are "
-                         "incomplete; for a cache entry, delete it or pass --no-cache)")
+                         "precomputed or cached statistics are incomplete; for a cache entry, delete it or pass "
+                         "--no-cache)")
     if config.structured:
         done = method(source.model, modules, block_stats, keep, config)
         return _finish_block(source, block, i, modules, done, plan, streams, main, device)

@@ -75,7 +75,6 @@ FLAG_OPTIONS = {"seq": ("sequential", True), "upd": ("update_u", True), "anc": (
                 "ow": ("output_weighted", True)}
 
 
-
 @dataclasses.dataclass(frozen=True)
 class NamedRecipe:
     """A recipe reachable by one name, which may expand to a different recipe by budget.
