@@ -18,8 +18,10 @@ Rows (each a recipe of ``rankwise compress --recipe``; the published method each
 
 Calibration: 32 windows of 256 tokens drawn at random (seeded) from the pydoc topics before the held-out part;
 evaluation on two texts no calibration window touches: the last 64 x 256 tokens of the pydoc topics (same domain)
-and 32 x 256 tokens of the standard library's Python sources (another domain). Each result is appended to
-``--results`` as it is measured, so an interrupted run resumes; the tables are printed from that file.
+and the first 32 x 256 tokens of the standard library's Python sources (another domain; they fall within
+``argparse``). With ``--validation`` the pydoc column is instead 32 windows of the calibration region that the draw
+did not pick: settings are chosen there, never on the held-out windows. Each result is appended to ``--results`` as
+it is measured, so an interrupted run resumes; the tables are printed from that file.
 """
 
 from __future__ import annotations
@@ -62,14 +64,16 @@ def python_sources() -> str:
     return "\n\n".join(inspect.getsource(importlib.import_module(name)) for name in SOURCES)
 
 
-def windows(ids: torch.Tensor, count: int, *, seed: int | None = None, end: int | None = None) -> torch.Tensor:
-    """``count`` non-overlapping windows from ``ids[:end]``: the first ones, or a seeded random choice."""
+def windows(ids: torch.Tensor, count: int, *, seed: int | None = None, end: int | None = None,
+            skip: int = 0) -> torch.Tensor:
+    """``count`` non-overlapping windows from ``ids[:end]``: the first ones, or a seeded random choice (after the
+    ``skip`` windows the same seed picks first: a choice disjoint from theirs)."""
     ids = ids[:end].reshape(-1)
     available = ids.numel() // SEQ_LEN
-    if available < count:
-        raise ValueError(f"text too short: {available} windows of {SEQ_LEN} tokens, {count} wanted")
-    chosen = (range(count) if seed is None
-              else torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:count].sort().values)
+    if available < skip + count:
+        raise ValueError(f"text too short: {available} windows of {SEQ_LEN} tokens, {skip + count} wanted")
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed)) if seed is not None else None
+    chosen = range(count) if order is None else order[skip:skip + count].sort().values
     return torch.stack([ids[int(k) * SEQ_LEN:(int(k) + 1) * SEQ_LEN] for k in chosen])
 
 
@@ -80,9 +84,13 @@ def main() -> None:
     parser.add_argument("--rows", default="all", help="comma list of recipes, or all")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--results", type=Path, default=Path("records.json"))
+    parser.add_argument("--validation", action="store_true",
+                        help="evaluate on 32 calibration-region windows the draw did not pick (not the held-out)")
     args = parser.parse_args()
     rows = ROWS if args.rows == "all" else args.rows.split(",")
     done = json.loads(args.results.read_text()) if args.results.exists() else []
+    if any(bool(r.get("validation")) != args.validation for r in done):
+        raise SystemExit(f"{args.results} holds rows of the other evaluation: use another --results file")
     have = {(r["recipe"], r["ratio"], r["seed"]) for r in done}
     loaded = load_model()
     tok = loaded.tokenizer
@@ -91,13 +99,18 @@ def main() -> None:
     code = windows(tok(python_sources(), return_tensors="pt", add_special_tokens=False).input_ids[0], 32)
     evals = {"pydoc": held_out, "python": code}
     dense = loaded.model
-    if ("dense", 0.0, 0) not in have:
-        row = {"recipe": "dense", "ratio": 0.0, "seed": 0, "seconds": 0.0,
-               **{f"ppl_{k}": perplexity(dense, v) for k, v in evals.items()}}
-        done.append(row)
-        args.results.write_text(json.dumps(done, indent=1))
     for seed in (int(s) for s in args.seeds.split(",")):
-        calib = windows(topics, args.calib_samples, seed=seed, end=topics.numel() - 64 * SEQ_LEN)
+        end = topics.numel() - 64 * SEQ_LEN
+        calib = windows(topics, args.calib_samples, seed=seed, end=end)
+        if args.validation:
+            evals["pydoc"] = windows(topics, 32, seed=seed, end=end, skip=args.calib_samples)
+        dense_seed = seed if args.validation else 0  # the held-out windows are the same for every draw
+        if ("dense", 0.0, dense_seed) not in have:
+            row = {"recipe": "dense", "ratio": 0.0, "seed": dense_seed, "seconds": 0.0, "validation": args.validation,
+                   **{f"ppl_{k}": perplexity(dense, v) for k, v in evals.items()}}
+            done.append(row)
+            have.add(("dense", 0.0, dense_seed))
+            args.results.write_text(json.dumps(done, indent=1))
         for recipe in rows:
             for ratio in (float(r) for r in args.ratios.split(",")):
                 if (recipe, ratio, seed) in have:
@@ -108,6 +121,7 @@ def main() -> None:
                 report = compress_(model, config, calib, progress=False, cache=args.results.with_suffix(".cache"))
                 seconds = time.perf_counter() - start
                 row = {"recipe": recipe, "label": label(config), "ratio": ratio, "seed": seed, "seconds": seconds,
+                       "validation": args.validation,
                        "kept": report.params_targeted_after,
                        "removed": report.params_targeted_before - report.params_targeted_after,
                        "notes": report.notes, **{f"ppl_{k}": perplexity(model, v) for k, v in evals.items()}}
@@ -120,9 +134,12 @@ def main() -> None:
 
 
 def print_tables(done: list[dict]) -> None:
-    dense = next(r for r in done if r["recipe"] == "dense")
-    print(f"\n# torch {torch.__version__}, {torch.get_num_threads()} threads; dense perplexity: pydoc held-out "
-          f"{dense['ppl_pydoc']:.2f}, Python sources {dense['ppl_python']:.2f}\n")
+    dense = {r["seed"]: r for r in done if r["recipe"] == "dense"}  # held-out: seed 0 only (same windows each draw)
+    validation = any(r.get("validation") for r in done)
+    where = "pydoc validation (32 unpicked calibration-region windows per draw)" if validation else "pydoc held-out"
+    print(f"\n# torch {torch.__version__}, {torch.get_num_threads()} threads; dense perplexity: {where} "
+          + ", ".join(f"{r['ppl_pydoc']:.2f}" for r in dense.values())
+          + f", Python sources {next(iter(dense.values()))['ppl_python']:.2f}\n")
     print("| recipe | reproduces | ratio | seeds | pydoc ppl | / dense | spread | Python ppl | / dense | spread | "
           "targeted kept | removed | compress s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -136,7 +153,8 @@ def print_tables(done: list[dict]) -> None:
         for text in ("pydoc", "python"):
             values = [r[f"ppl_{text}"] for r in rs]
             mean = sum(values) / len(values)
-            cells += [f"{mean:.2f}", f"{mean / dense[f'ppl_{text}']:.3f}x",
+            over = sum(r[f"ppl_{text}"] / dense[r["seed"] if validation else 0][f"ppl_{text}"] for r in rs) / len(rs)
+            cells += [f"{mean:.2f}", f"{over:.3f}x",
                       f"{max(values) - min(values):.2f}" if len(values) > 1 else "-"]
         kept, removed = rs[0]["kept"], rs[0]["removed"]
         print(f"| {recipe} | {RECORDS.get(recipe, '')} | {ratio:g} | {','.join(str(r['seed']) for r in rs)} | "

@@ -19,6 +19,7 @@ class LayerReport:
     rel_error: float | None  # ||(W - W')X||_F / ||W X||_F on calibration data; None without data
     notes: str = ""
     covariance_fallback: bool = False  # the input covariance was not positive definite (eigen fallback used)
+    refused_fits: tuple[str, ...] = ()  # fits refused, the plainer factors kept: "anchored" (plain whitened), "refit"
     kind: str = "dense"  # the layer kind written ("lowrank", "dictionary", ...), "dense" if kept dense
     knob: str = "rank"  # what ``rank`` counts for this kind (rank, atoms ...)
     floats_after: int | None = None  # floating-point values stored (None: params_after, all floating)

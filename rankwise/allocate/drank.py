@@ -3,13 +3,15 @@
 Mi et al., "D-Rank: layer-wise dynamic rank allocation for LLM compression", 2025,
 https://arxiv.org/abs/2509.25622 (reference code: Rainbow0427/D_rank).
 
-Each matrix's *effective rank* is ``exp(H(p))`` with ``p_i = s_i^2 / sum s^2`` the normalised squared singular values
-of its whitened ``W S``. Within each projection type (all ``q_proj``, all ``down_proj`` ...) the type's share of the
-budget ``P`` is spread by the Lagrange solution of ``min sum e_i / k_i`` subject to ``sum k_i w_i = P`` (``w_i = m + n``
-per rank): ``k_i = sqrt(e_i / w_i) P / sum_j sqrt(e_j w_j)``. As in the reference code, q/k/v always take this
-allocation, gate projections keep the uniform one, and the other types take it only where it lowers their summed
-whitened truncation error. Then 20 % of every query and key rank moves to the value projections (in parameters,
-so the budget holds under grouped-query attention), and single ranks are moved until the budget is met exactly.
+Each matrix's *effective rank* is ``exp(H(p))`` with ``p_i = s_i^2 / sum s^2`` the normalised squared singular values of
+its whitened ``W S``, as the reference code computes it (``get_sensitivity_and_singular_values``; Roy and Vetterli's
+effective rank normalises the singular values themselves, not their squares). Within each projection type (all
+``q_proj``, all ``down_proj`` ...) the type's share of the budget ``P`` is spread by the Lagrange solution of ``min sum
+e_i / k_i`` subject to ``sum k_i w_i = P`` (``w_i = m + n`` per rank): ``k_i = sqrt(e_i / w_i) P / sum_j sqrt(e_j
+w_j)``. As in the reference code, q/k/v always take this allocation, gate projections keep the uniform one, and the
+other types take it only where it lowers their summed whitened truncation error. Then 20 % of every query and key rank
+moves to the value projections (in parameters, so the budget holds under grouped-query attention), and single ranks are
+moved until the budget is met exactly.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -27,20 +28,21 @@ def factorise(name: str, module: nn.Module, stats: LayerStats | None, knob: int,
     weight = linear_weight(module).detach()
     result = method(weight, stats, knob, config, name)
     bias = module.bias.detach() if module.bias is not None else None
-    fallback, notes = False, ""
+    fallback, notes, refused = False, "", ()
     if isinstance(result, LowRank):
         lr = result
-        refit_note = ""
+        refit_note, refitted = "", lr
         if config.update_u and stats is not None and stats.xxt is not None:
-            U = refit_left(weight, lr.Vh, stats.covariance, stats.cross_covariance)  # (m, r)
-            if U is None:
-                refit_note = "left-factor refit skipped (singular system): factors kept as truncated"
+            refitted = refit(weight, lr, stats, config.refit_anchor)
+            if refitted is None:
+                refit_note = "left-factor refit skipped (singular system or non-finite result): factors kept as fitted"
             else:
-                lr = LowRank((U / lr.S.clamp_min(torch.finfo(lr.S.dtype).tiny)).to(weight.dtype), lr.S, lr.Vh,
-                             lr.info, lr.whitening_fallback)
+                refit_note = "then its left factor refitted" if lr.anchored_fallback else ""
+                lr = refitted
         new: CompressedLinear = config.lowrank_layer(lr, bias).to(weight.device)
         fallback = lr.whitening_fallback
-        notes = "; ".join(n for n in (describe(lr.info), refit_note) if n)
+        refused = (("anchored",) if lr.anchored_fallback else ()) + (("refit",) if refitted is None else ())
+        notes = "; ".join(n for n in (describe(lr), refit_note) if n)
     elif isinstance(result, CompressedLinear):
         if config.update_u:
             raise ValueError(f"update_u refits a low-rank left factor; method {config.name!r} builds "
@@ -53,8 +55,26 @@ def factorise(name: str, module: nn.Module, stats: LayerStats | None, knob: int,
     err = relative_output_error(weight, new.dense_weight().detach(), stats)
     before = weight.numel() + (bias.numel() if bias is not None else 0)
     row = LayerReport(name, tuple(weight.shape), knob, before, new.num_params, err, notes, fallback, kind=new.kind,
-                      knob=config.knob, floats_after=new.float_numel, fixed_bytes_after=new.fixed_nbytes)
+                      knob=config.knob, floats_after=new.float_numel, fixed_bytes_after=new.fixed_nbytes,
+                      refused_fits=refused)
     return new, row
+
+
+def refit(weight: torch.Tensor, lr: LowRank, stats: LayerStats, anchor: float) -> LowRank | None:
+    """``lr`` with its left factor refitted by least squares towards ``W (a X + (1 - a) Xh)`` (``a`` = ``anchor``;
+    the cross moment is then ``a X Xh^T + (1 - a) Xh Xh^T``), or ``None`` when the system is singular or the factors
+    would not be finite in ``weight``'s dtype. A per-output-channel weighting of the error (``output_weighted``)
+    does not change this minimiser: each row is its own least-squares problem."""
+    cross = stats.cross_covariance
+    if cross is not None and anchor < 1.0:
+        cross = anchor * cross + (1.0 - anchor) * stats.covariance
+    U = refit_left(weight, lr.Vh, stats.covariance, cross)  # (m, r)
+    if U is None:
+        return None
+    U = (U / lr.S.clamp_min(torch.finfo(lr.S.dtype).tiny)).to(weight.dtype)  # U diag(S) is the refit
+    if not bool(torch.isfinite(U).all()):
+        return None
+    return replace(lr, U=U)
 
 
 def dense_row(name: str, shape: tuple[int, int], bias: int, why: str = "kept dense") -> LayerReport:
@@ -62,10 +82,13 @@ def dense_row(name: str, shape: tuple[int, int], bias: int, why: str = "kept den
     return LayerReport(name, (m, n), min(m, n), m * n + bias, m * n + bias, 0.0, why)
 
 
-def describe(info: Mapping[str, object]) -> str:
-    if info.get("anchored") is False:
-        return ("anchored fit skipped (the compressed inputs' covariance is not positive definite): plain whitened "
-                "truncation")
+def describe(lr: LowRank) -> str:
+    """The layer's report note on what its fit did out of the ordinary ("" for nothing)."""
+    info = lr.info
+    if lr.anchored_fallback:
+        why = ("its regression was not finite" if info.get("anchored_skipped") == "not finite"
+               else "the compressed inputs' covariance is not positive definite")
+        return f"anchored fit skipped ({why}): plain whitened truncation"
     wh = info.get("whitening")
     if isinstance(wh, Mapping) and wh.get("method") == "eigh":
         return f"covariance not positive definite: eigen-decomposition, {wh['clamped']} eigenvalues clamped"

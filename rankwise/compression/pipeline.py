@@ -333,8 +333,26 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
                             f"x{gains[len(gains) // 2]:.3f} in the median block (best x{gains[0]:.3f}, worst "
                             f"x{gains[-1]:.3f}); the per-layer errors are the closed form's, before it"
                             if gains else "block refinement: nothing to refine")
+    report.notes += fit_fallback_notes(report)
     report.params_total_after = model_num_params(source.model)
     return report
+
+
+REFUSED_FITS = {
+    "anchored": "anchored fit refused, plain whitened truncation used (each layer's notes say why)",
+    "refit": "left-factor refit refused (singular system or non-finite result), fitted factors kept",
+}
+
+
+def fit_fallback_notes(report: CompressionReport) -> list[str]:
+    """One note per kind of refused fit (:attr:`~rankwise.report.LayerReport.refused_fits`), naming the layers."""
+    notes = []
+    for kind, what in REFUSED_FITS.items():
+        names = [layer.name for layer in report.layers if kind in layer.refused_fits]
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            notes.append(f"{what}: {len(names)} layer{'s' if len(names) > 1 else ''} ({shown})")
+    return notes
 
 
 def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: Mapping[str, int], plan: Plan,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,6 +23,8 @@ class LowRank:
         info: what the routine did (solver, a clamped rank, covariance repairs); for reports, never for logic.
         whitening_fallback: the input covariance this came from was not positive definite, so it was factored
             after a ridge or by a clamped eigen-decomposition (whitened methods only).
+        anchored_fallback: an anchored fit (:func:`~rankwise.linalg.anchored_svd`) was asked for and refused, so
+            these are the plain whitened truncation's factors (``info["anchored_skipped"]`` says why).
     """
 
     U: torch.Tensor
@@ -30,6 +32,7 @@ class LowRank:
     Vh: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict, compare=False)
     whitening_fallback: bool = field(default=False, compare=False)
+    anchored_fallback: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         r = self.S.shape[0]
@@ -66,7 +69,7 @@ class LowRank:
     def truncate(self, rank: int) -> LowRank:
         """Keep the leading ``rank`` components (clamped to the current rank, with a warning)."""
         rank = check_rank(rank, self.rank)
-        return LowRank(self.U[:, :rank], self.S[:rank], self.Vh[:rank], dict(self.info), self.whitening_fallback)
+        return replace(self, U=self.U[:, :rank], S=self.S[:rank], Vh=self.Vh[:rank], info=dict(self.info))
 
     def factors(self, alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
         """Split into ``(A, B)`` with ``A @ B == to_dense()``: ``A = U S^alpha``, ``B = S^(1-alpha) Vh``.
@@ -79,5 +82,5 @@ class LowRank:
 
     def to(self, *args: Any, **kwargs: Any) -> LowRank:
         """Move or cast every factor like :meth:`torch.Tensor.to`."""
-        return LowRank(self.U.to(*args, **kwargs), self.S.to(*args, **kwargs), self.Vh.to(*args, **kwargs),
-                       dict(self.info), self.whitening_fallback)
+        return replace(self, U=self.U.to(*args, **kwargs), S=self.S.to(*args, **kwargs),
+                       Vh=self.Vh.to(*args, **kwargs), info=dict(self.info))

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -337,8 +337,10 @@ def anchored_svd(
     ``||W X - W' Xh||^2 = const + ||(W* - W') S||^2``, so ``W' = [W P S^-T]_r S^-1`` (the whitened truncation of
     ``W*``; with ``Xh = X`` it is :func:`whitened_svd`). Needs a Cholesky factor of ``C`` (after :func:`whiten`'s
     ridge for large ``n``, a ridge regression): ``W*`` inverts it, and a clamped eigen-decomposition would blow up the
-    directions the compressed inputs do not span; then this is :func:`whitened_svd` of ``W`` itself, and
-    ``info["anchored"]`` is ``False``.
+    directions the compressed inputs do not span; then this is :func:`whitened_svd` of ``W`` itself,
+    ``anchored_fallback`` is set and ``info["anchored_skipped"]`` is ``"covariance"``. So it is, with ``"not
+    finite"``, when the regression or its factors are not finite (a cross moment holding NaN or Inf, or a regression
+    past the dtype's range): the regression never blows up silently.
 
     ``W*`` is a full ``n x n`` regression from the compressed inputs to the original outputs; estimated from few
     tokens per input dimension it fits the calibration text's noise. ``weight`` ``a < 1`` shrinks the target towards
@@ -362,14 +364,28 @@ def anchored_svd(
         raise ValueError(f"cross must have shape (n, n) = {(W.shape[1], W.shape[1])} to match W {tuple(W.shape)}, "
                          f"got {tuple(cross.shape)}")
     if wh.roots is not None:  # a clamped eigen-decomposition: no inverse to regress with
-        lr = whitened_svd(W, wh, rank, solver=solver, generator=generator)
-        return LowRank(lr.U, lr.S, lr.Vh, {**lr.info, "anchored": False}, lr.whitening_fallback)
+        return _unanchored(W, wh, rank, solver, generator, "covariance")
     dtype = compute_dtype(W.dtype)
     W64 = W.to(device=wh.basis.device, dtype=torch.float64)
     A = wh.right_solve_transpose(W64 @ cross.double())  # (m, n) W* S = W P S^-T
     if weight < 1.0:
         A.mul_(weight).add_(wh.right_multiply(W64), alpha=1.0 - weight)  # + (1 - a) W S, as C S^-T = S
-    lr = truncated_svd(A.to(dtype), rank, solver=solver, generator=generator)
+    A = A.to(dtype)
+    if not bool(torch.isfinite(A).all()):  # a cross moment with NaN/Inf, or a regression past the dtype's range
+        return _unanchored(W, wh, rank, solver, generator, "not finite")
+    lr = truncated_svd(A, rank, solver=solver, generator=generator)
     Vh = wh.right_solve(lr.Vh)  # (r, n), float64
     info = {**lr.info, "whitening": wh.describe(), "anchored": True}
-    return LowRank(lr.U.to(W.device, W.dtype), lr.S.to(W.device, W.dtype), Vh.to(W.device, W.dtype), info)
+    out = LowRank(lr.U.to(W.device, W.dtype), lr.S.to(W.device, W.dtype), Vh.to(W.device, W.dtype), info,
+                  whitening_fallback=wh.method != "cholesky")
+    if not all(bool(torch.isfinite(t).all()) for t in (out.U, out.S, out.Vh)):
+        return _unanchored(W, wh, rank, solver, generator, "not finite")
+    return out
+
+
+def _unanchored(W: torch.Tensor, wh: Whitening, rank: RankSpec, solver: str | SVDSolver,
+                generator: torch.Generator | int | None, reason: str) -> LowRank:
+    """:func:`whitened_svd` of ``W`` itself, marked as an anchored fit refused for ``reason`` (``"covariance"``: not
+    positive definite; ``"not finite"``: the regression or its factors overflowed)."""
+    lr = whitened_svd(W, wh, rank, solver=solver, generator=generator)
+    return replace(lr, info={**lr.info, "anchored": False, "anchored_skipped": reason}, anchored_fallback=True)

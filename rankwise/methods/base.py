@@ -125,6 +125,12 @@ class CompressConfig:
         weight is read); every model is accepted by default."""
 
     @property
+    def refit_anchor(self) -> float:
+        """The weight ``a`` of the original outputs in the target of the left-factor refit (``update_u``),
+        ``W (a X + (1 - a) Xh)``: 1 unless the method's own fit shrinks its target towards the layer's outputs."""
+        return 1.0
+
+    @property
     def paired(self) -> bool:
         """Whether sequential compression also runs the original (dense) model alongside, for the paired
         statistics ``X Xh^T`` (original x compressed inputs) a fit towards the original outputs needs."""
@@ -293,6 +299,7 @@ def choose_knobs(config: CompressConfig, shapes: dict[str, tuple[int, int]], fra
         raise ValueError(f"the budget of {what} is below what {config.name} can represent for these layers: "
                          f"allowed is {allowed}")
     budgets = {k: fractions.get(k, 1.0) * dense[k] for k in shapes}
+    closest = math.inf  # the smallest excess over the budget of any allocation tried
     for _ in range(64):
         knobs: dict[str, int] = {}
         spent: dict[str, float] = {}
@@ -320,11 +327,13 @@ def choose_knobs(config: CompressConfig, shapes: dict[str, tuple[int, int]], fra
                 knobs[k], spent[k] = knob, cost
         if sum(spent.values()) <= total:
             return knobs
+        closest = min(closest, sum(spent.values()) - total)
         fixed = sum(spent[k] for k in shapes if k not in flexible)
         basis = {k: below.get(k, spent[k]) for k in flexible}
         scale = min(0.999, max(0.0, total - fixed) / max(sum(basis.values()), 1e-300))
         budgets.update({k: basis[k] * scale for k in flexible})
-    raise ValueError(f"could not meet the budget for {config.name}; lower the ratio or raise bits"
+    raise ValueError(f"could not meet the budget for {config.name}: the closest allocation found is over it by "
+                     f"{closest / sum(dense.values()):.2%} of the targeted size; lower the ratio or raise bits"
                      + (" (or use objective 'size': 'speed' keeps slow ranks dense)" if limits else ""))
 
 

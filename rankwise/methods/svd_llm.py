@@ -12,7 +12,7 @@ https://arxiv.org/abs/2604.02119; :func:`rankwise.linalg.anchored_svd`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -75,6 +75,10 @@ class SVDLLMConfig(LowRankConfig):
             raise ValueError(f"refine_lr must be a learning rate in (0, 1), got {self.refine_lr!r}")
 
     @property
+    def refit_anchor(self) -> float:  # the refit keeps the anchored fit's target
+        return float(self.anchor) if self.anchored else 1.0
+
+    @property
     def paired(self) -> bool:
         return self.sequential and (self.update_u or self.anchored or self.refine_epochs > 0)
 
@@ -94,7 +98,10 @@ def svd_llm(weight: torch.Tensor, stats: LayerStats | None, rank: int, config: S
         rows = rows / rows.max()  # the minimiser does not depend on D's scale: in [1e-3, 1], no under/overflow
         # D W: the error is measured as ||D (...)||; formed in float32 at least, never rounded to a half type
         target = (weight.double() * rows[:, None]).to(torch.promote_types(weight.dtype, torch.float32))
-    if config.anchored and stats.cross is not None:
+    if config.anchored and stats.cross is None:
+        raise ValueError(f"anchored needs the paired statistics X Xh^T of {name} (original x compressed inputs), which "
+                         "these statistics lack: they are collected in sequential mode")
+    if config.anchored:
         lr = anchored_svd(target, stats.whitening(config.damp), stats.cross_covariance, rank,
                           weight=float(config.anchor))
     else:
@@ -102,5 +109,5 @@ def svd_llm(weight: torch.Tensor, stats: LayerStats | None, rank: int, config: S
     if rows is None:
         return lr
     U = (lr.U.double() / rows[:, None]).to(weight.dtype)  # D^-1 [D A]_r
-    return LowRank(U, lr.S.to(weight.dtype), lr.Vh.to(weight.dtype), {**lr.info, "output_weighted": True},
-                   lr.whitening_fallback)
+    return replace(lr, U=U, S=lr.S.to(weight.dtype), Vh=lr.Vh.to(weight.dtype),
+                   info={**lr.info, "output_weighted": True})
