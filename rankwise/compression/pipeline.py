@@ -333,7 +333,7 @@ def _run_blocks(source, sink, plan: Plan, method, streams: Streams | None, stats
                             f"x{gains[len(gains) // 2]:.3f} in the median block (best x{gains[0]:.3f}, worst "
                             f"x{gains[-1]:.3f}); the per-layer errors are the closed form's, before it"
                             if gains else "block refinement: nothing to refine")
-    report.notes += fit_fallback_notes(report)
+    report.notes += refused_fit_notes(report)
     report.params_total_after = model_num_params(source.model)
     return report
 
@@ -344,7 +344,7 @@ REFUSED_FITS = {
 }
 
 
-def fit_fallback_notes(report: CompressionReport) -> list[str]:
+def refused_fit_notes(report: CompressionReport) -> list[str]:
     """One note per kind of refused fit (:attr:`~rankwise.report.LayerReport.refused_fits`), naming the layers."""
     notes = []
     for kind, what in REFUSED_FITS.items():
