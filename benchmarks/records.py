@@ -10,7 +10,7 @@ Rows (each a recipe of ``rankwise compress --recipe``; the published method each
 * ``svd_llm+zs``: ZS-SVD's zero-sum allocation (one shot, no correction stages);
 * ``svd_llm+drank``: D-Rank's effective-rank allocation with the query/key to value transfer;
 * ``svd_llm+loss+seq``: rankwise's best recipe before this work;
-* the combinations: each allocation x sequential x anchored (rankwise's anchored fit, ``anchor`` 0.5 by default);
+* the combinations: each allocation x sequential x anchored (rankwise's anchored fit, ``anchor`` 0.25 by default);
 * ``+ow``: each layer's error weighted per output channel by the root mean squared loss gradient there
   (``output_weighted``); ``svd_llm+loss+seq+anc+ow`` is ``--recipe best`` from ratio 0.3 (below it,
   ``svd_llm+loss+ow``); ``loss_channels`` allocates with the same per-channel curvature; ``+score_samples=N`` scores

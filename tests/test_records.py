@@ -137,6 +137,36 @@ def test_sequential_calibrates_each_group_on_the_compressed_groups_before_it():
     torch.testing.assert_close(o.dense_weight().detach(), expected.float(), atol=2e-4, rtol=1e-3)
 
 
+def test_anchored_pairs_each_group_with_the_dense_models_input_to_it():
+    """Block 1's o_proj and down_proj (the second and last input groups) are the anchored optimum for the dense
+    model's inputs to them paired with the compressed model's, token by token."""
+    tokens = tiny_tokens(32)
+    model = tiny_model("llama")
+    compress_(model, SVDLLMConfig(ratio=0.4, sequential=True, anchored=True, anchor=1.0), tokens, progress=False)
+    dense = tiny_model("llama")
+
+    def inputs(m, name: str) -> torch.Tensor:
+        xs = []
+        handle = m.get_submodule(name).register_forward_pre_hook(
+            lambda _m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+        with torch.no_grad():
+            for batch in tokens.split(4):
+                m.model(batch)
+        handle.remove()
+        return torch.cat(xs).double()  # (tokens, n)
+
+    for name in ("model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"):
+        X, Xh = inputs(dense, name), inputs(model, name)
+        assert not torch.allclose(X, Xh)  # the compressed groups before it moved its inputs
+        fitted = model.get_submodule(name)
+        expected = anchored_svd(dense.get_submodule(name).weight.detach().double(), Xh.T @ Xh, X.T @ Xh, fitted.rank)
+        W = dense.get_submodule(name).weight.detach().double()
+        errors = [float((X @ W.T - Xh @ Wp.T).norm()) for Wp in (fitted.dense_weight().detach().double(),
+                                                                 expected.to_dense())]
+        assert errors[0] <= errors[1] * (1 + 1e-4)
+        torch.testing.assert_close(fitted.dense_weight().detach(), expected.to_dense().float(), atol=1e-3, rtol=1e-2)
+
+
 def test_staged_sequential_with_eager_attention_and_full_batches():
     from transformers import AutoModelForCausalLM
 

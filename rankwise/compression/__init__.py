@@ -74,7 +74,8 @@ def compress_(
         batch_size: windows per calibration forward pass.
         progress: show progress bars.
         device: run each block there (e.g. ``"cuda"``) and move it back after; default: where the model is.
-        activation_mb: block-boundary activations kept in memory before spilling to ``offload_dir``.
+        activation_mb: block-boundary activations (and, for a sequential paired fit, the current block's
+            group inputs on the original stream) kept in memory before spilling to ``offload_dir``.
         offload_dir: where activations spill (default: the system temporary directory), and where a non-sequential
             run on a CPU keeps its scoring pass's per-block input covariances whatever ``activation_mb`` (about
             0.8 GB for a 135M-parameter model; on a memory-backed temporary directory, that is memory).
@@ -144,7 +145,8 @@ def compress_checkpoint(
             covariances and decompositions stay in float64/float32.
         device: where each block runs (``"cuda"`` streams blocks through the GPU).
         export: ``"factored"`` or ``"dense"``.
-        activation_mb: block-boundary activations kept in memory before spilling to ``offload_dir``.
+        activation_mb: block-boundary activations (and, for a sequential paired fit, the current block's
+            group inputs on the original stream) kept in memory before spilling to ``offload_dir``.
         offload_dir: where activations spill, and where a non-sequential run on a CPU keeps its scoring pass's
             per-block input covariances whatever ``activation_mb``; default a temporary directory beside ``out``.
         trust_remote_code: allow a checkpoint that ships its own model code (refused by default).

@@ -10,8 +10,9 @@ far larger than memory (:func:`compress_checkpoint`): a *source* materialises on
   block); after a scoring pass over every calibration window, which ran the dense blocks with the same hooks, the
   fits take that pass's input statistics (kept on disk meanwhile) and the dense model runs no second time;
 * ``sequential``: each block is calibrated on the activations of the blocks already compressed, one input group at a
-  time (:mod:`rankwise.compression.staged`); with ``update_u`` or ``anchored`` an
-  original (dense) stream runs alongside for the paired statistics ``X Xh^T``.
+  time (:mod:`rankwise.compression.staged`); with ``update_u``, ``anchored`` or ``refine_epochs`` an
+  original (dense) stream runs alongside for the paired statistics ``X Xh^T``: each block, before its first group
+  is compressed, runs it once and keeps each group's input.
 """
 
 from __future__ import annotations

@@ -7,14 +7,13 @@ towards the original model's outputs (``anchored``, ``update_u``): each layer wo
 the original activations, which the layers before it in the block have already corrected, so the correction is
 applied twice (AA-SVD, https://arxiv.org/abs/2604.02119, recomputes the statistics per group for this reason).
 
-For the paired statistics ``X Xh^T`` a dense copy of the block runs the original stream alongside: one block's
-weights more in memory, never the model's.
+For the paired statistics ``X Xh^T`` the block, still dense, first runs the original stream once, keeping each
+group's input (:func:`record_original`); each stage pairs them with the compressed stream's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Callable, Mapping
 
@@ -23,7 +22,7 @@ from torch import nn
 
 from rankwise.calibrate import LayerStats
 from rankwise.calibrate.stats import StatsObserver, input_groups
-from rankwise.stream import run_block
+from rankwise.stream import ActivationStore, run_block
 
 
 class _StageDoneError(Exception):
@@ -42,64 +41,63 @@ def call_order_groups(block: nn.Module, modules: Mapping[str, nn.Module], run_on
 
 
 def observe_stage(block: nn.Module, modules: Mapping[str, nn.Module], kinds: frozenset[str], n_batches: int,
-                  compressed_input: Callable[[int], tuple], twin: tuple[nn.Module, dict[str, nn.Module]] | None,
-                  original_input: Callable[[int], tuple] | None, *, last: bool
-                  ) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
+                  compressed_input: Callable[[int], tuple],
+                  original: Callable[[int], torch.Tensor | None] | None) -> dict[str, LayerStats]:
     """One stage: the statistics of ``modules`` (one input group) on the compressed stream through the partly
-    compressed ``block``, stopping once the group has seen its input. With ``twin`` (the dense block and its
-    modules by name), the original stream runs through it alongside for ``X Xh^T``; on the ``last`` stage it runs
-    to the end and its outputs (the next block's original inputs) are returned."""
+    compressed ``block``, stopping once the group has seen its input. With ``original`` (batch -> the group's input
+    on the original stream, recorded by :func:`record_original`), ``X Xh^T`` is added too."""
     names = list(modules)
     lead = names[0]
-    outs: list[torch.Tensor] = []
-    with torch.no_grad(), StatsObserver(modules, kinds, record=twin is not None) as observer:
+    with torch.no_grad(), StatsObserver(modules, kinds, record=original is not None) as observer:
         # Registered after the observer's hooks: the leader's input is recorded, then the block stops before the
         # group's (still dense) layers run, which nothing here reads.
         stop = modules[lead].register_forward_pre_hook(_raise_before)
         try:
             for b in range(n_batches):
                 call, hidden = compressed_input(b)
+                observer.last_inputs.pop(lead, None)
                 with contextlib.suppress(_StageDoneError):
                     run_block(block, call, hidden)
                 if b == 0 and lead in observer.stats:
                     observer.share(names)  # the members never run: they read the leader's input
-                if twin is not None:
-                    assert original_input is not None
-                    call, hidden = original_input(b)
-                    out = _run_twin(twin, call, hidden, observer, lead, stop_early=not last)
-                    if out is not None:
-                        outs.append(out)
+                x = original(b) if original is not None else None
+                if x is not None and lead in observer.last_inputs:
+                    observer.stats[lead].add_cross(x, observer.last_inputs[lead])
         finally:
             stop.remove()
-    return observer.stats, outs
+    return observer.stats
 
 
 def _raise_before(_module: nn.Module, _args: tuple) -> None:
     raise _StageDoneError
 
 
-def _run_twin(twin: tuple[nn.Module, dict[str, nn.Module]], call, hidden: torch.Tensor, observer: StatsObserver,
-              lead: str, *, stop_early: bool) -> torch.Tensor | None:
-    block, modules = twin
+def record_original(block: nn.Module, leaders: list[nn.Module], n_batches: int,
+                    original_input: Callable[[int], tuple], store: ActivationStore) -> None:
+    """Run the still dense ``block`` once per batch on the original stream: leader ``k``'s first input in batch
+    ``b`` goes to ``store[("paired", k, b)]`` and the block's output becomes the original stream's next input
+    (``("original", b)``). The stages read the leaders' inputs from there: the dense block's inputs do not depend on
+    what the stages compress."""
+    seen: set[int] = set()
 
-    def cross(_m: nn.Module, args: tuple) -> None:
-        observer.stats[lead].add_cross(args[0], observer.last_inputs[lead])
-        if stop_early:
-            raise _StageDoneError
+    def recorder(k: int) -> Callable[[nn.Module, tuple], None]:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            if k not in seen:  # a module called twice pairs its first call, as a stage stops at the first
+                seen.add(k)
+                x = args[0].detach()
+                store.put(("paired", k, b), x.clone() if x.device.type == "cpu" else x)  # put copies off a GPU
+        return hook
 
-    handle = modules[lead].register_forward_pre_hook(cross)
+    handles = [leader.register_forward_pre_hook(recorder(k)) for k, leader in enumerate(leaders)]
     try:
-        return run_block(block, call, hidden)
-    except _StageDoneError:
-        return None
+        with torch.no_grad():
+            for b in range(n_batches):
+                seen.clear()
+                call, hidden = original_input(b)
+                store.put(("original", b), run_block(block, call, hidden))
     finally:
-        handle.remove()
-
-
-def dense_twin(block: nn.Module, names: list[str], prefix: str) -> tuple[nn.Module, dict[str, nn.Module]]:
-    """A dense copy of ``block`` and its modules under the model-level ``names`` (``prefix`` is the block's)."""
-    twin = copy.deepcopy(block)
-    return twin, {name: twin.get_submodule(name.removeprefix(prefix)) for name in names}
+        for handle in handles:
+            handle.remove()
 
 
 def compress_staged(source, block: nn.Module, i: int, modules: Mapping[str, nn.Module], plan, streams,
@@ -121,7 +119,6 @@ def compress_staged(source, block: nn.Module, i: int, modules: Mapping[str, nn.M
         return streams.call(b, i, device), store.get(("original", b)).to(device)
 
     prefix = f"{source.blocks_name}.{i}."
-    twin = dense_twin(block, list(modules), prefix) if paired and modules else None
     done: list = []
     groups = []
     if modules:
@@ -131,36 +128,39 @@ def compress_staged(source, block: nn.Module, i: int, modules: Mapping[str, nn.M
             plan.call_groups[relative] = [[n.removeprefix(prefix) for n in group] for group in
                                           call_order_groups(block, modules, lambda: run_block(block, call, hidden))]
         groups = [[prefix + n for n in group] for group in plan.call_groups[relative]]
-    for k, names in enumerate(groups):
-        stage = {name: modules[name] for name in names}
-        last = k == len(groups) - 1
-        stats, outs = observe_stage(block, stage, plan.block_kinds, n_batches, compressed_input,
-                                    (twin[0], {n: twin[1][n] for n in names}) if twin else None,
-                                    original_input if twin else None, last=last)
-        missing = [name for name in names if name not in stats]
-        if missing:
-            raise ValueError(f"layer {missing[0]} never ran during calibration; it cannot be calibrated")
-        group = input_groups(names, stats)[0]
-        work = [(name, modules[name], add_fisher(group, gradient_stats), ranks[name]) for name in names]
-        result = (factorise_group(work, config=config, method=method) if mapper is None
-                  else mapper(factorise_group, [work], {"config": config, "method": method})[0])
-        for name, new, _row in result:
-            set_submodule(source.model, name, new)
-        done += result
-        for b, out in enumerate(outs):
-            store.put(("original", b), out)
-        del stats, group, work
+    if paired:  # before any stage, while the block is still dense (with no groups: it only advances the stream)
+        record_original(block, [modules[names[0]] for names in groups], n_batches, original_input, store)
+
+    def paired_input(k: int) -> Callable[[int], torch.Tensor | None]:
+        return lambda b: store.get(("paired", k, b)).to(device) if ("paired", k, b) in store else None
+
+    try:
+        for k, names in enumerate(groups):
+            stage = {name: modules[name] for name in names}
+            stats = observe_stage(block, stage, plan.block_kinds, n_batches, compressed_input,
+                                  paired_input(k) if paired else None)
+            for b in range(n_batches):
+                store.drop(("paired", k, b))  # read: freed before the next stage's
+            missing = [name for name in names if name not in stats]
+            if missing:
+                raise ValueError(f"layer {missing[0]} never ran during calibration; it cannot be calibrated")
+            group = input_groups(names, stats)[0]
+            work = [(name, modules[name], add_fisher(group, gradient_stats), ranks[name]) for name in names]
+            result = (factorise_group(work, config=config, method=method) if mapper is None
+                      else mapper(factorise_group, [work], {"config": config, "method": method})[0])
+            for name, new, _row in result:
+                set_submodule(source.model, name, new)
+            done += result
+            del stats, group, work
+    finally:  # what a failed stage left unread
+        for key in [("paired", k, b) for k in range(len(groups)) for b in range(n_batches)]:
+            store.drop(key)
     epochs = getattr(config, "refine_epochs", 0)
     if epochs and done:
         layers = [new for _name, new, _row in done if new is not None]
         plan.refined.append(refine_block(block, layers, n_batches, compressed_input,
                                          lambda b: store.get(("original", b)).to(device), epochs=epochs,
                                          lr=config.refine_lr))
-    if paired and not groups:  # nothing compressed here: the original stream still crosses the block
-        with torch.no_grad():
-            for b in range(n_batches):
-                call, hidden = original_input(b)
-                store.put(("original", b), run_block(block, call, hidden))
     return done
 
 

@@ -113,9 +113,9 @@ NAMED_RECIPES = {
 }
 """Recipes reachable by one name (``rankwise compress --recipe best``, ``compare --recipes best``): ``best`` is the
 best training-free recipe measured on the default model (benchmarks/RESULTS.md, "The 2025-2026 records"). Below
-ratio 0.3 it fits every layer on the dense model's statistics: the sequential anchored fit ties with it at 0.2
-(within the spread of three calibration draws) and takes about 1.5x as long; from 0.3 the sequential anchored fit,
-which wins at 0.4 on the held-out pydoc text at every draw."""
+ratio 0.3 it fits every layer on the dense model's statistics: the sequential anchored fit tied with it at 0.2
+(anchor 0.5, within the spread of three calibration draws) and takes about 1.5x as long; from 0.3 the sequential
+anchored fit (anchor 0.25), ahead at 0.3 and 0.4 on the held-out pydoc text and the Python sources at every draw."""
 
 
 def recipe_options() -> str:
