@@ -38,7 +38,7 @@ def test_packaged_task_found_and_read_from_any_directory(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # nothing written to the current directory
 
 
-def test_task_dir_is_relative_to_the_current_directory(tmp_path, monkeypatch):
+def test_task_dir_is_relative_to_the_current_directory_and_indexed_once(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     from rankwise.eval.tasks import task_manager
 
@@ -57,6 +57,11 @@ def test_task_dir_is_relative_to_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "work")
     manager = task_manager(["tasks"])
     assert {"mine", "pydoc_cloze"} <= set(manager.all_subtasks)  # the task directory's and the shipped one
+    assert task_manager(["tasks"]) is manager  # indexed once while the task files stay as they were
+    (tmp_path / "work" / "tasks" / "other.yaml").write_text((PACKAGED_TASKS / "pydoc_cloze.yaml").read_text()
+                                                             .replace("task: pydoc_cloze", "task: other"))
+    fresh = task_manager(["tasks"])  # a file added: indexed again
+    assert fresh is not manager and {"mine", "other"} <= set(fresh.all_subtasks)
 
 
 def test_packaged_task_files_are_package_data():

@@ -137,10 +137,10 @@ def evaluate(
     else:
         from rankwise.eval.tasks import check_tasks, task_manager
 
+        if stream:  # before the task index, which takes seconds to build
+            raise ValueError("--tasks needs the model in memory; drop --stream")
         manager = task_manager(task_dir or ())
         task_names = check_tasks(comma_list(tasks, "--tasks"), manager)  # before the model is read
-        if stream:
-            raise ValueError("--tasks needs the model in memory; drop --stream")
     setup(device, threads)
     raw = load_text(text, dataset=dataset)  # the text's errors come before any model is read
     path, source = resolve(model)

@@ -53,6 +53,11 @@ def task_manager(include: Sequence[str | Path] = ()) -> Any:
     """lm-eval's task index: its own tasks, those rankwise ships (:data:`PACKAGED_TASKS`) and the task YAML files
     under each ``include`` directory (relative to the current directory; a task there overrides one of the same name).
 
+    Indexing reads every YAML file lm-eval ships (about 15 s on 2 CPU cores), so an index is kept for the process and
+    handed out again while the same directories hold the same task files (path, size and modification time of each
+    YAML file under ``include`` and :data:`PACKAGED_TASKS`): evaluating a dense and a compressed model, or several
+    checkpoints, indexes once. A file added, removed or edited there gives a fresh index.
+
     Raises:
         ValueError: an ``include`` that is not a directory, or a YAML file under it that does not parse (lm-eval
             would skip it silently, and its task would then be reported unknown).
@@ -65,10 +70,28 @@ def task_manager(include: Sequence[str | Path] = ()) -> Any:
             why = "is a file" if absolute.exists() else "does not exist"
             raise ValueError(f"--task-dir {str(path)!r} is not a directory of lm-eval task YAML files ({absolute} "
                              f"{why})")
-        for file in sorted(Path(path).glob("**/*.yaml")):  # the files lm-eval reads, named as the user did
-            if not _IGNORED_DIRS.intersection(file.parts):
+    files = {path: _task_files(path) for path in (*include, PACKAGED_TASKS)}  # named as the user did
+    key = (tuple(map(str, dirs)), tuple((str(file), *_stamp(file)) for found in files.values() for file in found))
+    if key not in _INDEXES:
+        for path in include:
+            for file in files[path]:
                 check_yaml(file)
-    return TaskManager(include_path=[str(PACKAGED_TASKS), *map(str, dirs)])
+        _INDEXES.clear()  # one index at a time: each holds every task's configuration
+        _INDEXES[key] = TaskManager(include_path=[str(PACKAGED_TASKS), *map(str, dirs)])
+    return _INDEXES[key]
+
+
+_INDEXES: dict[tuple, Any] = {}  # the task index of this process, by its directories and their task files
+
+
+def _task_files(directory: str | Path) -> list[Path]:
+    """The YAML files lm-eval's index reads under ``directory``."""
+    return [file for file in sorted(Path(directory).glob("**/*.yaml")) if not _IGNORED_DIRS.intersection(file.parts)]
+
+
+def _stamp(file: Path) -> tuple[int, int]:
+    info = file.stat()
+    return info.st_size, info.st_mtime_ns
 
 
 _IGNORED_DIRS = frozenset({"__pycache__", ".ipynb_checkpoints"})  # skipped by lm-eval's task index
