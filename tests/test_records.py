@@ -80,13 +80,36 @@ def test_anchored_svd_is_the_rank_constrained_optimum(seed):
                                atol=1e-9, rtol=1e-7)
 
 
-def test_singular_systems_fall_back_and_say_so():
-    X, Xh, W = paired(tokens=10)  # 10 tokens for 24 inputs: the compressed inputs' covariance is singular
+def test_a_singular_covariance_is_regressed_on_the_directions_it_spans():
+    """10 tokens for 24 inputs: ``Xh Xh^T`` has rank 10. The anchored fit is AA-SVD's optimum on the span, from the
+    SVD ``Xh = U_x diag(s) V_x^T``: ``W' = [W X V_x]_r diag(1/s) U_x^T``, the minimum-norm minimiser (nothing along
+    the 14 directions the compressed inputs do not span)."""
+    X, Xh, W = paired(tokens=10)
     C, cross = Xh @ Xh.T, X @ Xh.T
-    lr = anchored_svd(W, C, cross, 4)
-    assert lr.anchored_fallback and lr.info["anchored"] is False and lr.whitening_fallback
-    torch.testing.assert_close(lr.to_dense(), whitened_svd(W, C, 4).to_dense())
-    assert whiten(C).method != "cholesky"
+    assert whiten(C).method == "eigh" and whiten(C).clamped == 14
+    lr = anchored_svd(W, C, cross, 4, weight=1.0)
+    assert not lr.anchored_fallback and lr.info["anchored"] is True and lr.info["anchored_dropped"] == 14
+    assert lr.whitening_fallback
+    Ux, s, Vxt = torch.linalg.svd(Xh, full_matrices=False)
+    Ux, s, Vxt = Ux[:, :10], s[:10], Vxt[:10]
+    B = torch.linalg.svd(W @ X @ Vxt.T, full_matrices=False)
+    expected = (B.U[:, :4] * B.S[:4]) @ B.Vh[:4] @ torch.diag(1 / s) @ Ux.T
+    torch.testing.assert_close(lr.to_dense(), expected, atol=1e-8, rtol=1e-6)
+    assert objective(W, X, Xh, lr.to_dense()) < objective(W, X, Xh, whitened_svd(W, C, 4).to_dense())
+    null = torch.linalg.svd(Xh)[0][:, 10:]  # (24, 14) the directions the compressed inputs do not span
+    # statistics summed from float32 products, as calibration collects them: their rounding is not taken for signal
+    C32, cross32 = (Xh.float() @ Xh.float().T).double(), (X.float() @ Xh.float().T).double()
+    lr32 = anchored_svd(W, C32, cross32, 4, weight=1.0).to_dense()
+    assert float((lr32 @ null).norm()) < 1e-6 * float(lr32.norm())
+    torch.testing.assert_close(lr32, expected, atol=1e-4, rtol=1e-3)
+    # a < 1: along those directions the layer keeps (1 - a) of its own map, projected on the kept outputs
+    a = 0.25
+    mixed = anchored_svd(W, C, cross, 4, weight=a)
+    U = torch.linalg.qr(mixed.U)[0]
+    torch.testing.assert_close(mixed.to_dense() @ null, (1 - a) * U @ U.T @ W @ null, atol=1e-8, rtol=1e-6)
+
+def test_a_singular_refit_system_is_refused():
+    X, _Xh, W = paired(tokens=10)
     Vh = torch.ones(3, W.shape[1], dtype=W.dtype)  # rank-1 right factor: singular 3 x 3 system
     full = X @ X.T + torch.eye(X.shape[0], dtype=X.dtype)
     assert refit_left(W, Vh, full) is None

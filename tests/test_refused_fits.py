@@ -61,10 +61,10 @@ def test_the_refit_keeps_the_anchored_target():
 
 
 def test_refused_fits_are_reported_per_layer_and_in_the_notes(monkeypatch):
-    """A refused refit (singular system) and a refused anchored fit (compressed covariance not positive definite)
-    keep the plain factors, mark the layer, and the report's notes count and name them."""
-    import rankwise.calibrate.stats as stats_module
+    """A refused refit (singular system) and a refused anchored fit (a cross moment that is not finite) keep the
+    plain factors, mark the layer, and the report's notes count and name them."""
     import rankwise.compression.layer as layer_module
+    import rankwise.methods.svd_llm as svd_llm_module
 
     monkeypatch.setattr(layer_module, "refit_left", lambda *args, **kwargs: None)
     model = tiny_model("llama")
@@ -75,9 +75,9 @@ def test_refused_fits_are_reported_per_layer_and_in_the_notes(monkeypatch):
                for note in report.notes)
 
     monkeypatch.undo()
-    real = stats_module.whiten
-    monkeypatch.setattr(stats_module, "whiten", lambda C, **kw: real(C, **kw) if C.shape[0] != 64 else
-                        real(C.clone().fill_diagonal_(-1.0), **kw))  # the 64-wide inputs: not positive definite
+    real = svd_llm_module.anchored_svd
+    monkeypatch.setattr(svd_llm_module, "anchored_svd", lambda W, C, cross, rank, **kw: real(
+        W, C, cross * float("nan") if cross.shape[0] == 64 else cross, rank, **kw))  # the 64-wide inputs: NaN
     report = compress_(tiny_model("llama"), SVDLLMConfig(ratio=0.4, sequential=True, anchored=True), tiny_tokens(8),
                        progress=False)
     skipped = [layer for layer in report.layers if "anchored" in layer.refused_fits]

@@ -86,12 +86,12 @@ def describe(lr: LowRank) -> str:
     """The layer's report note on what its fit did out of the ordinary ("" for nothing)."""
     info = lr.info
     if lr.anchored_fallback:
-        why = ("its regression was not finite" if info.get("anchored_skipped") == "not finite"
-               else "the compressed inputs' covariance is not positive definite")
-        return f"anchored fit skipped ({why}): plain whitened truncation"
+        return f"anchored fit skipped (its regression was {info.get('anchored_skipped')}): plain whitened truncation"
     wh = info.get("whitening")
     if isinstance(wh, Mapping) and wh.get("method") == "eigh":
-        return f"covariance not positive definite: eigen-decomposition, {wh['clamped']} eigenvalues clamped"
+        kept = lr.Vh.shape[1] - info.get("anchored_dropped", 0)
+        spanned = f"; anchored on the {kept} directions the compressed inputs span" if info.get("anchored") else ""
+        return f"covariance not positive definite: eigen-decomposition, {wh['clamped']} eigenvalues clamped{spanned}"
     if isinstance(wh, Mapping) and wh.get("method") == "ridge":
         return f"covariance not positive definite: Cholesky after a ridge of {wh['damping']:.3g}"
     clamped = int(info.get("clamped_row_weights", 0) or 0) + int(info.get("clamped_col_weights", 0) or 0)

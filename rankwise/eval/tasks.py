@@ -54,9 +54,10 @@ def task_manager(include: Sequence[str | Path] = ()) -> Any:
     under each ``include`` directory (relative to the current directory; a task there overrides one of the same name).
 
     Indexing reads every YAML file lm-eval ships (about 15 s on 2 CPU cores), so an index is kept for the process and
-    handed out again while the same directories hold the same task files (path, size and modification time of each
-    YAML file under ``include`` and :data:`PACKAGED_TASKS`): evaluating a dense and a compressed model, or several
-    checkpoints, indexes once. A file added, removed or edited there gives a fresh index.
+    handed out again while the same directories hold the same files (path, size and modification time of each file
+    under ``include`` and :data:`PACKAGED_TASKS`): evaluating a dense and a compressed model, or several
+    checkpoints, indexes once. A file added, removed or edited there gives a fresh index; a template that a task
+    includes from outside those directories is not watched.
 
     Raises:
         ValueError: an ``include`` that is not a directory, or a YAML file under it that does not parse (lm-eval
@@ -72,21 +73,26 @@ def task_manager(include: Sequence[str | Path] = ()) -> Any:
                              f"{why})")
     files = {path: _task_files(path) for path in (*include, PACKAGED_TASKS)}  # named as the user did
     key = (tuple(map(str, dirs)), tuple((str(file), *_stamp(file)) for found in files.values() for file in found))
-    if key not in _INDEXES:
+    manager = _INDEXES.get(key)
+    if manager is None:
         for path in include:
             for file in files[path]:
-                check_yaml(file)
+                if file.suffix == ".yaml":  # the files lm-eval indexes (the others may be templates they include)
+                    check_yaml(file)
+        manager = TaskManager(include_path=[str(PACKAGED_TASKS), *map(str, dirs)])
         _INDEXES.clear()  # one index at a time: each holds every task's configuration
-        _INDEXES[key] = TaskManager(include_path=[str(PACKAGED_TASKS), *map(str, dirs)])
-    return _INDEXES[key]
+        _INDEXES[key] = manager
+    return manager
 
 
-_INDEXES: dict[tuple, Any] = {}  # the task index of this process, by its directories and their task files
+_INDEXES: dict[tuple, Any] = {}  # the task index of this process, by its directories and their files
 
 
 def _task_files(directory: str | Path) -> list[Path]:
-    """The YAML files lm-eval's index reads under ``directory``."""
-    return [file for file in sorted(Path(directory).glob("**/*.yaml")) if not _IGNORED_DIRS.intersection(file.parts)]
+    """The files under ``directory`` that lm-eval's index may read: its YAML files and whatever they include
+    (templates are often named without ``.yaml``); not those in the directories lm-eval skips."""
+    return [file for file in sorted(Path(directory).glob("**/*"))
+            if file.is_file() and not _IGNORED_DIRS.intersection(file.parts)]
 
 
 def _stamp(file: Path) -> tuple[int, int]:

@@ -30,7 +30,8 @@ class Whitening:
             was found after adding a small ridge (large ``n`` only, see :func:`whiten`); else ``"eigh"`` (eigenvalues
             below ``floor`` were raised to it).
         damping: the ridge added to the diagonal before factorising (absolute).
-        clamped: number of eigenvalues raised to the floor (0 for Cholesky).
+        clamped: number of eigenvalues raised to the floor (0 for Cholesky): the first ``clamped`` columns of
+            ``basis`` (eigenvalues ascending).
         eig_min: smallest eigenvalue of the symmetrised input, when computed (``eigh`` path), else ``None``.
         basis: ``(n, n)``: the lower-triangular Cholesky factor ``L``, or the eigenvectors ``Q`` (then
             ``S = Q diag(roots)``, never stored: one ``n x n`` matrix is held, not two).
@@ -319,6 +320,13 @@ def refit_left(W: torch.Tensor, Vh: torch.Tensor, C: torch.Tensor, cross: torch.
     return Ut.mT.to(W.dtype) if bool(torch.isfinite(Ut).all()) else None  # (m, r)
 
 
+SPAN_FLOOR = 1e-6
+"""Eigenvalues of the compressed inputs' covariance below this fraction of the largest are directions the anchored
+fit does not regress on, when ``C`` is not positive definite: about ten times the rounding of the float32 products
+the calibration statistics sum (``2^-23``), so directions the inputs do not span, whose eigenvalues are that
+rounding, are never taken for signal."""
+
+
 def anchored_svd(
     W: torch.Tensor,
     C: torch.Tensor | Whitening,
@@ -335,12 +343,18 @@ def anchored_svd(
 
     With ``C = Xh Xh^T = S S^T`` and ``P = X Xh^T``, the unconstrained minimiser is ``W* = W P C^-1`` and
     ``||W X - W' Xh||^2 = const + ||(W* - W') S||^2``, so ``W' = [W P S^-T]_r S^-1`` (the whitened truncation of
-    ``W*``; with ``Xh = X`` it is :func:`whitened_svd`). Needs a Cholesky factor of ``C`` (after :func:`whiten`'s
-    ridge for large ``n``, a ridge regression): ``W*`` inverts it, and a clamped eigen-decomposition would blow up the
-    directions the compressed inputs do not span; then this is :func:`whitened_svd` of ``W`` itself,
-    ``anchored_fallback`` is set and ``info["anchored_skipped"]`` is ``"covariance"``. So it is, with ``"not
-    finite"``, when the regression or its factors are not finite (a cross moment holding NaN or Inf, or a regression
-    past the dtype's range): the regression never blows up silently.
+    ``W*``; with ``Xh = X`` it is :func:`whitened_svd`). When ``C`` is singular or too ill-conditioned for Cholesky
+    (:func:`whiten`'s eigen form ``S = Q diag(sqrt(l))``), ``C^-1`` becomes the pseudo-inverse on the directions
+    the compressed inputs span: ``W P S^-T = W P Q diag(1 / sqrt(l))`` with the columns of eigenvalues below
+    :data:`SPAN_FLOOR` times the largest set to zero. Through those columns the regression would divide the rounding
+    error of ``P`` by the eigenvalue's root; the objective hardly sees them (``Xh`` has next to no variance there).
+    At ``a = 1``, with ``C = U_x diag(s^2) U_x^T`` from the SVD ``Xh = U_x diag(s) V_x^T``, ``A = W X V_x``: AA-SVD's
+    optimum on the span, and its minimum-norm solution (``W'`` is zero along the directions left out). At ``a < 1``
+    the ``(1 - a) W S`` part is not masked: along those directions ``W'`` keeps that share of the layer's own map
+    (projected on the kept outputs), as the plain whitened truncation keeps all of it. ``info["anchored_dropped"]``
+    counts the directions left out. When the regression or its factors are not finite (a cross moment holding NaN or
+    Inf, or a regression past the dtype's range) this is :func:`whitened_svd` of ``W`` itself, ``anchored_fallback``
+    is set and ``info["anchored_skipped"]`` is ``"not finite"``: the regression never blows up silently.
 
     ``W*`` is a full ``n x n`` regression from the compressed inputs to the original outputs; estimated from few
     tokens per input dimension it fits the calibration text's noise. ``weight`` ``a < 1`` shrinks the target towards
@@ -363,11 +377,14 @@ def anchored_svd(
     if cross.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"cross must have shape (n, n) = {(W.shape[1], W.shape[1])} to match W {tuple(W.shape)}, "
                          f"got {tuple(cross.shape)}")
-    if wh.roots is not None:  # a clamped eigen-decomposition: no inverse to regress with
-        return _unanchored(W, wh, rank, solver, generator, "covariance")
     dtype = compute_dtype(W.dtype)
     W64 = W.to(device=wh.basis.device, dtype=torch.float64)
     A = wh.right_solve_transpose(W64 @ cross.double())  # (m, n) W* S = W P S^-T
+    dropped = 0
+    if wh.roots is not None:  # the eigen form: the pseudo-inverse on the directions the inputs span
+        unspanned = wh.roots.square() < SPAN_FLOOR * float(wh.roots.square().max())
+        A[:, unspanned] = 0.0
+        dropped = int(unspanned.sum())
     if weight < 1.0:
         A.mul_(weight).add_(wh.right_multiply(W64), alpha=1.0 - weight)  # + (1 - a) W S, as C S^-T = S
     A = A.to(dtype)
@@ -375,7 +392,7 @@ def anchored_svd(
         return _unanchored(W, wh, rank, solver, generator, "not finite")
     lr = truncated_svd(A, rank, solver=solver, generator=generator)
     Vh = wh.right_solve(lr.Vh)  # (r, n), float64
-    info = {**lr.info, "whitening": wh.describe(), "anchored": True}
+    info = {**lr.info, "whitening": wh.describe(), "anchored": True, "anchored_dropped": dropped}
     out = LowRank(lr.U.to(W.device, W.dtype), lr.S.to(W.device, W.dtype), Vh.to(W.device, W.dtype), info,
                   whitening_fallback=wh.method != "cholesky")
     if not all(bool(torch.isfinite(t).all()) for t in (out.U, out.S, out.Vh)):
@@ -385,7 +402,7 @@ def anchored_svd(
 
 def _unanchored(W: torch.Tensor, wh: Whitening, rank: RankSpec, solver: str | SVDSolver,
                 generator: torch.Generator | int | None, reason: str) -> LowRank:
-    """:func:`whitened_svd` of ``W`` itself, marked as an anchored fit refused for ``reason`` (``"covariance"``: not
-    positive definite; ``"not finite"``: the regression or its factors overflowed)."""
+    """:func:`whitened_svd` of ``W`` itself, marked as an anchored fit refused for ``reason`` (``"not finite"``: the
+    regression or its factors overflowed)."""
     lr = whitened_svd(W, wh, rank, solver=solver, generator=generator)
     return replace(lr, info={**lr.info, "anchored": False, "anchored_skipped": reason}, anchored_fallback=True)
