@@ -1,0 +1,76 @@
+"""Heal steps with glibc's default allocator settings against rankwise's for training (``reuse_freed_memory``).
+
+Each setting is process-wide, so each runs in a child process of its own: load the compressed student and the dense
+teacher, then ``--steps`` whole heal steps (teacher forward, student forward and backward, AdamW step) of 4 x 256
+tokens after one warm-up step. The table gives each child's median step, the ratio to glibc's default, and the
+child's peak RSS (``wait4``'s ``ru_maxrss``). ``rankwise heal`` and ``rankwise adapt`` apply the second setting.
+
+    .venv/bin/python benchmarks/heal_allocator.py --student best-0.4 --teacher smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CHILD = """
+import json, statistics, sys, time, torch
+from rankwise._memory import reuse_freed_memory
+from rankwise.adapt.heal import distillation_loss, mark_trainable
+from rankwise.io.models import load_model
+student_dir, teacher_name, steps, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+applied = reuse_freed_memory() if mode == "reuse" else None
+student = load_model(student_dir).model.float().train()
+teacher = load_model(teacher_name).model.float().eval().requires_grad_(False)
+mark_trainable(student, "factors")
+params = [p for p in student.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(params, lr=1e-9)  # a real step's work; the weights barely move
+loss_fn = distillation_loss(teacher, 1.0, 1.0)
+vocab = student.get_output_embeddings().weight.shape[0]
+times = []
+for i in range(steps + 1):
+    ids = torch.randint(0, vocab, (4, 256), generator=torch.Generator().manual_seed(i))
+    start = time.perf_counter()
+    loss_fn(student, ids, None).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - start)
+print(json.dumps({"applied": applied, "median": statistics.median(times[1:]), "steps": times}))
+"""
+
+MODES = {"default": "glibc's default (dynamic mmap threshold)", "reuse": "rankwise heal / adapt (heap kept)"}
+
+
+def run_child(args: argparse.Namespace, mode: str) -> tuple[dict, float]:
+    """The child's JSON line and its peak RSS in GB."""
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, args.student, args.teacher, str(args.steps), mode],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"the {mode} child failed (status {status})")
+    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss / 1e6  # KB -> GB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", required=True, help="a compressed directory (rankwise compress)")
+    parser.add_argument("--teacher", default="smollm2")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per child, after one warm-up step")
+    args = parser.parse_args()
+    rows = {mode: run_child(args, mode) for mode in MODES}
+    if not rows["reuse"][0]["applied"]:
+        raise SystemExit("reuse_freed_memory() did not apply here (glibc's mallopt is needed): nothing to compare")
+    anchor = rows["default"][0]["median"]
+    print("| allocator settings | median step (s) | / default | steps (s) | peak RSS (GB) |")
+    print("|---|---|---|---|---|")
+    for mode, (result, rss) in rows.items():
+        steps = " ".join(f"{t:.1f}" for t in result["steps"])
+        print(f"| {MODES[mode]} | {result['median']:.2f} | {result['median'] / anchor:.2f}x | {steps} | {rss:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
