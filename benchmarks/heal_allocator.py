@@ -45,14 +45,15 @@ MODES = {"default": "glibc's default (dynamic mmap threshold)", "reuse": "rankwi
 
 
 def run_child(args: argparse.Namespace, mode: str) -> tuple[dict, float]:
-    """The child's JSON line and its peak RSS in GB."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, args.student, args.teacher, str(args.steps), mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"the {mode} child failed (status {status})")
-    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss / 1e6  # KB -> GB
+    """The child's JSON line and its peak RSS in GB (``ru_maxrss`` in KB / 1e6, as RESULTS.md reports sizes)."""
+    with subprocess.Popen([sys.executable, "-c", CHILD, args.student, args.teacher, str(args.steps), mode],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        out, err = proc.stdout.read(), proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, for wait4's usage of this child alone
+    if proc.returncode != 0:
+        raise SystemExit(f"the {mode} child failed (exit {proc.returncode}):\n{err[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss / 1e6
 
 
 def main() -> None:
@@ -61,9 +62,10 @@ def main() -> None:
     parser.add_argument("--teacher", default="smollm2")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per child, after one warm-up step")
     args = parser.parse_args()
-    rows = {mode: run_child(args, mode) for mode in MODES}
+    rows = {"reuse": run_child(args, "reuse")}
     if not rows["reuse"][0]["applied"]:
-        raise SystemExit("reuse_freed_memory() did not apply here (glibc's mallopt is needed): nothing to compare")
+        raise SystemExit("reuse_freed_memory() did not apply here (it needs glibc's malloc): nothing to compare")
+    rows = {"default": run_child(args, "default"), **rows}
     anchor = rows["default"][0]["median"]
     print("| allocator settings | median step (s) | / default | steps (s) | peak RSS (GB) |")
     print("|---|---|---|---|---|")

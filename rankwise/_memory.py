@@ -1,4 +1,4 @@
-"""Returning freed memory to the operating system (glibc only; a no-op elsewhere).
+"""Returning freed memory to the operating system, or keeping it for training steps (glibc only; a no-op elsewhere).
 
 Block streaming frees a block's float64 covariances and factors before the next block allocates the same sizes
 again. glibc serves allocations below its *dynamic* mmap threshold (raised up to 32 MB each time a large chunk is
@@ -20,6 +20,8 @@ import functools
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers in glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+_C_INT_MAX = 2**31 - 1  # mallopt takes a C int
 
 
 @functools.cache
@@ -52,12 +54,21 @@ def reuse_freed_memory(nbytes: int = 1 << 30) -> bool:
     the heap, ``rankwise heal`` at ratio 0.4 took 11.3 s a step against 14.3 s (48 steps in its 10-minute budget
     instead of 37), at a peak RSS of 6.1 GB against 5.3 GB: the heap holds the step's largest working set once
     reached (benchmarks/RESULTS.md). A freed chunk is not always reused at the same size (an aligned allocation needs
-    a little more than the chunk it replaces), but the step's freed tensors coalesce. Both settings are needed:
-    setting the trim threshold alone also fixes the mmap threshold at glibc's 128 KB, and the step slowed to 18.4 s.
+    a little more than the chunk it replaces), but the step's freed tensors coalesce. The mmap threshold does most of
+    it (12.6 s a step alone, 12.0 s with both, one run each); the trim threshold is never set alone, which would
+    also fix the mmap threshold at glibc's 128 KB (18.4 s a step).
+
+    Raises:
+        ValueError: ``nbytes`` does not fit mallopt's C int.
     """
+    if not 0 < nbytes <= _C_INT_MAX:
+        raise ValueError(f"nbytes must be in (0, {_C_INT_MAX}] (mallopt takes a C int), got {nbytes}")
     libc = _libc()
-    return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
-                and libc.mallopt(_M_TRIM_THRESHOLD, nbytes))
+    if libc is None:
+        return False
+    # glibc before 2.35 refuses an mmap threshold above 32 MB: there, turn mmap off for the heap's allocations
+    kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes) or libc.mallopt(_M_MMAP_MAX, 0))
+    return kept and bool(libc.mallopt(_M_TRIM_THRESHOLD, nbytes))
 
 
 def trim() -> None:

