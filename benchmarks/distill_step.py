@@ -1,8 +1,9 @@
 """Heal's distillation loss against ``torch.nn.functional.kl_div``, alone and inside a whole training step.
 
 * the loss kernel: ``KL(p_teacher || softmax(z))`` and its gradient for ``--tokens`` x ``--vocab`` logits (the
-  default model's one step: 4 windows of 256 tokens, a 49,152-token vocabulary), as ``kl_div`` under autograd and as
-  heal's soft cross-entropy minus the teacher's entropy (:func:`rankwise.adapt.heal.distillation_loss`);
+  default model's one step: 4 windows of 256 tokens, a 49,152-token vocabulary), as ``kl_div`` under autograd, as
+  the soft cross-entropy minus the teacher's entropy under autograd (heal's loss until 2026-12-03), and as heal's
+  fused loss (:func:`rankwise.adapt.heal.distillation_loss`: loss and gradient together, a few rows at a time);
 * with ``--student DIR`` (a compressed directory) and ``--teacher MODEL``: one whole heal step (teacher forward,
   student forward and backward) with each loss, after a warm-up step, best of ``--repeats``.
 
@@ -10,6 +11,7 @@ Same process, same inputs, so the ratios compare like with like; also checks tha
 
     .venv/bin/python benchmarks/distill_step.py
     .venv/bin/python benchmarks/distill_step.py --student best-0.2 --teacher smollm2
+    .venv/bin/python benchmarks/distill_step.py --glibc-default   # as a Python caller of heal_ or macOS runs it
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rankwise.adapt.heal import distillation_loss
+from rankwise._memory import reuse_freed_memory
+from rankwise.adapt.heal import _FusedDistillation, distillation_loss
 
 
 def torch_kl(z: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
@@ -29,16 +32,37 @@ def torch_kl(z: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
 
 
 def soft_ce(z: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-    """Heal's formulation: ``-Σ p log q`` minus the teacher's entropy (a constant for the student)."""
+    """Heal's earlier formulation: ``-Σ p log q`` minus the teacher's entropy (a constant for the student)."""
     with torch.no_grad():
         p = log_p.exp()
         entropy = -(p * log_p).sum(-1)
     return (-(p * torch.log_softmax(z, -1)).sum(-1) - entropy).mean()
 
 
+def unfused_distillation_loss(teacher: nn.Module) -> Callable[..., torch.Tensor]:
+    """Heal's loss until 2026-12-03 (``distill=1``, ``T=1``, no mask) under autograd, for a whole step: the logits
+    sliced to the scored positions, the teacher's probabilities and the student's log-probabilities kept."""
+
+    def loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        logits = model(input_ids=ids).logits[:, :-1]
+        with torch.no_grad():
+            log_p = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1].reshape(-1, logits.shape[-1]), -1)
+        return soft_ce(logits.reshape(-1, logits.shape[-1]), log_p)
+
+    return loss
+
+
+def fused(z: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """Heal's fused loss on the same rows, every row weighted ``1 / rows`` (log-probabilities are valid logits)."""
+    rows = z.shape[0]
+    weights = torch.full((rows,), 1 / rows)
+    return _FusedDistillation.apply(z, log_p, torch.zeros(rows, dtype=torch.long), weights, 1.0, 1.0, True)
+
+
 # each takes the student's logits and the teacher's log-probabilities
 KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "torch kl_div (autograd)": torch_kl, "rankwise heal (soft cross-entropy - entropy)": soft_ce}
+    "torch kl_div (autograd)": torch_kl, "soft cross-entropy - entropy (autograd, heal until 2026-12-03)": soft_ce,
+    "rankwise heal (fused, loss and gradient together)": fused}
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -93,7 +117,9 @@ def step_table(student_dir: str, teacher_name: str, repeats: int, batch: int, se
     print("|---|---|---|")
     anchor = None
     for name, loss_fn in (("torch kl_div (autograd)", with_kl_div),
-                          ("rankwise heal (soft cross-entropy - entropy)", distillation_loss(teacher, 1.0, 1.0))):
+                          ("soft cross-entropy - entropy (autograd, heal until 2026-12-03)",
+                           unfused_distillation_loss(teacher)),
+                          ("rankwise heal (fused)", distillation_loss(teacher, 1.0, 1.0))):
         def step(loss_fn=loss_fn) -> None:
             student.zero_grad(set_to_none=True)
             loss_fn(student, ids, None).backward()
@@ -112,7 +138,12 @@ def main() -> None:
     parser.add_argument("--teacher", default="smollm2")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="keep glibc's default allocator settings (as a Python caller of rankwise.adapt.heal_ "
+                             "has, or any platform but glibc) instead of rankwise heal's")
     args = parser.parse_args()
+    kept = not args.glibc_default and reuse_freed_memory()  # as rankwise heal runs: freed memory stays in the heap
+    print(f"heap kept (rankwise heal's allocator setting): {kept}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     kernel_table(args.tokens, args.vocab, args.repeats)
     if args.student:

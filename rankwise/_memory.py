@@ -49,14 +49,16 @@ def reuse_freed_memory(nbytes: int = 1 << 30) -> bool:
     of the process; ``True`` if applied.
 
     For training, where every step allocates the same tensors again. glibc's default maps anything above its dynamic
-    threshold (at most 32 MB) afresh each time and zero-fills it page by page when first written: a heal step on the
-    default model allocates a dozen vocabulary-sized tensors (4 x 256 tokens x 49,152 logits, 200 MB each). Kept in
-    the heap, ``rankwise heal`` at ratio 0.4 took 11.3 s a step against 14.3 s (48 steps in its 10-minute budget
-    instead of 37), at a peak RSS of 6.1 GB against 5.3 GB: the heap holds the step's largest working set once
-    reached (benchmarks/RESULTS.md). A freed chunk is not always reused at the same size (an aligned allocation needs
-    a little more than the chunk it replaces), but the step's freed tensors coalesce. The mmap threshold does most of
-    it (12.6 s a step alone, 12.0 s with both, one run each); the trim threshold is never set alone, which would
-    also fix the mmap threshold at glibc's 128 KB (18.4 s a step).
+    threshold (at most 32 MB) afresh each time and zero-fills it page by page when first written. With heal's
+    earlier, unfused loss a step on the default model allocated a dozen vocabulary-sized tensors (4 x 256 tokens x
+    49,152 logits, 200 MB each); kept in the heap, ``rankwise heal`` at ratio 0.4 took 11.3 s a step against 14.3 s
+    on the machine of the time, at a peak RSS of 6.1 GB against 5.3 GB: the heap holds the step's largest working
+    set once reached. With the fused loss (one gradient buffer) the setting still takes a step from 6.69 s to 6.30 s
+    on a faster machine, at 4.30 GB against 4.26 GB (``benchmarks/heal_allocator.py``, RESULTS.md). A freed chunk is
+    not always reused at the same size (an aligned allocation needs a little more than the chunk it replaces), but
+    the step's freed tensors coalesce. With the unfused loss the mmap threshold did most of it (12.6 s a step alone,
+    12.0 s with both, one run each); the trim threshold is never set alone, which would also fix the mmap threshold
+    at glibc's 128 KB (18.4 s a step).
 
     Raises:
         ValueError: ``nbytes`` does not fit mallopt's C int.

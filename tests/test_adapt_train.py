@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rankwise.adapt.heal import HealConfig, distillation_loss, heal_, mark_trainable
+from rankwise.adapt import heal as heal_module
+from rankwise.adapt.heal import HealConfig, _FusedDistillation, distillation_loss, heal_, mark_trainable
 from rankwise.adapt.train import (
     CHECKPOINT,
     TrainConfig,
@@ -178,12 +179,14 @@ def test_bad_data_and_nothing_to_train():
 def test_distillation_loss_is_the_kl_to_the_teacher():
     teacher, student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     ids = tiny_tokens(2, 16)
-    for temperature in (1.0, 2.0):
-        got = distillation_loss(teacher, 1.0, temperature)(student, ids, None)
+    for temperature, distill in ((1.0, 1.0), (2.0, 1.0), (2.0, 0.25), (0.5, 0.0)):
+        got = distillation_loss(teacher, distill, temperature)(student, ids, None)
         with torch.no_grad():
             p = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1].reshape(-1, VOCAB).float() / temperature, -1)
-            q = torch.log_softmax(student(input_ids=ids).logits[:, :-1].reshape(-1, VOCAB).float() / temperature, -1)
+            logits = student(input_ids=ids).logits[:, :-1].reshape(-1, VOCAB).float()
+            q = torch.log_softmax(logits / temperature, -1)
         want = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean") * temperature**2
+        want = distill * want + (1 - distill) * torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1))
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
     assert float(distillation_loss(teacher, 1.0, 1.0)(teacher, ids, None).detach()) == pytest.approx(0.0, abs=1e-5)
     mixed = distillation_loss(teacher, 0.25, 1.0)(student, ids, None)
@@ -192,12 +195,18 @@ def test_distillation_loss_is_the_kl_to_the_teacher():
     torch.testing.assert_close(mixed, 0.75 * ce + 0.25 * kl)
 
 
-def test_distillation_gradient_is_the_kl_gradient():
+def test_distillation_gradient_is_the_kl_gradient(monkeypatch):
+    # the fused loss's gradient buffer starts as NaN: every row it does not write (a skipped chunk) fails the test
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: empty_like(x, **kw).fill_(float("nan")))
     teacher, student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     ids = tiny_tokens(2, 16)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, 5:] = True
-    for temperature, distill, m in ((1.0, 1.0, None), (2.0, 1.0, mask), (1.0, 0.5, mask)):
+    late = torch.zeros_like(ids, dtype=torch.bool)
+    late[:, 12:] = True  # the first rows of each window score nothing: whole chunks of the fused loss are skipped
+    for temperature, distill, m in ((1.0, 1.0, None), (2.0, 1.0, mask), (1.0, 0.5, mask), (2.0, 0.25, late),
+                                    (0.5, 0.0, None)):
         student.zero_grad()
         distillation_loss(teacher, distill, temperature)(student, ids, m).backward()
         got = {n: p.grad.clone() for n, p in student.named_parameters()}
@@ -212,6 +221,62 @@ def test_distillation_gradient_is_the_kl_gradient():
         want.backward()
         for name, param in student.named_parameters():
             torch.testing.assert_close(got[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_fused_distillation_scales_its_gradient_runs_under_bfloat16_and_scores_no_token_as_zero():
+    teacher, student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    ids = tiny_tokens(2, 16)
+    loss_fn = distillation_loss(teacher, 0.5, 2.0)
+    student.zero_grad()
+    loss_fn(student, ids, None).backward()
+    once = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    (loss_fn(student, ids, None) * -3.0).backward()  # the upstream gradient scales the saved one
+    for name, param in student.named_parameters():
+        torch.testing.assert_close(param.grad, -3.0 * once[name], rtol=1e-5, atol=1e-6)
+    with_grad = loss_fn(student, ids, None).detach()
+    with torch.no_grad():  # no gradient buffer without grad mode: the same value
+        torch.testing.assert_close(loss_fn(student, ids, None), with_grad)
+    student.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # heal's --bf16: bfloat16 logits, float32 loss
+        mixed = loss_fn(student, ids, None)
+    mixed.backward()
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed.detach(), loss_fn(student, ids, None).detach(), rtol=0.05, atol=0.05)
+    for name, param in student.named_parameters():  # the bfloat16 gradient points where the float32 one does
+        assert torch.nn.functional.cosine_similarity(param.grad.flatten(), once[name].flatten(), dim=0) > 0.98, name
+    student.zero_grad()
+    nothing = loss_fn(student, ids, torch.zeros_like(ids, dtype=torch.bool))
+    nothing.backward()
+    assert float(nothing) == 0.0
+    assert all(not p.grad.any() for p in student.parameters() if p.grad is not None)
+
+
+def test_fused_distillation_in_float64_and_with_non_finite_unscored_rows(monkeypatch):
+    monkeypatch.setattr(heal_module, "FUSED_ROWS", 8)  # chunks of rows 0-7, 8-15 and 16-19
+    gen = torch.Generator().manual_seed(0)
+    rows, vocab = 20, 50
+    z = (torch.randn(rows, vocab, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    t = torch.randn(rows, vocab, generator=gen, dtype=torch.float64) * 3
+    y = torch.randint(0, vocab, (rows,), generator=gen)
+    w = torch.rand(rows, generator=gen, dtype=torch.float64)
+    w[[0, 9, 10, 19]] = 0  # an unscored row in each chunk: the first's first, two inside the second, the last's last
+    w /= w.sum()
+    got = _FusedDistillation.apply(z, t, y, w, 0.4, 1.5, True)
+    (gz,) = torch.autograd.grad(got, z)
+    kl = (torch.log_softmax(t / 1.5, -1).exp() * (torch.log_softmax(t / 1.5, -1) - torch.log_softmax(z / 1.5, -1)))
+    ce = torch.nn.functional.cross_entropy(z, y, reduction="none")
+    want = (w * (0.4 * 1.5**2 * kl.sum(-1) + 0.6 * ce)).sum()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gz, torch.autograd.grad(want, z)[0], rtol=1e-10, atol=1e-12)
+    bad = z.detach().clone()
+    bad[0, 3], bad[10, :] = float("inf"), float("nan")  # what an overflowing model may put in a row nothing scores
+    bad.requires_grad_()
+    loss = _FusedDistillation.apply(bad, t, y, w, 0.4, 1.5, True)
+    (gbad,) = torch.autograd.grad(loss, bad)
+    torch.testing.assert_close(loss, got.detach())
+    torch.testing.assert_close(gbad, gz)
 
 
 def test_heal_trains_factors_only_keeps_size_and_moves_toward_the_teacher():

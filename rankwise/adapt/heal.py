@@ -67,34 +67,115 @@ NO_BUDGET_ON_RESUME = ("a time budget (--minutes) cannot resume a run: resume wi
                        "count the first run saved) or with --steps set to that count")
 
 
-def distillation_loss(teacher: nn.Module, distill: float, temperature: float) -> LossFn:
-    """``(1 - distill) * CE + distill * T² * KL(teacher || student)`` per token, the teacher run without grad.
+FUSED_ROWS = 8  # logit rows per chunk on a CPU: a chunk's temporaries (about 6 x 8 x 49,152 floats) are reused
+FUSED_ROWS_GPU = 1024  # ... on an accelerator, where each chunk's ~15 kernel launches would dominate small chunks
 
-    The KL is computed as the soft cross-entropy ``-Σ p_teacher log p_student`` minus the teacher's entropy (a
-    constant for the student): the same value and gradient as ``kl_div``, in 0.86-0.89x of its time (1,020 x 49,152
-    logits on 2 CPU cores, ``benchmarks/distill_step.py``); a whole step is the two models' forwards and the backward.
+
+class _FusedDistillation(torch.autograd.Function):
+    """``Σ_i w_i [d T² KL(p_i || q_i) + (1 - d) CE_i]`` over the rows of ``(N, V)`` logits, with its gradient.
+
+    ``p_i = softmax(t_i / T)`` (teacher), ``q_i = softmax(z_i / T)`` (student), ``CE_i = -log softmax(z_i)[y_i]``.
+    The gradient with respect to ``z_i`` is ``w_i [d T (q_i - p_i) + (1 - d)(softmax(z_i) - onehot(y_i))]``. It is
+    written into one ``(N, V)`` buffer in the logits' dtype, :data:`FUSED_ROWS` rows at a time (:data:`FUSED_ROWS_GPU`
+    on an accelerator): the temporaries are a chunk's size and reused, not vocabulary-sized tensors allocated (and,
+    with glibc's default, mapped and zero-filled) afresh each step, and autograd keeps that buffer instead of its
+    probability tensors. Rows of weight 0 add nothing and get a zero gradient, even where their logits are not
+    finite.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                distill: float, temperature: float, need_grad: bool) -> torch.Tensor:
+        rows = logits.shape[0]
+        chunk = FUSED_ROWS if logits.device.type == "cpu" else FUSED_ROWS_GPU
+        grad = torch.empty_like(logits) if need_grad else None
+        active = (weights != 0).tolist()
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        with torch.autocast(logits.device.type, enabled=False):
+            for start in range(0, rows, chunk):
+                stop = min(start + chunk, rows)
+                out = None if grad is None else grad[start:stop]
+                if not any(active[start:stop]):  # rows nothing scores: no loss, zero gradient
+                    if out is not None:
+                        out.zero_()
+                    continue
+                total += _fused_rows(logits[start:stop], teacher[start:stop], targets[start:stop],
+                                     weights[start:stop], distill, temperature, out,
+                                     partial=not all(active[start:stop]))
+        ctx.save_for_backward(grad)
+        return total.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            raise RuntimeError("the distillation loss was computed without its gradient: call it with grad enabled")
+        scaled = grad if bool(grad_out == 1) else grad * float(grad_out)  # the scale unrounded in bfloat16
+        return scaled, None, None, None, None, None, None
+
+
+def _fused_rows(z: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, distill: float,
+                temperature: float, grad: torch.Tensor | None, *, partial: bool = True) -> torch.Tensor:
+    """One chunk of :class:`_FusedDistillation`: its weighted loss (float64); its gradient written into ``grad``.
+    ``partial=False`` says every row has a nonzero weight (nothing to mask)."""
+    dtype = torch.promote_types(z.dtype, torch.float32)  # float32, or float64 for float64 logits
+    z, t, w = z.to(dtype), t.to(dtype), w.to(dtype)
+    z_t = z / temperature if temperature != 1.0 else z
+    log_q = torch.log_softmax(z_t, -1)
+    log_p = torch.log_softmax(t / temperature if temperature != 1.0 else t, -1)
+    p = log_p.exp()
+    loss = (distill * temperature**2) * torch.linalg.vecdot(p, log_p.sub_(log_q))  # Σ p (log p - log q) per row
+    log_s = None  # log softmax(z) for the next-token term
+    if distill < 1:
+        log_s = log_q if temperature == 1.0 else torch.log_softmax(z, -1)
+        loss = loss - (1 - distill) * log_s.gather(-1, y[:, None]).squeeze(-1)
+    if grad is not None:
+        q = log_q.exp_()
+        if temperature == 1.0:  # d (q - p) + (1 - d) q
+            g = q.sub_(p, alpha=distill)
+        else:
+            g = q.sub_(p).mul_(distill * temperature)
+            if log_s is not None:
+                g.add_(log_s.exp_(), alpha=1 - distill)
+        if distill < 1:
+            g.scatter_add_(-1, y[:, None], g.new_full((len(y), 1), distill - 1))
+        g.mul_(w[:, None])
+        grad.copy_(g.masked_fill_((w == 0)[:, None], 0) if partial else g)
+    loss = loss.double() * w.double()
+    return (torch.where(w == 0, 0.0, loss) if partial else loss).sum()
+
+
+def distillation_loss(teacher: nn.Module, distill: float, temperature: float) -> LossFn:
+    """``(1 - distill) * CE + distill * T² * KL(teacher || student)`` per scored token, the teacher run without grad.
+
+    Fused (:class:`_FusedDistillation`): the loss and its gradient with respect to the student's logits are computed
+    together, a few rows at a time, on the models' whole ``(b, L, vocab)`` logits with a weight per position (zero for
+    the last position and for positions whose next token ``mask`` does not score): no copy of the logits, and one
+    gradient buffer kept for the backward instead of autograd's probability tensors. Same value and gradient as
+    ``kl_div`` and ``cross_entropy`` (tested). A batch where ``mask`` scores no token gives 0 and a zero gradient (not
+    NaN). On 2 CPU cores, a whole heal step of the default model at ratio 0.4 (AdamW included, each loss in a process
+    of its own) took 0.85x the time of the unfused autograd loss with the heap kept, as ``rankwise heal`` runs it, and
+    0.80x under glibc's default settings, at 0.65-0.86 GB less peak RSS; the loss alone on 1,020 x 49,152 logits took
+    0.48x the time of ``kl_div`` under glibc's default and the same with the heap kept
+    (``benchmarks/distill_step.py``, ``benchmarks/heal_allocator.py``, RESULTS.md).
     """
 
     def loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        logits = model(input_ids=ids).logits[:, :-1]  # (b, L-1, vocab)
+        logits = model(input_ids=ids).logits  # (b, L, vocab); position i predicts token i + 1
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids).logits
         vocab = logits.shape[-1]
-        keep = None if mask is None else mask[:, 1:].reshape(-1).bool()  # the scored next-token positions
-        logits = logits.reshape(-1, vocab).float()
-        next_tokens = ids[:, 1:].reshape(-1)
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=ids).logits[:, :-1].reshape(-1, vocab).float() / temperature
-        if keep is not None:
-            logits, teacher_logits, next_tokens = logits[keep], teacher_logits[keep], next_tokens[keep]
-        with torch.no_grad():
-            log_p = nn.functional.log_softmax(teacher_logits, dim=-1)
-            p = log_p.exp()
-            entropy = -(p * log_p).sum(-1)  # (tokens,)
-        log_q = nn.functional.log_softmax(logits / temperature, dim=-1)
-        kl = ((-(p * log_q).sum(-1) - entropy).mean()) * temperature**2
-        if distill >= 1:
-            return kl
-        ce = nn.functional.cross_entropy(logits, next_tokens)
-        return (1 - distill) * ce + distill * kl
+        weights = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+        weights[:, -1] = 0  # the last position has no next token
+        if mask is not None:
+            weights[:, :-1] *= mask[:, 1:].to(weights.dtype)
+        weights /= weights.sum().clamp_min(1)
+        targets = ids.roll(-1, dims=1)  # the next token (the last position's is unused: weight 0)
+        need_grad = torch.is_grad_enabled() and logits.requires_grad
+        return _FusedDistillation.apply(logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab),
+                                        targets.reshape(-1), weights.reshape(-1), float(distill),
+                                        float(temperature), need_grad)
 
     return loss
 

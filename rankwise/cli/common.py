@@ -89,7 +89,7 @@ MergeOpt = Annotated[bool, typer.Option("--merge", help="fold the adapter into t
                                         "adapter (a compressed model stays compressed, each rank k -> k + r)")]
 StepsOpt = Annotated[int, typer.Option("--steps", min=1, help="optimizer steps")]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="peak learning rate, AdamW with warm-up then cosine "
-                                             "(default: 2e-4 for an adapter, 1e-4 to heal factors)")]
+                                             "(default: 2e-4, for adapters and heal)")]
 GradAccumOpt = Annotated[int, typer.Option("--grad-accum", min=1, help="micro-batches per optimizer step")]
 EvalEveryOpt = Annotated[int, typer.Option("--eval-every", min=0, help="also evaluate every K steps (0: at the "
                                            "start and the end only)")]
