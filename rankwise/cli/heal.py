@@ -37,7 +37,7 @@ from rankwise.cli.common import (
     train_config,
 )
 
-HEAL_LR = 2e-4  # chosen on validation windows at ratios 0.2 and 0.4 over 1e-4 and 4e-4 (benchmarks/RESULTS.md)
+HEAL_LR = 2e-4  # chosen on validation windows at ratios 0.2 and 0.4 over 1e-4, 3e-4, 4e-4 (benchmarks/RESULTS.md)
 HEAL_MINUTES = 10.0  # the default time budget, when neither --steps nor --minutes is given
 HEAL_MAX_STEPS = 1000  # the most steps a time budget takes when --steps does not say
 
