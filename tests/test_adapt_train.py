@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import itertools
 import math
 from dataclasses import replace
 
@@ -355,15 +356,27 @@ def test_time_budget_counts_the_steps_that_fit_and_changes_nothing(monkeypatch):
     monkeypatch.setattr(train_module.time, "perf_counter", _Clock(1.5))  # each trial step "takes" 1.5 s
     config, seconds = budget_steps(model, ids, TrainConfig(steps=100, batch_size=2, grad_accum=2), 0.5)
     assert seconds == 1.5 and config.steps == 20  # 30 s / 1.5 s
+    slowing = iter([0.0, 9.0, 9.0, 4.0, 4.0, 1.5])  # trial steps of 9, 4 and 1.5 s: the last, warm one counts
+    clock = itertools.accumulate(slowing)
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(clock))
+    warm, seconds = budget_steps(model, ids, TrainConfig(steps=100, batch_size=2, grad_accum=2), 0.5)
+    assert train_module.TRIAL_STEPS == 3 and seconds == 1.5 and warm.steps == 20
+    monkeypatch.setattr(train_module.time, "perf_counter", _Clock(1.5))
     assert (config.batch_size, config.grad_accum) == (2, 2)
     capped, _ = budget_steps(model, ids, TrainConfig(steps=7, batch_size=2), 60.0)
     assert capped.steps == 7  # never more than --steps
     floor, _ = budget_steps(model, ids, TrainConfig(steps=7, batch_size=2), 0.001)
     assert floor.steps == 1  # at least one step
-    seen = []
-    short = budget_steps(model, ids[:3], TrainConfig(steps=100, batch_size=2, grad_accum=3), 10.0,
-                         loss_fn=lambda m, b, k: seen.append(b.shape[0]) or causal_lm_loss(m, b, k))
-    assert sum(seen) == 2 * 6 and short[0].steps == 100  # a whole step of 6 windows from 3, twice
+    seen, stale = [], []
+
+    def loss_fn(m, b, k):
+        seen.append(b.shape[0])
+        stale.append(any(p.grad is not None for p in m.parameters()))
+        return causal_lm_loss(m, b, k)
+
+    short = budget_steps(model, ids[:3], TrainConfig(steps=100, batch_size=2, grad_accum=3), 10.0, loss_fn=loss_fn)
+    assert sum(seen) == 3 * 6 and short[0].steps == 100  # a whole step of 6 windows from 3, three times
+    assert stale == [False, True, True] * 3  # each trial step from cleared gradients, as a training step
     assert all(torch.equal(p, weights[n]) and p.grad is None for n, p in model.named_parameters())
     with pytest.raises(ValueError, match="positive number of minutes"):
         budget_steps(model, ids, TrainConfig(steps=7), 0.0)

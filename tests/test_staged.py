@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from rankwise.compression import compress_
@@ -122,3 +123,313 @@ def test_original_stream_crosses_a_block_without_targets():
         fits.append(model.model.layers[1].self_attn.q_proj.dense_weight().detach())
         assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     torch.testing.assert_close(fits[0], fits[1], atol=1e-5, rtol=1e-4)
+
+
+def _block_call(model, tokens):
+    """Block 0 of ``model``, its input hidden states and call on ``tokens``, its targets and their input groups."""
+    from rankwise.stream import BlockCall
+
+    block = model.model.layers[0]
+    captured = {}
+
+    def capture(_m, args, kwargs):
+        captured.update(hidden=args[0], call=BlockCall(tuple(args[1:]), dict(kwargs)))
+
+    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        model(tokens)
+    handle.remove()
+    prefix = "model.layers.0."
+    modules = {n: m for n, m in find_targets(model).items() if n.startswith(prefix)}
+    groups = [[prefix + n for n in g] for g in (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                                ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"],
+                                                ["mlp.down_proj"])]
+    return block, captured["hidden"], captured["call"], modules, groups
+
+
+def _threads() -> int:
+    import threading
+
+    return sum(t.name == "rankwise-block-run" for t in threading.enumerate())
+
+
+def test_resumed_runs_match_runs_restarted_from_the_block_start_bit_for_bit():
+    """Each stage's leader sees, and the finished forward returns, exactly what a run restarted from the block's
+    start through the modules fitted so far gives: the resumed forward calls the fitted modules."""
+    from rankwise.compression.staged import BlockRun, pausing_at
+    from rankwise.stream import run_block
+    from rankwise.targets import set_submodule
+
+    model = tiny_model("llama")
+    block, hidden, call, modules, groups = _block_call(model, tiny_tokens(4))
+    seen = []
+    runs = [BlockRun(block, call, hidden), BlockRun(block, call, hidden * 0.5)]
+    with pausing_at(model, groups, modules):
+        for k, names in enumerate(groups):
+            lead = model.get_submodule(names[0])
+            handle = lead.register_forward_pre_hook(lambda _m, a: seen.append(a[0].clone()))
+            assert [run.advance() for run in runs] == [k, k]
+            handle.remove()
+            for name in names:  # "fit" the stage: a changed copy of each layer
+                fitted = copy.deepcopy(model.get_submodule(name))
+                with torch.no_grad():
+                    fitted.weight.mul_(0.9).add_(0.01)
+                set_submodule(model, name, fitted)
+        assert [run.advance() for run in runs] == [None, None]  # every leader passed: to the end
+    assert _threads() == 0
+    restarted = copy.deepcopy(model)  # every layer fitted: the reference forward of the finished block
+    for b, scale in enumerate((1.0, 0.5)):
+        torch.testing.assert_close(runs[b].output, run_block(restarted.model.layers[0], call, hidden * scale),
+                                   rtol=0, atol=0)
+    # the input each leader saw is the restarted run's through the stages fitted before it (the original layers
+    # after it: the reference model has the fitted ones in place up to the stage, the dense ones from it on)
+    dense = tiny_model("llama")
+    for k, names in enumerate(groups):
+        reference = copy.deepcopy(dense)
+        for earlier in groups[:k]:
+            for name in earlier:
+                set_submodule(reference, name, copy.deepcopy(model.get_submodule(name)))
+        xs = []
+        handle = reference.get_submodule(names[0]).register_forward_pre_hook(lambda _m, a, xs=xs: xs.append(a[0]))
+        with torch.no_grad():
+            run_block(reference.model.layers[0], call, hidden)
+        handle.remove()
+        torch.testing.assert_close(seen[2 * k], xs[0], rtol=0, atol=0)
+
+
+class _Stale(torch.nn.Module):
+    """A block that takes references to its layers before calling any of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.fail = False
+
+    def forward(self, x):
+        layers = (self.a, self.b)
+        h = layers[0](x)
+        if self.fail:
+            raise ValueError("the block failed after its first stage")
+        return layers[1](h)
+
+
+def test_a_resumed_run_calls_the_fitted_layer_through_a_stale_reference():
+    from rankwise.compression.staged import BlockRun, pausing_at
+    from rankwise.stream import BlockCall
+
+    torch.manual_seed(0)
+    root = torch.nn.Sequential(_Stale())
+    block = root[0]
+    old = {"0.a": block.a, "0.b": block.b}
+    x = torch.randn(3, 8)
+    run = BlockRun(block, BlockCall((), {}), x)
+    new = {name: torch.nn.Linear(8, 8) for name in old}
+    with pausing_at(root, [["0.a"], ["0.b"]], old):
+        assert run.advance() == 0
+        block.a = new["0.a"]
+        assert run.advance() == 1
+        block.b = new["0.b"]
+        assert run.advance() is None
+    with torch.no_grad():
+        expected = new["0.b"](new["0.a"](x))
+        assert torch.equal(run.output, expected)
+        assert not torch.equal(run.output, old["0.b"](old["0.a"](x)))
+    assert "forward" not in old["0.a"].__dict__  # the redirection is removed on leaving
+
+
+def test_block_runs_unwind_on_abort_and_hand_failures_to_the_caller():
+    import pytest
+
+    from rankwise.compression.staged import BlockRun, pausing_at
+    from rankwise.stream import BlockCall
+
+    root = torch.nn.Sequential(_Stale())
+    block = root[0]
+    modules = {"0.a": block.a, "0.b": block.b}
+    runs = [BlockRun(block, BlockCall((), {}), torch.randn(2, 8)) for _ in range(3)]
+    with pausing_at(root, [["0.a"], ["0.b"]], modules):
+        assert runs[0].advance() == 0 and runs[1].advance() == 0
+        assert _threads() == 2
+        for run in runs:  # paused, paused and never started
+            run.abort()
+        assert _threads() == 0
+        block.fail = True
+        failing = BlockRun(block, BlockCall((), {}), torch.randn(2, 8))
+        assert failing.advance() == 0
+        with pytest.raises(ValueError, match="failed after its first stage"):
+            failing.advance()
+        assert _threads() == 0
+
+
+@pytest.mark.parametrize("allowance", [1 << 40, 0], ids=["kept", "restarted"])
+def test_a_failed_stage_leaves_no_paused_runs(monkeypatch, allowance):
+    import rankwise.compression.layer as layer
+    import rankwise.compression.staged as staged
+
+    monkeypatch.setattr(staged, "pause_allowance", lambda _store, _device, _n: allowance)
+    calls = []
+    real = layer.factorise_group
+
+    def fail_second(work, **kwargs):
+        calls.append(work)
+        if len(calls) == 2:
+            raise RuntimeError("the second stage's fit failed")
+        return real(work, **kwargs)
+
+    monkeypatch.setattr(layer, "factorise_group", fail_second)
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError, match="second stage"):
+        compress_(model, SVDLLMConfig(ratio=0.3, sequential=True, anchored=True), tiny_tokens(16), progress=False)
+    assert _threads() == 0
+    assert not [name for name, m in model.named_modules() if "forward" in m.__dict__]  # no redirection left
+
+
+def test_the_fits_see_their_layers_without_the_redirection():
+    """A Ray mapper pickles a stage's layers: during the fits they carry no redirected forward (a closure)."""
+    import pickle
+    import unittest.mock
+
+    import rankwise.compression.layer as layer
+
+    pickled = []
+    real = layer.factorise_group
+
+    def pickling(work, **kwargs):
+        pickled.append(len(pickle.dumps([(name, module) for name, module, _stats, _rank in work])))
+        return real(work, **kwargs)
+
+    with unittest.mock.patch.object(layer, "factorise_group", pickling):
+        compress_(tiny_model("llama"), SVDLLMConfig(ratio=0.3, sequential=True, anchored=True), tiny_tokens(8),
+                  progress=False)
+    assert len(pickled) == 8  # 4 stages x 2 blocks
+
+
+def test_stages_restarted_from_the_block_start_give_the_same_bytes_as_resumed_runs(monkeypatch):
+    """Above the pause allowance each stage runs the block afresh (one paused run at a time): the same model."""
+    import threading
+
+    import rankwise.compression.staged as staged
+
+    states = []
+    real = staged.BlockRun.advance
+    for allowance in (1 << 40, 0):
+        monkeypatch.setattr(staged, "pause_allowance", lambda _store, _device, _n, a=allowance: a)
+        most = [0]
+
+        def advance(run, real=real, most=most):
+            most[0] = max(most[0], sum(t.name == "rankwise-block-run" for t in threading.enumerate()))
+            return real(run)
+
+        monkeypatch.setattr(staged.BlockRun, "advance", advance)
+        model = tiny_model("llama")
+        compress_(model, SVDLLMConfig(ratio=0.4, sequential=True, anchored=True), tiny_tokens(24), progress=False)
+        states.append(model.state_dict())
+        assert most[0] == (6 if allowance else 0)  # 6 batches kept paused, or each unwound before the next starts
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_paused_bytes_estimate_covers_what_a_paused_llama_forward_holds():
+    """Twice the tensors the paused forward's frames hold, at every stage, on the tiny Llama's block."""
+    import sys
+
+    from rankwise.compression.staged import BlockRun, paused_bytes, pausing_at
+
+    model = tiny_model("llama")
+    block, hidden, call, modules, groups = _block_call(model, tiny_tokens(4))
+    run = BlockRun(block, call, hidden)
+    held = []
+    with pausing_at(model, groups, modules):
+        for _ in groups:
+            run.advance()
+            frame, storages = sys._current_frames()[run._thread.ident], {}
+            while frame is not None:
+                for value in frame.f_locals.values():
+                    for t in value if isinstance(value, tuple | list) else (value,):
+                        if isinstance(t, torch.Tensor):
+                            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                frame = frame.f_back
+            held.append(sum(storages.values()))
+        run.advance()
+    assert min(held) > 0
+    assert 2 * max(held) <= paused_bytes(hidden, modules.values(), 1) <= 4 * max(held)
+
+
+class _Branching(torch.nn.Module):
+    """Calls ``b`` only on batches whose input sums above zero (a data-dependent call, as an MoE expert)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) if float(x.sum()) > 0 else h
+
+
+def test_a_batch_that_never_calls_a_leader_adds_nothing_to_its_stage():
+    from rankwise.compression.staged import BlockRun, _observe_stage, pausing_at
+    from rankwise.stream import BlockCall
+
+    torch.manual_seed(0)
+    root = torch.nn.Sequential(_Branching())
+    block = root[0]
+    modules = {"0.a": block.a, "0.b": block.b}
+    xs = [torch.ones(3, 4), -torch.ones(3, 4), 2 * torch.ones(3, 4)]
+    runs = [BlockRun(block, BlockCall((), {}), x) for x in xs]
+    with pausing_at(root, [["0.a"], ["0.b"]], modules):
+        first = _observe_stage(runs, 0, {"0.a": block.a}, frozenset({"xxt"}), None, unwind=False)
+        second = _observe_stage(runs, 1, {"0.b": block.b}, frozenset({"xxt"}), None, unwind=False)
+        assert runs[1].done and not runs[0].done  # the negative batch finished without calling b
+        for run in runs:
+            run.advance()
+    assert first["0.a"].count == 9 and second["0.b"].count == 6  # b saw the two positive batches only
+    with torch.no_grad():
+        assert torch.equal(runs[1].output, block.a(xs[1]))
+    lone = [BlockRun(block, BlockCall((), {}), -torch.ones(2, 4))]
+    with pausing_at(root, [["0.a"], ["0.b"]], modules), pytest.raises(ValueError, match=r"0\.b never ran"):
+        _observe_stage(lone, 1, {"0.b": block.b}, frozenset({"xxt"}), None, unwind=True)
+    assert _threads() == 0
+
+
+def test_a_run_computes_under_the_callers_autocast():
+    from rankwise.compression.staged import BlockRun
+    from rankwise.stream import BlockCall
+
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run = BlockRun(block, BlockCall((), {}), torch.randn(2, 4))
+    run.advance()
+    assert run.done and run.output.dtype == torch.bfloat16 and not run.output.requires_grad
+
+
+class _Swallowing(torch.nn.Module):
+    """A forward that catches every exception of its first layer and goes on to the next."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        try:
+            h = self.a(x)
+        except BaseException:  # what the test is about
+            h = x
+        return self.b(h)
+
+
+def test_abort_unwinds_a_forward_that_swallows_the_unwinding():
+    import threading
+
+    from rankwise.compression.staged import BlockRun, pausing_at
+    from rankwise.stream import BlockCall
+
+    root = torch.nn.Sequential(_Swallowing())
+    block = root[0]
+    with pausing_at(root, [["0.a"], ["0.b"]], {"0.a": block.a, "0.b": block.b}):
+        run = BlockRun(block, BlockCall((), {}), torch.randn(2, 4))
+        assert run.advance() == 0
+        stopper = threading.Thread(target=run.abort)
+        stopper.start()
+        stopper.join(30)
+        assert not stopper.is_alive() and _threads() == 0

@@ -208,14 +208,20 @@ def _order(n: int, steps: int, per_step: int, seed: int) -> torch.Tensor:
     return torch.cat([torch.randperm(n, generator=gen) for _ in range(epochs)])[:need]
 
 
+TRIAL_STEPS = 3
+"""Trial steps :func:`budget_steps` runs; the last is timed."""
+
+
 def budget_steps(model: nn.Module, ids: torch.Tensor, config: TrainConfig, minutes: float, *,
                  mask: torch.Tensor | None = None, loss_fn: LossFn = causal_lm_loss) -> tuple[TrainConfig, float]:
     """``config`` with as many steps as fit in ``minutes`` of training (at most ``config.steps``), and the seconds
     one step took.
 
-    Two trial steps run first, each the forward and backward of one step's windows (the first ones of ``ids``, taken
-    again from the start if there are fewer) with nothing applied; the second is timed (the first pays for
-    allocation). The budget is for the training steps: the trial steps, evaluations and checkpoints come on top. The
+    :data:`TRIAL_STEPS` trial steps run first, each the forward and backward of one step's windows (the first ones of
+    ``ids``, taken again from the start if there are fewer) from cleared gradients, as a training step runs them,
+    with nothing applied; the last is timed (the first ones pay for allocation: on a CPU the second step of a
+    process still ran about 10 % slower than the steps after it, so timing it gave about 10 % fewer steps than the
+    budget holds). The budget is for the training steps: the trial steps, evaluations and checkpoints come on top. The
     count is fixed before training starts, so the run is the one ``steps=N`` gives: same seed, same bytes, whatever
     the machine's speed (a machine that slows down later overruns the budget).
 
@@ -239,7 +245,9 @@ def budget_steps(model: nn.Module, ids: torch.Tensor, config: TrainConfig, minut
         return time.perf_counter()
 
     try:
-        for _ in range(2):
+        for _ in range(TRIAL_STEPS):
+            for p in params.values():
+                p.grad = None
             began = now()
             for micro in picked.split(config.batch_size):
                 batch = ids[micro].to(device)

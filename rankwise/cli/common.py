@@ -105,7 +105,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of tex
 JsonReportOpt = Annotated[str | None, typer.Option("--json-report", metavar="FILE",
                                                   help="also write the report as JSON to FILE")]
 ActivationOpt = Annotated[float, typer.Option("--activation-mb", min=0,
-                                              help="activations kept in memory before spilling")]
+                                              help="activations kept in memory before spilling (and, apart, a "
+                                                   "sequential fit's paused forwards)")]
 
 
 def choices(names: Iterable[str]) -> Any:

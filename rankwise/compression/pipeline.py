@@ -387,8 +387,9 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
         done = method(source.model, modules, block_stats, keep, config)
         return _finish_block(source, block, i, modules, done, plan, streams, main, device)
     if config.sequential and own:
-        done = compress_staged(source, block, i, modules, plan, streams, ranks, gradient_stats, method, mapper)
-        return _finish_block(source, block, i, modules, done, plan, streams, main, device)
+        done, advanced = compress_staged(source, block, i, modules, plan, streams, ranks, gradient_stats, method,
+                                         mapper)
+        return _finish_block(source, block, i, modules, done, plan, streams, main, device, advance=not advanced)
     groups = input_groups(modules, block_stats)
     del block_stats, stats  # the groups hold this block's statistics now: each is freed once its group is done
     work = [[(name, modules[name], add_fisher(group, gradient_stats), ranks[name]) for name in group.names]
@@ -405,8 +406,9 @@ def compress_block(source, block: nn.Module, i: int, chosen: list[str], ranks: M
 
 
 def _finish_block(source, block: nn.Module, i: int, modules: Mapping[str, nn.Module], done: list, plan: Plan,
-                  streams: Streams | None, main: str, device: torch.device) -> list:
-    """Put the new layers in place (``None``: kept dense), then advance the compressed stream (sequential)."""
+                  streams: Streams | None, main: str, device: torch.device, *, advance: bool = True) -> list:
+    """Put the new layers in place (``None``: kept dense), then advance the compressed stream (sequential; unless
+    ``advance`` is false: the staged runs did)."""
     rows = []
     for name, new, row in done:
         if new is not None:
@@ -414,7 +416,7 @@ def _finish_block(source, block: nn.Module, i: int, modules: Mapping[str, nn.Mod
         rows.append(row)
     order = {name: k for k, name in enumerate(modules)}
     rows.sort(key=lambda row: order[row.name])
-    if plan.config.sequential and streams is not None:
+    if plan.config.sequential and streams is not None and advance:
         with torch.no_grad():
             for b in range(len(streams.batches)):
                 h = streams.store.get((main, b)).to(device)

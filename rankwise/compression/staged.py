@@ -9,24 +9,26 @@ applied twice (AA-SVD, https://arxiv.org/abs/2604.02119, recomputes the statisti
 
 For the paired statistics ``X Xh^T`` the block, still dense, first runs the original stream once, keeping each
 group's input (:func:`record_original`); each stage pairs them with the compressed stream's.
+
+The compressed stream's forward through the block runs once per batch (:class:`BlockRun`): it pauses at each
+group's input while the group is fitted and resumes through the fitted layers, and its output advances the stream.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from rankwise.calibrate import LayerStats
 from rankwise.calibrate.stats import StatsObserver, input_groups
-from rankwise.stream import ActivationStore, run_block
-
-
-class _StageDoneError(Exception):
-    """Raised once a stage's inputs were seen: the rest of the block need not run."""
+from rankwise.nn import input_dim
+from rankwise.stream import ActivationStore, BlockCall, run_block
 
 
 def call_order_groups(block: nn.Module, modules: Mapping[str, nn.Module], run_one: Callable[[], None]
@@ -40,36 +42,178 @@ def call_order_groups(block: nn.Module, modules: Mapping[str, nn.Module], run_on
     return groups + [[name] for name in modules if name not in observer.stats]
 
 
-def observe_stage(block: nn.Module, modules: Mapping[str, nn.Module], kinds: frozenset[str], n_batches: int,
-                  compressed_input: Callable[[int], tuple],
-                  original: Callable[[int], torch.Tensor | None] | None) -> dict[str, LayerStats]:
-    """One stage: the statistics of ``modules`` (one input group) on the compressed stream through the partly
-    compressed ``block``, stopping once the group has seen its input. With ``original`` (batch -> the group's input
-    on the original stream, recorded by :func:`record_original`), ``X Xh^T`` is added too."""
-    names = list(modules)
-    lead = names[0]
-    with torch.no_grad(), StatsObserver(modules, kinds, record=original is not None) as observer:
-        # Registered after the observer's hooks: the leader's input is recorded, then the block stops before the
-        # group's (still dense) layers run, which nothing here reads.
-        stop = modules[lead].register_forward_pre_hook(_raise_before)
+class _AbortError(BaseException):
+    """Raised inside a paused run to unwind it (a stage failed, or the runs' outputs are not wanted)."""
+
+
+_CURRENT = threading.local()  # .run: the BlockRun whose forward this thread executes
+
+
+class BlockRun:
+    """One batch's forward through a block, run in a thread of its own that pauses at each stage's leader.
+
+    Each stage used to run the block from its start up to the group it calibrates, and the finished block ran once
+    more to advance the compressed stream: about 2.7 forwards of a Llama block where one does. Here the forward
+    runs once: it pauses on entering the leader of stage ``k`` (its input goes to the statistics hooks, which run
+    in this thread, before the pause), the stage is fitted meanwhile, and on resuming the forward calls whatever
+    module now stands at that name (the fitted one), then goes on to the next leader. The values are those of
+    runs restarted from the block's start, operation for operation.
+
+    The caller waits while a run advances, the run waits while paused: one of them computes at a time. The run
+    computes without gradients, under the caller's autocast setting and, on a GPU, its device and stream. Tensors
+    the paused forward holds (its locals up to the leader) stay alive meanwhile, for every batch: about one block's
+    activations per batch, so runs are kept paused across stages only within :func:`pause_allowance`
+    (:func:`compress_staged`); otherwise each stage starts one afresh per batch, ``passed`` the stages before it,
+    and unwinds it once read.
+
+    Args:
+        block: the block (its forward is run as :func:`~rankwise.stream.run_block` runs it).
+        call: the block's other arguments for this batch.
+        hidden: the batch's hidden states at the block's input.
+        passed: stages not to pause at (those fitted before the run starts).
+    """
+
+    def __init__(self, block: nn.Module, call: BlockCall, hidden: torch.Tensor, *, passed: Iterable[int] = ()
+                 ) -> None:
+        self._block, self._call, self._hidden = block, call, hidden
+        self._to_run: queue.SimpleQueue[bool] = queue.SimpleQueue()  # True: go on; False: unwind
+        self._to_caller: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self.passed: set[int] = set(passed)  # stages whose leader this run has entered (or need not pause at)
+        self.stage: int | None = None  # the stage it is paused at
+        self.done = False
+        self.output: torch.Tensor | None = None
+        self._thread: threading.Thread | None = None
+        self._aborted = False
+        kind = hidden.device.type  # the caller's per-thread state, for the run's thread
+        self._autocast = (torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None)
+        self._stream = torch.cuda.current_stream(hidden.device) if kind == "cuda" else None
+
+    def _main(self) -> None:
+        _CURRENT.run = self
         try:
-            for b in range(n_batches):
-                call, hidden = compressed_input(b)
-                observer.last_inputs.pop(lead, None)
-                with contextlib.suppress(_StageDoneError):
-                    run_block(block, call, hidden)
-                if b == 0 and lead in observer.stats:
-                    observer.share(names)  # the members never run: they read the leader's input
-                x = original(b) if original is not None else None
-                if x is not None and lead in observer.last_inputs:
-                    observer.stats[lead].add_cross(x, observer.last_inputs[lead])
+            if not self._to_run.get():
+                return
+            with contextlib.ExitStack() as context:
+                context.enter_context(torch.no_grad())
+                if self._autocast is not None:
+                    context.enter_context(torch.autocast(self._hidden.device.type, dtype=self._autocast))
+                if self._stream is not None:
+                    context.enter_context(torch.cuda.device(self._stream.device))
+                    context.enter_context(torch.cuda.stream(self._stream))
+                out = run_block(self._block, self._call, self._hidden)
+            self._to_caller.put(("done", out))
+        except _AbortError:
+            pass
+        except BaseException as exc:  # handed to the caller, which raises it
+            self._to_caller.put(("error", exc))
+
+    def pause(self, stage: int) -> None:
+        """Called in this run's thread on entering stage ``stage``'s leader: wait for the caller."""
+        if self._aborted:  # a forward that caught the unwinding and went on
+            raise _AbortError
+        self.passed.add(stage)
+        self._to_caller.put(("paused", stage))
+        if not self._to_run.get():
+            raise _AbortError
+
+    def advance(self) -> int | None:
+        """Run until the next pause (returns its stage, also in :attr:`stage`) or the end of the forward (``None``,
+        :attr:`done`, the block's output in :attr:`output`); a failure inside the forward is raised here."""
+        if self.done:
+            return None
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._main, name="rankwise-block-run", daemon=True)
+            self._thread.start()
+        self._to_run.put(True)
+        kind, value = self._to_caller.get()
+        if kind == "paused":
+            self.stage = value
+            return value
+        self.done, self.stage = True, None
+        self._thread.join()
+        self._hidden = self._call = None
+        if kind == "error":
+            raise value
+        self.output = value
+        return None
+
+    def abort(self) -> None:
+        """Unwind the run, wherever it is (paused, unstarted, finished, or still running after an interrupted
+        :meth:`advance`: it unwinds at its next pause), and wait for its thread."""
+        self._aborted = True
+        if self._thread is not None:
+            self._to_run.put(False)
+            self._thread.join()
+        self._hidden = self._call = None
+
+
+_MISSING = object()
+
+
+class Redirects:
+    """The instance ``forward`` :func:`pausing_at` gives each module of a block's stages (see there)."""
+
+    def __init__(self, model: nn.Module, groups: list[list[str]], modules: Mapping[str, nn.Module]) -> None:
+        self._model, self._modules = model, dict(modules)
+        self._stage_of = {names[0]: k for k, names in enumerate(groups)}
+        self._saved = {name: module.__dict__.get("forward", _MISSING) for name, module in self._modules.items()}
+        self._wrappers = {name: self._redirect(name, module) for name, module in self._modules.items()}
+
+    def _current(self, name: str) -> nn.Module:
+        module = self._model.get_submodule(name)
+        if module is not self._modules[name] and module.__dict__.get("forward") is self._wrappers[name]:
+            del module.forward  # a copy of the layer made while redirected (deepcopy keeps functions) is itself
+        return module
+
+    def _redirect(self, name: str, module: nn.Module) -> Callable[..., object]:
+        original = module.forward
+        stage = self._stage_of.get(name)
+
+        def forward(*args: object, **kwargs: object) -> object:
+            run = getattr(_CURRENT, "run", None)
+            if run is None:
+                return original(*args, **kwargs)
+            if stage is not None and stage not in run.passed:
+                run.pause(stage)
+            now = self._current(name)
+            return original(*args, **kwargs) if now is module else now(*args, **kwargs)
+        return forward
+
+    def install(self) -> None:
+        for name, module in self._modules.items():
+            module.forward = self._wrappers[name]  # an instance attribute: nn.Module.__call__ calls it
+
+    def remove(self) -> None:
+        """Give each module back the ``forward`` it had (its class's, or an instance one set before)."""
+        for name, module in self._modules.items():
+            if self._saved[name] is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = self._saved[name]
+            self._current(name)
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Without the redirection meanwhile (the fits: their layers are pickled for a Ray ``mapper``, copied)."""
+        self.remove()
+        try:
+            yield
         finally:
-            stop.remove()
-    return observer.stats
+            self.install()
 
 
-def _raise_before(_module: nn.Module, _args: tuple) -> None:
-    raise _StageDoneError
+@contextlib.contextmanager
+def pausing_at(model: nn.Module, groups: list[list[str]], modules: Mapping[str, nn.Module]) -> Iterator[Redirects]:
+    """While active, a :class:`BlockRun` pauses on first entering each group's leader, and every call of a module
+    of ``modules`` (by name in ``model``) goes to the module standing at its name then (the fitted one, once its
+    stage is done: also when the block took a reference to the old one before the stage ran). Calls outside a run
+    are unchanged. Yields the :class:`Redirects`, whose :meth:`~Redirects.suspended` lifts them for a while."""
+    redirects = Redirects(model, groups, modules)
+    redirects.install()
+    try:
+        yield redirects
+    finally:
+        redirects.remove()
 
 
 def record_original(block: nn.Module, leaders: list[nn.Module], n_batches: int,
@@ -101,10 +245,22 @@ def record_original(block: nn.Module, leaders: list[nn.Module], n_batches: int,
 
 
 def compress_staged(source, block: nn.Module, i: int, modules: Mapping[str, nn.Module], plan, streams,
-                    ranks: Mapping[str, int], gradient_stats: Mapping[str, LayerStats], method, mapper=None) -> list:
+                    ranks: Mapping[str, int], gradient_stats: Mapping[str, LayerStats], method, mapper=None
+                    ) -> tuple[list, bool]:
     """Compress block ``i``'s ``modules`` one input group at a time, in call order, each calibrated on the
-    compressed stream through the block as compressed so far; advances the original stream (paired mode). The
-    compressed stream is advanced by the caller, through the finished block."""
+    compressed stream through the block as compressed so far; advances the original stream (paired mode).
+
+    Each batch's forward on the compressed stream runs once (:class:`BlockRun`), pausing at each stage; once the
+    last stage is fitted the runs finish, and their outputs advance the compressed stream. When the paused runs
+    would hold more than :func:`pause_allowance` (:func:`paused_bytes`), each stage runs the block from its start
+    instead: the same result, at about 2.7 block forwards per batch instead of 1 (Llama). While a stage is fitted,
+    its layers carry no redirection (:meth:`Redirects.suspended`): a Ray ``mapper`` pickles them.
+
+    Returns:
+        ``(done, advanced)``: the fitted layers (``(name, new layer, report row)`` each), and whether the compressed
+        stream was advanced here (not with restarted stages, nor when a block refinement changed the factors after
+        the runs: the caller then runs the finished block).
+    """
     from rankwise.compression.layer import add_fisher, factorise_group
     from rankwise.targets import set_submodule
 
@@ -130,38 +286,123 @@ def compress_staged(source, block: nn.Module, i: int, modules: Mapping[str, nn.M
         groups = [[prefix + n for n in group] for group in plan.call_groups[relative]]
     if paired:  # before any stage, while the block is still dense (with no groups: it only advances the stream)
         record_original(block, [modules[names[0]] for names in groups], n_batches, original_input, store)
+    if not groups:
+        return done, False
 
     def paired_input(k: int) -> Callable[[int], torch.Tensor | None]:
         return lambda b: store.get(("paired", k, b)).to(device) if ("paired", k, b) in store else None
 
-    try:
-        for k, names in enumerate(groups):
-            stage = {name: modules[name] for name in names}
-            stats = observe_stage(block, stage, plan.block_kinds, n_batches, compressed_input,
-                                  paired_input(k) if paired else None)
-            for b in range(n_batches):
-                store.drop(("paired", k, b))  # read: freed before the next stage's
-            missing = [name for name in names if name not in stats]
-            if missing:
-                raise ValueError(f"layer {missing[0]} never ran during calibration; it cannot be calibrated")
-            group = input_groups(names, stats)[0]
-            work = [(name, modules[name], add_fisher(group, gradient_stats), ranks[name]) for name in names]
-            result = (factorise_group(work, config=config, method=method) if mapper is None
-                      else mapper(factorise_group, [work], {"config": config, "method": method})[0])
-            for name, new, _row in result:
-                set_submodule(source.model, name, new)
-            done += result
-            del stats, group, work
-    finally:  # what a failed stage left unread
-        for key in [("paired", k, b) for k in range(len(groups)) for b in range(n_batches)]:
-            store.drop(key)
     epochs = getattr(config, "refine_epochs", 0)
+    settings = getattr(source.model, "config", None)
+    eager = getattr(settings, "_attn_implementation", None) == "eager"
+    held = paused_bytes(store.get(("compressed", 0)), modules.values(), n_batches,
+                        eager_heads=getattr(settings, "num_attention_heads", 0) if eager else 0)
+    keep = held <= pause_allowance(store, device, n_batches)
+    runs = [BlockRun(block, *compressed_input(b)) for b in range(n_batches)] if keep else []
+    with pausing_at(source.model, groups, modules) as redirects:
+        try:
+            for k, names in enumerate(groups):
+                stage = {name: modules[name] for name in names}
+                # kept runs resume where they paused; otherwise each stage starts the block afresh (one run paused
+                # at a time), through the stages already fitted
+                stage_runs = runs if keep else (BlockRun(block, *compressed_input(b), passed=range(k))
+                                                for b in range(n_batches))
+                stats = _observe_stage(stage_runs, k, stage, plan.block_kinds,
+                                       paired_input(k) if paired else None, unwind=not keep)
+                for b in range(n_batches):
+                    store.drop(("paired", k, b))  # read: freed before the next stage's
+                group = input_groups(names, stats)[0]
+                work = [(name, modules[name], add_fisher(group, gradient_stats), ranks[name]) for name in names]
+                with redirects.suspended():
+                    result = (factorise_group(work, config=config, method=method) if mapper is None
+                              else mapper(factorise_group, [work], {"config": config, "method": method})[0])
+                for name, new, _row in result:
+                    set_submodule(source.model, name, new)
+                done += result
+                del stats, group, work
+            if keep and not epochs:
+                for b, run in enumerate(runs):  # the rest of each forward, through the finished block
+                    while run.advance() is not None:  # a run pauses at most once per stage: this ends
+                        pass
+                    store.put(("compressed", b), run.output)
+        finally:  # what a failed stage left paused or unread (unwound while the runs can still pause)
+            for run in runs:
+                run.abort()
+            for key in [("paired", k, b) for k in range(len(groups)) for b in range(n_batches)]:
+                store.drop(key)
     if epochs and done:
         layers = [new for _name, new, _row in done if new is not None]
         plan.refined.append(refine_block(block, layers, n_batches, compressed_input,
                                          lambda b: store.get(("original", b)).to(device), epochs=epochs,
                                          lr=config.refine_lr))
-    return done
+    return done, keep and not epochs
+
+
+PAUSED_HIDDEN = 4
+"""Hidden-state-sized tensors a paused Llama-like forward holds, besides its widest layer input: the block's input,
+the residual, the normalised input and the attention's query and output (measured on SmolLM2's block: 2.1 to 5.7
+hidden states, the most before ``down_proj``, whose input is 2.7)."""
+
+PAUSED_THREADS = 512
+"""At most this many threads paused runs may hold (a run's thread and, on a CPU, its OpenMP team: the intra-op
+threads)."""
+
+
+def paused_bytes(hidden: torch.Tensor, modules: Iterable[nn.Module], n_batches: int, *,
+                 eager_heads: int = 0) -> int:
+    """An estimate of what ``n_batches`` paused forwards through a block hold, twice what was measured: per batch
+    :data:`PAUSED_HIDDEN` tensors the size of the block's input ``hidden`` (``(windows, tokens, width)``) and one of
+    its widest target's input, plus, with eager attention of ``eager_heads`` heads, its ``windows x heads x tokens
+    x tokens`` weights (kept by the attention until it returns)."""
+    widest = max((input_dim(m) for m in modules), default=0)
+    tokens = hidden.numel() // max(hidden.shape[-1], 1)
+    per_batch = PAUSED_HIDDEN * hidden.numel() + tokens * widest + tokens * eager_heads * hidden.shape[-2]
+    return 2 * n_batches * hidden.element_size() * per_batch
+
+
+def pause_allowance(store: ActivationStore, device: torch.device, n_batches: int) -> int:
+    """What paused runs may hold: the activation store's memory budget (``--activation-mb``) again, on a CPU, for
+    at most :data:`PAUSED_THREADS` threads; nothing elsewhere (on a GPU a block's forward is cheap next to the fits,
+    and each live thread would hold its own cuBLAS workspace): there each stage restarts the block."""
+    if device.type != "cpu" or n_batches * (1 + torch.get_num_threads()) > PAUSED_THREADS:
+        return 0
+    return store.budget_bytes
+
+
+def _observe_stage(runs: Iterable[BlockRun], k: int, modules: Mapping[str, nn.Module], kinds: frozenset[str],
+                   original: Callable[[int], torch.Tensor | None] | None, *, unwind: bool) -> dict[str, LayerStats]:
+    """Stage ``k``: advance each batch's run to the leader of ``modules`` (one input group), whose statistics hooks
+    see its input on the compressed stream; with ``original`` (batch -> the group's input on the original stream,
+    recorded by :func:`record_original`), ``X Xh^T`` is added too. A run already past the leader (a batch that
+    never calls it: paused at a later stage, or finished) adds nothing. With ``unwind``, each run is unwound once
+    read.
+
+    Raises:
+        ValueError: no batch called the leader.
+    """
+    names = list(modules)
+    lead = names[0]
+    shared = False
+    with torch.no_grad(), StatsObserver(modules, kinds, record=original is not None) as observer:
+        for b, run in enumerate(runs):
+            try:
+                observer.last_inputs.pop(lead, None)
+                if not run.done and (run.stage is None or run.stage < k):
+                    run.advance()
+                if run.stage != k or lead not in observer.stats:
+                    continue
+                if not shared:
+                    observer.share(names)  # the members never run: they read the leader's input
+                    shared = True
+                x = original(b) if original is not None else None
+                if x is not None:
+                    observer.stats[lead].add_cross(x, observer.last_inputs[lead])
+            finally:
+                if unwind:
+                    run.abort()
+    if lead not in observer.stats:
+        raise ValueError(f"layer {lead} never ran during calibration; it cannot be calibrated")
+    return observer.stats
 
 
 def refine_block(block: nn.Module, layers: list[nn.Module], n_batches: int, compressed_input: Callable[[int], tuple],
