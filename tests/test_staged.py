@@ -360,36 +360,69 @@ class _Branching(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.a, self.b, self.c = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
 
     def forward(self, x):
         h = self.a(x)
-        return self.b(h) if float(x.sum()) > 0 else h
+        if float(x.sum()) > 0:
+            h = self.b(h)
+        return self.c(h)
 
 
-def test_a_batch_that_never_calls_a_leader_adds_nothing_to_its_stage():
-    from rankwise.compression.staged import BlockRun, _observe_stage, pausing_at
+@pytest.mark.parametrize("paired", [False, True], ids=["plain", "paired"])
+def test_a_batch_that_skips_a_leader_adds_nothing_to_its_stage_kept_or_restarted(paired):
+    """Batch 1 never calls ``b``: its kept run pauses at ``c`` during ``b``'s stage, so the stages restart from
+    there; every stage's statistics are those of restarted runs throughout, and ``c`` sees every batch."""
+    from rankwise.compression.staged import StageRuns, pausing_at
     from rankwise.stream import BlockCall
 
     torch.manual_seed(0)
     root = torch.nn.Sequential(_Branching())
     block = root[0]
-    modules = {"0.a": block.a, "0.b": block.b}
+    modules = {"0.a": block.a, "0.b": block.b, "0.c": block.c}
     xs = [torch.ones(3, 4), -torch.ones(3, 4), 2 * torch.ones(3, 4)]
-    runs = [BlockRun(block, BlockCall((), {}), x) for x in xs]
-    with pausing_at(root, [["0.a"], ["0.b"]], modules):
-        first = _observe_stage(runs, 0, {"0.a": block.a}, frozenset({"xxt"}), None, unwind=False)
-        second = _observe_stage(runs, 1, {"0.b": block.b}, frozenset({"xxt"}), None, unwind=False)
-        assert runs[1].done and not runs[0].done  # the negative batch finished without calling b
-        for run in runs:
-            run.advance()
-    assert first["0.a"].count == 9 and second["0.b"].count == 6  # b saw the two positive batches only
-    with torch.no_grad():
-        assert torch.equal(runs[1].output, block.a(xs[1]))
-    lone = [BlockRun(block, BlockCall((), {}), -torch.ones(2, 4))]
-    with pausing_at(root, [["0.a"], ["0.b"]], modules), pytest.raises(ValueError, match=r"0\.b never ran"):
-        _observe_stage(lone, 1, {"0.b": block.b}, frozenset({"xxt"}), None, unwind=True)
-    assert _threads() == 0
+    original = (lambda b: torch.full((3, 4), float(b + 1))) if paired else None
+    seen = {}
+    for keep in (True, False):
+        runs = StageRuns(block, 3, 3, lambda b: (BlockCall((), {}), xs[b]), keep=keep)
+        with pausing_at(root, [["0.a"], ["0.b"], ["0.c"]], modules):
+            stats = [runs.observe(k, {name: modules[name]}, frozenset({"xxt"}), original)
+                     for k, name in enumerate(modules)]
+            assert runs.finish() is None  # restarted (from the second stage when kept): the caller runs the block
+            runs.close()
+        assert [s[name].count for s, name in zip(stats, modules, strict=True)] == [9, 6, 9]
+        seen[keep] = [(s[name].xxt, s[name].cross) for s, name in zip(stats, modules, strict=True)]
+        assert _threads() == 0
+    for (xxt, cross), (ref_xxt, ref_cross) in zip(seen[True], seen[False], strict=True):
+        assert torch.equal(xxt, ref_xxt)
+        assert (cross is None) == (not paired) and (cross is None or torch.equal(cross, ref_cross))
+
+
+def test_a_stage_whose_leader_no_batch_calls_is_refused():
+    from rankwise.compression.staged import StageRuns, pausing_at
+    from rankwise.stream import BlockCall
+
+    root = torch.nn.Sequential(_Branching())
+    block = root[0]
+    modules = {"0.a": block.a, "0.b": block.b, "0.c": block.c}
+    for keep in (True, False):
+        negative = StageRuns(block, 3, 2, lambda _b: (BlockCall((), {}), -torch.ones(2, 4)), keep=keep)
+        with pausing_at(root, [["0.a"], ["0.b"], ["0.c"]], modules):
+            negative.observe(0, {"0.a": block.a}, frozenset({"xxt"}), None)
+            with pytest.raises(ValueError, match=r"0\.b never ran"):
+                negative.observe(1, {"0.b": block.b}, frozenset({"xxt"}), None)
+            negative.close()
+        positive = StageRuns(block, 3, 2, lambda _b: (BlockCall((), {}), torch.ones(2, 4)), keep=keep)
+        with pausing_at(root, [["0.a"], ["0.b"], ["0.c"]], modules):
+            for k, name in enumerate(modules):
+                assert positive.observe(k, {name: modules[name]}, frozenset({"xxt"}), None)[name].count == 4
+            outputs = positive.finish()
+            positive.close()
+        assert (outputs is not None) == keep
+        if keep:
+            with torch.no_grad():
+                assert torch.equal(outputs[0], block(torch.ones(2, 4)))
+        assert _threads() == 0
 
 
 def test_a_run_computes_under_the_callers_autocast():
@@ -433,3 +466,20 @@ def test_abort_unwinds_a_forward_that_swallows_the_unwinding():
         stopper.start()
         stopper.join(30)
         assert not stopper.is_alive() and _threads() == 0
+
+
+def test_the_redirection_gives_back_a_forward_set_on_the_instance_before():
+    """A layer whose instance already had a ``forward`` (as accelerate's hooks set) gets it back, after a fit's
+    suspension and on leaving."""
+    from rankwise.compression.staged import pausing_at
+
+    root = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    layer = root[0]
+    own = layer.forward  # a bound method, set on the instance as a wrapper would be
+    layer.forward = own
+    with pausing_at(root, [["0"]], {"0": layer}) as redirects:
+        assert layer.__dict__["forward"] is not own
+        with redirects.suspended():
+            assert layer.__dict__["forward"] is own
+        assert layer.__dict__["forward"] is not own
+    assert layer.__dict__["forward"] is own

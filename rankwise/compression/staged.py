@@ -119,6 +119,8 @@ class BlockRun:
     def advance(self) -> int | None:
         """Run until the next pause (returns its stage, also in :attr:`stage`) or the end of the forward (``None``,
         :attr:`done`, the block's output in :attr:`output`); a failure inside the forward is raised here."""
+        if self._aborted:
+            raise RuntimeError("this block run was aborted; it cannot advance")
         if self.done:
             return None
         if self._thread is None:
@@ -140,11 +142,26 @@ class BlockRun:
     def abort(self) -> None:
         """Unwind the run, wherever it is (paused, unstarted, finished, or still running after an interrupted
         :meth:`advance`: it unwinds at its next pause), and wait for its thread."""
+        abort_all([self])
+
+    def _signal_abort(self) -> None:
         self._aborted = True
         if self._thread is not None:
             self._to_run.put(False)
+
+    def _join(self) -> None:
+        if self._thread is not None:
             self._thread.join()
         self._hidden = self._call = None
+
+
+def abort_all(runs: Iterable[BlockRun]) -> None:
+    """Unwind every run: all are told first, then waited for (an interrupted wait leaves none of them paused)."""
+    runs = list(runs)
+    for run in runs:
+        run._signal_abort()
+    for run in runs:
+        run._join()
 
 
 _MISSING = object()
@@ -298,17 +315,13 @@ def compress_staged(source, block: nn.Module, i: int, modules: Mapping[str, nn.M
     held = paused_bytes(store.get(("compressed", 0)), modules.values(), n_batches,
                         eager_heads=getattr(settings, "num_attention_heads", 0) if eager else 0)
     keep = held <= pause_allowance(store, device, n_batches)
-    runs = [BlockRun(block, *compressed_input(b)) for b in range(n_batches)] if keep else []
+    outputs = None
+    runs = StageRuns(block, len(groups), n_batches, compressed_input, keep=keep)
     with pausing_at(source.model, groups, modules) as redirects:
         try:
             for k, names in enumerate(groups):
                 stage = {name: modules[name] for name in names}
-                # kept runs resume where they paused; otherwise each stage starts the block afresh (one run paused
-                # at a time), through the stages already fitted
-                stage_runs = runs if keep else (BlockRun(block, *compressed_input(b), passed=range(k))
-                                                for b in range(n_batches))
-                stats = _observe_stage(stage_runs, k, stage, plan.block_kinds,
-                                       paired_input(k) if paired else None, unwind=not keep)
+                stats = runs.observe(k, stage, plan.block_kinds, paired_input(k) if paired else None)
                 for b in range(n_batches):
                     store.drop(("paired", k, b))  # read: freed before the next stage's
                 group = input_groups(names, stats)[0]
@@ -320,14 +333,11 @@ def compress_staged(source, block: nn.Module, i: int, modules: Mapping[str, nn.M
                     set_submodule(source.model, name, new)
                 done += result
                 del stats, group, work
-            if keep and not epochs:
-                for b, run in enumerate(runs):  # the rest of each forward, through the finished block
-                    while run.advance() is not None:  # a run pauses at most once per stage: this ends
-                        pass
-                    store.put(("compressed", b), run.output)
+            outputs = runs.finish() if not epochs else None
+            for b, out in enumerate(outputs or []):  # the rest of each forward, through the finished block
+                store.put(("compressed", b), out)
         finally:  # what a failed stage left paused or unread (unwound while the runs can still pause)
-            for run in runs:
-                run.abort()
+            runs.close()
             for key in [("paired", k, b) for k in range(len(groups)) for b in range(n_batches)]:
                 store.drop(key)
     if epochs and done:
@@ -335,7 +345,7 @@ def compress_staged(source, block: nn.Module, i: int, modules: Mapping[str, nn.M
         plan.refined.append(refine_block(block, layers, n_batches, compressed_input,
                                          lambda b: store.get(("original", b)).to(device), epochs=epochs,
                                          lr=config.refine_lr))
-    return done, keep and not epochs
+    return done, outputs is not None
 
 
 PAUSED_HIDDEN = 4
@@ -369,40 +379,85 @@ def pause_allowance(store: ActivationStore, device: torch.device, n_batches: int
     return store.budget_bytes
 
 
-def _observe_stage(runs: Iterable[BlockRun], k: int, modules: Mapping[str, nn.Module], kinds: frozenset[str],
-                   original: Callable[[int], torch.Tensor | None] | None, *, unwind: bool) -> dict[str, LayerStats]:
-    """Stage ``k``: advance each batch's run to the leader of ``modules`` (one input group), whose statistics hooks
-    see its input on the compressed stream; with ``original`` (batch -> the group's input on the original stream,
-    recorded by :func:`record_original`), ``X Xh^T`` is added too. A run already past the leader (a batch that
-    never calls it: paused at a later stage, or finished) adds nothing. With ``unwind``, each run is unwound once
-    read.
+class _OutOfStepError(Exception):
+    """A kept run did not pause at the stage being observed (its batch skips that stage's leader, or calls the
+    leaders in another order): the block's stages restart instead."""
 
-    Raises:
-        ValueError: no batch called the leader.
+
+class StageRuns:
+    """The compressed stream's forwards through one block, one :class:`BlockRun` per batch: kept paused from stage
+    to stage (``keep``), or started afresh for each stage, pausing at its leader only, and unwound once read.
+
+    Kept runs are the faster, restarted ones the reference: when a kept run does not pause at the stage being
+    observed (a batch whose forward skips that leader, or calls the leaders in another order), the kept runs are
+    unwound and the block's stages from that one on restart, so both give the same statistics.
     """
-    names = list(modules)
-    lead = names[0]
-    shared = False
-    with torch.no_grad(), StatsObserver(modules, kinds, record=original is not None) as observer:
-        for b, run in enumerate(runs):
+
+    def __init__(self, block: nn.Module, n_stages: int, n_batches: int, inputs: Callable[[int], tuple], *,
+                 keep: bool) -> None:
+        self._block, self._stages, self._n, self._inputs = block, n_stages, n_batches, inputs
+        self.runs = [BlockRun(block, *inputs(b)) for b in range(n_batches)] if keep else []
+        self.keep = keep
+
+    def observe(self, k: int, modules: Mapping[str, nn.Module], kinds: frozenset[str],
+                original: Callable[[int], torch.Tensor | None] | None) -> dict[str, LayerStats]:
+        """Stage ``k``: run each batch to the leader of ``modules`` (one input group), whose statistics hooks see
+        its input on the compressed stream; with ``original`` (batch -> the group's input on the original stream,
+        recorded by :func:`record_original`), ``X Xh^T`` is added too. A batch whose forward never calls the leader
+        adds nothing.
+
+        Raises:
+            ValueError: no batch called the leader.
+        """
+        if self.keep:
             try:
-                observer.last_inputs.pop(lead, None)
-                if not run.done and (run.stage is None or run.stage < k):
+                return self._observe(self.runs, k, modules, kinds, original)
+            except _OutOfStepError:
+                self.close()
+                self.runs, self.keep = [], False
+        others = [j for j in range(self._stages) if j != k]
+        fresh = (BlockRun(self._block, *self._inputs(b), passed=others) for b in range(self._n))
+        return self._observe(fresh, k, modules, kinds, original)
+
+    def _observe(self, runs: Iterable[BlockRun], k: int, modules: Mapping[str, nn.Module], kinds: frozenset[str],
+                 original: Callable[[int], torch.Tensor | None] | None) -> dict[str, LayerStats]:
+        names = list(modules)
+        lead = names[0]
+        shared = False
+        with torch.no_grad(), StatsObserver(modules, kinds, record=original is not None) as observer:
+            for b, run in enumerate(runs):
+                try:
+                    observer.last_inputs.pop(lead, None)
                     run.advance()
-                if run.stage != k or lead not in observer.stats:
-                    continue
-                if not shared:
-                    observer.share(names)  # the members never run: they read the leader's input
-                    shared = True
-                x = original(b) if original is not None else None
-                if x is not None:
-                    observer.stats[lead].add_cross(x, observer.last_inputs[lead])
-            finally:
-                if unwind:
-                    run.abort()
-    if lead not in observer.stats:
-        raise ValueError(f"layer {lead} never ran during calibration; it cannot be calibrated")
-    return observer.stats
+                    if run.stage != k:
+                        if self.keep:
+                            raise _OutOfStepError
+                        continue  # a fresh run that finished: this batch never calls the leader
+                    if not shared:
+                        observer.share(names)  # the members never run: they read the leader's input
+                        shared = True
+                    x = original(b) if original is not None else None
+                    if x is not None:
+                        observer.stats[lead].add_cross(x, observer.last_inputs[lead])
+                finally:
+                    if not self.keep:
+                        run.abort()
+        if lead not in observer.stats:
+            raise ValueError(f"layer {lead} never ran during calibration; it cannot be calibrated")
+        return observer.stats
+
+    def finish(self) -> list[torch.Tensor] | None:
+        """Each kept run's output, through the finished block (``None``: the stages were restarted)."""
+        if not self.keep:
+            return None
+        for run in self.runs:
+            if run.advance() is not None:  # each stage saw every kept run pause at it: none pauses again
+                raise RuntimeError(f"a kept block run paused at stage {run.stage} after the last stage")
+        return [run.output for run in self.runs]
+
+    def close(self) -> None:
+        """Unwind the kept runs (paused, or finished)."""
+        abort_all(self.runs)
 
 
 def refine_block(block: nn.Module, layers: list[nn.Module], n_batches: int, compressed_input: Callable[[int], tuple],
