@@ -156,7 +156,7 @@ def _threads() -> int:
 def test_resumed_runs_match_runs_restarted_from_the_block_start_bit_for_bit():
     """Each stage's leader sees, and the finished forward returns, exactly what a run restarted from the block's
     start through the modules fitted so far gives: the resumed forward calls the fitted modules."""
-    from rankwise.compression.staged import BlockRun, pausing_at
+    from rankwise.compression.block_runs import BlockRun, pausing_at
     from rankwise.stream import run_block
     from rankwise.targets import set_submodule
 
@@ -214,7 +214,7 @@ class _Stale(torch.nn.Module):
 
 
 def test_a_resumed_run_calls_the_fitted_layer_through_a_stale_reference():
-    from rankwise.compression.staged import BlockRun, pausing_at
+    from rankwise.compression.block_runs import BlockRun, pausing_at
     from rankwise.stream import BlockCall
 
     torch.manual_seed(0)
@@ -240,7 +240,7 @@ def test_a_resumed_run_calls_the_fitted_layer_through_a_stale_reference():
 def test_block_runs_unwind_on_abort_and_hand_failures_to_the_caller():
     import pytest
 
-    from rankwise.compression.staged import BlockRun, pausing_at
+    from rankwise.compression.block_runs import BlockRun, pausing_at
     from rankwise.stream import BlockCall
 
     root = torch.nn.Sequential(_Stale())
@@ -309,9 +309,10 @@ def test_stages_restarted_from_the_block_start_give_the_same_bytes_as_resumed_ru
     import threading
 
     import rankwise.compression.staged as staged
+    from rankwise.compression.block_runs import BlockRun
 
     states = []
-    real = staged.BlockRun.advance
+    real = BlockRun.advance
     for allowance in (1 << 40, 0):
         monkeypatch.setattr(staged, "pause_allowance", lambda _store, _device, _n, a=allowance: a)
         most = [0]
@@ -320,7 +321,7 @@ def test_stages_restarted_from_the_block_start_give_the_same_bytes_as_resumed_ru
             most[0] = max(most[0], sum(t.name == "rankwise-block-run" for t in threading.enumerate()))
             return real(run)
 
-        monkeypatch.setattr(staged.BlockRun, "advance", advance)
+        monkeypatch.setattr(BlockRun, "advance", advance)
         model = tiny_model("llama")
         compress_(model, SVDLLMConfig(ratio=0.4, sequential=True, anchored=True), tiny_tokens(24), progress=False)
         states.append(model.state_dict())
@@ -333,7 +334,7 @@ def test_paused_bytes_estimate_covers_what_a_paused_llama_forward_holds():
     """Twice the tensors the paused forward's frames hold, at every stage, on the tiny Llama's block."""
     import sys
 
-    from rankwise.compression.staged import BlockRun, paused_bytes, pausing_at
+    from rankwise.compression.block_runs import BlockRun, paused_bytes, pausing_at
 
     model = tiny_model("llama")
     block, hidden, call, modules, groups = _block_call(model, tiny_tokens(4))
@@ -373,7 +374,7 @@ class _Branching(torch.nn.Module):
 def test_a_batch_that_skips_a_leader_adds_nothing_to_its_stage_kept_or_restarted(paired):
     """Batch 1 never calls ``b``: its kept run pauses at ``c`` during ``b``'s stage, so the stages restart from
     there; every stage's statistics are those of restarted runs throughout, and ``c`` sees every batch."""
-    from rankwise.compression.staged import StageRuns, pausing_at
+    from rankwise.compression.block_runs import StageRuns, pausing_at
     from rankwise.stream import BlockCall
 
     torch.manual_seed(0)
@@ -399,7 +400,7 @@ def test_a_batch_that_skips_a_leader_adds_nothing_to_its_stage_kept_or_restarted
 
 
 def test_a_stage_whose_leader_no_batch_calls_is_refused():
-    from rankwise.compression.staged import StageRuns, pausing_at
+    from rankwise.compression.block_runs import StageRuns, pausing_at
     from rankwise.stream import BlockCall
 
     root = torch.nn.Sequential(_Branching())
@@ -426,7 +427,7 @@ def test_a_stage_whose_leader_no_batch_calls_is_refused():
 
 
 def test_a_run_computes_under_the_callers_autocast():
-    from rankwise.compression.staged import BlockRun
+    from rankwise.compression.block_runs import BlockRun
     from rankwise.stream import BlockCall
 
     block = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -454,7 +455,7 @@ class _Swallowing(torch.nn.Module):
 def test_abort_unwinds_a_forward_that_swallows_the_unwinding():
     import threading
 
-    from rankwise.compression.staged import BlockRun, pausing_at
+    from rankwise.compression.block_runs import BlockRun, pausing_at
     from rankwise.stream import BlockCall
 
     root = torch.nn.Sequential(_Swallowing())
@@ -471,7 +472,7 @@ def test_abort_unwinds_a_forward_that_swallows_the_unwinding():
 def test_the_redirection_gives_back_a_forward_set_on_the_instance_before():
     """A layer whose instance already had a ``forward`` (as accelerate's hooks set) gets it back, after a fit's
     suspension and on leaving."""
-    from rankwise.compression.staged import pausing_at
+    from rankwise.compression.block_runs import pausing_at
 
     root = torch.nn.Sequential(torch.nn.Linear(4, 4))
     layer = root[0]
