@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from rankwise.adapt import heal as heal_module
-from rankwise.adapt.heal import HealConfig, _FusedDistillation, distillation_loss, heal_, mark_trainable
+from rankwise.adapt.heal import (
+    HealConfig,
+    _FusedDistillation,
+    balance_factors_,
+    distillation_loss,
+    heal_,
+    mark_trainable,
+)
 from rankwise.adapt.train import (
     CHECKPOINT,
     TrainConfig,
@@ -300,6 +307,40 @@ def test_heal_trains_factors_only_keeps_size_and_moves_toward_the_teacher():
             assert torch.equal(p, frozen[name]), name
     assert not any(p.requires_grad for p in student.parameters())
     assert math.isfinite(result.losses[-1])
+
+
+def test_balance_factors_keeps_each_product_and_equalises_each_pair():
+    torch.manual_seed(0)
+    layer = LowRankLinear(12, 20, 4, bias=False)
+    with torch.no_grad():
+        layer.up.copy_(torch.randn(20, 4) * torch.tensor([0.01, 1.0, 5.0, 0.0]))
+        layer.down.copy_(torch.randn(4, 12) * torch.tensor([3.0, 0.1, 1.0, 2.0])[:, None])
+    up, down = layer.up.detach().clone(), layer.down.detach().clone()
+    assert balance_factors_(torch.nn.Sequential(layer, torch.nn.Linear(3, 3))) == 1
+    torch.testing.assert_close(layer.up @ layer.down, up @ down, rtol=1e-5, atol=1e-6)
+    up_rms, down_rms = layer.up.pow(2).mean(0).sqrt(), layer.down.pow(2).mean(1).sqrt()
+    torch.testing.assert_close(up_rms[:3], down_rms[:3])
+    assert not torch.allclose(up_rms[:3], up.pow(2).mean(0).sqrt()[:3])  # it did rescale
+    assert torch.equal(layer.up[:, 3], up[:, 3]) and torch.equal(layer.down[3], down[3])  # a zero side: left alone
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_heal_balances_the_factors_before_training_unless_told_not_to(monkeypatch, balance):
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    compress_(student, SVDLLMConfig(ratio=0.5), tiny_tokens(8, 32), progress=False)
+    seen = []
+
+    def spy(model):
+        seen.append([p.requires_grad for p in model.parameters()])  # called once the factors are trainable
+        return balance_factors_(model)
+
+    monkeypatch.setattr(heal_module, "balance_factors_", spy)
+    heal_(student, tiny_tokens(8, 32, seed=1), TrainConfig(steps=1, lr=1e-3, batch_size=4),
+          HealConfig(balance=balance), teacher=teacher, progress=False)
+    assert len(seen) == int(balance)
+    if balance:
+        assert any(seen[0]) and not all(seen[0])
 
 
 def test_heal_needs_a_compressed_model_and_a_teacher_to_distill():

@@ -37,6 +37,7 @@ class HealConfig:
     distill: float = 1.0  # weight of the KL term to the teacher in [0, 1]; 0 trains on next-token loss only
     temperature: float = 1.0  # softmax temperature of the distillation
     trainable: str = "factors"  # factors: LowRankLinear up/down and narrow matrices; linear: every linear layer
+    balance: bool = True  # rescale each factor pair to equal scales before training (balance_factors_)
 
     def __post_init__(self) -> None:
         if not 0 <= self.distill <= 1:
@@ -61,6 +62,33 @@ def mark_trainable(model: nn.Module, trainable: str) -> list[str]:
         raise ValueError("the model has no LowRankLinear or narrow layer to heal; pass a compressed model "
                          "(rankwise compress ... --export factored)")
     return names
+
+
+def balance_factors_(model: nn.Module) -> int:
+    """Rescale every ``LowRankLinear``'s factors so that column ``j`` of ``up`` and row ``j`` of ``down`` have the same
+    root-mean-square entry; ``up @ down`` is unchanged (up to rounding). Returns how many layers were rescaled.
+
+    AdamW moves every weight by about its learning rate per step whatever the weight's size, so it changes a
+    factor's product by about ``lr / RMS(factor)`` relatively. Compressed factors come out of the fit unbalanced
+    (SVD-LLM's ``up`` carries the singular values and ``down`` the inverse whitening: on the default model at 0.4 the
+    entries of ``up`` were 1/7 to 2x the size of ``down``'s), so one factor of each pair trained several times faster,
+    relatively, than the other. Balanced, both change the product alike: ten minutes of healing at 0.4 reached
+    20.394 instead of 20.511 on validation windows (benchmarks/RESULTS.md, twelfth session). A pair where either side
+    is zero is left as it is (rescaling it would zero the other side and freeze both).
+    """
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, LowRankLinear) or module.rank == 0:
+                continue
+            up_rms = module.up.float().pow(2).mean(0).sqrt()  # per column of up (out, r)
+            down_rms = module.down.float().pow(2).mean(1).sqrt()  # per row of down (r, in)
+            usable = (up_rms > 0) & (down_rms > 0) & torch.isfinite(up_rms) & torch.isfinite(down_rms)
+            scale = torch.where(usable, (down_rms / up_rms.where(usable, 1.0)).sqrt(), 1.0)
+            module.up.mul_(scale.to(module.up.dtype))
+            module.down.div_(scale.to(module.down.dtype)[:, None])
+            count += 1
+    return count
 
 
 NO_BUDGET_ON_RESUME = ("a time budget (--minutes) cannot resume a run: resume with --resume alone (it trains to the "
@@ -212,6 +240,8 @@ def heal_(model: nn.Module, ids: torch.Tensor, config: TrainConfig, heal: HealCo
     mark_trainable(model, heal.trainable)
     dtype = next(model.parameters()).dtype
     model.float()  # AdamW on float32 weights: updates of ~1e-4 x a weight round away in bfloat16
+    if heal.balance and not resume:  # a resumed run restores the balanced factors the first run saved
+        balance_factors_(model)
     loss_fn = causal_lm_loss
     if heal.distill > 0 and teacher is not None:
         teacher.requires_grad_(False).eval()
@@ -335,7 +365,7 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
         # what a resumed run must share with the first (the models by content, wherever they are), checked first
         identity = {"weights": model_digest(student), "teacher": model_digest(teacher) if teacher is not None
                     else None, "distill": options.distill, "temperature": options.temperature,
-                    "trainable": options.trainable, "data": digest(train_ids)}
+                    "trainable": options.trainable, "balance": options.balance, "data": digest(train_ids)}
         if resume:
             check_resume(checkpoint, config, identity)
         stored = next(student.parameters()).dtype
@@ -358,7 +388,8 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
              f"{before:.3f} -> {after:.3f}" + (f" ({after / dense:.2f}x dense)" if dense else ""))
         origin = dict(manifest.provenance or {})
         origin["heal"] = {"base": base, "steps": steps, "minutes": minutes, "lr": config.lr, "distill": options.distill,
-                          "temperature": options.temperature, "weights": options.trainable, "text": text_name,
+                          "temperature": options.temperature, "weights": options.trainable, "balance": options.balance,
+                          "text": text_name,
                           "training_windows": list(train_ids.shape), "windows_per_step": config.windows_per_step,
                           "seed": config.seed, "perplexity_before": before, "perplexity_after": after,
                           "perplexity_dense": dense, "eval_windows": list(evaluation.shape)}

@@ -64,6 +64,9 @@ def heal(
     trainable: Annotated[Literal["factors", "linear"], typer.Option(
         "--trainable", help="factors (low-rank layers only) or linear (every linear layer in the blocks)")
                         ] = "factors",
+    balance: Annotated[bool, typer.Option(
+        "--balance/--no-balance", help="rescale each low-rank layer's two factors to equal scales before training "
+        "(same product), so AdamW changes both alike")] = True,
     text: TextOpt = None,
     dataset: DatasetOpt = None,
     seq_len: SeqLenOpt = SEQ_LEN,
@@ -99,7 +102,7 @@ def heal(
     config = train_config(steps=HEAL_MAX_STEPS if steps is None else steps, lr=lr, default_lr=HEAL_LR,
                           batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every, seed=seed, dtype=dtype,
                           device=device)
-    options = HealConfig(distill=distill, temperature=temperature, trainable=trainable)
+    options = HealConfig(distill=distill, temperature=temperature, trainable=trainable, balance=balance)
     setup(device, threads)
     heal_model(compressed, out, config=config, options=options, base=base, text=text, dataset=dataset,
                seq_len=seq_len, eval_samples=eval_samples, device=device, resume=resume, overwrite=overwrite,
