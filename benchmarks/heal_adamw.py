@@ -38,10 +38,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     shapes = factor_shapes(args.compressed)
-    params = {name: [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes] for name in IMPLEMENTATIONS}
+    start = [(torch.randn(s) * 0.1, torch.randn(s) * 1e-3) for s in shapes]  # the same weights and gradients
+    params = {name: [torch.nn.Parameter(w.clone()) for w, _ in start] for name in IMPLEMENTATIONS}
     for group in params.values():
-        for p in group:
-            p.grad = torch.randn_like(p) * 1e-3
+        for p, (_, g) in zip(group, start, strict=True):
+            p.grad = g.clone()
     optimizers = {name: torch.optim.AdamW(params[name], lr=2e-4, **kw) for name, kw in IMPLEMENTATIONS.items()}
     for opt in optimizers.values():  # state allocation and first-touch paging
         opt.step()

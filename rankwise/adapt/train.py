@@ -308,8 +308,8 @@ def train(model: nn.Module, ids: torch.Tensor, config: TrainConfig, *, mask: tor
     if config.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"bf16 autocast was asked for but {torch.cuda.get_device_name(device)} has no bfloat16; "
                          "use --dtype float32")
-    # torch's fused AdamW: one kernel over every tensor; on 2 CPU cores its step over heal's 57M weights took 0.05 s
-    # against 0.13-0.25 s for the default per-tensor loop (benchmarks/RESULTS.md, twelfth session)
+    # torch's fused AdamW: one kernel over every tensor; on 2 CPU cores its step over heal's 57M weights at 0.4 took
+    # 0.044 s against 0.109 s for the per-tensor loop torch defaults to on a CPU (benchmarks/heal_adamw.py)
     fused = all(p.device.type in FUSED_ADAMW_DEVICES for p in params.values()) or None
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     schedule = get_cosine_schedule_with_warmup(optimizer, round(config.warmup * config.steps), config.steps)
