@@ -286,6 +286,32 @@ def test_heal_resume_refuses_another_teacher(tiny_dir, compressed, tmp_path, mon
         heal_model(compressed, tmp_path / "h", base=str(teacher), resume=True, **kwargs)
 
 
+def test_heal_resume_refuses_another_balance_setting(tiny_dir, compressed, tmp_path, monkeypatch):
+    """A run started with balanced factors does not resume with --no-balance (and the message names the option)."""
+    train_module = importlib.import_module("rankwise.adapt.train")
+    from rankwise.adapt.heal import HealConfig, heal_model
+    from rankwise.adapt.train import TrainConfig
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    save = train_module._save
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    kwargs = dict(config=TrainConfig(steps=4, batch_size=2, save_every=2), text=str(text), seq_len=16,
+                  eval_samples=4, progress=False, base=str(tiny_dir))
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "_save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            heal_model(compressed, tmp_path / "h", options=HealConfig(distill=0.5), **kwargs)
+    with pytest.raises(ValueError, match=r"what differs: --balance"):
+        heal_model(compressed, tmp_path / "h", options=HealConfig(distill=0.5, balance=False), resume=True, **kwargs)
+    result = heal_model(compressed, tmp_path / "h", options=HealConfig(distill=0.5), resume=True, **kwargs)
+    assert result.training.resumed_from == 2 and result.provenance["heal"]["balance"] is True
+
+
 def test_hub_id_is_verified_against_its_cached_blobs(tiny_dir, tmp_path, monkeypatch):
     """A model given as a hub id is checked against the blobs of its snapshot in the Hugging Face cache."""
     import huggingface_hub

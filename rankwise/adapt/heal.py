@@ -365,7 +365,9 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
         # what a resumed run must share with the first (the models by content, wherever they are), checked first
         identity = {"weights": model_digest(student), "teacher": model_digest(teacher) if teacher is not None
                     else None, "distill": options.distill, "temperature": options.temperature,
-                    "trainable": options.trainable, "balance": options.balance, "data": digest(train_ids)}
+                    "trainable": options.trainable, "data": digest(train_ids)}
+        if options.balance:  # only when on: a state saved before heal balanced factors resumes with --no-balance
+            identity["balance"] = True
         if resume:
             check_resume(checkpoint, config, identity)
         stored = next(student.parameters()).dtype

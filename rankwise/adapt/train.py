@@ -141,7 +141,8 @@ def model_digest(model: nn.Module) -> str:
 
 # How a resume refusal names each identity field (fields not listed are named as they are).
 _IDENTITY_WORDS = {"weights": "the model's weights", "teacher": "the --base model's weights",
-                   "data": "the training windows", "config": "the training settings"}
+                   "data": "the training windows", "config": "the training settings",
+                   "balance": "--balance (a state saved before heal balanced the factors resumes with --no-balance)"}
 
 
 def _read_state(path: Path, *, mmap: bool = False) -> dict:
