@@ -79,7 +79,7 @@ def balance_factors_(model: nn.Module) -> int:
     count = 0
     with torch.no_grad():
         for module in model.modules():
-            if not isinstance(module, LowRankLinear) or module.rank == 0:
+            if not isinstance(module, LowRankLinear):  # its rank is at least 1
                 continue
             up_rms = module.up.float().pow(2).mean(0).sqrt()  # per column of up (out, r)
             down_rms = module.down.float().pow(2).mean(1).sqrt()  # per row of down (r, in)
