@@ -92,6 +92,9 @@ def test_resume_refuses_another_model_or_other_settings(tmp_path):
     with pytest.raises(ValueError, match=r"different settings.*lr"):
         train(_lm(), ids, TrainConfig(**{**CONFIG.__dict__, "lr": 5e-4}), checkpoint_dir=tmp_path, resume=True,
               progress=False)
+    with pytest.raises(ValueError, match=r"bf16: checkpoint False, now True\); .*pass --dtype bf16 or --dtype fp32"):
+        train(_lm(), ids, TrainConfig(**{**CONFIG.__dict__, "bf16": True}), checkpoint_dir=tmp_path, resume=True,
+              progress=False)  # --dtype auto decided otherwise on this machine: the refusal says what to pass
     train(_lm(), ids, CONFIG, checkpoint_dir=tmp_path, progress=False, identity={"method": "pissa"})
     with pytest.raises(ValueError, match=r"another run \(what differs: method\)"):
         train(_lm(), ids, CONFIG, checkpoint_dir=tmp_path, resume=True, progress=False, identity={"method": "lora"})
@@ -287,19 +290,23 @@ def test_fused_distillation_in_float64_and_with_non_finite_unscored_rows(monkeyp
     torch.testing.assert_close(gbad, gz)
 
 
-def test_heal_trains_factors_only_keeps_size_and_moves_toward_the_teacher():
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16-autocast"])
+def test_heal_trains_factors_only_keeps_size_and_moves_toward_the_teacher(bf16):
     teacher = tiny_model("llama")
     student = copy.deepcopy(teacher)
     compress_(student, SVDLLMConfig(ratio=0.5), tiny_tokens(8, 32), progress=False)
+    twin = copy.deepcopy(student)
     before_params = count_params(student)
     factors = {id(p) for m in student.modules() if isinstance(m, LowRankLinear) for p in m.parameters()}
     frozen = {n: p.clone() for n, p in student.named_parameters() if id(p) not in factors}
     ids, held = tiny_tokens(16, 32, seed=1), tiny_tokens(4, 32, seed=3)
     kl = distillation_loss(teacher, 1.0, 1.0)
     start = float(kl(student, held, None))
-    result = heal_(student, ids, TrainConfig(steps=20, lr=3e-3, batch_size=4), HealConfig(), teacher=teacher,
-                   progress=False)
-    assert float(kl(student, held, None)) < start
+    config = TrainConfig(steps=20, lr=3e-3, batch_size=4, bf16=bf16)  # bf16: what --dtype auto picks on fast CPUs
+    result = heal_(student, ids, config, HealConfig(), teacher=teacher, progress=False)
+    assert float(kl(student, held, None)) < start  # measured in float32 either way
+    heal_(twin, ids, config, HealConfig(), teacher=teacher, progress=False)  # same seed, same weights
+    assert all(torch.equal(a, b) for a, b in zip(student.parameters(), twin.parameters(), strict=True))
     assert count_params(student) == before_params
     assert result.trainable == sum(m.num_params for m in student.modules() if isinstance(m, LowRankLinear))
     for name, p in student.named_parameters():

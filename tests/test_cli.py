@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from rankwise.cli import app
+from rankwise.stream.source import fast_bf16
 from tests.tiny_models import tiny_model, tiny_tokenizer, tiny_tokens
 
 runner = CliRunner()
@@ -266,6 +267,7 @@ def test_heal_saves_a_compressed_model_of_the_same_size(tiny_dir, tmp_path):
     assert count_params(rankwise.load(healed).model) == count_params(rankwise.load(out).model)
     assert read_manifest(healed).modules == read_manifest(out).modules
     assert read_manifest(healed).provenance["heal"]["steps"] == 4
+    assert read_manifest(healed).provenance["heal"]["bf16"] is fast_bf16("cpu")  # what --dtype auto chose, recorded
     assert not (tmp_path / "h.checkpoint").exists()
     assert run("eval", healed, "--text", text, "--seq-len", "16", "--eval-samples", "4").exit_code == 0
     for args, message in (
@@ -323,7 +325,8 @@ def test_adapt_saves_an_adapter_or_a_merged_model(tiny_dir, tmp_path, method):
                                    rtol=1e-4)  # same seed, same training: the adapter equals the merged model
         base = AutoModelForCausalLM.from_pretrained(tiny_dir)
         assert not torch.allclose(plain(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-4)  # it trained
-    assert json.loads((tmp_path / "a" / "rankwise_adapt.json").read_text())["steps"] == 3
+    summary = json.loads((tmp_path / "a" / "rankwise_adapt.json").read_text())
+    assert (summary["steps"], summary["bf16"]) == (3, fast_bf16("cpu"))
     assert not (tmp_path / "a.checkpoint").exists()
 
 

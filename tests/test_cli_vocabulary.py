@@ -142,9 +142,17 @@ def test_dtype_aliases_and_auto():
         dtype_name("int8")
 
 
-def test_training_dtype():
+def test_training_dtype(monkeypatch):
+    import torch
+
     from rankwise.cli.common import training_autocast
 
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # a CPU without bfloat16 arithmetic
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    assert training_autocast("auto", "cpu") is False
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)  # one with AVX512-BF16
+    assert training_autocast("auto", "cpu") is True
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe: float32
     assert training_autocast("auto", "cpu") is False
     assert training_autocast("bf16", "cpu") is True
     assert training_autocast("float32", "cpu") is False

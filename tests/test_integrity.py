@@ -230,7 +230,7 @@ def test_resume_refuses_a_swapped_model_before_the_pre_pass(tmp_path, monkeypatc
                     rank=4, text=str(text), seq_len=16, eval_samples=4, resume=True, progress=False)
     assert calls == []  # refused before PiSSA's SVD of every target
     run = subprocess.run([str(Path(sys.executable).parent / "rankwise"), "adapt", str(model_dir), "--method", "pissa",
-                          "--text", str(text), *COMMON, "--out", str(tmp_path / "o"), "--resume"],
+                          "--text", str(text), *COMMON, "--dtype", "fp32", "--out", str(tmp_path / "o"), "--resume"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: --resume:")

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import rankwise
 from rankwise.cli import app
+from rankwise.stream.source import fast_bf16
 from rankwise.targets import check_targets, find_targets, selects, unmatched_targets
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
@@ -139,6 +140,6 @@ def test_training_dtype_reaches_the_trainer(tiny_dir, tmp_path, text, monkeypatc
     for dtype, out in (("auto", "a"), ("bf16", "b")):
         result = CliRunner().invoke(app, [*common, "--dtype", dtype, "--out", str(tmp_path / out)])
         assert result.exit_code == 0, result.output
-    assert seen == [False, True]
+    assert seen == [fast_bf16("cpu"), True]  # auto: bfloat16 autocast where this CPU has bfloat16 instructions
     result = CliRunner().invoke(app, [*common, "--dtype", "fp16", "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "float16 is not supported for training" in result.output

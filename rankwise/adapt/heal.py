@@ -371,7 +371,7 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
         if resume:
             check_resume(checkpoint, config, identity)
         stored = next(student.parameters()).dtype
-        compute = compute_dtype(AUTO, stored, device)  # half precision computes in float32 on a CPU (30-90x faster)
+        compute = compute_dtype(AUTO, stored, device)  # evaluations: half precision in float32 on a CPU
         if teacher is not None:
             teacher.to(compute_dtype(AUTO, next(teacher.parameters()).dtype, device))
         before = perplexity(student.to(compute), evaluation, batch_size=8)
@@ -391,6 +391,7 @@ def heal_model(compressed: str | Path, out: str | Path, *, config: TrainConfig, 
         origin = dict(manifest.provenance or {})
         origin["heal"] = {"base": base, "steps": steps, "minutes": minutes, "lr": config.lr, "distill": options.distill,
                           "temperature": options.temperature, "weights": options.trainable, "balance": options.balance,
+                          "bf16": config.bf16,
                           "text": text_name,
                           "training_windows": list(train_ids.shape), "windows_per_step": config.windows_per_step,
                           "seed": config.seed, "perplexity_before": before, "perplexity_after": after,

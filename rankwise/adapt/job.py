@@ -146,7 +146,7 @@ def adapt_model(model: str, method: str, out: str | Path, *, config: TrainConfig
                     peft_model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
                 summary = {"method": method, "rank": rank, "alpha": alpha, "targets": targets,
-                           "steps": config.steps, "lr": config.lr, "seed": config.seed,
+                           "steps": config.steps, "lr": config.lr, "seed": config.seed, "bf16": config.bf16,
                            "text": text or (f"dataset {dataset}" if dataset else DEFAULT_TEXT_NAME),
                            "trainable": training.trainable,
                            "losses": training.losses, "evals": training.evals, "seconds": training.seconds,

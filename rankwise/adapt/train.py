@@ -156,13 +156,18 @@ def _read_state(path: Path, *, mmap: bool = False) -> dict:
     return state
 
 
+BF16_HINT = (" (bf16 is bfloat16 autocast, which --dtype auto turns on where bfloat16 products are fast: pass "
+             "--dtype bf16 or --dtype fp32 as the first run had it)")
+
+
 def _compare(path: Path, state: dict, config: TrainConfig, identity: dict) -> None:
     if state.get("config") != _identity(config):
         saved = state.get("config") if isinstance(state.get("config"), dict) else {}
         changed = sorted(k for k, v in _identity(config).items() if saved.get(k) != v)
         said = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {_identity(config)[k]!r}" for k in changed)
+        hint = BF16_HINT if "bf16" in changed else ""
         raise ValueError(f"--resume: the checkpoint was trained with different settings ({said}); resume with the "
-                         "same ones")
+                         f"same ones{hint}")
     saved = state.get("identity", {})
     current = json.loads(json.dumps(identity))
     if not isinstance(saved, dict):

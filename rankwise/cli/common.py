@@ -68,8 +68,10 @@ TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow a mod
 Dtype = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="the precision the model computes in. auto: the "
                                          "checkpoint's, but float32 on a CPU for bfloat16/float16 weights (30-90x "
-                                         "faster there); outputs keep the checkpoint's dtype unless one is named. "
-                                         "Training (heal, adapt): float32 weights, bfloat16 as autocast")]
+                                         "faster on CPUs without bfloat16 instructions); outputs keep the "
+                                         "checkpoint's dtype unless one is named. Training (heal, adapt): float32 "
+                                         "weights, bfloat16 as autocast, which auto uses on a GPU with bfloat16 or a "
+                                         "CPU with AVX512-BF16 or AMX")]
 OffloadOpt = Annotated[str | None, typer.Option("--offload-dir", help="where block-boundary activations spill above "
                                                 "--activation-mb, and where compress keeps its scoring pass's "
                                                 "per-block input covariances (default: beside the output)")]
@@ -137,17 +139,18 @@ def train_config(*, steps: int, lr: float | None, default_lr: float, batch_size:
 
 
 def training_autocast(dtype: str, device: str) -> bool:
-    """Whether training (heal, adapt) autocasts to bfloat16 for ``--dtype``: ``auto`` does on a CUDA device with
-    bfloat16 (on a CPU it runs 30x slower there), float32 never; float16 is refused (it needs loss scaling)."""
+    """Whether training (heal, adapt) autocasts to bfloat16 for ``--dtype``: ``auto`` does where bfloat16 matrix
+    products are fast (:func:`rankwise.stream.source.fast_bf16`: a CUDA device with bfloat16, a CPU with AVX512-BF16
+    or AMX; on other CPUs they run 30-90x slower), float32 never; float16 is refused (it needs loss scaling)."""
     from rankwise.stream import dtype_name
+    from rankwise.stream.source import fast_bf16
 
     name = dtype_name(dtype)
     if name == "float16":
         raise ValueError("--dtype float16 is not supported for training (float16 needs loss scaling); use bfloat16 "
                          "(autocast) or float32")
     if name == "auto":
-        where = torch.device(device)
-        return where.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return fast_bf16(device)
     return name == "bfloat16"
 
 

@@ -33,7 +33,8 @@ from rankwise.io.sentence import read_pooling
 from rankwise.nn.kinds import kind_class
 from rankwise.stream.blocks import block_of, decoder_blocks
 
-__all__ = ["DTYPES", "DTYPE_ALIASES", "CheckpointSource", "ModelSource", "compute_dtype", "dtype_name", "parse_dtype"]
+__all__ = ["DTYPES", "DTYPE_ALIASES", "CheckpointSource", "ModelSource", "compute_dtype", "dtype_name", "fast_bf16",
+           "parse_dtype"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO = "auto"
@@ -71,6 +72,26 @@ def compute_dtype(name: str | torch.dtype | None, stored: torch.dtype, device: s
     if name == AUTO:
         return torch.float32 if torch.device(device).type == "cpu" and stored in HALF else stored
     return parse_dtype(name) or stored
+
+
+# torch's probes for the x86 instructions that multiply bfloat16 natively (AVX512-BF16 dot products, AMX tiles)
+BF16_CPU_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+def fast_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices faster than float32: a CUDA device with bfloat16, or a CPU with
+    AVX512-BF16 or AMX (asked of torch's own CPU probes).
+
+    Without them a CPU has no bfloat16 arithmetic: such products ran 30-90x slower than float32 on an earlier
+    development machine. On a 2-core AMD EPYC with AVX512-BF16, a 1,024 x 576 x 1,536 bfloat16 product ran at
+    790 GFLOP/s against 166 in float32 (``benchmarks/heal_bf16.py``, RESULTS.md, thirteenth session).
+    """
+    where = torch.device(device)
+    if where.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if where.type != "cpu":
+        return False
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in BF16_CPU_PROBES)
 
 
 class ModelSource:
